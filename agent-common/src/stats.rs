@@ -1,0 +1,99 @@
+//! Counters: one `Counter` per (interface slot, action, reason), per CPU.
+
+/// Packets and bytes seen under one (interface, action, reason).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Counter {}
+
+/// What the program did with a packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pass = 0,
+    Drop = 1,
+}
+
+impl Action {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [Action; Self::COUNT as usize] = [Action::Pass, Action::Drop];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Action::Pass => "pass",
+            Action::Drop => "drop",
+        }
+    }
+}
+
+/// Why the program decided what it did. New reasons are appended, never renumbered: the index is
+/// part of the map layout.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// An IP packet that no list or rule matched.
+    NoMatch = 0,
+    /// Not IPv4 or IPv6 (ARP, LLDP, …): passed untouched.
+    NotIp = 1,
+    /// A header moat could not parse (truncated, impossible lengths).
+    Malformed = 2,
+    /// The source address is in the blocklist.
+    Blocklist = 3,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::NoMatch,
+        Reason::NotIp,
+        Reason::Malformed,
+        Reason::Blocklist,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NoMatch => "no_match",
+            Reason::NotIp => "not_ip",
+            Reason::Malformed => "malformed",
+            Reason::Blocklist => "blocklist",
+        }
+    }
+}
+
+/// Counters per interface slot.
+pub const PER_INTERFACE: u32 = Action::COUNT * Reason::COUNT;
+
+/// Size of the `STATS` array.
+pub const STATS_LEN: u32 = crate::maps::MAX_INTERFACES * PER_INTERFACE;
+
+/// Index of the counter for (interface slot, action, reason) in the `STATS` array.
+#[inline(always)]
+pub const fn index(slot: u32, action: Action, reason: Reason) -> u32 {
+    slot * PER_INTERFACE + action as u32 * Reason::COUNT + reason as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_is_distinct_and_in_bounds() {
+        let mut seen = [false; STATS_LEN as usize];
+        for slot in 0..crate::maps::MAX_INTERFACES {
+            for action in Action::ALL {
+                for reason in Reason::ALL {
+                    let i = index(slot, action, reason) as usize;
+                    assert!(i < STATS_LEN as usize, "index {i} out of bounds");
+                    assert!(!seen[i], "index {i} used twice");
+                    seen[i] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s), "some index is never used");
+    }
+}

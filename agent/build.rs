@@ -1,0 +1,47 @@
+//! Builds the XDP program (`agent-ebpf`, target bpfel-unknown-none, nightly + bpf-linker) and
+//! leaves the object in OUT_DIR for `include_bytes_aligned!`, as aya's template does.
+//!
+//! `AYA_BUILD_SKIP=1` skips that build (for `cargo check`/`clippy` on a machine without
+//! bpf-linker); the agent then embeds an empty object and refuses to run with a clear error.
+
+use std::{env, fs, path::PathBuf};
+
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+/// The eBPF crate and the binary it produces (also named in `agent/src/program.rs`).
+const EBPF_PACKAGE: &str = "agent-ebpf";
+const EBPF_BINARY: &str = "moat-xdp";
+
+fn main() -> anyhow::Result<()> {
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
+    let manifest_dir = PathBuf::from(
+        env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR not set"))?,
+    );
+    let ebpf_dir = manifest_dir
+        .parent()
+        .ok_or_else(|| anyhow!("agent has no parent directory"))?
+        .join(EBPF_PACKAGE);
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+
+    let object = out_dir.join(EBPF_BINARY);
+    // A stale object from an earlier build must not survive a skipped build.
+    let _ = fs::remove_file(&object);
+
+    aya_build::build_ebpf(
+        [Package {
+            name: EBPF_PACKAGE,
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
+        Toolchain::Nightly,
+    )
+    .context("building the XDP program failed; run `cargo xtask setup` first")?;
+
+    if !object.exists() {
+        fs::write(&object, []).with_context(|| format!("writing {}", object.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! moat's agent: configuration, loading and attaching the XDP program, filling its maps, and
+//! reading its counters. The `moat` binary is a thin command line over this library; the test
+//! lab uses it to read counters back from the kernel.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod lists;
+pub mod loader;
+pub mod logging;
+pub mod stats;
+
+/// An error and its causes on one line, for logs.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,154 @@
+//! Loading the embedded XDP program and attaching it to interfaces.
+
+use agent_common::maps::{BLOCKLIST_DEFAULT_CAPACITY, BLOCKLIST_V4, BLOCKLIST_V6, PROGRAM};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+};
+use tracing::{info, warn};
+
+use crate::config::XdpMode;
+
+/// The XDP object built from `agent-ebpf` by `build.rs`.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-xdp"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this moat binary was built without its XDP program (AYA_BUILD_SKIP); rebuild it with \
+         `cargo build -p moat` after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error("loading the XDP object into the kernel failed")]
+    Object(#[source] aya::EbpfError),
+    #[error("the object has no XDP program named {0:?}")]
+    NoProgram(&'static str),
+    #[error("the kernel rejected XDP program {PROGRAM:?}")]
+    Verify(#[source] aya::programs::ProgramError),
+    #[error("attaching to {interface} in {mode} mode failed")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Sizes of the maps whose capacity depends on the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacities {
+    pub blocklist_v4: u32,
+    pub blocklist_v6: u32,
+}
+
+impl Capacities {
+    /// Room for `v4` and `v6` entries, never below the built-in default so that small lists can
+    /// grow without a reload.
+    pub fn for_entries(v4: usize, v6: usize) -> Self {
+        let fit = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).max(BLOCKLIST_DEFAULT_CAPACITY);
+        Self {
+            blocklist_v4: fit(v4),
+            blocklist_v6: fit(v6),
+        }
+    }
+}
+
+/// Loads the program into the kernel (verifier included) without attaching it.
+pub fn load(capacities: Capacities) -> Result<Ebpf, LoadError> {
+    if PROGRAM_OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    raise_memlock_limit();
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(BLOCKLIST_V4, capacities.blocklist_v4)
+        .map_max_entries(BLOCKLIST_V6, capacities.blocklist_v6)
+        .load(PROGRAM_OBJECT)
+        .map_err(LoadError::Object)?;
+    program(&mut ebpf)?.load().map_err(LoadError::Verify)?;
+    Ok(ebpf)
+}
+
+pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    ebpf.program_mut(PROGRAM)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoadError::NoProgram(PROGRAM))
+}
+
+/// An attachment made by [`attach`]: detached when the `Ebpf` that owns it is dropped, or
+/// explicitly with [`detach`].
+#[derive(Debug)]
+pub struct Attachment {
+    pub interface: String,
+    pub mode: &'static str,
+    link: XdpLinkId,
+}
+
+/// Attaches to `interface`; in `auto` mode, native first and generic if the driver refuses.
+pub fn attach(
+    program: &mut Xdp,
+    interface: &str,
+    if_index: u32,
+    mode: XdpMode,
+) -> Result<Attachment, LoadError> {
+    let try_mode = |program: &mut Xdp, aya_mode, mode_name: &'static str| {
+        program
+            .attach_to_if_index(if_index, aya_mode)
+            .map(|link| Attachment {
+                interface: interface.to_string(),
+                mode: mode_name,
+                link,
+            })
+            .map_err(|source| LoadError::Attach {
+                interface: interface.to_string(),
+                mode: mode_name,
+                source,
+            })
+    };
+    match mode {
+        XdpMode::Native => try_mode(program, AyaXdpMode::Driver, "native"),
+        XdpMode::Generic => try_mode(program, AyaXdpMode::Skb, "generic"),
+        XdpMode::Auto => match try_mode(program, AyaXdpMode::Driver, "native") {
+            Ok(attachment) => Ok(attachment),
+            Err(native) => {
+                warn!(
+                    interface,
+                    error = %crate::error_chain(&native),
+                    "native XDP unavailable, falling back to generic mode (packets are dropped \
+                     after the kernel allocates them)"
+                );
+                try_mode(program, AyaXdpMode::Skb, "generic")
+            }
+        },
+    }
+}
+
+pub fn detach(program: &mut Xdp, attachment: Attachment) {
+    match program.detach(attachment.link) {
+        Ok(()) => info!(interface = attachment.interface, "detached"),
+        Err(e) => warn!(
+            interface = attachment.interface,
+            error = %crate::error_chain(&e),
+            "detaching failed"
+        ),
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use memcg and ignore it.
+fn raise_memlock_limit() {
+    let accounted_by_memcg = aya::util::KernelVersion::current()
+        .is_ok_and(|version| version >= aya::util::KernelVersion::new(5, 11, 0));
+    if accounted_by_memcg {
+        return;
+    }
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK; loading may fail on this kernel (before 5.11)"
+        );
+    }
+}

@@ -1,0 +1,36 @@
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use moat::{
+    cli::{Cli, Command},
+    config::Config,
+    daemon, logging,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(&cli.log_level);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = match &args.config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::embedded(),
+            };
+            let settings = config.resolve(&args.overrides())?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(daemon::run(&config, &settings))
+        }
+    }
+}
