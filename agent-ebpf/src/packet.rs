@@ -90,7 +90,8 @@ fn ipv4_source(ctx: &XdpContext, offset: usize) -> Result<Source, Malformed> {
 fn ipv6_source(ctx: &XdpContext, offset: usize) -> Result<Source, Malformed> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
     // SAFETY: bounds checked above.
-    let (version, payload_len, src) = unsafe { ((*ip).vcf[0] >> 4, (*ip).payload_len, (*ip).src_addr) };
+    let (version, payload_len, src) =
+        unsafe { ((*ip).vcf[0] >> 4, (*ip).payload_len, (*ip).src_addr) };
     let payload_len = usize::from(u16::from_be_bytes(payload_len));
     let frame_len = ctx.data_end() - ctx.data();
     if version != 6 || offset + size_of::<Ipv6Hdr>() + payload_len > frame_len {

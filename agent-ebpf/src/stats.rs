@@ -12,7 +12,9 @@ use crate::{
 pub fn count(ctx: &XdpContext, verdict: Verdict) {
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: the slot map is only written by the agent while attaching, and a u32 read is atomic.
-    let slot = unsafe { INTERFACE_SLOTS.get(&ifindex) }.copied().unwrap_or(0);
+    let slot = unsafe { INTERFACE_SLOTS.get(ifindex) }
+        .copied()
+        .unwrap_or(0);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     if let Some(counter) = STATS.get_ptr_mut(index(slot, verdict.action, verdict.reason)) {
         // SAFETY: per-CPU value, so no other program run touches it concurrently.

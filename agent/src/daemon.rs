@@ -31,7 +31,8 @@ pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
 
     let mut ebpf = loader::load(capacities).context("loading the XDP program")?;
     // Lists are filled before the program sees its first packet.
-    let counts = lists::fill_blocklist(&mut ebpf, &settings.blocklist).context("filling the blocklist")?;
+    let counts =
+        lists::fill_blocklist(&mut ebpf, &settings.blocklist).context("filling the blocklist")?;
     info!(ipv4 = counts.v4, ipv6 = counts.v6, "blocklist loaded");
     register_interfaces(&mut ebpf, &interfaces)?;
 
@@ -39,7 +40,12 @@ pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
     let mut attachments = Vec::with_capacity(interfaces.len());
     for interface in &interfaces {
         // On error, `ebpf` is dropped on return and detaches what was attached so far.
-        let attachment = loader::attach(program, &interface.name, interface.if_index, settings.xdp_mode)?;
+        let attachment = loader::attach(
+            program,
+            &interface.name,
+            interface.if_index,
+            settings.xdp_mode,
+        )?;
         info!(
             interface = attachment.interface,
             if_index = interface.if_index,
@@ -49,7 +55,11 @@ pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
         attachments.push(attachment);
     }
     let program_id = program.info().map(|i| i.id()).ok();
-    info!(program_id, interfaces = interfaces.len(), "moat is enforcing; stop with SIGINT or SIGTERM");
+    info!(
+        program_id,
+        interfaces = interfaces.len(),
+        "moat is enforcing; stop with SIGINT or SIGTERM"
+    );
 
     wait_for_shutdown().await?;
 
@@ -67,7 +77,8 @@ fn resolve_interfaces(config: &Config, settings: &Settings) -> anyhow::Result<Ve
         .interfaces
         .iter()
         .map(|name| {
-            let c_name = CString::new(name.as_str()).map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
+            let c_name = CString::new(name.as_str())
+                .map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
             // SAFETY: c_name is a valid NUL-terminated string.
             let if_index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
             if if_index == 0 {
@@ -100,7 +111,8 @@ fn register_interfaces(ebpf: &mut Ebpf, interfaces: &[Interface]) -> anyhow::Res
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::select! {
         _ = terminate.recv() => info!(signal = "SIGTERM", "shutting down"),

@@ -8,7 +8,10 @@ use agent_common::{
 };
 use aya::{
     Ebpf,
-    maps::{MapError, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use ipnet::IpNet;
 
@@ -41,7 +44,10 @@ pub struct FamilyCounts {
 }
 
 pub fn count_families(cidrs: &BTreeSet<Cidr>) -> FamilyCounts {
-    let v4 = cidrs.iter().filter(|c| matches!(c.net(), IpNet::V4(_))).count();
+    let v4 = cidrs
+        .iter()
+        .filter(|c| matches!(c.net(), IpNet::V4(_)))
+        .count();
     FamilyCounts {
         v4,
         v6: cidrs.len() - v4,
@@ -54,12 +60,18 @@ pub fn fill_blocklist(ebpf: &mut Ebpf, cidrs: &BTreeSet<Cidr>) -> Result<FamilyC
         source: SOURCE_CONFIG,
     };
     let v4 = cidrs.iter().filter_map(|cidr| match cidr.net() {
-        IpNet::V4(net) => Some((*cidr, Key::new(u32::from(net.prefix_len()), net.addr().octets()))),
+        IpNet::V4(net) => Some((
+            *cidr,
+            Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+        )),
         IpNet::V6(_) => None,
     });
     insert_all::<Ipv4Key>(ebpf, BLOCKLIST_V4, v4, entry)?;
     let v6 = cidrs.iter().filter_map(|cidr| match cidr.net() {
-        IpNet::V6(net) => Some((*cidr, Key::new(u32::from(net.prefix_len()), net.addr().octets()))),
+        IpNet::V6(net) => Some((
+            *cidr,
+            Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+        )),
         IpNet::V4(_) => None,
     });
     insert_all::<Ipv6Key>(ebpf, BLOCKLIST_V6, v6, entry)?;

@@ -45,7 +45,11 @@ impl Capacities {
     /// Room for `v4` and `v6` entries, never below the built-in default so that small lists can
     /// grow without a reload.
     pub fn for_entries(v4: usize, v6: usize) -> Self {
-        let fit = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).max(BLOCKLIST_DEFAULT_CAPACITY);
+        let fit = |n: usize| {
+            u32::try_from(n)
+                .unwrap_or(u32::MAX)
+                .max(BLOCKLIST_DEFAULT_CAPACITY)
+        };
         Self {
             blocklist_v4: fit(v4),
             blocklist_v6: fit(v6),

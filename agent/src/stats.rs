@@ -44,7 +44,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Sums each counter over CPUs; `slots` maps interface index → counter slot.
-    pub fn read<S, T>(stats: &PerCpuArray<S, Counter>, slots: &HashMap<T, u32, u32>) -> Result<Self, StatsError>
+    pub fn read<S, T>(
+        stats: &PerCpuArray<S, Counter>,
+        slots: &HashMap<T, u32, u32>,
+    ) -> Result<Self, StatsError>
     where
         S: std::borrow::Borrow<MapData>,
         T: std::borrow::Borrow<MapData>,
@@ -105,15 +108,17 @@ impl Snapshot {
                 .copied()
                 .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(name)))
                 .ok_or(StatsError::MissingMap(program_id, name))?;
-            let data = MapData::from_id(id).map_err(|source| StatsError::Map { map: name, source })?;
+            let data =
+                MapData::from_id(id).map_err(|source| StatsError::Map { map: name, source })?;
             Map::from_map_data(data).map_err(|source| StatsError::Map { map: name, source })
         };
         let stats = PerCpuArray::try_from(open(STATS)?)
             .map_err(|source| StatsError::Map { map: STATS, source })?;
-        let slots = HashMap::try_from(open(INTERFACE_SLOTS)?).map_err(|source| StatsError::Map {
-            map: INTERFACE_SLOTS,
-            source,
-        })?;
+        let slots =
+            HashMap::try_from(open(INTERFACE_SLOTS)?).map_err(|source| StatsError::Map {
+                map: INTERFACE_SLOTS,
+                source,
+            })?;
         Self::read(&stats, &slots)
     }
 

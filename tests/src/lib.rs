@@ -1,0 +1,14 @@
+//! moat's test lab: two network namespaces joined by a veth pair, `moat` running on one side,
+//! traffic sent from the other. Everything a lab creates is removed when it is dropped, even
+//! after a panic, and labs left behind by a killed test run are swept on the next one.
+//!
+//! Every helper panics with a message that says what was expected and what happened: a failing
+//! end-to-end test should read like a bug report.
+
+pub mod lab;
+pub mod moat_process;
+pub mod netns;
+pub mod traffic;
+
+pub use lab::{Lab, Side};
+pub use moat_process::MoatProcess;

@@ -1,0 +1,280 @@
+//! The lab: a `protected` namespace (where moat runs) and an `outside` namespace (where traffic
+//! comes from), joined by a veth pair. All addresses are documentation ranges (RFC 5737, RFC
+//! 3849) and exist only inside the two namespaces.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use crate::netns::{NETNS_DIR, Netns};
+
+/// The protected host's addresses.
+pub const PROTECTED_V4: &str = "203.0.113.1";
+pub const PROTECTED_V6: &str = "2001:db8:1::1";
+/// A legitimate client on the outside.
+pub const LEGIT_V4: &str = "203.0.113.2";
+pub const LEGIT_V6: &str = "2001:db8:1::2";
+/// An attacker on the outside, and the blocklist entries that cover it.
+pub const ATTACKER_V4: &str = "198.51.100.7";
+pub const ATTACKER_V6: &str = "2001:db8:bad::7";
+pub const ATTACKER_NET_V4: &str = "198.51.100.0/24";
+pub const ATTACKER_NET_V6: &str = "2001:db8:bad::/48";
+
+/// Every name a lab creates starts with this, followed by the creating process's id.
+const PREFIX: &str = "moatlab";
+
+/// Which end of the lab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Where moat runs: the host under attack.
+    Protected,
+    /// Where clients and attackers send from.
+    Outside,
+}
+
+/// Two namespaces joined by a veth pair, with addresses, routes and static neighbours set up so
+/// that the only packets crossing the link are the ones a test sends (plus the kernel's own
+/// IPv6 link-local chatter).
+pub struct Lab {
+    // Dropped in declaration order: the namespaces go, and the veth pair with them.
+    protected: Netns,
+    outside: Netns,
+    protected_if: String,
+    outside_if: String,
+    dir: PathBuf,
+}
+
+impl Lab {
+    /// Creates a lab with names no other lab (in this or another process) uses.
+    pub fn new() -> Self {
+        require_root();
+        sweep_stale_labs();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id());
+        // Interface names are at most 15 bytes: "ml" + pid (≤ 7) + n + side letter.
+        let protected_if = format!("ml{id}p");
+        let outside_if = format!("ml{id}o");
+        assert!(
+            protected_if.len() <= 15,
+            "interface name {protected_if} too long"
+        );
+
+        let protected = Netns::create(&format!("{PREFIX}-{}-{n}-protected", std::process::id()));
+        let outside = Netns::create(&format!("{PREFIX}-{}-{n}-outside", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("{PREFIX}-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let lab = Self {
+            protected,
+            outside,
+            protected_if,
+            outside_if,
+            dir,
+        };
+        lab.wire();
+        lab
+    }
+
+    fn wire(&self) {
+        let (p, o) = (&self.protected, &self.outside);
+        let (p_if, o_if) = (self.protected_if.as_str(), self.outside_if.as_str());
+        // Created inside `outside` and moved, so no name ever appears in the host's namespace.
+        o.ip(&[
+            "link",
+            "add",
+            o_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            p_if,
+            "netns",
+            p.name(),
+        ]);
+        for (ns, ifname) in [(p, p_if), (o, o_if)] {
+            // No router solicitations or DAD probes: fewer packets the test did not send.
+            for key in ["accept_ra=0", "dad_transmits=0", "router_solicitations=0"] {
+                ns.command("sysctl")
+                    .args(["-qw", &format!("net.ipv6.conf.{ifname}.{key}")])
+                    .output()
+                    .expect("sysctl");
+            }
+        }
+        for (address, prefix) in [(PROTECTED_V4, "24"), (PROTECTED_V6, "64")] {
+            p.ip(&[
+                "addr",
+                "add",
+                &format!("{address}/{prefix}"),
+                "dev",
+                p_if,
+                "nodad",
+            ]);
+        }
+        for (address, prefix) in [
+            (LEGIT_V4, "24"),
+            (LEGIT_V6, "64"),
+            (ATTACKER_V4, "24"),
+            (ATTACKER_V6, "64"),
+        ] {
+            o.ip(&[
+                "addr",
+                "add",
+                &format!("{address}/{prefix}"),
+                "dev",
+                o_if,
+                "nodad",
+            ]);
+        }
+        p.ip(&["link", "set", p_if, "up"]);
+        o.ip(&["link", "set", o_if, "up"]);
+        // The protected side answers the attacker's networks directly on the link.
+        p.ip(&["route", "add", ATTACKER_NET_V4, "dev", p_if]);
+        p.ip(&["-6", "route", "add", ATTACKER_NET_V6, "dev", p_if]);
+        // Static neighbours: no ARP/ND exchange, so a blocked source's neighbour discovery
+        // cannot stand in for the packets a test counts.
+        let p_mac = self.mac(Side::Protected);
+        let o_mac = self.mac(Side::Outside);
+        for address in [LEGIT_V4, LEGIT_V6, ATTACKER_V4, ATTACKER_V6] {
+            p.ip(&[
+                "neigh",
+                "replace",
+                address,
+                "lladdr",
+                &o_mac,
+                "nud",
+                "permanent",
+                "dev",
+                p_if,
+            ]);
+        }
+        for address in [PROTECTED_V4, PROTECTED_V6] {
+            o.ip(&[
+                "neigh",
+                "replace",
+                address,
+                "lladdr",
+                &p_mac,
+                "nud",
+                "permanent",
+                "dev",
+                o_if,
+            ]);
+        }
+    }
+
+    pub fn netns(&self, side: Side) -> &Netns {
+        match side {
+            Side::Protected => &self.protected,
+            Side::Outside => &self.outside,
+        }
+    }
+
+    pub fn interface(&self, side: Side) -> &str {
+        match side {
+            Side::Protected => &self.protected_if,
+            Side::Outside => &self.outside_if,
+        }
+    }
+
+    /// A scratch directory for this lab (configs, logs); removed with the lab.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// `ip -j -d link show` of one end, parsed.
+    pub fn link(&self, side: Side) -> serde_json::Value {
+        let output =
+            self.netns(side)
+                .ip(&["-j", "-d", "link", "show", "dev", self.interface(side)]);
+        let links: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("`ip -j link` printed something that is not JSON: {e}"));
+        links
+            .get(0)
+            .cloned()
+            .unwrap_or_else(|| panic!("`ip -j link` listed no {}", self.interface(side)))
+    }
+
+    pub fn if_index(&self, side: Side) -> u32 {
+        self.link(side)["ifindex"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .expect("ifindex in `ip -j link`")
+    }
+
+    pub fn mac(&self, side: Side) -> String {
+        self.link(side)["address"]
+            .as_str()
+            .expect("address in `ip -j link`")
+            .to_string()
+    }
+
+    /// The XDP program attached to one end, as (program id, mode): mode is "native" or
+    /// "generic". `None` when nothing is attached.
+    pub fn xdp(&self, side: Side) -> Option<(u32, &'static str)> {
+        let link = self.link(side);
+        let xdp = link.get("xdp")?;
+        let mode = match xdp["mode"].as_u64() {
+            Some(1) => "native",
+            Some(2) => "generic",
+            Some(3) => "offload",
+            other => panic!("unexpected XDP mode {other:?} in {xdp}"),
+        };
+        let id = xdp["prog"]["id"]
+            .as_u64()
+            .expect("xdp.prog.id in `ip -j link`");
+        Some((u32::try_from(id).expect("program id fits u32"), mode))
+    }
+
+    /// Parses one of the lab's address constants.
+    pub fn addr(text: &str) -> IpAddr {
+        text.parse().expect("lab address constant")
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Labs need root (namespaces, veth, XDP). Say so plainly instead of failing somewhere deep.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("the lab needs root (network namespaces, veth pairs, XDP); run the tests as root");
+    }
+}
+
+/// Removes namespaces left by lab processes that no longer exist (a test run killed with
+/// SIGKILL never runs its destructors).
+fn sweep_stale_labs() {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .output();
+        }
+    }
+}

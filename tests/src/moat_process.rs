@@ -1,0 +1,134 @@
+//! The `moat` binary, running inside a lab namespace.
+
+use std::{
+    path::PathBuf,
+    process::{Child, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::lab::{Lab, Side};
+
+/// How long moat may take to load, fill its maps and attach.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long moat may take to detach and exit after SIGTERM/SIGINT.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The moat binary under test: `MOAT_BIN` when set (the xtask sets it), else the `moat` that
+/// cargo built beside this test binary.
+pub fn moat_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MOAT_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/moat
+    let candidate = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("moat"))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        candidate.is_file(),
+        "no moat binary at {}: build it first (`cargo xtask test` does) or set MOAT_BIN",
+        candidate.display()
+    );
+    candidate
+}
+
+/// A running `moat`; killed on drop if the test did not stop it.
+pub struct MoatProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl MoatProcess {
+    /// Starts `moat <args…>` inside the lab's protected namespace, output to a log file.
+    pub fn spawn(lab: &Lab, args: &[&str]) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = lab.dir().join(format!("moat-{n}.log"));
+        let file = std::fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let stderr = file.try_clone().expect("clone log file");
+        let child = lab
+            .netns(Side::Protected)
+            .command(&moat_bin().to_string_lossy())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start moat: {e}"));
+        Self { child, log }
+    }
+
+    /// Starts moat and waits until its program is attached to the protected interface;
+    /// returns the process and the program's kernel id.
+    pub fn start(lab: &Lab, args: &[&str]) -> (Self, u32) {
+        let mut moat = Self::spawn(lab, args);
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        loop {
+            if let Some((id, _mode)) = lab.xdp(Side::Protected) {
+                return (moat, id);
+            }
+            if let Some(status) = moat.child.try_wait().expect("try_wait") {
+                panic!(
+                    "moat exited ({status}) before attaching; its log:\n{}",
+                    moat.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "moat did not attach within {ATTACH_TIMEOUT:?}; its log:\n{}",
+                    moat.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs moat to completion (for invocations that must fail fast).
+    pub fn run_to_exit(lab: &Lab, args: &[&str]) -> (ExitStatus, String) {
+        let mut moat = Self::spawn(lab, args);
+        let status = moat.wait(STOP_TIMEOUT * 3);
+        (status, moat.log_text())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits for moat to exit.
+    pub fn stop(mut self, signal: libc::c_int) -> (ExitStatus, String) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(pid, signal) };
+        let status = self.wait(STOP_TIMEOUT);
+        (status, self.log_text())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "moat did not exit within {timeout:?}; its log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for MoatProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

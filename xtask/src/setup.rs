@@ -1,0 +1,195 @@
+//! `cargo xtask setup`: everything a fresh machine needs, each step skipped when already done.
+//!
+//! - the `nightly` toolchain with `rust-src` (the XDP program is built with `-Z build-std=core`);
+//! - `bpf-linker`, built against the very libLLVM that nightly's rustc ships (the linker must
+//!   read the bitcode rustc writes, so their LLVM majors must match), installed into
+//!   `$CARGO_HOME/bin` with an rpath to that library, plus a stamp recording what it was
+//!   built against so that a nightly update triggers a rebuild;
+//! - the Debian packages the lab and its tests use.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::command::{cargo, is_root, output, run, workspace_root};
+
+const TOOLCHAIN: &str = "nightly";
+/// bpf-linker release known to build against LLVM 21–23 here; bump deliberately.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the lab uses: `ip` and `nsenter` to build it, `ping` for traffic.
+const SYSTEM_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "/usr/sbin/ip"),
+    ("iputils-ping", "/usr/bin/ping"),
+    ("util-linux", "/usr/bin/nsenter"),
+];
+
+pub fn ensure_ready() -> anyhow::Result<()> {
+    step("nightly toolchain with rust-src", ensure_nightly_rust_src)?;
+    step("bpf-linker matching nightly's LLVM", ensure_bpf_linker)?;
+    step("system packages for the lab", ensure_system_packages)?;
+    eprintln!("setup: done");
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
+    eprintln!("setup: {name} …");
+    let done = f().with_context(|| format!("setup step \"{name}\" failed"))?;
+    eprintln!("setup: {name}: {done}");
+    Ok(())
+}
+
+fn rustup() -> Command {
+    Command::new("rustup")
+}
+
+fn ensure_nightly_rust_src() -> anyhow::Result<String> {
+    let toolchains = output(rustup().args(["toolchain", "list"]))
+        .context("rustup is required (https://rustup.rs); install it and re-run")?;
+    if !toolchains.lines().any(|l| l.starts_with(TOOLCHAIN)) {
+        run(rustup().args(["toolchain", "install", TOOLCHAIN, "--profile", "minimal"]))
+            .context("installing the nightly toolchain failed; install it with `rustup toolchain install nightly`")?;
+    }
+    let installed =
+        output(rustup().args(["component", "list", "--installed", "--toolchain", TOOLCHAIN]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok("already installed".into());
+    }
+    run(rustup().args(["component", "add", "rust-src", "--toolchain", TOOLCHAIN])).context(
+        "adding rust-src failed; try `rustup component add rust-src --toolchain nightly`",
+    )?;
+    Ok("installed".into())
+}
+
+/// Nightly's sysroot and the major version of the LLVM its rustc uses.
+fn nightly_llvm() -> anyhow::Result<(PathBuf, u32)> {
+    let version = output(Command::new("rustc").args([&format!("+{TOOLCHAIN}"), "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse().ok())
+        .ok_or_else(|| anyhow!("`rustc +{TOOLCHAIN} -vV` names no LLVM version:\n{version}"))?;
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{TOOLCHAIN}"), "--print", "sysroot"]))?;
+    Ok((PathBuf::from(sysroot.trim()), major))
+}
+
+/// The shared libLLVM inside nightly's sysroot (`lib/libLLVM.so.<major>.<minor>-rust-…`).
+fn nightly_libllvm(sysroot: &Path, major: u32) -> anyhow::Result<PathBuf> {
+    let lib = sysroot.join("lib");
+    let prefix = format!("libLLVM.so.{major}.");
+    std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "no {prefix}* in {}: is the nightly toolchain complete?",
+                lib.display()
+            )
+        })
+}
+
+fn cargo_home() -> anyhow::Result<PathBuf> {
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    let home =
+        std::env::var_os("HOME").ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?;
+    Ok(PathBuf::from(home).join(".cargo"))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<String> {
+    let (sysroot, major) = nightly_llvm()?;
+    let libllvm = nightly_libllvm(&sysroot, major)?;
+    let bin_dir = cargo_home()?.join("bin");
+    let linker = bin_dir.join("bpf-linker");
+    let stamp = bin_dir.join(".bpf-linker.moat-stamp");
+    let wanted = format!(
+        "bpf-linker {BPF_LINKER_VERSION} llvm-{major} {}\n",
+        libllvm.display()
+    );
+    let current = std::fs::read_to_string(&stamp).unwrap_or_default();
+    if current == wanted && linker_runs(&linker) {
+        return Ok(format!("{} (LLVM {major}) already built", linker.display()));
+    }
+
+    // llvm-sys finds the library through LLVM_PREFIX/lib/libLLVM.so.
+    let prefix = workspace_root()
+        .join("target")
+        .join("xtask")
+        .join("llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("linking {} → {}", link.display(), libllvm.display()))?;
+
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)",
+        libllvm.display()
+    );
+    run(cargo()
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix)
+        // Find nightly's libLLVM at run time without LD_LIBRARY_PATH.
+        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", sysroot.join("lib").display())))
+    .with_context(|| {
+        format!(
+            "building bpf-linker failed; bpf-linker {BPF_LINKER_VERSION} may not support LLVM {major} \
+             (see `cargo info bpf-linker` for its llvm-N features), or install Debian's llvm-{major}-dev \
+             and retry with LLVM_PREFIX=/usr/lib/llvm-{major}"
+        )
+    })?;
+    if !linker_runs(&linker) {
+        bail!("{} was installed but does not run", linker.display());
+    }
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(format!("installed {}", linker.display()))
+}
+
+fn linker_runs(linker: &Path) -> bool {
+    Command::new(linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ensure_system_packages() -> anyhow::Result<String> {
+    let missing: Vec<&str> = SYSTEM_PACKAGES
+        .iter()
+        .filter(|(_, path)| !Path::new(path).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok("all present".into());
+    }
+    if !is_root() {
+        bail!(
+            "missing {}: install them with `sudo apt-get install {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    let apt = || {
+        let mut command = Command::new("apt-get");
+        command.env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    run(apt().args(["update", "-qq"])).context("apt-get update failed")?;
+    run(apt()
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))
+    .with_context(|| format!("installing {} failed", missing.join(" ")))?;
+    Ok(format!("installed {}", missing.join(", ")))
+}
