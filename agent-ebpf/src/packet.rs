@@ -1,5 +1,9 @@
-//! Packet parsing: Ethernet, up to two VLAN tags, then the IPv4 or IPv6 header, read through one
-//! bounds-checked accessor.
+//! Packet parsing, in the order the headers appear: Ethernet, up to two VLAN tags, IPv4 (with
+//! options) or IPv6 (through a bounded chain of extension headers), then the TCP, UDP, ICMP or
+//! ICMPv6 header. Every read goes through one bounds-checked accessor.
+//!
+//! A packet that claims more than it carries is `Malformed`: moat never guesses past a header it
+//! could not read.
 
 use core::mem::size_of;
 
@@ -7,6 +11,7 @@ use aya_ebpf::programs::XdpContext;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
     vlan::VlanHdr,
 };
 
@@ -15,23 +20,92 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 
-/// VLAN tags we look through: 802.1Q, and 802.1ad (QinQ) outside it.
+/// VLAN tags looked through: 802.1ad (QinQ) outside 802.1Q.
 const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before giving up on reaching the upper layer.
+const MAX_IPV6_EXTENSION_HEADERS: usize = 8;
+/// No header starts further into a frame than this (an XDP frame fits in a page); naming the
+/// bound lets the verifier bound every offset.
+const MAX_HEADER_OFFSET: usize = 4096;
 
-const IPV4_MIN_HEADER_LEN: usize = size_of::<Ipv4Hdr>();
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_DSTOPTS: u8 = 60;
 
-/// The packet is IP but its headers cannot be trusted.
+const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
+const IPV6_FRAGMENT_OFFSET_MASK: u16 = 0xfff8;
+const TCP_MIN_HEADER_LEN: usize = 20;
+const ICMP_HEADER_LEN: usize = 4;
+
+/// The packet's headers cannot be trusted: truncated, or lengths that contradict the frame.
 pub struct Malformed;
 
-/// The source address of an IP packet.
+/// A source address.
+#[derive(Clone, Copy)]
 pub enum Source {
     V4([u8; 4]),
     V6([u8; 16]),
 }
 
+/// What the decision chain needs to know about an IP packet.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub source: Source,
+    /// The upper-layer protocol (after IPv6 extension headers).
+    pub protocol: u8,
+    /// TCP/UDP source and destination ports; `None` for other protocols and for non-first
+    /// fragments, which carry no transport header.
+    pub ports: Option<(u16, u16)>,
+    /// TCP flags (FIN 0x01 … CWR 0x80); `None` unless the TCP header was read.
+    pub tcp_flags: Option<u8>,
+}
+
+/// The first 14 bytes of a TCP header: ports, sequence numbers, data offset, flags.
+#[repr(C)]
+struct TcpStart {
+    source: [u8; 2],
+    dest: [u8; 2],
+    seq: [u8; 4],
+    ack: [u8; 4],
+    data_offset: u8,
+    flags: u8,
+}
+
+/// Hop-by-hop, routing and destination options headers share this start.
+#[repr(C)]
+struct Ipv6ExtensionStart {
+    next_header: u8,
+    /// Length in 8-octet units, not counting the first 8 octets.
+    len: u8,
+}
+
+#[repr(C)]
+struct Ipv6Fragment {
+    next_header: u8,
+    reserved: u8,
+    offset_flags: [u8; 2],
+    id: [u8; 4],
+}
+
+#[repr(C)]
+struct AuthenticationHeaderStart {
+    next_header: u8,
+    /// Length in 4-octet units, minus 2.
+    len: u8,
+}
+
 /// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` lies inside it.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
+    if offset > MAX_HEADER_OFFSET {
+        return Err(Malformed);
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -40,11 +114,11 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
     Ok((start + offset) as *const T)
 }
 
-/// The source address of an IP packet, `None` for anything that is not IP.
+/// Parses an IP packet; `Ok(None)` for anything that is not IP.
 #[inline(always)]
-pub fn source(ctx: &XdpContext) -> Result<Option<Source>, Malformed> {
+pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Malformed> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked that the header lies inside the frame.
+    // SAFETY (every dereference below): ptr_at checked that the header lies inside the frame.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = size_of::<EthHdr>();
 
@@ -53,49 +127,133 @@ pub fn source(ctx: &XdpContext) -> Result<Option<Source>, Malformed> {
             break;
         }
         let vlan: *const VlanHdr = ptr_at(ctx, offset)?;
-        // SAFETY: bounds checked above.
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         offset += size_of::<VlanHdr>();
     }
 
     match ether_type {
-        ETH_P_IP => ipv4_source(ctx, offset).map(Some),
-        ETH_P_IPV6 => ipv6_source(ctx, offset).map(Some),
-        // A third VLAN tag is deeper than we look: treat it as unparseable rather than let it
-        // carry an IP packet past the lists.
+        ETH_P_IP => ipv4(ctx, offset).map(Some),
+        ETH_P_IPV6 => ipv6(ctx, offset).map(Some),
+        // A third tag is deeper than we look: it must not carry an IP packet past the lists.
         ETH_P_8021Q | ETH_P_8021AD => Err(Malformed),
         _ => Ok(None),
     }
 }
 
 #[inline(always)]
-fn ipv4_source(ctx: &XdpContext, offset: usize) -> Result<Source, Malformed> {
+fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
-    // SAFETY: bounds checked above.
-    let (vihl, total_len, src) = unsafe { ((*ip).vihl, (*ip).tot_len, (*ip).src_addr) };
+    let (vihl, total_len, frags, protocol, src) =
+        unsafe { ((*ip).vihl, (*ip).tot_len, (*ip).frags, (*ip).proto, (*ip).src_addr) };
     let header_len = usize::from(vihl & 0x0f) * 4;
     let total_len = usize::from(u16::from_be_bytes(total_len));
-    let frame_len = ctx.data_end() - ctx.data();
     if vihl >> 4 != 4
-        || header_len < IPV4_MIN_HEADER_LEN
+        || header_len < size_of::<Ipv4Hdr>()
         || total_len < header_len
-        || offset + total_len > frame_len
+        || offset + total_len > frame_len(ctx)
     {
         return Err(Malformed);
     }
-    Ok(Source::V4(src))
+    let first_fragment = u16::from_be_bytes(frags) & IPV4_FRAGMENT_OFFSET_MASK == 0;
+    let mut packet = Packet {
+        source: Source::V4(src),
+        protocol,
+        ports: None,
+        tcp_flags: None,
+    };
+    if first_fragment {
+        transport(ctx, offset + header_len, &mut packet)?;
+    }
+    Ok(packet)
 }
 
 #[inline(always)]
-fn ipv6_source(ctx: &XdpContext, offset: usize) -> Result<Source, Malformed> {
+fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
-    // SAFETY: bounds checked above.
-    let (version, payload_len, src) =
-        unsafe { ((*ip).vcf[0] >> 4, (*ip).payload_len, (*ip).src_addr) };
+    let (version, payload_len, mut next_header, src) =
+        unsafe { ((*ip).vcf[0] >> 4, (*ip).payload_len, (*ip).next_hdr, (*ip).src_addr) };
     let payload_len = usize::from(u16::from_be_bytes(payload_len));
-    let frame_len = ctx.data_end() - ctx.data();
-    if version != 6 || offset + size_of::<Ipv6Hdr>() + payload_len > frame_len {
+    let mut offset = offset + size_of::<Ipv6Hdr>();
+    if version != 6 || offset + payload_len > frame_len(ctx) {
         return Err(Malformed);
     }
-    Ok(Source::V6(src))
+
+    let mut first_fragment = true;
+    let mut upper_layer = None;
+    for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+        match next_header {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext: *const Ipv6ExtensionStart = ptr_at(ctx, offset)?;
+                let (next, len) = unsafe { ((*ext).next_header, (*ext).len) };
+                next_header = next;
+                offset += (usize::from(len) + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let fragment: *const Ipv6Fragment = ptr_at(ctx, offset)?;
+                let (next, offset_flags) = unsafe { ((*fragment).next_header, (*fragment).offset_flags) };
+                next_header = next;
+                first_fragment &= u16::from_be_bytes(offset_flags) & IPV6_FRAGMENT_OFFSET_MASK == 0;
+                offset += size_of::<Ipv6Fragment>();
+            }
+            IPPROTO_AH => {
+                let ah: *const AuthenticationHeaderStart = ptr_at(ctx, offset)?;
+                let (next, len) = unsafe { ((*ah).next_header, (*ah).len) };
+                next_header = next;
+                offset += (usize::from(len) + 2) * 4;
+            }
+            protocol => {
+                upper_layer = Some(protocol);
+                break;
+            }
+        }
+    }
+    // A chain longer than we walk hides its upper layer: refuse it rather than pass it blind.
+    let protocol = upper_layer.ok_or(Malformed)?;
+    let mut packet = Packet {
+        source: Source::V6(src),
+        protocol,
+        ports: None,
+        tcp_flags: None,
+    };
+    if first_fragment {
+        transport(ctx, offset, &mut packet)?;
+    }
+    Ok(packet)
+}
+
+/// Reads the transport header at `offset` into `packet`. Called only where the header must be
+/// present (unfragmented packets and first fragments); a first fragment too short to hold it
+/// is the tiny-fragment attack (RFC 1858) and is malformed.
+#[inline(always)]
+fn transport(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(), Malformed> {
+    match packet.protocol {
+        IPPROTO_TCP => {
+            let tcp: *const TcpStart = ptr_at(ctx, offset)?;
+            let (source, dest, data_offset, flags) =
+                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).data_offset, (*tcp).flags) };
+            let header_len = usize::from(data_offset >> 4) * 4;
+            if header_len < TCP_MIN_HEADER_LEN || offset + header_len > frame_len(ctx) {
+                return Err(Malformed);
+            }
+            packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
+            packet.tcp_flags = Some(flags);
+        }
+        IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, offset)?;
+            let (source, dest) = unsafe { ((*udp).src, (*udp).dst) };
+            packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            if offset + ICMP_HEADER_LEN > frame_len(ctx) {
+                return Err(Malformed);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
 }
