@@ -8,8 +8,16 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for Counter {}
+crate::pod!(Counter);
+
+impl Counter {
+    pub const fn plus(self, other: Self) -> Self {
+        Self {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
 
 /// What the program did with a packet.
 #[repr(u32)]
@@ -17,16 +25,19 @@ unsafe impl aya::Pod for Counter {}
 pub enum Action {
     Pass = 0,
     Drop = 1,
+    /// Monitor mode: the policy said drop, the packet was passed.
+    WouldDrop = 2,
 }
 
 impl Action {
-    pub const COUNT: u32 = 2;
-    pub const ALL: [Action; Self::COUNT as usize] = [Action::Pass, Action::Drop];
+    pub const COUNT: u32 = 3;
+    pub const ALL: [Action; Self::COUNT as usize] = [Action::Pass, Action::Drop, Action::WouldDrop];
 
     pub const fn name(self) -> &'static str {
         match self {
             Action::Pass => "pass",
             Action::Drop => "drop",
+            Action::WouldDrop => "would_drop",
         }
     }
 }
@@ -44,15 +55,27 @@ pub enum Reason {
     Malformed = 2,
     /// The source address is in the blocklist.
     Blocklist = 3,
+    /// The source address is in the allowlist.
+    Allowlist = 4,
+    /// The source is banned.
+    Ban = 5,
+    /// A stateless rule matched.
+    Rule = 6,
+    /// The source is over its rate limit.
+    RateLimit = 7,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NoMatch,
         Reason::NotIp,
         Reason::Malformed,
         Reason::Blocklist,
+        Reason::Allowlist,
+        Reason::Ban,
+        Reason::Rule,
+        Reason::RateLimit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -61,7 +84,15 @@ impl Reason {
             Reason::NotIp => "not_ip",
             Reason::Malformed => "malformed",
             Reason::Blocklist => "blocklist",
+            Reason::Allowlist => "allowlist",
+            Reason::Ban => "ban",
+            Reason::Rule => "rule",
+            Reason::RateLimit => "rate_limit",
         }
+    }
+
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Self::ALL.get(value as usize).copied()
     }
 }
 

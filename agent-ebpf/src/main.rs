@@ -1,68 +1,139 @@
 //! moat's XDP program: parse the packet, decide, count, act.
 #![no_std]
 #![no_main]
+// BPF_CMPXCHG for the rate limiter (see rate_limit.rs).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod events;
+mod lists;
 mod maps;
 mod packet;
+mod rate_limit;
+mod rules;
 mod stats;
 
-use agent_common::stats::{Action, Reason};
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use agent_common::{
+    rate_limit::{FAMILY_V4, FAMILY_V6},
+    rules::RULE_PASS,
+    settings::{MODE_MONITOR, Settings},
+    stats::{Action, Reason},
+};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+};
 
-use crate::packet::{Malformed, Source};
+use crate::{
+    lists::{ALLOWLIST, BLOCKLIST},
+    maps::SETTINGS,
+    packet::{Malformed, Packet, Source},
+    rate_limit::Limit,
+};
 
-/// What to do with a packet, and why.
-#[derive(Clone, Copy)]
+/// What the policy decided for a packet, and why.
 pub struct Verdict {
     pub action: Action,
     pub reason: Reason,
+    /// The list entry source (list reasons) or rule index (`Rule`) that decided.
+    pub detail: u32,
+    /// The packet's source for samples: family 0 when the packet was not IP. Always written, so
+    /// no path hands the verifier an uninitialised register.
+    pub family: u32,
+    pub source: [u8; 16],
 }
 
 impl Verdict {
-    const fn pass(reason: Reason) -> Self {
+    const fn new(action: Action, reason: Reason, detail: u32) -> Self {
         Self {
-            action: Action::Pass,
+            action,
             reason,
+            detail,
+            family: 0,
+            source: [0; 16],
         }
     }
 
-    const fn drop(reason: Reason) -> Self {
-        Self {
-            action: Action::Drop,
-            reason,
+    const fn pass(reason: Reason, detail: u32) -> Self {
+        Self::new(Action::Pass, reason, detail)
+    }
+
+    const fn drop(reason: Reason, detail: u32) -> Self {
+        Self::new(Action::Drop, reason, detail)
+    }
+
+    fn from(mut self, source: &Source) -> Self {
+        match source {
+            Source::V4(addr) => {
+                self.family = FAMILY_V4;
+                self.source[..4].copy_from_slice(addr);
+            }
+            Source::V6(addr) => {
+                self.family = FAMILY_V6;
+                self.source = *addr;
+            }
         }
+        self
     }
 }
 
 #[xdp]
 pub fn moat(ctx: XdpContext) -> u32 {
-    let verdict = decide(&ctx);
-    stats::count(&ctx, verdict);
-    match verdict.action {
-        Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
-    }
-}
-
-/// The decision chain, in the order packets meet it.
-#[inline(always)]
-fn decide(ctx: &XdpContext) -> Verdict {
-    let source = match packet::source(ctx) {
-        Ok(Some(source)) => source,
-        Ok(None) => return Verdict::pass(Reason::NotIp),
-        Err(Malformed) => return Verdict::drop(Reason::Malformed),
+    let Some(settings) = SETTINGS.get(0) else {
+        return xdp_action::XDP_PASS;
     };
-    if is_blocked(&source) {
-        return Verdict::drop(Reason::Blocklist);
+    let verdict = match packet::parse(&ctx) {
+        Ok(Some(packet)) => decide(&ctx, settings, &packet).from(&packet.source),
+        Ok(None) => Verdict::pass(Reason::NotIp, 0),
+        Err(Malformed) => Verdict::drop(Reason::Malformed, 0),
+    };
+    let action = match verdict.action {
+        Action::Drop if settings.mode == MODE_MONITOR => Action::WouldDrop,
+        action => action,
+    };
+    stats::count(&ctx, &verdict, action);
+    if action == Action::Pass {
+        return xdp_action::XDP_PASS;
     }
-    Verdict::pass(Reason::NoMatch)
+    events::maybe_sample(&ctx, &verdict, settings.sample_every);
+    match action {
+        Action::Drop => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
 }
 
+/// The decision chain for an IP packet, in the order packets meet it; the first stage that
+/// decides wins.
 #[inline(always)]
-fn is_blocked(source: &Source) -> bool {
-    match source {
-        Source::V4(addr) => maps::blocklist_v4_contains(*addr),
-        Source::V6(addr) => maps::blocklist_v6_contains(*addr),
+fn decide(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
+    if let Some(source) = ALLOWLIST.lookup(&settings.allow, &packet.source) {
+        return Verdict::pass(Reason::Allowlist, source);
+    }
+    if let Some(source) = BLOCKLIST.lookup(&settings.block, &packet.source) {
+        return Verdict::drop(Reason::Blocklist, source);
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = rate_limit::source_key(&settings.rate, &packet.source);
+    if let Some(source) = rate_limit::banned(&key, now) {
+        return Verdict::drop(Reason::Ban, source);
+    }
+    if settings.rule_count != 0
+        && let Some((rule, action)) = rules::first_match(packet)
+    {
+        return if action == RULE_PASS {
+            Verdict::pass(Reason::Rule, rule)
+        } else {
+            Verdict::drop(Reason::Rule, rule)
+        };
+    }
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    match rate_limit::charge(&settings.rate, &key, frame_len, now) {
+        Limit::Conforming => Verdict::pass(Reason::NoMatch, 0),
+        Limit::Over => Verdict::drop(Reason::RateLimit, 0),
+        Limit::Banned(expires_at) => {
+            events::ban(ctx, &key, now, expires_at);
+            Verdict::drop(Reason::RateLimit, 0)
+        }
     }
 }
 

@@ -143,8 +143,15 @@ pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Malformed> {
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
-    let (vihl, total_len, frags, protocol, src) =
-        unsafe { ((*ip).vihl, (*ip).tot_len, (*ip).frags, (*ip).proto, (*ip).src_addr) };
+    let (vihl, total_len, frags, protocol, src) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).tot_len,
+            (*ip).frags,
+            (*ip).proto,
+            (*ip).src_addr,
+        )
+    };
     let header_len = usize::from(vihl & 0x0f) * 4;
     let total_len = usize::from(u16::from_be_bytes(total_len));
     if vihl >> 4 != 4
@@ -170,8 +177,14 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
-    let (version, payload_len, mut next_header, src) =
-        unsafe { ((*ip).vcf[0] >> 4, (*ip).payload_len, (*ip).next_hdr, (*ip).src_addr) };
+    let (version, payload_len, mut next_header, src) = unsafe {
+        (
+            (*ip).vcf[0] >> 4,
+            (*ip).payload_len,
+            (*ip).next_hdr,
+            (*ip).src_addr,
+        )
+    };
     let payload_len = usize::from(u16::from_be_bytes(payload_len));
     let mut offset = offset + size_of::<Ipv6Hdr>();
     if version != 6 || offset + payload_len > frame_len(ctx) {
@@ -190,7 +203,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
             }
             IPPROTO_FRAGMENT => {
                 let fragment: *const Ipv6Fragment = ptr_at(ctx, offset)?;
-                let (next, offset_flags) = unsafe { ((*fragment).next_header, (*fragment).offset_flags) };
+                let (next, offset_flags) =
+                    unsafe { ((*fragment).next_header, (*fragment).offset_flags) };
                 next_header = next;
                 first_fragment &= u16::from_be_bytes(offset_flags) & IPV6_FRAGMENT_OFFSET_MASK == 0;
                 offset += size_of::<Ipv6Fragment>();
@@ -243,10 +257,8 @@ fn transport(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(),
             let (source, dest) = unsafe { ((*udp).src, (*udp).dst) };
             packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            if offset + ICMP_HEADER_LEN > frame_len(ctx) {
-                return Err(Malformed);
-            }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if offset + ICMP_HEADER_LEN > frame_len(ctx) => {
+            return Err(Malformed);
         }
         _ => {}
     }

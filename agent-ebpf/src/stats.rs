@@ -1,22 +1,43 @@
-//! One place counts every verdict: per CPU, per (interface slot, action, reason).
+//! One place counts every verdict: per CPU, per (interface slot, action, reason), plus the hits
+//! of the list entry source or rule that decided.
 
-use agent_common::stats::index;
-use aya_ebpf::programs::XdpContext;
+use agent_common::{
+    lists::hit_index,
+    stats::{Action, Counter, Reason, index},
+};
+use aya_ebpf::{maps::PerCpuArray, programs::XdpContext};
 
 use crate::{
     Verdict,
-    maps::{INTERFACE_SLOTS, STATS},
+    maps::{INTERFACE_SLOTS, LIST_HITS, RULE_HITS, STATS},
 };
 
 #[inline(always)]
-pub fn count(ctx: &XdpContext, verdict: Verdict) {
+pub fn count(ctx: &XdpContext, verdict: &Verdict, action: Action) {
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: the slot map is only written by the agent while attaching, and a u32 read is atomic.
+    // SAFETY: the slot map is only written by the agent while attaching; a u32 read is atomic.
     let slot = unsafe { INTERFACE_SLOTS.get(ifindex) }
         .copied()
         .unwrap_or(0);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(counter) = STATS.get_ptr_mut(index(slot, verdict.action, verdict.reason)) {
+    add(&STATS, index(slot, action, verdict.reason), bytes);
+    match verdict.reason {
+        Reason::Allowlist | Reason::Blocklist | Reason::Ban => {
+            let list = match verdict.reason {
+                Reason::Allowlist => agent_common::lists::LIST_ALLOW,
+                Reason::Blocklist => agent_common::lists::LIST_BLOCK,
+                _ => agent_common::lists::LIST_BAN,
+            };
+            add(&LIST_HITS, hit_index(list, verdict.detail), bytes);
+        }
+        Reason::Rule => add(&RULE_HITS, verdict.detail, bytes),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn add(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(counter) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU value, so no other program run touches it concurrently.
         unsafe {
             (*counter).packets += 1;

@@ -12,8 +12,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, Settings},
-    lists, loader,
+    config::{Config, Mode, Policy, Settings},
+    loader,
+    policy::CompiledPolicy,
     stats::Snapshot,
 };
 
@@ -26,15 +27,17 @@ struct Interface {
 pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
     // Everything that can be checked is checked before anything is loaded or attached.
     let interfaces = resolve_interfaces(config, settings)?;
-    let families = lists::count_families(&settings.blocklist);
-    let capacities = loader::Capacities::for_entries(families.v4, families.v6);
+    let policy = &settings.policy;
+    let compiled = CompiledPolicy::compile(policy).context("compiling the policy")?;
 
-    let mut ebpf = loader::load(capacities).context("loading the XDP program")?;
-    // Lists are filled before the program sees its first packet.
-    let counts =
-        lists::fill_blocklist(&mut ebpf, &settings.blocklist).context("filling the blocklist")?;
-    info!(ipv4 = counts.v4, ipv6 = counts.v6, "blocklist loaded");
+    let mut ebpf = loader::load(compiled.capacities).context("loading the XDP program")?;
+    // The policy is in place before the program sees its first packet.
+    compiled
+        .install(&mut ebpf)
+        .context("writing the policy into the program's maps")?;
+    log_policy(policy);
     register_interfaces(&mut ebpf, &interfaces)?;
+    let events = crate::events::spawn_reader(&mut ebpf)?;
 
     let program = loader::program(&mut ebpf)?;
     let mut attachments = Vec::with_capacity(interfaces.len());
@@ -55,13 +58,18 @@ pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
         attachments.push(attachment);
     }
     let program_id = program.info().map(|i| i.id()).ok();
+    let mode = match policy.mode {
+        Mode::Enforce => "enforcing",
+        Mode::Monitor => "monitoring (nothing is dropped; would-be drops are counted)",
+    };
     info!(
         program_id,
         interfaces = interfaces.len(),
-        "moat is enforcing; stop with SIGINT or SIGTERM"
+        "moat is {mode}; stop with SIGINT or SIGTERM"
     );
 
     wait_for_shutdown().await?;
+    events.abort();
 
     log_counters(&ebpf, &interfaces);
     let program = loader::program(&mut ebpf)?;
@@ -94,6 +102,29 @@ fn resolve_interfaces(config: &Config, settings: &Settings) -> anyhow::Result<Ve
             })
         })
         .collect()
+}
+
+fn log_policy(policy: &Policy) {
+    let count = |list: &crate::config::ListEntries| {
+        let v4 = list.keys().filter(|c| c.net().addr().is_ipv4()).count();
+        (v4, list.len() - v4)
+    };
+    let (allow_v4, allow_v6) = count(&policy.allowlist);
+    let (block_v4, block_v6) = count(&policy.blocklist);
+    info!(ipv4 = allow_v4, ipv6 = allow_v6, "allowlist loaded");
+    info!(ipv4 = block_v4, ipv6 = block_v6, "blocklist loaded");
+    info!(rules = policy.rules.len(), "rules loaded");
+    let rate = &policy.rate_limit;
+    if rate.is_on() {
+        info!(
+            pps = rate.pps,
+            bps = rate.bps,
+            burst_packets = rate.burst_packets,
+            ban_after = %humantime::format_duration(rate.ban_after),
+            ban_ttl = %rate.ban_ttl.map_or("never".to_string(), |t| humantime::format_duration(t).to_string()),
+            "rate limit on"
+        );
+    }
 }
 
 /// Gives each interface its own counter slot; slot 0 stays for unregistered interfaces.

@@ -5,9 +5,13 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod lists;
 pub mod loader;
 pub mod logging;
+mod mapped_array;
+pub mod policy;
+pub mod rule_tables;
 pub mod stats;
 
 /// An error and its causes on one line, for logs.

@@ -1,6 +1,6 @@
 //! Loading the embedded XDP program and attaching it to interfaces.
 
-use agent_common::maps::{BLOCKLIST_DEFAULT_CAPACITY, BLOCKLIST_V4, BLOCKLIST_V6, PROGRAM};
+use agent_common::maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
@@ -37,24 +37,19 @@ pub enum LoadError {
 /// Sizes of the maps whose capacity depends on the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct Capacities {
-    pub blocklist_v4: u32,
-    pub blocklist_v6: u32,
+    pub allow_v4_long: usize,
+    pub allow_v6: usize,
+    pub block_v4_long: usize,
+    pub block_v6: usize,
+    /// Sources the rate limiter (and the ban list) track at once.
+    pub rate_sources: u32,
 }
 
-impl Capacities {
-    /// Room for `v4` and `v6` entries, never below the built-in default so that small lists can
-    /// grow without a reload.
-    pub fn for_entries(v4: usize, v6: usize) -> Self {
-        let fit = |n: usize| {
-            u32::try_from(n)
-                .unwrap_or(u32::MAX)
-                .max(BLOCKLIST_DEFAULT_CAPACITY)
-        };
-        Self {
-            blocklist_v4: fit(v4),
-            blocklist_v6: fit(v6),
-        }
-    }
+/// Room for `n` entries, never below the built-in default, so that small lists can grow.
+fn fit(n: usize) -> u32 {
+    u32::try_from(n)
+        .unwrap_or(u32::MAX)
+        .max(LONG_PREFIXES_DEFAULT_CAPACITY)
 }
 
 /// Loads the program into the kernel (verifier included) without attaching it.
@@ -64,8 +59,12 @@ pub fn load(capacities: Capacities) -> Result<Ebpf, LoadError> {
     }
     raise_memlock_limit();
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries(BLOCKLIST_V4, capacities.blocklist_v4)
-        .map_max_entries(BLOCKLIST_V6, capacities.blocklist_v6)
+        .map_max_entries(maps::ALLOW_V4_LONG, fit(capacities.allow_v4_long))
+        .map_max_entries(maps::ALLOW_V6, fit(capacities.allow_v6))
+        .map_max_entries(maps::BLOCK_V4_LONG, fit(capacities.block_v4_long))
+        .map_max_entries(maps::BLOCK_V6, fit(capacities.block_v6))
+        .map_max_entries(maps::RATE_LIMITS, capacities.rate_sources)
+        .map_max_entries(maps::BANS, capacities.rate_sources)
         .load(PROGRAM_OBJECT)
         .map_err(LoadError::Object)?;
     program(&mut ebpf)?.load().map_err(LoadError::Verify)?;

@@ -2,20 +2,32 @@
 //! default lives). A file is TOML; unknown keys are errors, and every error names the file, line
 //! and column it comes from.
 
+mod cidr;
+pub mod list_file;
+pub mod rate_limit;
+pub mod rules;
+
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     fmt,
     ops::Range,
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
-use ipnet::IpNet;
+use agent_common::lists::{SOURCE_CONFIG, SOURCE_FILE};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use self::{
+    cidr::Cidr,
+    rate_limit::{RateLimit, RateLimitConfig},
+    rules::{PortRange, Protocol, Rule, RuleAction, RuleConfig, TcpFlags},
+};
+
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const IFNAME_MAX_LEN: usize = 15;
+/// Default: one in this many dropped packets is sampled to the log.
+const DEFAULT_SAMPLE_EVERY: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,6 +47,8 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
+    #[error(transparent)]
+    ListFile(#[from] list_file::ListFileError),
     #[error("no interfaces to protect: set `interfaces` in the config or pass --iface")]
     NoInterfaces,
     #[error("too many interfaces: {count} given, at most {max}")]
@@ -68,45 +82,16 @@ impl fmt::Display for XdpMode {
     }
 }
 
-/// A CIDR as written in a list: the network address with no host bits set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr(IpNet);
-
-impl Cidr {
-    pub fn net(&self) -> IpNet {
-        self.0
-    }
+/// Enforce the policy, or only count what it would drop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Monitor,
 }
 
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        // A bare address means the single host (/32 or /128), as in FireHOL lists.
-        let net = match text.parse::<IpNet>() {
-            Ok(net) => net,
-            Err(_) => text
-                .parse::<std::net::IpAddr>()
-                .map(IpNet::from)
-                .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?,
-        };
-        if net.trunc() != net {
-            return Err(format!(
-                "{text} has host bits set; did you mean {}?",
-                net.trunc()
-            ));
-        }
-        Ok(Cidr(net))
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A list of CIDRs.
+/// A list of CIDRs, as written.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListConfig {
@@ -114,6 +99,17 @@ pub struct ListConfig {
     /// the entry itself.
     #[serde(default)]
     pub cidrs: Vec<Spanned<String>>,
+    /// List files (FireHOL/Spamhaus format); relative paths are relative to the config file.
+    #[serde(default)]
+    pub files: Vec<Spanned<String>>,
+}
+
+/// `[events]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Sample one in this many dropped packets to the log; 0: none.
+    pub sample_every: Option<Spanned<i64>>,
 }
 
 /// The configuration as the file states it.
@@ -125,9 +121,20 @@ pub struct Config {
     pub interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Sources whose packets always pass.
+    #[serde(default)]
+    pub allowlist: ListConfig,
     /// Sources whose packets are dropped.
     #[serde(default)]
     pub blocklist: ListConfig,
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
     /// Where the config came from, for error messages.
     #[serde(skip)]
     origin: Origin,
@@ -161,6 +168,14 @@ impl Origin {
         let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
         (line, column)
     }
+
+    /// Where relative list file paths start.
+    fn base_dir(&self) -> PathBuf {
+        match self {
+            Origin::File { path, .. } => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Origin::Embedded => PathBuf::new(),
+        }
+    }
 }
 
 /// Overrides given on the command line.
@@ -173,13 +188,27 @@ pub struct Overrides {
     pub xdp_mode: Option<XdpMode>,
 }
 
+/// A list after validation: each CIDR once, with the source of its first appearance.
+pub type ListEntries = BTreeMap<Cidr, u32>;
+
+/// What the XDP program enforces: everything but where it is attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: Mode,
+    pub allowlist: ListEntries,
+    pub blocklist: ListEntries,
+    pub rules: Vec<Rule>,
+    pub rate_limit: RateLimit,
+    /// One in this many dropped packets is sampled; 0: none.
+    pub sample_every: u32,
+}
+
 /// The validated configuration the agent runs on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
-    /// Sorted and without duplicates.
-    pub blocklist: BTreeSet<Cidr>,
+    pub policy: Policy,
 }
 
 impl Config {
@@ -218,8 +247,53 @@ impl Config {
         }
     }
 
-    /// Applies command-line overrides and checks everything that does not need the system.
+    fn located(&self, (span, message): rules::Located) -> ConfigError {
+        self.invalid(&span, message)
+    }
+
+    /// Applies command-line overrides, reads list files, and checks everything that does not
+    /// need the kernel.
     pub fn resolve(&self, overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let interfaces = self.resolve_interfaces(overrides)?;
+        let mut blocklist = self.resolve_list(&self.blocklist)?;
+        for text in &overrides.block {
+            let cidr = text
+                .parse()
+                .map_err(|message| ConfigError::InvalidCliCidr {
+                    value: text.clone(),
+                    message,
+                })?;
+            blocklist.entry(cidr).or_insert(SOURCE_CONFIG);
+        }
+        let sample_every = match &self.events.sample_every {
+            None => DEFAULT_SAMPLE_EVERY,
+            Some(n) => u32::try_from(*n.get_ref()).map_err(|_| {
+                self.invalid(
+                    &n.span(),
+                    format!(
+                        "events: sample_every = {} is outside 0..={}",
+                        n.get_ref(),
+                        u32::MAX
+                    ),
+                )
+            })?,
+        };
+        let policy = Policy {
+            mode: self.mode,
+            allowlist: self.resolve_list(&self.allowlist)?,
+            blocklist,
+            rules: rules::validate(&self.rules).map_err(|e| self.located(e))?,
+            rate_limit: self.rate_limit.validate().map_err(|e| self.located(e))?,
+            sample_every,
+        };
+        Ok(Settings {
+            interfaces,
+            xdp_mode: overrides.xdp_mode.unwrap_or(self.xdp_mode),
+            policy,
+        })
+    }
+
+    fn resolve_interfaces(&self, overrides: &Overrides) -> Result<Vec<String>, ConfigError> {
         let interfaces = if overrides.interfaces.is_empty() {
             let mut names = Vec::with_capacity(self.interfaces.len());
             for name in &self.interfaces {
@@ -258,30 +332,26 @@ impl Config {
                 max,
             });
         }
+        Ok(interfaces)
+    }
 
-        let mut blocklist = BTreeSet::new();
-        for text in &self.blocklist.cidrs {
+    /// Config entries first, then files in order; a CIDR keeps the source it first had.
+    fn resolve_list(&self, list: &ListConfig) -> Result<ListEntries, ConfigError> {
+        let mut entries = ListEntries::new();
+        for text in &list.cidrs {
             let cidr = text
                 .get_ref()
                 .parse()
                 .map_err(|message| self.invalid(&text.span(), message))?;
-            blocklist.insert(cidr);
+            entries.entry(cidr).or_insert(SOURCE_CONFIG);
         }
-        for text in &overrides.block {
-            let cidr = text
-                .parse()
-                .map_err(|message| ConfigError::InvalidCliCidr {
-                    value: text.clone(),
-                    message,
-                })?;
-            blocklist.insert(cidr);
+        for file in &list.files {
+            let path = self.origin.base_dir().join(file.get_ref());
+            for cidr in list_file::read(&path)? {
+                entries.entry(cidr).or_insert(SOURCE_FILE);
+            }
         }
-
-        Ok(Settings {
-            interfaces,
-            xdp_mode: overrides.xdp_mode.unwrap_or(self.xdp_mode),
-            blocklist,
-        })
+        Ok(entries)
     }
 
     /// Line and column of interface `name` in the file, for errors found later (e.g. it does
@@ -331,8 +401,10 @@ mod tests {
         }
     }
 
-    fn cidrs(list: &[&str]) -> BTreeSet<Cidr> {
-        list.iter().map(|c| c.parse().expect("test CIDR")).collect()
+    fn cidrs(list: &[&str]) -> ListEntries {
+        list.iter()
+            .map(|c| (c.parse().expect("test CIDR"), SOURCE_CONFIG))
+            .collect()
     }
 
     #[test]
@@ -346,13 +418,11 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
 "#,
         )
         .expect("valid config");
+        assert_eq!(settings.interfaces, ["veth0"]);
+        assert_eq!(settings.xdp_mode, XdpMode::Auto);
         assert_eq!(
-            settings,
-            Settings {
-                interfaces: vec!["veth0".into()],
-                xdp_mode: XdpMode::Auto,
-                blocklist: cidrs(&["198.51.100.0/24", "2001:db8:bad::/48"]),
-            }
+            settings.policy.blocklist,
+            cidrs(&["198.51.100.0/24", "2001:db8:bad::/48"])
         );
     }
 
@@ -360,7 +430,7 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
     fn defaults_apply_to_absent_keys() {
         let settings = resolve("interfaces = [\"eth1\"]").expect("valid config");
         assert_eq!(settings.xdp_mode, XdpMode::Auto);
-        assert!(settings.blocklist.is_empty());
+        assert!(settings.policy.blocklist.is_empty());
     }
 
     #[test]
@@ -383,7 +453,7 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
         )
         .expect("valid");
         assert_eq!(
-            settings.blocklist,
+            settings.policy.blocklist,
             cidrs(&["203.0.113.9/32", "2001:db8::1/128"])
         );
     }
@@ -393,7 +463,7 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
         let settings =
             resolve("interfaces = [\"a\"]\n[blocklist]\ncidrs = [\"10.0.0.0/8\", \"10.0.0.0/8\"]")
                 .expect("valid");
-        assert_eq!(settings.blocklist.len(), 1);
+        assert_eq!(settings.policy.blocklist.len(), 1);
     }
 
     #[test]
@@ -499,7 +569,10 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
             .expect("valid overrides");
         assert_eq!(settings.interfaces, ["b", "c"]);
         assert_eq!(settings.xdp_mode, XdpMode::Generic);
-        assert_eq!(settings.blocklist, cidrs(&["10.0.0.0/8", "2001:db8::/32"]));
+        assert_eq!(
+            settings.policy.blocklist,
+            cidrs(&["10.0.0.0/8", "2001:db8::/32"])
+        );
     }
 
     #[test]
@@ -531,7 +604,7 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
             })
             .expect("embedded default is valid");
         assert_eq!(settings.xdp_mode, XdpMode::Auto);
-        assert!(settings.blocklist.is_empty());
+        assert!(settings.policy.blocklist.is_empty());
     }
 
     #[test]

@@ -1,0 +1,43 @@
+//! Runtime settings, written by the agent into the one-slot `SETTINGS` array.
+
+use crate::{lists::ListShape, pod};
+
+/// Drop what the policy says to drop.
+pub const MODE_ENFORCE: u32 = 0;
+/// Decide and count as in enforce mode, but pass everything.
+pub const MODE_MONITOR: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateSettings {
+    /// Nanoseconds per packet at the packet limit (1e9 / pps); 0: no packet limit.
+    pub ns_per_packet: u64,
+    /// Picoseconds per byte at the bit limit (8e12 / bps); 0: no bit limit.
+    pub ps_per_byte: u64,
+    /// Burst tolerance in nanoseconds: how far ahead of now a source's TAT may run.
+    pub burst_ns: u64,
+    /// A source over its limit this long is banned; 0: never ban.
+    pub ban_after_ns: u64,
+    /// How long a ban lasts.
+    pub ban_ttl_ns: u64,
+    /// Prefix lengths that key a source.
+    pub v4_prefix: u32,
+    pub v6_prefix: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// [`MODE_ENFORCE`] or [`MODE_MONITOR`].
+    pub mode: u32,
+    /// Send one in this many dropped packets to user space as a sample; 0: none.
+    pub sample_every: u32,
+    /// Number of rules in the rule tables.
+    pub rule_count: u32,
+    pub _pad: u32,
+    pub allow: ListShape,
+    pub block: ListShape,
+    pub rate: RateSettings,
+}
+
+pod!(RateSettings, Settings);

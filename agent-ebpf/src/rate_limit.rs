@@ -1,0 +1,153 @@
+//! Bans and the per-source rate limiter (GCRA, see `agent_common::rate_limit`).
+
+use core::{intrinsics::AtomicOrdering, sync::atomic::AtomicU64};
+
+use agent_common::{
+    lists::SOURCE_RATE_LIMIT,
+    rate_limit::{Ban, FAMILY_V4, FAMILY_V6, RateState, SourceKey},
+    settings::RateSettings,
+};
+use aya_ebpf::bindings::BPF_NOEXIST;
+
+use crate::{
+    lists::mask_v6,
+    maps::{BANS, RATE_LIMITS},
+    packet::Source,
+};
+
+/// Attempts at a compare-and-swap before treating a source's packet as over its limit: only a
+/// source hammering one entry from every CPU at once exhausts them.
+const CAS_ATTEMPTS: usize = 4;
+/// A source whose excess pauses this long starts a new "over the limit" streak.
+const OVER_LIMIT_GAP_NS: u64 = 1_000_000_000;
+
+/// The key of a source for bans and rate limits: its address cut to the configured prefix.
+#[inline(always)]
+pub fn source_key(settings: &RateSettings, source: &Source) -> SourceKey {
+    match source {
+        Source::V4(addr) => {
+            let prefix = settings.v4_prefix.min(32);
+            let host = u32::from_be_bytes(*addr);
+            let masked = if prefix == 0 {
+                0
+            } else {
+                host & (u32::MAX << (32 - prefix))
+            };
+            let mut key = SourceKey {
+                family: FAMILY_V4,
+                addr: [0; 16],
+            };
+            key.addr[..4].copy_from_slice(&masked.to_be_bytes());
+            key
+        }
+        Source::V6(addr) => SourceKey {
+            family: FAMILY_V6,
+            addr: mask_v6(addr, settings.v6_prefix.min(128)),
+        },
+    }
+}
+
+/// The source of an unexpired ban on `key`.
+#[inline(always)]
+pub fn banned(key: &SourceKey, now: u64) -> Option<u32> {
+    // SAFETY: a ban is replaced whole; a torn read could only misjudge one packet's expiry.
+    let ban = unsafe { BANS.get(key) }?;
+    (now < ban.expires_at).then_some(ban.source)
+}
+
+pub enum Limit {
+    Conforming,
+    Over,
+    /// Over the limit for longer than `ban_after`: banned until the given time.
+    Banned(u64),
+}
+
+/// Charges one packet of `frame_len` bytes to the source.
+#[inline(always)]
+pub fn charge(settings: &RateSettings, key: &SourceKey, frame_len: u64, now: u64) -> Limit {
+    if settings.ns_per_packet == 0 && settings.ps_per_byte == 0 {
+        return Limit::Conforming;
+    }
+    let state = match RATE_LIMITS.get_ptr_mut(key) {
+        Some(state) => state,
+        None => {
+            // A new source; another CPU may insert it first, which is as good.
+            let _ = RATE_LIMITS.insert(key, RateState::default(), u64::from(BPF_NOEXIST));
+            match RATE_LIMITS.get_ptr_mut(key) {
+                Some(state) => state,
+                // Evicted at once under a flood of new sources: let this one packet through.
+                None => return Limit::Conforming,
+            }
+        }
+    };
+    // SAFETY: map values live as long as the program run; fields are only accessed atomically
+    // (the TATs) or as plain u64 stores whose races are benign (the streak timestamps).
+    unsafe {
+        let packets_ok = settings.ns_per_packet == 0
+            || gcra(
+                AtomicU64::from_ptr(&raw mut (*state).packets_tat),
+                settings.ns_per_packet,
+                settings.burst_ns,
+                now,
+            );
+        let bits_ok = !packets_ok
+            || settings.ps_per_byte == 0
+            || gcra(
+                AtomicU64::from_ptr(&raw mut (*state).bits_tat),
+                frame_len * settings.ps_per_byte / 1000,
+                settings.burst_ns,
+                now,
+            );
+        if packets_ok && bits_ok {
+            return Limit::Conforming;
+        }
+        let over_since = (*state).over_since;
+        let last_over = (*state).last_over;
+        (*state).last_over = now;
+        if over_since == 0 || now.saturating_sub(last_over) > OVER_LIMIT_GAP_NS {
+            (*state).over_since = now;
+            return Limit::Over;
+        }
+        if settings.ban_ttl_ns != 0 && now - over_since >= settings.ban_after_ns {
+            let expires_at = now + settings.ban_ttl_ns;
+            let ban = Ban {
+                expires_at,
+                source: SOURCE_RATE_LIMIT,
+                _pad: 0,
+            };
+            if BANS.insert(key, ban, 0).is_ok() {
+                (*state).over_since = 0;
+                return Limit::Banned(expires_at);
+            }
+        }
+    }
+    Limit::Over
+}
+
+/// Conforms (and advances the TAT by `cost`) when the TAT is at most `burst` ahead of `now`.
+#[inline(always)]
+fn gcra(tat: &AtomicU64, cost: u64, burst: u64, now: u64) -> bool {
+    for _ in 0..CAS_ATTEMPTS {
+        // A plain read: the compare-and-swap below validates it.
+        // SAFETY: `tat` is a valid, aligned u64 in a map value.
+        let old = unsafe { core::ptr::read_volatile(tat.as_ptr()) };
+        let start = if old > now { old } else { now };
+        if start - now > burst {
+            return false;
+        }
+        // core's AtomicU64 has no compare_exchange on this target; the intrinsic lowers to
+        // BPF_CMPXCHG (kernel 5.12+).
+        // SAFETY: `tat` is a valid, aligned u64 in a map value.
+        let (_, swapped) = unsafe {
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { AtomicOrdering::Relaxed },
+                { AtomicOrdering::Relaxed },
+            >(tat.as_ptr(), old, start + cost)
+        };
+        if swapped {
+            return true;
+        }
+    }
+    false
+}

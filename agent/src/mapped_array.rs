@@ -1,0 +1,53 @@
+//! Writing an mmapable BPF array (`BPF_F_MMAPABLE`) through a shared mapping: a whole table in
+//! one copy instead of one syscall per element.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
+
+use aya::maps::MapData;
+
+/// A read-write mapping of an array map's values.
+pub struct MappedArray {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl MappedArray {
+    /// Maps the first `bytes` bytes of the array's values (rounded up to pages).
+    pub fn new(map: &MapData, bytes: usize) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = bytes.next_multiple_of(page);
+        // SAFETY: a fresh shared mapping of a valid map fd; the kernel checks the length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len: bytes })
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is at least `len` bytes and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MappedArray {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}

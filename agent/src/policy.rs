@@ -1,0 +1,144 @@
+//! A [`Policy`] compiled and written into a loaded program's maps: lists, rules, settings.
+
+use agent_common::{
+    maps,
+    settings::{MODE_ENFORCE, MODE_MONITOR, RateSettings, Settings},
+};
+use aya::{Ebpf, maps::Array};
+
+use crate::{
+    config::{Mode, Policy, RateLimit},
+    lists::{self, CompiledList, ListError},
+    loader::Capacities,
+    rule_tables::{RuleTableError, RuleTables},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    List(#[from] ListError),
+    #[error(transparent)]
+    Rules(#[from] RuleTableError),
+    #[error("writing {map} failed")]
+    Settings {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// A policy compiled to map contents, ready to install.
+pub struct CompiledPolicy {
+    allowlist: CompiledList,
+    blocklist: CompiledList,
+    rules: RuleTables,
+    settings: Settings,
+    pub capacities: Capacities,
+}
+
+impl CompiledPolicy {
+    pub fn compile(policy: &Policy) -> Result<Self, PolicyError> {
+        let allowlist = CompiledList::compile(&lists::ALLOWLIST, &policy.allowlist)?;
+        let blocklist = CompiledList::compile(&lists::BLOCKLIST, &policy.blocklist)?;
+        let settings = Settings {
+            mode: match policy.mode {
+                Mode::Enforce => MODE_ENFORCE,
+                Mode::Monitor => MODE_MONITOR,
+            },
+            sample_every: policy.sample_every,
+            rule_count: policy.rules.len() as u32,
+            _pad: 0,
+            allow: allowlist.shape,
+            block: blocklist.shape,
+            rate: rate_settings(&policy.rate_limit),
+        };
+        let capacities = Capacities {
+            allow_v4_long: allowlist.v4_long.len(),
+            allow_v6: allowlist.v6.len(),
+            block_v4_long: blocklist.v4_long.len(),
+            block_v6: blocklist.v6.len(),
+            rate_sources: policy.rate_limit.max_sources,
+        };
+        Ok(Self {
+            allowlist,
+            blocklist,
+            rules: RuleTables::compile(&policy.rules),
+            settings,
+            capacities,
+        })
+    }
+
+    /// Writes everything into a freshly loaded program's maps; the settings go last, so the
+    /// program never sees a shape that its maps do not hold yet.
+    pub fn install(&self, ebpf: &mut Ebpf) -> Result<(), PolicyError> {
+        self.allowlist.install(ebpf, &lists::ALLOWLIST)?;
+        self.blocklist.install(ebpf, &lists::BLOCKLIST)?;
+        self.rules.install(ebpf)?;
+        let settings_err = |source| PolicyError::Settings {
+            map: maps::SETTINGS,
+            source,
+        };
+        let data = ebpf
+            .map_mut(maps::SETTINGS)
+            .ok_or(ListError::MissingMap(maps::SETTINGS))?;
+        let mut array: Array<_, Settings> = Array::try_from(data).map_err(settings_err)?;
+        array.set(0, self.settings, 0).map_err(settings_err)
+    }
+}
+
+const NS_PER_SECOND: u64 = 1_000_000_000;
+const PS_PER_BYTE_AT_1BPS: u64 = 8_000_000_000_000;
+
+fn rate_settings(rate: &RateLimit) -> RateSettings {
+    let ns_per_packet = NS_PER_SECOND
+        .checked_div(rate.pps)
+        .map_or(0, |ns| ns.max(1));
+    let ps_per_byte = PS_PER_BYTE_AT_1BPS
+        .checked_div(rate.bps)
+        .map_or(0, |ps| ps.max(1));
+    // burst_packets back to back conform: the TAT may run (burst - 1) intervals ahead. With
+    // only a bit limit, one second's worth of bits.
+    let burst_ns = if ns_per_packet != 0 {
+        ns_per_packet * rate.burst_packets.saturating_sub(1)
+    } else {
+        NS_PER_SECOND
+    };
+    RateSettings {
+        ns_per_packet,
+        ps_per_byte,
+        burst_ns,
+        ban_after_ns: rate.ban_after.as_nanos().min(u128::from(u64::MAX)) as u64,
+        ban_ttl_ns: rate
+            .ban_ttl
+            .map_or(0, |ttl| ttl.as_nanos().min(u128::from(u64::MAX / 2)) as u64),
+        v4_prefix: u32::from(rate.ipv4_prefix),
+        v6_prefix: u32::from(rate.ipv6_prefix),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn rates_become_intervals() {
+        let rate = RateLimit {
+            pps: 1000,
+            bps: 20_000_000,
+            burst_packets: 2000,
+            ban_after: Duration::from_secs(2),
+            ban_ttl: Some(Duration::from_secs(600)),
+            ..RateLimit::default()
+        };
+        let s = rate_settings(&rate);
+        assert_eq!(s.ns_per_packet, 1_000_000);
+        assert_eq!(s.ps_per_byte, 400_000);
+        assert_eq!(s.burst_ns, 1_999_000_000);
+        assert_eq!(s.ban_after_ns, 2_000_000_000);
+        assert_eq!(s.ban_ttl_ns, 600_000_000_000);
+        assert_eq!((s.v4_prefix, s.v6_prefix), (32, 64));
+        assert_eq!(rate_settings(&RateLimit::default()).ns_per_packet, 0);
+    }
+}

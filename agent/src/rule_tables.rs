@@ -1,0 +1,215 @@
+//! Rules → the lookup tables of `agent_common::rules`: for every protocol, port and TCP flags
+//! value, the set of rules it satisfies.
+
+use agent_common::{
+    maps,
+    rules::{
+        NO_PORT, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RULE_DROP, RULE_PASS, RuleMask,
+        TCP_FLAGS_TABLE_LEN,
+    },
+};
+use aya::{
+    Ebpf, Pod,
+    maps::{Array, Map, MapError},
+};
+
+use crate::{
+    config::{PortRange, Rule, RuleAction},
+    mapped_array::MappedArray,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleTableError {
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("mapping {map} into memory failed")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct RuleTables {
+    pub by_protocol: Vec<RuleMask>,
+    pub by_src_port: Vec<RuleMask>,
+    pub by_dst_port: Vec<RuleMask>,
+    pub by_tcp_flags: Vec<RuleMask>,
+    pub actions: Vec<u32>,
+}
+
+impl RuleTables {
+    pub fn compile(rules: &[Rule]) -> Self {
+        let mut tables = Self {
+            by_protocol: vec![RuleMask::EMPTY; PROTOCOL_TABLE_LEN as usize],
+            by_src_port: vec![RuleMask::EMPTY; PORT_TABLE_LEN as usize],
+            by_dst_port: vec![RuleMask::EMPTY; PORT_TABLE_LEN as usize],
+            by_tcp_flags: vec![RuleMask::EMPTY; TCP_FLAGS_TABLE_LEN as usize],
+            actions: Vec::with_capacity(rules.len()),
+        };
+        for (index, rule) in (0u32..).zip(rules) {
+            match rule.protocol.number() {
+                Some(number) => tables.by_protocol[usize::from(number)].insert(index),
+                None => tables.by_protocol.iter_mut().for_each(|m| m.insert(index)),
+            }
+            mark_ports(&mut tables.by_src_port, &rule.src_ports, index);
+            mark_ports(&mut tables.by_dst_port, &rule.dst_ports, index);
+            match rule.tcp_flags {
+                // No constraint: every flags value, and packets that are not TCP.
+                None => tables.by_tcp_flags.iter_mut().for_each(|m| m.insert(index)),
+                Some(flags) => {
+                    for value in 0..=u8::MAX {
+                        if flags.matches(value) {
+                            tables.by_tcp_flags[usize::from(value)].insert(index);
+                        }
+                    }
+                }
+            }
+            tables.actions.push(match rule.action {
+                RuleAction::Drop => RULE_DROP,
+                RuleAction::Pass => RULE_PASS,
+            });
+        }
+        tables
+    }
+
+    pub fn install(&self, ebpf: &mut Ebpf) -> Result<(), RuleTableError> {
+        set_all(ebpf, maps::RULES_BY_PROTOCOL, &self.by_protocol)?;
+        set_all(ebpf, maps::RULES_BY_TCP_FLAGS, &self.by_tcp_flags)?;
+        set_all(ebpf, maps::RULE_ACTIONS, &self.actions)?;
+        write_mapped(ebpf, maps::RULES_BY_SRC_PORT, &self.by_src_port)?;
+        write_mapped(ebpf, maps::RULES_BY_DST_PORT, &self.by_dst_port)
+    }
+}
+
+/// No ports listed: every port, and packets without one. Otherwise only the listed ports.
+fn mark_ports(table: &mut [RuleMask], ports: &[PortRange], index: u32) {
+    if ports.is_empty() {
+        table.iter_mut().for_each(|m| m.insert(index));
+        return;
+    }
+    for range in ports {
+        for port in range.first..=range.last {
+            table[usize::from(port)].insert(index);
+        }
+    }
+    debug_assert!(!table[NO_PORT as usize].contains(index));
+}
+
+fn set_all<V: Pod>(ebpf: &mut Ebpf, map: &'static str, values: &[V]) -> Result<(), RuleTableError> {
+    let data = ebpf.map_mut(map).ok_or(RuleTableError::MissingMap(map))?;
+    let mut array: Array<_, V> =
+        Array::try_from(data).map_err(|source| RuleTableError::Map { map, source })?;
+    for (index, value) in (0u32..).zip(values) {
+        array
+            .set(index, value, 0)
+            .map_err(|source| RuleTableError::Map { map, source })?;
+    }
+    Ok(())
+}
+
+fn write_mapped(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    masks: &[RuleMask],
+) -> Result<(), RuleTableError> {
+    let Some(Map::Array(data)) = ebpf.map_mut(map) else {
+        return Err(RuleTableError::MissingMap(map));
+    };
+    let size = size_of::<RuleMask>();
+    let mut mapped = MappedArray::new(data, size_of_val(masks))
+        .map_err(|source| RuleTableError::Mmap { map, source })?;
+    for (chunk, mask) in mapped.bytes_mut().chunks_exact_mut(size).zip(masks) {
+        for (bytes, word) in chunk.chunks_exact_mut(8).zip(mask.words) {
+            bytes.copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Protocol, TcpFlags};
+    use agent_common::rules::NOT_TCP;
+
+    fn rule(
+        protocol: Protocol,
+        src: &[(u16, u16)],
+        dst: &[(u16, u16)],
+        flags: Option<TcpFlags>,
+    ) -> Rule {
+        let ranges = |r: &[(u16, u16)]| {
+            r.iter()
+                .map(|&(first, last)| PortRange { first, last })
+                .collect()
+        };
+        Rule {
+            name: "r".into(),
+            protocol,
+            src_ports: ranges(src),
+            dst_ports: ranges(dst),
+            tcp_flags: flags,
+            action: RuleAction::Drop,
+        }
+    }
+
+    /// The first rule a packet matches, as the program computes it.
+    fn first(
+        t: &RuleTables,
+        protocol: u8,
+        ports: Option<(u16, u16)>,
+        flags: Option<u8>,
+    ) -> Option<u32> {
+        let (src, dst) = ports.map_or((NO_PORT as usize, NO_PORT as usize), |(s, d)| {
+            (usize::from(s), usize::from(d))
+        });
+        t.by_protocol[usize::from(protocol)]
+            .and(t.by_src_port[src])
+            .and(t.by_dst_port[dst])
+            .and(t.by_tcp_flags[flags.map_or(NOT_TCP as usize, usize::from)])
+            .first()
+    }
+
+    #[test]
+    fn the_first_matching_rule_wins() {
+        let t = RuleTables::compile(&[
+            rule(Protocol::Udp, &[(11211, 11211)], &[], None),
+            rule(
+                Protocol::Udp,
+                &[(53, 53), (123, 123)],
+                &[(1024, 65535)],
+                None,
+            ),
+            rule(
+                Protocol::Tcp,
+                &[],
+                &[],
+                Some(TcpFlags { mask: 0xff, set: 0 }),
+            ),
+            rule(Protocol::Any, &[], &[(9, 9)], None),
+        ]);
+        assert_eq!(first(&t, 17, Some((11211, 80)), None), Some(0));
+        assert_eq!(first(&t, 17, Some((53, 40000)), None), Some(1));
+        assert_eq!(first(&t, 17, Some((53, 53)), None), None);
+        assert_eq!(first(&t, 17, Some((123, 1024)), None), Some(1));
+        assert_eq!(first(&t, 6, Some((1, 2)), Some(0)), Some(2), "NULL scan");
+        assert_eq!(first(&t, 6, Some((1, 2)), Some(0x02)), None, "SYN");
+        assert_eq!(first(&t, 6, Some((1, 9)), Some(0x02)), Some(3));
+        assert_eq!(first(&t, 17, None, None), None, "a fragment has no ports");
+        assert_eq!(first(&t, 1, None, None), None);
+    }
+
+    #[test]
+    fn rules_without_constraints_match_portless_packets() {
+        let t = RuleTables::compile(&[rule(Protocol::Icmp, &[], &[], None)]);
+        assert_eq!(first(&t, 1, None, None), Some(0));
+        assert_eq!(first(&t, 58, None, None), None);
+    }
+}
