@@ -193,7 +193,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
 
     let mut first_fragment = true;
     let mut upper_layer = None;
-    for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+    // One pass per extension header, and one more to reach the upper layer.
+    for _ in 0..=MAX_IPV6_EXTENSION_HEADERS {
         match next_header {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let ext: *const Ipv6ExtensionStart = ptr_at(ctx, offset)?;

@@ -2,12 +2,8 @@
 
 use std::ffi::CString;
 
-use agent_common::maps::INTERFACE_SLOTS;
 use anyhow::{Context as _, anyhow};
-use aya::{
-    Ebpf,
-    maps::{HashMap, PerCpuArray},
-};
+use aya::Ebpf;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -36,7 +32,8 @@ pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
         .install(&mut ebpf)
         .context("writing the policy into the program's maps")?;
     log_policy(policy);
-    register_interfaces(&mut ebpf, &interfaces)?;
+    let if_indexes: Vec<u32> = interfaces.iter().map(|i| i.if_index).collect();
+    loader::register_interfaces(&mut ebpf, &if_indexes)?;
     let events = crate::events::spawn_reader(&mut ebpf)?;
 
     let program = loader::program(&mut ebpf)?;
@@ -127,20 +124,6 @@ fn log_policy(policy: &Policy) {
     }
 }
 
-/// Gives each interface its own counter slot; slot 0 stays for unregistered interfaces.
-fn register_interfaces(ebpf: &mut Ebpf, interfaces: &[Interface]) -> anyhow::Result<()> {
-    let map = ebpf
-        .map_mut(INTERFACE_SLOTS)
-        .ok_or_else(|| anyhow!("map {INTERFACE_SLOTS} is missing from the XDP object"))?;
-    let mut slots: HashMap<_, u32, u32> = HashMap::try_from(map)?;
-    for (slot, interface) in (1u32..).zip(interfaces) {
-        slots
-            .insert(interface.if_index, slot, 0)
-            .with_context(|| format!("registering {} in {INTERFACE_SLOTS}", interface.name))?;
-    }
-    Ok(())
-}
-
 async fn wait_for_shutdown() -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -154,18 +137,7 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
 
 /// The final counters, so that a run leaves a record of what it did.
 fn log_counters(ebpf: &Ebpf, interfaces: &[Interface]) {
-    let read = || -> anyhow::Result<Snapshot> {
-        let stats = PerCpuArray::try_from(
-            ebpf.map(agent_common::maps::STATS)
-                .ok_or_else(|| anyhow!("no STATS map"))?,
-        )?;
-        let slots = HashMap::try_from(
-            ebpf.map(INTERFACE_SLOTS)
-                .ok_or_else(|| anyhow!("no {INTERFACE_SLOTS} map"))?,
-        )?;
-        Ok(Snapshot::read(&stats, &slots)?)
-    };
-    match read() {
+    match Snapshot::of_ebpf(ebpf) {
         Ok(snapshot) => {
             for row in snapshot.rows {
                 let interface = row
@@ -182,6 +154,6 @@ fn log_counters(ebpf: &Ebpf, interfaces: &[Interface]) {
                 );
             }
         }
-        Err(e) => warn!(error = %crate::error_chain(e.as_ref()), "could not read the counters"),
+        Err(e) => warn!(error = %crate::error_chain(&e), "could not read the counters"),
     }
 }

@@ -3,6 +3,7 @@
 use agent_common::maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::HashMap,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
 use tracing::{info, warn};
@@ -21,6 +22,14 @@ pub enum LoadError {
     NoObject,
     #[error("loading the XDP object into the kernel failed")]
     Object(#[source] aya::EbpfError),
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+    #[error("writing map {map} failed")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("the object has no XDP program named {0:?}")]
     NoProgram(&'static str),
     #[error("the kernel rejected XDP program {PROGRAM:?}")]
@@ -75,6 +84,23 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     ebpf.program_mut(PROGRAM)
         .and_then(|p| p.try_into().ok())
         .ok_or(LoadError::NoProgram(PROGRAM))
+}
+
+/// Gives each interface its own counter slot, in order from 1; slot 0 stays for packets from
+/// interfaces not listed.
+pub fn register_interfaces(ebpf: &mut Ebpf, if_indexes: &[u32]) -> Result<(), LoadError> {
+    let map = ebpf
+        .map_mut(maps::INTERFACE_SLOTS)
+        .ok_or(LoadError::MissingMap(maps::INTERFACE_SLOTS))?;
+    let map_err = |source| LoadError::Map {
+        map: maps::INTERFACE_SLOTS,
+        source,
+    };
+    let mut slots: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(map_err)?;
+    for (slot, if_index) in (1u32..).zip(if_indexes) {
+        slots.insert(if_index, slot, 0).map_err(map_err)?;
+    }
+    Ok(())
 }
 
 /// An attachment made by [`attach`]: detached when the `Ebpf` that owns it is dropped, or

@@ -3,10 +3,13 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    maps::{INTERFACE_SLOTS, STATS},
+    maps::{INTERFACE_SLOTS, LIST_HITS, RULE_HITS, STATS},
     stats::{Action, Counter, PER_INTERFACE, Reason, index},
 };
-use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
@@ -40,54 +43,13 @@ pub struct Row {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub rows: Vec<Row>,
+    /// Hits per rule, in config order.
+    pub rule_hits: Vec<Counter>,
+    /// Hits per (list, entry source), indexed by `agent_common::lists::hit_index`.
+    pub list_hits: Vec<Counter>,
 }
 
 impl Snapshot {
-    /// Sums each counter over CPUs; `slots` maps interface index → counter slot.
-    pub fn read<S, T>(
-        stats: &PerCpuArray<S, Counter>,
-        slots: &HashMap<T, u32, u32>,
-    ) -> Result<Self, StatsError>
-    where
-        S: std::borrow::Borrow<MapData>,
-        T: std::borrow::Borrow<MapData>,
-    {
-        let map_err = |map| move |source| StatsError::Map { map, source };
-        let mut interface_of_slot = BTreeMap::new();
-        for entry in slots.iter() {
-            let (if_index, slot) = entry.map_err(map_err(INTERFACE_SLOTS))?;
-            interface_of_slot.insert(slot, if_index);
-        }
-        let slot_count = stats.len() / PER_INTERFACE;
-        let mut rows = Vec::new();
-        for slot in 0..slot_count {
-            let if_index = interface_of_slot.get(&slot).copied();
-            if slot != 0 && if_index.is_none() {
-                continue;
-            }
-            for action in Action::ALL {
-                for reason in Reason::ALL {
-                    let per_cpu = stats
-                        .get(&index(slot, action, reason), 0)
-                        .map_err(map_err(STATS))?;
-                    let counter = per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
-                        packets: sum.packets + c.packets,
-                        bytes: sum.bytes + c.bytes,
-                    });
-                    if counter != Counter::default() {
-                        rows.push(Row {
-                            if_index,
-                            action,
-                            reason,
-                            counter,
-                        });
-                    }
-                }
-            }
-        }
-        Ok(Self { rows })
-    }
-
     /// Reads the counters of a loaded program by its kernel id (as `ip link` or `bpftool`
     /// show it), without owning the program.
     pub fn of_program(program_id: u32) -> Result<Self, StatsError> {
@@ -102,24 +64,96 @@ impl Snapshot {
                 source,
             })?
             .unwrap_or_default();
-        let open = |name: &'static str| -> Result<Map, StatsError> {
-            let id = map_ids
+        Self::read(|name| {
+            map_ids
                 .iter()
                 .copied()
                 .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(name)))
-                .ok_or(StatsError::MissingMap(program_id, name))?;
-            let data =
-                MapData::from_id(id).map_err(|source| StatsError::Map { map: name, source })?;
-            Map::from_map_data(data).map_err(|source| StatsError::Map { map: name, source })
+                .ok_or(StatsError::MissingMap(program_id, name))
+        })
+    }
+
+    /// Reads the counters of a program this process loaded.
+    pub fn of_ebpf(ebpf: &Ebpf) -> Result<Self, StatsError> {
+        Self::read(|name| {
+            let map = ebpf.map(name).ok_or(StatsError::MissingMap(0, name))?;
+            let data = match map {
+                Map::PerCpuArray(data) | Map::HashMap(data) => data,
+                _ => return Err(StatsError::MissingMap(0, name)),
+            };
+            data.info()
+                .map(|info| info.id())
+                .map_err(|source| StatsError::Map { map: name, source })
+        })
+    }
+
+    /// Sums each counter over CPUs; `id_of` finds a map's kernel id by name.
+    fn read(id_of: impl Fn(&'static str) -> Result<u32, StatsError>) -> Result<Self, StatsError> {
+        let open = |name: &'static str| -> Result<Map, StatsError> {
+            let map_err = |source| StatsError::Map { map: name, source };
+            let data = MapData::from_id(id_of(name)?).map_err(map_err)?;
+            Map::from_map_data(data).map_err(map_err)
         };
-        let stats = PerCpuArray::try_from(open(STATS)?)
-            .map_err(|source| StatsError::Map { map: STATS, source })?;
-        let slots =
+        let per_cpu = |name: &'static str| -> Result<PerCpuArray<MapData, Counter>, StatsError> {
+            PerCpuArray::try_from(open(name)?)
+                .map_err(|source| StatsError::Map { map: name, source })
+        };
+        let sums =
+            |array: &PerCpuArray<MapData, Counter>, name| -> Result<Vec<Counter>, StatsError> {
+                (0..array.len())
+                    .map(|i| {
+                        array
+                            .get(&i, 0)
+                            .map(|per_cpu| {
+                                per_cpu
+                                    .iter()
+                                    .fold(Counter::default(), |sum, c| sum.plus(*c))
+                            })
+                            .map_err(|source| StatsError::Map { map: name, source })
+                    })
+                    .collect()
+            };
+
+        let slots: HashMap<MapData, u32, u32> =
             HashMap::try_from(open(INTERFACE_SLOTS)?).map_err(|source| StatsError::Map {
                 map: INTERFACE_SLOTS,
                 source,
             })?;
-        Self::read(&stats, &slots)
+        let mut interface_of_slot = BTreeMap::new();
+        for entry in slots.iter() {
+            let (if_index, slot) = entry.map_err(|source| StatsError::Map {
+                map: INTERFACE_SLOTS,
+                source,
+            })?;
+            interface_of_slot.insert(slot, if_index);
+        }
+
+        let counters = sums(&per_cpu(STATS)?, STATS)?;
+        let mut rows = Vec::new();
+        for slot in 0..counters.len() as u32 / PER_INTERFACE {
+            let if_index = interface_of_slot.get(&slot).copied();
+            if slot != 0 && if_index.is_none() {
+                continue;
+            }
+            for action in Action::ALL {
+                for reason in Reason::ALL {
+                    let counter = counters[index(slot, action, reason) as usize];
+                    if counter != Counter::default() {
+                        rows.push(Row {
+                            if_index,
+                            action,
+                            reason,
+                            counter,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            rows,
+            rule_hits: sums(&per_cpu(RULE_HITS)?, RULE_HITS)?,
+            list_hits: sums(&per_cpu(LIST_HITS)?, LIST_HITS)?,
+        })
     }
 
     /// The counter for (interface, action, reason); zero when nothing was counted.
@@ -129,5 +163,12 @@ impl Snapshot {
             .find(|r| r.if_index == Some(if_index) && r.action == action && r.reason == reason)
             .map(|r| r.counter)
             .unwrap_or_default()
+    }
+
+    /// The sum of every counter.
+    pub fn total(&self) -> Counter {
+        self.rows
+            .iter()
+            .fold(Counter::default(), |sum, r| sum.plus(r.counter))
     }
 }

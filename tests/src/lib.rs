@@ -5,9 +5,11 @@
 //! Every helper panics with a message that says what was expected and what happened: a failing
 //! end-to-end test should read like a bug report.
 
+pub mod frames;
 pub mod lab;
 pub mod moat_process;
 pub mod netns;
+pub mod program;
 pub mod traffic;
 
 pub use lab::{Lab, Side};

@@ -1,0 +1,69 @@
+//! The real XDP program, loaded with a policy, run on crafted frames through
+//! `BPF_PROG_TEST_RUN` (no interface involved): the program-level test harness.
+
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions},
+};
+use moat::{config::Policy, loader, policy::CompiledPolicy, stats::Snapshot};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// The interface test runs arrive on: the test process's loopback device.
+pub const TEST_RUN_IF_INDEX: u32 = 1;
+
+/// A program loaded (not attached) with a policy.
+pub struct LoadedProgram {
+    pub ebpf: Ebpf,
+}
+
+impl LoadedProgram {
+    pub fn new(policy: &Policy) -> Self {
+        crate::lab::require_root();
+        let compiled = CompiledPolicy::compile(policy).expect("the test policy compiles");
+        let mut ebpf = loader::load(compiled.capacities)
+            .unwrap_or_else(|e| panic!("loading the program failed: {}", moat::error_chain(&e)));
+        compiled
+            .install(&mut ebpf)
+            .expect("installing the test policy");
+        loader::register_interfaces(&mut ebpf, &[TEST_RUN_IF_INDEX]).expect("registering lo");
+        Self { ebpf }
+    }
+
+    /// Runs the program once on `frame`; returns the XDP action.
+    pub fn run(&mut self, frame: &[u8]) -> u32 {
+        self.run_repeated(frame, 1)
+    }
+
+    /// Runs the program `repeat` times on `frame`; returns the last XDP action.
+    pub fn run_repeated(&mut self, frame: &[u8], repeat: u32) -> u32 {
+        let program = loader::program(&mut self.ebpf).expect("the program");
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.repeat = repeat;
+        program
+            .test_run(options)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "BPF_PROG_TEST_RUN failed on a {}-byte frame: {e}",
+                    frame.len()
+                )
+            })
+            .return_value
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::of_ebpf(&self.ebpf).expect("reading the counters")
+    }
+}
+
+pub fn action_name(action: u32) -> &'static str {
+    match action {
+        XDP_ABORTED => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        _ => "unexpected XDP action",
+    }
+}

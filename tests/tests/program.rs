@@ -1,0 +1,683 @@
+//! The real XDP program on crafted frames (BPF_PROG_TEST_RUN): every reason, every
+//! encapsulation, every malformed shape, IPv4 and IPv6, with the counters each one moves.
+
+use std::path::Path;
+
+use agent_common::{
+    lists::{LIST_ALLOW, LIST_BAN, LIST_BLOCK, SOURCE_CONFIG, SOURCE_RATE_LIMIT, hit_index},
+    stats::{Action, Counter, Reason},
+};
+use moat::config::{Config, Mode, Overrides, Policy};
+use moat_tests::{
+    frames::{Extension, Frame, L3_OFFSET, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_URG},
+    program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS, action_name},
+};
+
+/// The policy every fixture runs against.
+const POLICY: &str = r#"
+interfaces = ["lo"]
+[allowlist]
+cidrs = ["192.0.2.0/24", "198.51.100.200", "2001:db8:a11::/48"]
+[blocklist]
+cidrs = [
+  "198.51.100.0/24", "10.0.0.0/8", "203.0.113.128/25", "203.0.113.77",
+  "2001:db8:bad::/48", "2001:db8:beef::5",
+]
+[[rules]]
+name = "memcached-reflection"
+protocol = "udp"
+src_ports = ["11211"]
+action = "drop"
+[[rules]]
+name = "dns-replies-to-clients"
+protocol = "udp"
+src_ports = [53]
+dst_ports = ["1024-65535"]
+action = "pass"
+[[rules]]
+name = "amplification"
+protocol = "udp"
+src_ports = [19, 53, 123, 389, 1900, 11211]
+action = "drop"
+[[rules]]
+name = "null-scan"
+protocol = "tcp"
+tcp_flags = "ALL/NONE"
+action = "drop"
+[[rules]]
+name = "xmas-scan"
+protocol = "tcp"
+tcp_flags = "FIN,SYN,RST,PSH,ACK,URG/FIN,PSH,URG"
+action = "drop"
+[[rules]]
+name = "telnet"
+protocol = "tcp"
+dst_ports = [23]
+action = "drop"
+"#;
+
+const LEGIT_V4: &str = "203.0.113.9";
+const LEGIT_V6: &str = "2001:db8:1::2";
+const BLOCKED_V4: &str = "198.51.100.7";
+const BLOCKED_V6: &str = "2001:db8:bad::7";
+
+fn policy(text: &str) -> Policy {
+    Config::from_str_at(text, Path::new("fixture.toml"))
+        .and_then(|c| c.resolve(&Overrides::default()))
+        .unwrap_or_else(|e| panic!("fixture policy: {e}"))
+        .policy
+}
+
+fn mutilate(frame: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut frame = frame;
+    f(&mut frame);
+    frame
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    action: Action,
+    reason: Reason,
+}
+
+fn case(name: &'static str, frame: Vec<u8>, action: Action, reason: Reason) -> Case {
+    Case {
+        name,
+        frame,
+        action,
+        reason,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    use Action::{Drop, Pass};
+    use Reason::*;
+    let v6_exts = |frame: Frame| {
+        frame
+            .extension(Extension::HopByHop)
+            .extension(Extension::DestinationOptions)
+    };
+    vec![
+        // Not IP.
+        case("ARP", Frame::arp(), Pass, NotIp),
+        case(
+            "unknown EtherType",
+            Frame::udp(LEGIT_V4, 1, 2).ether_type(0x88cc).bytes(),
+            Pass,
+            NotIp,
+        ),
+        // No match.
+        case(
+            "IPv4 UDP",
+            Frame::udp(LEGIT_V4, 40000, 443).bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case(
+            "IPv6 UDP",
+            Frame::udp(LEGIT_V6, 40000, 443).bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case(
+            "IPv4 TCP SYN",
+            Frame::tcp(LEGIT_V4, 40000, 80, TCP_SYN).bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case("ICMP echo", Frame::ping(LEGIT_V4).bytes(), Pass, NoMatch),
+        case("ICMPv6 echo", Frame::ping(LEGIT_V6).bytes(), Pass, NoMatch),
+        // Blocklist, behind every encapsulation.
+        case(
+            "blocked IPv4",
+            Frame::udp(BLOCKED_V4, 1, 2).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv4 in VLAN",
+            Frame::udp(BLOCKED_V4, 1, 2).vlan(42).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv4 in QinQ",
+            Frame::udp(BLOCKED_V4, 1, 2).qinq(100, 42).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv4 with options",
+            Frame::udp(BLOCKED_V4, 1, 2).ipv4_options(10).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv4 first fragment",
+            Frame::udp(BLOCKED_V4, 1, 2).ipv4_fragment(0, true).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv4 later fragment",
+            Frame::udp(BLOCKED_V4, 1, 2)
+                .ipv4_fragment(185, false)
+                .bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked /8",
+            Frame::udp("10.200.3.4", 1, 2).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked /25",
+            Frame::udp("203.0.113.200", 1, 2).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked /32",
+            Frame::udp("203.0.113.77", 1, 2).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "beside a /32 in a flagged /24",
+            Frame::udp("203.0.113.78", 1, 2).bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case(
+            "blocked IPv6",
+            Frame::udp(BLOCKED_V6, 1, 2).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv6 in VLAN",
+            Frame::udp(BLOCKED_V6, 1, 2).vlan(7).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv6 behind two extension headers",
+            v6_exts(Frame::udp(BLOCKED_V6, 1, 2)).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv6 behind routing and AH",
+            Frame::udp(BLOCKED_V6, 1, 2)
+                .extension(Extension::Routing)
+                .extension(Extension::Ah)
+                .bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv6 later fragment",
+            Frame::udp(BLOCKED_V6, 1, 2)
+                .extension(Extension::Fragment {
+                    offset: 100,
+                    more: false,
+                })
+                .bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "blocked IPv6 /128",
+            Frame::udp("2001:db8:beef::5", 1, 2).bytes(),
+            Drop,
+            Blocklist,
+        ),
+        case(
+            "beside an IPv6 /128",
+            Frame::udp("2001:db8:beef::6", 1, 2).bytes(),
+            Pass,
+            NoMatch,
+        ),
+        // Allowlist wins over blocklist and rules.
+        case(
+            "allowlisted inside a blocked /24",
+            Frame::udp("198.51.100.200", 11211, 2).bytes(),
+            Pass,
+            Allowlist,
+        ),
+        case(
+            "allowlisted IPv4",
+            Frame::tcp("192.0.2.10", 1, 23, TCP_SYN).bytes(),
+            Pass,
+            Allowlist,
+        ),
+        case(
+            "allowlisted IPv6",
+            Frame::udp("2001:db8:a11::1", 11211, 2).bytes(),
+            Pass,
+            Allowlist,
+        ),
+        // Rules.
+        case(
+            "memcached reflection",
+            Frame::udp(LEGIT_V4, 11211, 80).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "memcached reflection in QinQ",
+            Frame::udp(LEGIT_V4, 11211, 80).qinq(1, 2).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "memcached reflection over IPv6 with extensions",
+            v6_exts(Frame::udp(LEGIT_V6, 11211, 80)).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "memcached reflection behind IPv4 options",
+            Frame::udp(LEGIT_V4, 11211, 80).ipv4_options(3).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "a later fragment has no ports",
+            Frame::udp(LEGIT_V4, 11211, 80)
+                .ipv4_fragment(10, true)
+                .bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case(
+            "an IPv6 later fragment has no ports",
+            Frame::udp(LEGIT_V6, 11211, 80)
+                .extension(Extension::Fragment {
+                    offset: 10,
+                    more: true,
+                })
+                .bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case(
+            "an IPv4 first fragment has ports",
+            Frame::udp(LEGIT_V4, 11211, 80)
+                .ipv4_fragment(0, true)
+                .bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "DNS reply to a client port passes",
+            Frame::udp(LEGIT_V4, 53, 40000).bytes(),
+            Pass,
+            Rule,
+        ),
+        case(
+            "DNS reflection to a low port drops",
+            Frame::udp(LEGIT_V4, 53, 80).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "NTP reflection",
+            Frame::udp(LEGIT_V6, 123, 5000).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "SSDP reflection",
+            Frame::udp(LEGIT_V4, 1900, 5000).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "TCP from port 53 is not a UDP rule",
+            Frame::tcp(LEGIT_V4, 53, 80, TCP_ACK).bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case(
+            "NULL scan",
+            Frame::tcp(LEGIT_V4, 1, 80, 0).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "XMAS scan",
+            Frame::tcp(LEGIT_V6, 1, 80, TCP_FIN | TCP_PSH | TCP_URG).bytes(),
+            Drop,
+            Rule,
+        ),
+        case(
+            "telnet",
+            Frame::tcp(LEGIT_V4, 40000, 23, TCP_SYN).bytes(),
+            Drop,
+            Rule,
+        ),
+        // Malformed.
+        // (The kernel refuses test frames shorter than an Ethernet header, as NICs do.)
+        case(
+            "IPv4 EtherType and nothing else",
+            Frame::udp(LEGIT_V4, 1, 2).bytes()[..L3_OFFSET].to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "IPv6 EtherType and nothing else",
+            Frame::udp(LEGIT_V6, 1, 2).bytes()[..L3_OFFSET].to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "VLAN tag cut short",
+            Frame::udp(LEGIT_V4, 1, 2).vlan(5).bytes()[..L3_OFFSET + 2].to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "truncated IPv4 header",
+            Frame::udp(LEGIT_V4, 1, 2).bytes()[..L3_OFFSET + 12].to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "IHL below 5",
+            mutilate(Frame::udp(LEGIT_V4, 1, 2).bytes(), |f| f[L3_OFFSET] = 0x44),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "IPv4 version 5",
+            mutilate(Frame::udp(LEGIT_V4, 1, 2).bytes(), |f| f[L3_OFFSET] = 0x55),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "total length beyond the frame",
+            mutilate(Frame::udp(LEGIT_V4, 1, 2).bytes(), |f| {
+                f[L3_OFFSET + 2] = 0x10
+            }),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "total length below the header",
+            mutilate(Frame::udp(LEGIT_V4, 1, 2).bytes(), |f| {
+                f[L3_OFFSET + 2] = 0;
+                f[L3_OFFSET + 3] = 8
+            }),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "options beyond the frame",
+            mutilate(Frame::udp(LEGIT_V4, 1, 2).payload(0).bytes(), |f| {
+                f[L3_OFFSET] = 0x4f;
+                f[L3_OFFSET + 3] = 68
+            }),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "truncated UDP header",
+            Frame::udp(LEGIT_V4, 1, 2).payload(0).bytes()[..L3_OFFSET + 24].to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "truncated TCP header",
+            Frame::tcp(LEGIT_V4, 1, 2, TCP_SYN).payload(0).bytes()[..L3_OFFSET + 30].to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "TCP data offset below 5",
+            mutilate(Frame::tcp(LEGIT_V4, 1, 2, TCP_SYN).bytes(), |f| {
+                f[L3_OFFSET + 20 + 12] = 0x40
+            }),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "tiny first fragment (RFC 1858)",
+            Frame::tcp(LEGIT_V4, 1, 2, TCP_SYN)
+                .payload(0)
+                .ipv4_fragment(0, true)
+                .bytes()[..L3_OFFSET + 28]
+                .to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "truncated IPv6 header",
+            Frame::udp(LEGIT_V6, 1, 2).bytes()[..L3_OFFSET + 30].to_vec(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "IPv6 version 4",
+            mutilate(Frame::udp(LEGIT_V6, 1, 2).bytes(), |f| f[L3_OFFSET] = 0x40),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "IPv6 payload beyond the frame",
+            mutilate(Frame::udp(LEGIT_V6, 1, 2).bytes(), |f| {
+                f[L3_OFFSET + 4] = 0x40
+            }),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "three VLAN tags",
+            Frame::udp(LEGIT_V4, 1, 2).vlan(1).vlan(2).vlan(3).bytes(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "eight extension headers pass",
+            (0..8)
+                .fold(Frame::udp(LEGIT_V6, 1, 2), |f, _| {
+                    f.extension(Extension::DestinationOptions)
+                })
+                .bytes(),
+            Pass,
+            NoMatch,
+        ),
+        case(
+            "nine extension headers are too many",
+            (0..9)
+                .fold(Frame::udp(LEGIT_V6, 1, 2), |f, _| {
+                    f.extension(Extension::DestinationOptions)
+                })
+                .bytes(),
+            Drop,
+            Malformed,
+        ),
+        case(
+            "truncated extension header",
+            Frame::udp(LEGIT_V6, 1, 2)
+                .payload(0)
+                .extension(Extension::HopByHop)
+                .bytes()[..L3_OFFSET + 41]
+                .to_vec(),
+            Drop,
+            Malformed,
+        ),
+        // A blocked source stays dropped even when its packet is malformed.
+        case(
+            "malformed from a blocked source",
+            mutilate(Frame::udp(BLOCKED_V4, 1, 2).bytes(), |f| {
+                f[L3_OFFSET] = 0x43
+            }),
+            Drop,
+            Malformed,
+        ),
+    ]
+}
+
+fn xdp_action(action: Action) -> u32 {
+    match action {
+        Action::Drop => XDP_DROP,
+        Action::Pass | Action::WouldDrop => XDP_PASS,
+    }
+}
+
+fn delta(before: Counter, after: Counter) -> Counter {
+    Counter {
+        packets: after.packets - before.packets,
+        bytes: after.bytes - before.bytes,
+    }
+}
+
+/// Runs every case and checks the action, and that exactly one counter moved by exactly this
+/// frame. `monitor` turns expected drops into would-drops that pass.
+fn run_cases(mode: Mode) {
+    let mut policy = policy(POLICY);
+    policy.mode = mode;
+    let mut program = LoadedProgram::new(&policy);
+    let mut failures = Vec::new();
+    for case in cases() {
+        let expected_action = match (mode, case.action) {
+            (Mode::Monitor, Action::Drop) => Action::WouldDrop,
+            (_, action) => action,
+        };
+        let before = program.snapshot();
+        let returned = program.run(&case.frame);
+        let after = program.snapshot();
+        let moved = delta(
+            before.get(TEST_RUN_IF_INDEX, expected_action, case.reason),
+            after.get(TEST_RUN_IF_INDEX, expected_action, case.reason),
+        );
+        let total = delta(before.total(), after.total());
+        let expected_counter = Counter {
+            packets: 1,
+            bytes: case.frame.len() as u64,
+        };
+        if returned != xdp_action(expected_action)
+            || moved != expected_counter
+            || total != expected_counter
+        {
+            failures.push(format!(
+                "{}: expected {} under {}/{} ({expected_counter:?}), got {} with {}/{} moved by {moved:?} and all counters by {total:?}",
+                case.name,
+                action_name(xdp_action(expected_action)),
+                expected_action.name(),
+                case.reason.name(),
+                action_name(returned),
+                expected_action.name(),
+                case.reason.name(),
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_reason_and_shape_in_enforce_mode() {
+    run_cases(Mode::Enforce);
+}
+
+#[test]
+fn monitor_mode_passes_everything_and_counts_would_be_drops() {
+    run_cases(Mode::Monitor);
+}
+
+#[test]
+fn rule_and_list_hits_are_counted_per_rule_and_source() {
+    let mut program = LoadedProgram::new(&policy(POLICY));
+    for _ in 0..3 {
+        program.run(&Frame::udp(LEGIT_V4, 11211, 80).bytes());
+    }
+    program.run(&Frame::tcp(LEGIT_V4, 1, 80, 0).bytes());
+    program.run(&Frame::udp(BLOCKED_V6, 1, 2).bytes());
+    program.run(&Frame::udp("192.0.2.1", 1, 2).bytes());
+    let snapshot = program.snapshot();
+    let packets: Vec<u64> = snapshot
+        .rule_hits
+        .iter()
+        .take(6)
+        .map(|c| c.packets)
+        .collect();
+    assert_eq!(packets, [3, 0, 0, 1, 0, 0], "hits per rule in config order");
+    assert_eq!(
+        snapshot.list_hits[hit_index(LIST_BLOCK, SOURCE_CONFIG) as usize].packets,
+        1
+    );
+    assert_eq!(
+        snapshot.list_hits[hit_index(LIST_ALLOW, SOURCE_CONFIG) as usize].packets,
+        1
+    );
+}
+
+#[test]
+fn a_source_over_its_rate_is_limited_then_banned() {
+    let mut limited = policy(
+        "interfaces = [\"lo\"]\n[rate_limit]\npps = 1\nburst_packets = 10\nban_after = \"0s\"\nban_ttl = \"1h\"\n",
+    );
+    limited.sample_every = 1;
+    let mut program = LoadedProgram::new(&limited);
+    let frame = Frame::udp(LEGIT_V4, 40000, 443).bytes();
+    // 1000 back-to-back runs take far less than the 1 s a new token needs.
+    let last = program.run_repeated(&frame, 1000);
+    assert_eq!(
+        last, XDP_DROP,
+        "the last of 1000 packets at 1 pps must be dropped"
+    );
+    let snapshot = program.snapshot();
+    let passed = snapshot
+        .get(TEST_RUN_IF_INDEX, Action::Pass, Reason::NoMatch)
+        .packets;
+    let limited_count = snapshot
+        .get(TEST_RUN_IF_INDEX, Action::Drop, Reason::RateLimit)
+        .packets;
+    let banned = snapshot
+        .get(TEST_RUN_IF_INDEX, Action::Drop, Reason::Ban)
+        .packets;
+    assert_eq!(passed, 10, "exactly the burst passes: {snapshot:?}");
+    assert_eq!(
+        limited_count, 2,
+        "one packet starts the streak, the next one bans: {snapshot:?}"
+    );
+    assert_eq!(
+        banned, 988,
+        "everything after the ban is dropped as banned: {snapshot:?}"
+    );
+    assert_eq!(
+        snapshot.list_hits[hit_index(LIST_BAN, SOURCE_RATE_LIMIT) as usize].packets,
+        988
+    );
+    // Another source is not affected.
+    assert_eq!(
+        program.run(&Frame::udp("203.0.113.10", 40000, 443).bytes()),
+        XDP_PASS
+    );
+    // IPv6 sources in the same /64 share a limit.
+    for host in 1..=10 {
+        assert_eq!(
+            program.run(&Frame::udp(&format!("2001:db8:1::{host:x}"), 1, 2).bytes()),
+            XDP_PASS
+        );
+    }
+    assert_eq!(
+        program.run(&Frame::udp("2001:db8:1::99", 1, 2).bytes()),
+        XDP_DROP,
+        "the /64's 11th packet"
+    );
+    assert_eq!(
+        program.run(&Frame::udp("2001:db8:2::1", 1, 2).bytes()),
+        XDP_PASS,
+        "another /64"
+    );
+}
