@@ -100,3 +100,33 @@ pub fn udp_flood(
         (sent, start.elapsed())
     })
 }
+
+/// Sends UDP datagrams from `from` to `to:9` at about `rate` packets per second for `duration`
+/// (paced per millisecond). Returns how many were sent and over how long.
+pub fn udp_paced(
+    lab: &Lab,
+    from: IpAddr,
+    to: IpAddr,
+    rate: u64,
+    duration: Duration,
+) -> (u64, Duration) {
+    lab.netns(Side::Outside).enter(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(from, 0))
+            .unwrap_or_else(|e| panic!("cannot bind a UDP socket to {from}: {e}"));
+        let target = SocketAddr::new(to, 9);
+        let data = [0u8; 32];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < duration {
+            // Catch up to where the schedule says we should be.
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            while sent < due {
+                if socket.send_to(&data, target).is_ok() {
+                    sent += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        (sent, start.elapsed())
+    })
+}

@@ -621,4 +621,168 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
             ConfigError::TooManyInterfaces { count: 64, max: 63 }
         ));
     }
+
+    #[test]
+    fn the_data_path_example_parses() {
+        let dir = std::env::temp_dir().join(format!("moat-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(
+            dir.join("drop.txt"),
+            "# list\n203.0.113.0/25 ; SBL1\n198.51.100.0/24\n",
+        )
+        .expect("list file");
+        let text = r#"
+interfaces = ["veth0"]
+mode = "enforce"
+[allowlist]
+cidrs = ["192.0.2.0/24"]
+files = []
+[blocklist]
+cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
+files = ["drop.txt"]
+[[rules]]
+name = "memcached-reflection"
+protocol = "udp"
+src_ports = ["11211"]
+dst_ports = []
+action = "drop"
+[[rules]]
+name = "null-scan"
+protocol = "tcp"
+tcp_flags = "ALL/NONE"
+action = "drop"
+[rate_limit]
+pps = 1000
+bps = "20Mbit"
+burst_packets = 2000
+ban_after = "2s"
+ban_ttl = "10m"
+[events]
+sample_every = 100
+"#;
+        let path = dir.join("moat.toml");
+        let settings = Config::from_str_at(text, &path)
+            .and_then(|c| c.resolve(&Overrides::default()))
+            .expect("valid config");
+        let _ = std::fs::remove_dir_all(&dir);
+        let policy = settings.policy;
+        assert_eq!(policy.mode, Mode::Enforce);
+        assert_eq!(policy.allowlist, cidrs(&["192.0.2.0/24"]));
+        let mut blocklist = cidrs(&["198.51.100.0/24", "2001:db8:bad::/48"]);
+        blocklist.insert("203.0.113.0/25".parse().expect("CIDR"), SOURCE_FILE);
+        assert_eq!(
+            policy.blocklist, blocklist,
+            "config entries keep their source; files add theirs"
+        );
+        assert_eq!(policy.rules.len(), 2);
+        assert_eq!(
+            policy.rules[0].src_ports,
+            [PortRange {
+                first: 11211,
+                last: 11211
+            }]
+        );
+        assert_eq!(
+            policy.rules[1].tcp_flags,
+            Some(TcpFlags { mask: 0xff, set: 0 })
+        );
+        let rate = policy.rate_limit;
+        assert_eq!(
+            (rate.pps, rate.bps, rate.burst_packets),
+            (1000, 20_000_000, 2000)
+        );
+        assert_eq!(rate.ban_after, std::time::Duration::from_secs(2));
+        assert_eq!(rate.ban_ttl, Some(std::time::Duration::from_secs(600)));
+        assert_eq!(policy.sample_every, 100);
+    }
+
+    #[test]
+    fn data_path_defaults() {
+        let policy = resolve("interfaces = [\"a\"]").expect("valid").policy;
+        assert_eq!(policy.mode, Mode::Enforce);
+        assert!(!policy.rate_limit.is_on());
+        assert_eq!(policy.rate_limit.ban_ttl, None);
+        assert_eq!(
+            (policy.rate_limit.ipv4_prefix, policy.rate_limit.ipv6_prefix),
+            (32, 64)
+        );
+        assert_eq!(policy.sample_every, DEFAULT_SAMPLE_EVERY);
+        let rate = resolve("interfaces = [\"a\"]\n[rate_limit]\npps = 500")
+            .expect("valid")
+            .policy
+            .rate_limit;
+        assert_eq!(
+            rate.burst_packets, 500,
+            "a second's worth of burst by default"
+        );
+    }
+
+    #[test]
+    fn data_path_errors_are_located() {
+        let cases = [
+            ("mode = \"audit\"\n", "line 2"),
+            (
+                "[blocklist]\nfiles = [\"/nonexistent/drop.txt\"]\n",
+                "/nonexistent/drop.txt",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"sctp\"\naction = \"drop\"\n",
+                "line 4",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"udp\"\nsrc_ports = [\"70000\"]\naction = \"drop\"\n",
+                "moat.toml:5:14",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"udp\"\nsrc_ports = [\"9-3\"]\naction = \"drop\"\n",
+                "runs backwards",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"icmp\"\nsrc_ports = [1]\naction = \"drop\"\n",
+                "needs protocol tcp, udp or any",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"udp\"\ntcp_flags = \"ALL/NONE\"\naction = \"drop\"\n",
+                "tcp_flags needs protocol tcp",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"tcp\"\ntcp_flags = \"ALL/SYNN\"\naction = \"drop\"\n",
+                "moat.toml:5:13",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"tcp\"\naction = \"reject\"\n",
+                "line 5",
+            ),
+            (
+                "[[rules]]\nname = \"x\"\nprotocol = \"tcp\"\naction = \"drop\"\n[[rules]]\nname = \"x\"\nprotocol = \"udp\"\naction = \"drop\"\n",
+                "used twice",
+            ),
+            ("[[rules]]\nprotocol = \"tcp\"\naction = \"drop\"\n", "name"),
+            ("[rate_limit]\npps = -1\n", "moat.toml:3:7"),
+            ("[rate_limit]\nbps = \"20MB\"\n", "unknown bit rate unit"),
+            (
+                "[rate_limit]\nban_ttl = \"10 fortnights\"\n",
+                "moat.toml:3:11",
+            ),
+            ("[rate_limit]\nipv6_prefix = 129\n", "ipv6_prefix = 129"),
+            ("[rate_limit]\nburst = 5\n", "unknown field `burst`"),
+            ("[events]\nsample_every = -5\n", "sample_every"),
+        ];
+        for (text, expected) in cases {
+            let e = error(&format!("interfaces = [\"a\"]\n{text}"));
+            assert!(
+                e.contains(expected),
+                "{text:?}: expected {expected:?} in {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_rules_is_an_error() {
+        let rules: String = (0..=agent_common::rules::MAX_RULES)
+            .map(|i| format!("[[rules]]\nname = \"r{i}\"\nprotocol = \"any\"\naction = \"drop\"\n"))
+            .collect();
+        let e = error(&format!("interfaces = [\"a\"]\n{rules}"));
+        assert!(e.contains("129 rules given, at most 128"), "{e}");
+    }
 }
