@@ -33,7 +33,8 @@ pub const STATS: &str = "STATS";
 pub const RULE_HITS: &str = "RULE_HITS";
 /// Per-CPU hits per (list, entry source), indexed by [`crate::lists::hit_index`].
 pub const LIST_HITS: &str = "LIST_HITS";
-/// Interface index → counter slot, filled by the agent as it attaches.
+/// Interface index → counter slot (an array indexed by ifindex, 0: unregistered), filled by the
+/// agent as it attaches. An array rather than a hash: it is read for every packet.
 pub const INTERFACE_SLOTS: &str = "INTERFACE_SLOTS";
 /// Ban events and dropped-packet samples for the agent ([`crate::events::Event`]).
 pub const EVENTS: &str = "EVENTS";
@@ -48,6 +49,9 @@ pub const BANS_DEFAULT_CAPACITY: u32 = 65_536;
 pub const RATE_LIMITS_DEFAULT_CAPACITY: u32 = 65_536;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// Interface indexes the slot array covers; a higher ifindex is counted as unregistered.
+pub const MAX_IF_INDEX: u32 = 4096;
 
 /// How many interfaces one agent attaches to at most. Slot 0 is reserved for packets from an
 /// interface the agent did not register, so counters never lose a packet.

@@ -47,3 +47,11 @@ pub struct Ban {
 }
 
 pod!(SourceKey, RateState, Ban);
+
+impl crate::settings::RateSettings {
+    /// Whether any limit is configured.
+    #[inline(always)]
+    pub const fn is_on(&self) -> bool {
+        self.ns_per_packet != 0 || self.ps_per_byte != 0
+    }
+}

@@ -34,7 +34,8 @@ pub struct Settings {
     pub sample_every: u32,
     /// Number of rules in the rule tables.
     pub rule_count: u32,
-    pub _pad: u32,
+    /// 1 when the ban map may hold entries; 0 lets the program skip the lookup (and the clock).
+    pub check_bans: u32,
     pub allow: ListShape,
     pub block: ListShape,
     pub rate: RateSettings,

@@ -5,7 +5,7 @@ use agent_common::{
     rate_limit::SourceKey,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 
@@ -38,13 +38,9 @@ pub fn ban(ctx: &XdpContext, key: &SourceKey, now: u64, expires_at: u64) {
     entry.submit(0);
 }
 
-/// One in `every` dropped packets, at random: the verdict, the source and the frame's start.
+/// A sample of a dropped packet: the verdict, the source and the frame's start.
 #[inline(always)]
-pub fn maybe_sample(ctx: &XdpContext, verdict: &Verdict, every: u32) {
-    // SAFETY: a helper without arguments.
-    if every == 0 || unsafe { bpf_get_prandom_u32() } % every != 0 {
-        return;
-    }
+pub fn sample(ctx: &XdpContext, verdict: &Verdict) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
         return;

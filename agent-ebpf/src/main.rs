@@ -14,7 +14,7 @@ mod rules;
 mod stats;
 
 use agent_common::{
-    rate_limit::{FAMILY_V4, FAMILY_V6},
+    rate_limit::{FAMILY_V4, FAMILY_V6, SourceKey},
     rules::RULE_PASS,
     settings::{MODE_MONITOR, Settings},
     stats::{Action, Reason},
@@ -90,11 +90,13 @@ pub fn moat(ctx: XdpContext) -> u32 {
         Action::Drop if settings.mode == MODE_MONITOR => Action::WouldDrop,
         action => action,
     };
-    stats::count(&ctx, &verdict, action);
+    let seen = stats::count(&ctx, &verdict, action);
     if action == Action::Pass {
         return xdp_action::XDP_PASS;
     }
-    events::maybe_sample(&ctx, &verdict, settings.sample_every);
+    if settings.sample_every != 0 && seen % u64::from(settings.sample_every) == 0 {
+        events::sample(&ctx, &verdict);
+    }
     match action {
         Action::Drop => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
@@ -111,10 +113,18 @@ fn decide(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
     if let Some(source) = BLOCKLIST.lookup(&settings.block, &packet.source) {
         return Verdict::drop(Reason::Blocklist, source);
     }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = rate_limit::source_key(&settings.rate, &packet.source);
-    if let Some(source) = rate_limit::banned(&key, now) {
+    // Bans and rate limits need the source's key and the clock; without them, skip both.
+    let stateful = settings.check_bans != 0 || settings.rate.is_on();
+    let (key, now) = if stateful {
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        (rate_limit::source_key(&settings.rate, &packet.source), now)
+    } else {
+        (SourceKey::default(), 0)
+    };
+    if settings.check_bans != 0
+        && let Some(source) = rate_limit::banned(&key, now)
+    {
         return Verdict::drop(Reason::Ban, source);
     }
     if settings.rule_count != 0
@@ -125,6 +135,9 @@ fn decide(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
         } else {
             Verdict::drop(Reason::Rule, rule)
         };
+    }
+    if !settings.rate.is_on() {
+        return Verdict::pass(Reason::NoMatch, 0);
     }
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     match rate_limit::charge(&settings.rate, &key, frame_len, now) {

@@ -3,7 +3,7 @@
 use agent_common::{
     lists::{LIST_HITS_LEN, ListEntry, V4_TABLE_LEN, V4PrefixKey, V6PrefixKey},
     maps::{
-        BANS_DEFAULT_CAPACITY, EVENTS_BYTES, LONG_PREFIXES_DEFAULT_CAPACITY, MAX_INTERFACES,
+        BANS_DEFAULT_CAPACITY, EVENTS_BYTES, LONG_PREFIXES_DEFAULT_CAPACITY, MAX_IF_INDEX,
         RATE_LIMITS_DEFAULT_CAPACITY,
     },
     rate_limit::{Ban, RateState, SourceKey},
@@ -65,7 +65,7 @@ pub static RULE_HITS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_R
 #[map(name = "LIST_HITS")]
 pub static LIST_HITS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(LIST_HITS_LEN, 0);
 #[map(name = "INTERFACE_SLOTS")]
-pub static INTERFACE_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+pub static INTERFACE_SLOTS: Array<u32> = Array::with_max_entries(MAX_IF_INDEX, 0);
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -65,9 +65,6 @@ pub enum Limit {
 /// Charges one packet of `frame_len` bytes to the source.
 #[inline(always)]
 pub fn charge(settings: &RateSettings, key: &SourceKey, frame_len: u64, now: u64) -> Limit {
-    if settings.ns_per_packet == 0 && settings.ps_per_byte == 0 {
-        return Limit::Conforming;
-    }
     let state = match RATE_LIMITS.get_ptr_mut(key) {
         Some(state) => state,
         None => {

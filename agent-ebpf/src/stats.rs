@@ -13,14 +13,14 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn count(ctx: &XdpContext, verdict: &Verdict, action: Action) {
+/// Counts the packet; returns how many packets this CPU has now counted under the same
+/// (interface, action, reason), which paces sampling without a random-number helper call.
+pub fn count(ctx: &XdpContext, verdict: &Verdict, action: Action) -> u64 {
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: the slot map is only written by the agent while attaching; a u32 read is atomic.
-    let slot = unsafe { INTERFACE_SLOTS.get(ifindex) }
-        .copied()
-        .unwrap_or(0);
+    // Out of range (or unregistered, 0): slot 0.
+    let slot = INTERFACE_SLOTS.get(ifindex).copied().unwrap_or(0);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    add(&STATS, index(slot, action, verdict.reason), bytes);
+    let seen = add(&STATS, index(slot, action, verdict.reason), bytes);
     match verdict.reason {
         Reason::Allowlist | Reason::Blocklist | Reason::Ban => {
             let list = match verdict.reason {
@@ -30,18 +30,23 @@ pub fn count(ctx: &XdpContext, verdict: &Verdict, action: Action) {
             };
             add(&LIST_HITS, hit_index(list, verdict.detail), bytes);
         }
-        Reason::Rule => add(&RULE_HITS, verdict.detail, bytes),
+        Reason::Rule => {
+            add(&RULE_HITS, verdict.detail, bytes);
+        }
         _ => {}
     }
+    seen
 }
 
 #[inline(always)]
-fn add(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
-    if let Some(counter) = map.get_ptr_mut(index) {
-        // SAFETY: per-CPU value, so no other program run touches it concurrently.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
+fn add(map: &PerCpuArray<Counter>, index: u32, bytes: u64) -> u64 {
+    let Some(counter) = map.get_ptr_mut(index) else {
+        return 0;
+    };
+    // SAFETY: per-CPU value, so no other program run touches it concurrently.
+    unsafe {
+        (*counter).packets += 1;
+        (*counter).bytes += bytes;
+        (*counter).packets
     }
 }

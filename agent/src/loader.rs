@@ -3,7 +3,7 @@
 use agent_common::maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::HashMap,
+    maps::Array,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
 use tracing::{info, warn};
@@ -96,9 +96,17 @@ pub fn register_interfaces(ebpf: &mut Ebpf, if_indexes: &[u32]) -> Result<(), Lo
         map: maps::INTERFACE_SLOTS,
         source,
     };
-    let mut slots: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(map_err)?;
-    for (slot, if_index) in (1u32..).zip(if_indexes) {
-        slots.insert(if_index, slot, 0).map_err(map_err)?;
+    let mut slots: Array<_, u32> = Array::try_from(map).map_err(map_err)?;
+    for (slot, &if_index) in (1u32..).zip(if_indexes) {
+        if if_index >= maps::MAX_IF_INDEX {
+            warn!(
+                if_index,
+                "interface index beyond {}: its packets are counted as unregistered",
+                maps::MAX_IF_INDEX
+            );
+            continue;
+        }
+        slots.set(if_index, slot, 0).map_err(map_err)?;
     }
     Ok(())
 }

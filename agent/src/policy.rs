@@ -47,7 +47,7 @@ impl CompiledPolicy {
             },
             sample_every: policy.sample_every,
             rule_count: policy.rules.len() as u32,
-            _pad: 0,
+            check_bans: u32::from(policy.rate_limit.is_on() && policy.rate_limit.ban_ttl.is_some()),
             allow: allowlist.shape,
             block: blocklist.shape,
             rate: rate_settings(&policy.rate_limit),

@@ -8,7 +8,7 @@ use agent_common::{
 };
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
+    maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +78,7 @@ impl Snapshot {
         Self::read(|name| {
             let map = ebpf.map(name).ok_or(StatsError::MissingMap(0, name))?;
             let data = match map {
-                Map::PerCpuArray(data) | Map::HashMap(data) => data,
+                Map::PerCpuArray(data) | Map::Array(data) => data,
                 _ => return Err(StatsError::MissingMap(0, name)),
             };
             data.info()
@@ -114,18 +114,20 @@ impl Snapshot {
                     .collect()
             };
 
-        let slots: HashMap<MapData, u32, u32> =
-            HashMap::try_from(open(INTERFACE_SLOTS)?).map_err(|source| StatsError::Map {
+        let slots: Array<MapData, u32> =
+            Array::try_from(open(INTERFACE_SLOTS)?).map_err(|source| StatsError::Map {
                 map: INTERFACE_SLOTS,
                 source,
             })?;
         let mut interface_of_slot = BTreeMap::new();
-        for entry in slots.iter() {
-            let (if_index, slot) = entry.map_err(|source| StatsError::Map {
+        for (if_index, slot) in (0u32..).zip(slots.iter()) {
+            let slot = slot.map_err(|source| StatsError::Map {
                 map: INTERFACE_SLOTS,
                 source,
             })?;
-            interface_of_slot.insert(slot, if_index);
+            if slot != 0 {
+                interface_of_slot.insert(slot, if_index);
+            }
         }
 
         let counters = sums(&per_cpu(STATS)?, STATS)?;
