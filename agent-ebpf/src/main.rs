@@ -14,7 +14,7 @@ mod rules;
 mod stats;
 
 use agent_common::{
-    rate_limit::{FAMILY_V4, FAMILY_V6, SourceKey},
+    rate_limit::{FAMILY_V4, FAMILY_V6},
     rules::RULE_PASS,
     settings::{MODE_MONITOR, Settings},
     stats::{Action, Reason},
@@ -113,19 +113,19 @@ fn decide(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
     if let Some(source) = BLOCKLIST.lookup(&settings.block, &packet.source) {
         return Verdict::drop(Reason::Blocklist, source);
     }
-    // Bans and rate limits need the source's key and the clock; without them, skip both.
-    let stateful = settings.check_bans != 0 || settings.rate.is_on();
-    let (key, now) = if stateful {
+    // Bans and rate limits need the source's key and the clock: read them only for those.
+    let now_and_key = || {
         // SAFETY: a helper without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
-        (rate_limit::source_key(&settings.rate, &packet.source), now)
-    } else {
-        (SourceKey::default(), 0)
+        (now, rate_limit::source_key(&settings.rate, &packet.source))
     };
-    if settings.check_bans != 0
-        && let Some(source) = rate_limit::banned(&key, now)
-    {
-        return Verdict::drop(Reason::Ban, source);
+    let mut stateful = None;
+    if settings.check_bans != 0 {
+        let (now, key) = now_and_key();
+        if let Some(source) = rate_limit::banned(&key, now) {
+            return Verdict::drop(Reason::Ban, source);
+        }
+        stateful = Some((now, key));
     }
     if settings.rule_count != 0
         && let Some((rule, action)) = rules::first_match(packet)
@@ -139,6 +139,7 @@ fn decide(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
     if !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
+    let (now, key) = stateful.unwrap_or_else(now_and_key);
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     match rate_limit::charge(&settings.rate, &key, frame_len, now) {
         Limit::Conforming => Verdict::pass(Reason::NoMatch, 0),

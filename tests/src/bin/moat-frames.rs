@@ -34,6 +34,13 @@ fn main() {
             "vlan",
             Frame::udp("203.0.113.9", 40000, 443).vlan(42).bytes(),
         ),
+        ("allowlist", Frame::udp("192.0.2.10", 40000, 443).bytes()),
+        ("malformed", {
+            let mut frame = Frame::udp("203.0.113.9", 40000, 443).bytes();
+            // IHL 4: shorter than the fixed header.
+            frame[moat_tests::frames::L3_OFFSET] = 0x44;
+            frame
+        }),
     ];
     for (name, bytes) in frames {
         let path = dir.join(format!("{name}.bin"));
