@@ -94,7 +94,7 @@ pub fn moat(ctx: XdpContext) -> u32 {
     if action == Action::Pass {
         return xdp_action::XDP_PASS;
     }
-    if settings.sample_every != 0 && seen % u64::from(settings.sample_every) == 0 {
+    if settings.sample_every != 0 && seen.is_multiple_of(u64::from(settings.sample_every)) {
         events::sample(&ctx, &verdict);
     }
     match action {
