@@ -681,3 +681,29 @@ fn a_source_over_its_rate_is_limited_then_banned() {
         "another /64"
     );
 }
+
+#[test]
+fn the_bit_limit_holds_a_source_to_its_bytes() {
+    // 8 kbit/s is 1000 bytes/s; with no packet limit the burst is one second's worth of bits.
+    let mut program = LoadedProgram::new(&policy(
+        "interfaces = [\"lo\"]\n[rate_limit]\nbps = \"8kbit\"\n",
+    ));
+    let frame = Frame::udp(LEGIT_V4, 40000, 443).bytes();
+    program.run_repeated(&frame, 1000);
+    let snapshot = program.snapshot();
+    let passed = snapshot
+        .get(TEST_RUN_IF_INDEX, Action::Pass, Reason::NoMatch)
+        .packets;
+    let expected = 1000 / frame.len() as u64 + 1;
+    assert!(
+        (expected - 1..=expected + 1).contains(&passed),
+        "{}-byte frames at 1000 bytes/s with a 1 s burst: about {expected} pass, got {passed}: {snapshot:?}",
+        frame.len()
+    );
+    assert_eq!(
+        snapshot
+            .get(TEST_RUN_IF_INDEX, Action::Drop, Reason::RateLimit)
+            .packets,
+        1000 - passed
+    );
+}
