@@ -19,12 +19,18 @@ use crate::command::{cargo, is_root, output, run, workspace_root};
 const TOOLCHAIN: &str = "nightly";
 /// bpf-linker release known to build against LLVM 21–23 here; bump deliberately.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the lab uses: `ip` and `nsenter` to build it, `ping` for traffic.
+/// Debian packages, each with a file that shows it is installed: the lab's tools (`ip` and
+/// `nsenter` build it, `ping` sends through it) and the VM tests' (QEMU, busybox for
+/// virtme-ng's guest, and Debian's 6.1 kernel image).
 const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("iputils-ping", "/usr/bin/ping"),
     ("util-linux", "/usr/bin/nsenter"),
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
 ];
+/// Debian's kernel package; present when /boot holds a 6.1 image.
+const KERNEL_PACKAGE: &str = "linux-image-amd64";
 
 pub fn ensure_ready() -> anyhow::Result<()> {
     step("nightly toolchain with rust-src", ensure_nightly_rust_src)?;
@@ -166,11 +172,14 @@ fn linker_runs(linker: &Path) -> bool {
 }
 
 fn ensure_system_packages() -> anyhow::Result<String> {
-    let missing: Vec<&str> = SYSTEM_PACKAGES
+    let mut missing: Vec<&str> = SYSTEM_PACKAGES
         .iter()
         .filter(|(_, path)| !Path::new(path).exists())
         .map(|(package, _)| *package)
         .collect();
+    if crate::vm::debian_kernel().is_err() {
+        missing.push(KERNEL_PACKAGE);
+    }
     if missing.is_empty() {
         return Ok("all present".into());
     }

@@ -9,7 +9,8 @@ use anyhow::{Context as _, bail};
 
 use crate::command::{cargo, describe, is_root, run, workspace_root};
 
-pub fn run_all() -> anyhow::Result<()> {
+/// `vm`: also run the integration tests on Debian's 6.1 kernel in a VM (what CI does).
+pub fn run_all(vm: bool) -> anyhow::Result<()> {
     crate::setup::ensure_ready()?;
     if !is_root() {
         bail!(
@@ -69,6 +70,9 @@ pub fn run_all() -> anyhow::Result<()> {
     if totals.passed == 0 {
         bail!("no test ran");
     }
+    if vm {
+        crate::vm::run_all(&[crate::vm::Target::Image(crate::vm::debian_kernel()?)])?;
+    }
     Ok(())
 }
 
@@ -101,7 +105,7 @@ fn run_tests(command: &mut Command) -> anyhow::Result<Totals> {
 }
 
 /// In "ok. 5 passed; 0 failed; …", the number before `word`.
-fn count_before(result: &str, word: &str) -> u64 {
+pub fn count_before(result: &str, word: &str) -> u64 {
     result
         .find(word)
         .and_then(|end| result[..end].rsplit([' ', '.']).next())

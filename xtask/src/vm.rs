@@ -1,0 +1,415 @@
+//! `cargo xtask vm-test`: moat's privileged integration tests on other kernels, each booted in a
+//! throwaway VM by virtme-ng (QEMU, the host's filesystem shared read-only over 9p). The same
+//! test binaries and the same veth/netns lab run inside; a probe reports the verifier's view of
+//! the program on each kernel.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::{
+    command::{cargo, describe, output, run, workspace_root},
+    test::count_before,
+};
+
+/// virtme-ng release this project is tested with (PyPI), installed in a venv under target/.
+const VIRTME_NG: &str = "virtme-ng==1.42";
+/// Debian's kernel image package and the release series it must provide.
+const DEBIAN_KERNEL_PACKAGE: &str = "linux-image-amd64";
+const DEBIAN_KERNEL_SERIES: &str = "vmlinuz-6.1.";
+/// A healthy KVM guest boots in seconds; one that hangs is given up on after this.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(25);
+/// The whole test pass inside one VM.
+const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const VM_MEMORY: &str = "2G";
+
+/// Where a kernel's tests run.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Boot this kernel image in a VM.
+    Image(PathBuf),
+    /// The running kernel, without a VM (no image of it may exist on disk).
+    Host,
+}
+
+impl Target {
+    fn label(&self) -> String {
+        match self {
+            Target::Image(path) => path
+                .file_name()
+                .map(|n| {
+                    n.to_string_lossy()
+                        .trim_start_matches("vmlinuz-")
+                        .to_string()
+                })
+                .unwrap_or_else(|| path.display().to_string()),
+            Target::Host => host_release(),
+        }
+    }
+}
+
+/// What one kernel's pass produced.
+struct Outcome {
+    kernel: String,
+    runner: String,
+    passed: u64,
+    failed: u64,
+    binaries_failed: Vec<String>,
+    verified_insns: String,
+    load_ms: String,
+}
+
+/// The 6.1 LTS image Debian's `linux-image-amd64` installs (the newest, if several are there).
+pub fn debian_kernel() -> anyhow::Result<PathBuf> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .context("reading /boot")?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(DEBIAN_KERNEL_SERIES))
+        })
+        .collect();
+    images.sort();
+    images.pop().ok_or_else(|| {
+        anyhow!(
+            "no /boot/{DEBIAN_KERNEL_SERIES}* image: `cargo xtask setup` installs {DEBIAN_KERNEL_PACKAGE}"
+        )
+    })
+}
+
+/// Runs the pass on every target and prints the table; fails if any test failed.
+pub fn run_all(targets: &[Target]) -> anyhow::Result<()> {
+    let tests = build()?;
+    let needs_vm = targets.iter().any(|t| matches!(t, Target::Image(_)));
+    let vng = if needs_vm { Some(Vng::ready()?) } else { None };
+    let mut outcomes = Vec::new();
+    for target in targets {
+        let started = Instant::now();
+        let outcome = match target {
+            Target::Image(image) => {
+                let vng = vng.as_ref().expect("vng is ready when a VM is needed");
+                run_in_vm(vng, image, &tests)?
+            }
+            Target::Host => run_on_host(&tests)?,
+        };
+        eprintln!(
+            "vm-test: {} ({}) done in {:.0} s",
+            outcome.kernel,
+            outcome.runner,
+            started.elapsed().as_secs_f64()
+        );
+        outcomes.push(outcome);
+    }
+    print_table(&outcomes);
+    let failed: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.failed > 0 || !o.binaries_failed.is_empty() || o.passed == 0)
+        .collect();
+    if !failed.is_empty() {
+        let names: Vec<String> = failed
+            .iter()
+            .map(|o| format!("{} ({})", o.kernel, o.binaries_failed.join(", ")))
+            .collect();
+        bail!(
+            "tests failed on {}; logs under {}",
+            names.join("; "),
+            out_root().display()
+        );
+    }
+    Ok(())
+}
+
+/// The integration test binaries (name, path), plus the probe and moat itself, freshly built.
+fn build() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "moat",
+        "--package",
+        "moat-tests",
+        "--bins",
+    ]))?;
+    let json = output(cargo().args([
+        "test",
+        "--package",
+        "moat-tests",
+        "--tests",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let mut tests = Vec::new();
+    for line in json.lines() {
+        // A compiler-artifact line for a test target with an executable.
+        let Some(executable) = json_field(line, "executable") else {
+            continue;
+        };
+        if line.contains("\"kind\":[\"test\"]") {
+            let name = Path::new(&executable)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit_once('-').map(|(name, _hash)| name.to_string()))
+                .ok_or_else(|| anyhow!("unexpected test executable name {executable}"))?;
+            tests.push((name, PathBuf::from(executable)));
+        }
+    }
+    if tests.is_empty() {
+        bail!("cargo built no integration test binaries for moat-tests");
+    }
+    tests.sort();
+    Ok(tests)
+}
+
+/// The string value of `"key":"…"` in one line of cargo's JSON (paths contain no quotes).
+fn json_field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let end = start + line[start..].find('"')?;
+    Some(line[start..end].to_string())
+}
+
+fn out_root() -> PathBuf {
+    workspace_root().join("target").join("vm")
+}
+
+/// The script that runs inside the VM (or on the host): the probe, then every test binary,
+/// each writing its output into `out`.
+fn write_script(out: &Path, tests: &[(String, PathBuf)]) -> anyhow::Result<PathBuf> {
+    let debug = workspace_root().join("target").join("debug");
+    let mut script = format!(
+        "#!/bin/bash\n# Written by cargo xtask vm-test.\nexport MOAT_BIN={moat}\nexport RUST_BACKTRACE=0\ncd {tests_dir}\n\
+         uname -r > {out}/kernel\n{probe} > {out}/probe 2>&1\n",
+        moat = debug.join("moat").display(),
+        tests_dir = workspace_root().join("tests").display(),
+        out = out.display(),
+        probe = debug.join("moat-probe").display(),
+    );
+    for (name, path) in tests {
+        script.push_str(&format!(
+            "{path} > {out}/{name}.log 2>&1; echo $? > {out}/{name}.rc\n",
+            path = path.display(),
+            out = out.display()
+        ));
+    }
+    script.push_str(&format!("touch {}/done\n", out.display()));
+    let path = out.join("run.sh");
+    std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn fresh_dir(label: &str) -> anyhow::Result<PathBuf> {
+    let dir = out_root().join("runs").join(label);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn run_on_host(tests: &[(String, PathBuf)]) -> anyhow::Result<Outcome> {
+    let label = format!("host-{}", host_release());
+    let out = fresh_dir(&label)?;
+    let script = write_script(&out, tests)?;
+    run(Command::new("bash").arg(&script))?;
+    collect(&out, tests, "host (no VM)".into())
+}
+
+fn run_in_vm(vng: &Vng, image: &Path, tests: &[(String, PathBuf)]) -> anyhow::Result<Outcome> {
+    let label = Target::Image(image.to_path_buf()).label();
+    let out = fresh_dir(&label)?;
+    let script = write_script(&out, tests)?;
+    let mut command = vng.command(image);
+    command
+        .arg("--rwdir")
+        .arg(&out)
+        .arg("--")
+        .arg(format!("bash {}", script.display()));
+    // The guest's console is noisy (escape sequences); keep it beside the logs.
+    let console_path = out.join("console.log");
+    let console = std::fs::File::create(&console_path)
+        .with_context(|| format!("creating {}", console_path.display()))?;
+    command.stdout(console.try_clone()?).stderr(console);
+    eprintln!("vm-test: booting {label} ({})", vng.accel_note());
+    let status = run_with_timeout(&mut command, VM_TIMEOUT)?;
+    if !out.join("done").exists() {
+        bail!(
+            "the VM for {label} stopped before the tests finished ({status}); its console is in {}",
+            console_path.display()
+        );
+    }
+    collect(&out, tests, format!("VM, {}", vng.accel_note()))
+}
+
+fn collect(out: &Path, tests: &[(String, PathBuf)], runner: String) -> anyhow::Result<Outcome> {
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    let probe = read("probe");
+    let field = |key: &str| {
+        probe
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or("not loaded")
+            .to_string()
+    };
+    let mut outcome = Outcome {
+        kernel: read("kernel").trim().to_string(),
+        runner,
+        passed: 0,
+        failed: 0,
+        binaries_failed: Vec::new(),
+        verified_insns: field("verified_insns"),
+        load_ms: field("load_ms"),
+    };
+    if !probe.contains("loaded=true") {
+        outcome
+            .binaries_failed
+            .push(format!("probe: {}", probe.trim()));
+    }
+    for (name, _) in tests {
+        let log = read(&format!("{name}.log"));
+        for result in log.lines().filter_map(|l| l.strip_prefix("test result: ")) {
+            outcome.passed += count_before(result, " passed");
+            outcome.failed += count_before(result, " failed");
+        }
+        if read(&format!("{name}.rc")).trim() != "0" {
+            outcome.binaries_failed.push(name.clone());
+        }
+    }
+    Ok(outcome)
+}
+
+fn print_table(outcomes: &[Outcome]) {
+    println!();
+    println!(
+        "{:<22} {:<22} {:>7} {:>7} {:>15} {:>10}",
+        "kernel", "where", "passed", "failed", "verifier insns", "load ms"
+    );
+    for o in outcomes {
+        println!(
+            "{:<22} {:<22} {:>7} {:>7} {:>15} {:>10}",
+            o.kernel, o.runner, o.passed, o.failed, o.verified_insns, o.load_ms
+        );
+        for failure in &o.binaries_failed {
+            println!("    failed: {failure}");
+        }
+    }
+    // The plain closing line CI reads.
+    let passed: u64 = outcomes.iter().map(|o| o.passed).sum();
+    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
+    println!("vm-test: {passed} passed, {failed} failed");
+}
+
+fn host_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "running kernel".into())
+}
+
+/// virtme-ng, installed and with its accelerator chosen.
+pub struct Vng {
+    bin_dir: PathBuf,
+    kvm: bool,
+}
+
+impl Vng {
+    /// Installs virtme-ng into target/vm/venv if needed and probes KVM.
+    pub fn ready() -> anyhow::Result<Self> {
+        let venv = out_root().join("venv");
+        let bin_dir = venv.join("bin");
+        if !bin_dir.join("vng").exists() {
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+                "creating a Python venv for virtme-ng (Debian: apt-get install python3-venv)",
+            )?;
+            run(Command::new(bin_dir.join("pip")).args(["install", "--quiet", VIRTME_NG]))
+                .with_context(|| format!("installing {VIRTME_NG} from PyPI"))?;
+        }
+        let mut vng = Self {
+            bin_dir,
+            kvm: false,
+        };
+        vng.kvm = vng.kvm_works()?;
+        Ok(vng)
+    }
+
+    /// A guest that hangs at boot under KVM is a known failure of nested setups: try a
+    /// trivial boot and fall back to software emulation if it does not come back.
+    fn kvm_works(&self) -> anyhow::Result<bool> {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("vm-test: no /dev/kvm; using software emulation (TCG)");
+            return Ok(false);
+        }
+        let image = debian_kernel()?;
+        let mut probe = self.base_command(&image, true);
+        probe
+            .args(["--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let status = run_with_timeout(&mut probe, KVM_PROBE_TIMEOUT);
+        match status {
+            Ok(status) if status.success() => {
+                eprintln!("vm-test: KVM works; using it");
+                Ok(true)
+            }
+            _ => {
+                eprintln!(
+                    "vm-test: a KVM guest did not boot within {KVM_PROBE_TIMEOUT:?}; falling back to software emulation (TCG)"
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    fn base_command(&self, image: &Path, kvm: bool) -> Command {
+        let mut command = Command::new(self.bin_dir.join("vng"));
+        // vng runs virtme-run from the same venv.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![self.bin_dir.clone()];
+        paths.extend(std::env::split_paths(&path));
+        command.env("PATH", std::env::join_paths(paths).unwrap_or(path));
+        command
+            .arg("--run")
+            .arg(image)
+            .args(["--force-9p", "--memory", VM_MEMORY, "--cpus", "2"]);
+        if !kvm {
+            command.arg("--disable-kvm");
+        }
+        command.stdin(Stdio::null());
+        command
+    }
+
+    fn command(&self, image: &Path) -> Command {
+        self.base_command(image, self.kvm)
+    }
+
+    fn accel_note(&self) -> &'static str {
+        if self.kvm { "KVM" } else { "TCG" }
+    }
+}
+
+/// Runs `command` in its own process group, killing the whole group (vng and the QEMU it
+/// started) and failing after `timeout`.
+fn run_with_timeout(
+    command: &mut Command,
+    timeout: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
+    use std::os::unix::process::CommandExt as _;
+    let mut child = command
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", describe(command)))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) on the process group we created.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            }
+            let _ = child.wait();
+            bail!("`{}` did not finish within {timeout:?}", describe(command));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
