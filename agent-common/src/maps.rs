@@ -3,29 +3,36 @@
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
 
-/// Runtime settings: a one-slot array of [`crate::settings::Settings`].
+/// The policy (settings, lists, rules) exists twice: the agent rewrites the generation not in
+/// force, then switches `ACTIVE_GENERATION` with one write, so packets see a change whole or
+/// not at all.
+pub const GENERATIONS: usize = 2;
+/// A one-slot array holding the generation in force (0 or 1).
+pub const ACTIVE_GENERATION: &str = "ACTIVE_GEN";
+
+/// Runtime settings: [`crate::settings::Settings`], one slot per generation.
 pub const SETTINGS: &str = "SETTINGS";
 
-/// Per list (allow, block): the IPv4 /24 table, the longer IPv4 prefixes, the IPv6 prefixes.
-/// See [`crate::lists`] for the layout.
-pub const ALLOW_V4_TABLE: &str = "ALLOW_V4_TABLE";
-pub const ALLOW_V4_LONG: &str = "ALLOW_V4_LONG";
-pub const ALLOW_V6: &str = "ALLOW_V6";
-pub const BLOCK_V4_TABLE: &str = "BLOCK_V4_TABLE";
-pub const BLOCK_V4_LONG: &str = "BLOCK_V4_LONG";
-pub const BLOCK_V6: &str = "BLOCK_V6";
+/// Per list (allow, block) and generation: the IPv4 /24 table, the longer IPv4 prefixes, the
+/// IPv6 prefixes. See [`crate::lists`] for the layout.
+pub const ALLOW_V4_TABLE: [&str; GENERATIONS] = ["ALLOW_V4_TAB_0", "ALLOW_V4_TAB_1"];
+pub const ALLOW_V4_LONG: [&str; GENERATIONS] = ["ALLOW_V4_LNG_0", "ALLOW_V4_LNG_1"];
+pub const ALLOW_V6: [&str; GENERATIONS] = ["ALLOW_V6_0", "ALLOW_V6_1"];
+pub const BLOCK_V4_TABLE: [&str; GENERATIONS] = ["BLOCK_V4_TAB_0", "BLOCK_V4_TAB_1"];
+pub const BLOCK_V4_LONG: [&str; GENERATIONS] = ["BLOCK_V4_LNG_0", "BLOCK_V4_LNG_1"];
+pub const BLOCK_V6: [&str; GENERATIONS] = ["BLOCK_V6_0", "BLOCK_V6_1"];
 
 /// Dynamic bans with their expiry, keyed like the rate limiter ([`crate::rate_limit`]).
 pub const BANS: &str = "BANS";
 /// Per-source rate limiter state (LRU, so a spoofed flood evicts old sources).
 pub const RATE_LIMITS: &str = "RATE_LIMITS";
 
-/// Rule tables ([`crate::rules`]).
-pub const RULES_BY_PROTOCOL: &str = "RULES_PROTO";
-pub const RULES_BY_SRC_PORT: &str = "RULES_SRC_PORT";
-pub const RULES_BY_DST_PORT: &str = "RULES_DST_PORT";
-pub const RULES_BY_TCP_FLAGS: &str = "RULES_TCP_FLAGS";
-pub const RULE_ACTIONS: &str = "RULE_ACTIONS";
+/// Rule tables ([`crate::rules`]), per generation.
+pub const RULES_BY_PROTOCOL: [&str; GENERATIONS] = ["RULES_PROTO_0", "RULES_PROTO_1"];
+pub const RULES_BY_SRC_PORT: [&str; GENERATIONS] = ["RULES_SPORT_0", "RULES_SPORT_1"];
+pub const RULES_BY_DST_PORT: [&str; GENERATIONS] = ["RULES_DPORT_0", "RULES_DPORT_1"];
+pub const RULES_BY_TCP_FLAGS: [&str; GENERATIONS] = ["RULES_FLAGS_0", "RULES_FLAGS_1"];
+pub const RULE_ACTIONS: [&str; GENERATIONS] = ["RULE_ACTIONS_0", "RULE_ACTIONS_1"];
 
 /// Per-CPU packet and byte counters, indexed by [`crate::stats::index`].
 pub const STATS: &str = "STATS";

@@ -6,6 +6,7 @@
 #![feature(core_intrinsics)]
 
 mod events;
+mod generation;
 mod lists;
 mod maps;
 mod packet;
@@ -24,7 +25,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    lists::{ALLOWLIST, BLOCKLIST},
+    generation::{Generation, Generation0, Generation1},
     maps::SETTINGS,
     packet::{Malformed, Packet, Source},
     rate_limit::Limit,
@@ -78,11 +79,19 @@ impl Verdict {
 
 #[xdp]
 pub fn moat(ctx: XdpContext) -> u32 {
-    let Some(settings) = SETTINGS.get(0) else {
+    let generation = generation::active();
+    let Some(settings) = SETTINGS.get(generation) else {
         return xdp_action::XDP_PASS;
     };
     let verdict = match packet::parse(&ctx) {
-        Ok(Some(packet)) => decide(&ctx, settings, &packet).from(&packet.source),
+        Ok(Some(packet)) => {
+            let verdict = if generation == 0 {
+                decide::<Generation0>(&ctx, settings, &packet)
+            } else {
+                decide::<Generation1>(&ctx, settings, &packet)
+            };
+            verdict.from(&packet.source)
+        }
         Ok(None) => Verdict::pass(Reason::NotIp, 0),
         Err(Malformed) => Verdict::drop(Reason::Malformed, 0),
     };
@@ -106,11 +115,11 @@ pub fn moat(ctx: XdpContext) -> u32 {
 /// The decision chain for an IP packet, in the order packets meet it; the first stage that
 /// decides wins.
 #[inline(always)]
-fn decide(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
-    if let Some(source) = ALLOWLIST.lookup(&settings.allow, &packet.source) {
+fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
+    if let Some(source) = lists::lookup::<G::Allow>(&settings.allow, &packet.source) {
         return Verdict::pass(Reason::Allowlist, source);
     }
-    if let Some(source) = BLOCKLIST.lookup(&settings.block, &packet.source) {
+    if let Some(source) = lists::lookup::<G::Block>(&settings.block, &packet.source) {
         return Verdict::drop(Reason::Blocklist, source);
     }
     // Bans and rate limits need the source's key and the clock: read them only for those.
@@ -128,7 +137,7 @@ fn decide(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
         stateful = Some((now, key));
     }
     if settings.rule_count != 0
-        && let Some((rule, action)) = rules::first_match(packet)
+        && let Some((rule, action)) = rules::first_match::<G::Rules>(packet)
     {
         return if action == RULE_PASS {
             Verdict::pass(Reason::Rule, rule)

@@ -3,8 +3,8 @@
 use agent_common::{
     lists::{LIST_HITS_LEN, ListEntry, V4_TABLE_LEN, V4PrefixKey, V6PrefixKey},
     maps::{
-        BANS_DEFAULT_CAPACITY, EVENTS_BYTES, LONG_PREFIXES_DEFAULT_CAPACITY, MAX_IF_INDEX,
-        RATE_LIMITS_DEFAULT_CAPACITY,
+        BANS_DEFAULT_CAPACITY, EVENTS_BYTES, GENERATIONS, LONG_PREFIXES_DEFAULT_CAPACITY,
+        MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY,
     },
     rate_limit::{Ban, RateState, SourceKey},
     rules::{MAX_RULES, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RuleMask, TCP_FLAGS_TABLE_LEN},
@@ -17,26 +17,77 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
+#[map(name = "ACTIVE_GEN")]
+pub static ACTIVE_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "SETTINGS")]
-pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS as u32, 0);
 
-#[map(name = "ALLOW_V4_TABLE")]
-pub static ALLOW_V4_TABLE: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
-#[map(name = "ALLOW_V4_LONG")]
-pub static ALLOW_V4_LONG: HashMap<V4PrefixKey, ListEntry> =
-    HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
-#[map(name = "ALLOW_V6")]
-pub static ALLOW_V6: HashMap<V6PrefixKey, ListEntry> =
-    HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+/// Declares one generation's lists and rule tables under the given map names.
+macro_rules! generation_maps {
+    ($allow_table:ident = $allow_table_name:literal, $allow_long:ident = $allow_long_name:literal,
+     $allow_v6:ident = $allow_v6_name:literal, $block_table:ident = $block_table_name:literal,
+     $block_long:ident = $block_long_name:literal, $block_v6:ident = $block_v6_name:literal,
+     $proto:ident = $proto_name:literal, $sport:ident = $sport_name:literal,
+     $dport:ident = $dport_name:literal, $flags:ident = $flags_name:literal,
+     $actions:ident = $actions_name:literal) => {
+        #[map(name = $allow_table_name)]
+        pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
+        #[map(name = $allow_long_name)]
+        pub static $allow_long: HashMap<V4PrefixKey, ListEntry> =
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+        #[map(name = $allow_v6_name)]
+        pub static $allow_v6: HashMap<V6PrefixKey, ListEntry> =
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+        #[map(name = $block_table_name)]
+        pub static $block_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
+        #[map(name = $block_long_name)]
+        pub static $block_long: HashMap<V4PrefixKey, ListEntry> =
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+        #[map(name = $block_v6_name)]
+        pub static $block_v6: HashMap<V6PrefixKey, ListEntry> =
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+        #[map(name = $proto_name)]
+        pub static $proto: Array<RuleMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
+        #[map(name = $sport_name)]
+        pub static $sport: Array<RuleMask> =
+            Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
+        #[map(name = $dport_name)]
+        pub static $dport: Array<RuleMask> =
+            Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
+        #[map(name = $flags_name)]
+        pub static $flags: Array<RuleMask> = Array::with_max_entries(TCP_FLAGS_TABLE_LEN, 0);
+        #[map(name = $actions_name)]
+        pub static $actions: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
+    };
+}
 
-#[map(name = "BLOCK_V4_TABLE")]
-pub static BLOCK_V4_TABLE: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
-#[map(name = "BLOCK_V4_LONG")]
-pub static BLOCK_V4_LONG: HashMap<V4PrefixKey, ListEntry> =
-    HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
-#[map(name = "BLOCK_V6")]
-pub static BLOCK_V6: HashMap<V6PrefixKey, ListEntry> =
-    HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+// The names must match agent_common::maps (the #[map] attribute takes literals only).
+generation_maps!(
+    ALLOW_V4_TABLE_0 = "ALLOW_V4_TAB_0",
+    ALLOW_V4_LONG_0 = "ALLOW_V4_LNG_0",
+    ALLOW_V6_0 = "ALLOW_V6_0",
+    BLOCK_V4_TABLE_0 = "BLOCK_V4_TAB_0",
+    BLOCK_V4_LONG_0 = "BLOCK_V4_LNG_0",
+    BLOCK_V6_0 = "BLOCK_V6_0",
+    RULES_PROTO_0 = "RULES_PROTO_0",
+    RULES_SPORT_0 = "RULES_SPORT_0",
+    RULES_DPORT_0 = "RULES_DPORT_0",
+    RULES_FLAGS_0 = "RULES_FLAGS_0",
+    RULE_ACTIONS_0 = "RULE_ACTIONS_0"
+);
+generation_maps!(
+    ALLOW_V4_TABLE_1 = "ALLOW_V4_TAB_1",
+    ALLOW_V4_LONG_1 = "ALLOW_V4_LNG_1",
+    ALLOW_V6_1 = "ALLOW_V6_1",
+    BLOCK_V4_TABLE_1 = "BLOCK_V4_TAB_1",
+    BLOCK_V4_LONG_1 = "BLOCK_V4_LNG_1",
+    BLOCK_V6_1 = "BLOCK_V6_1",
+    RULES_PROTO_1 = "RULES_PROTO_1",
+    RULES_SPORT_1 = "RULES_SPORT_1",
+    RULES_DPORT_1 = "RULES_DPORT_1",
+    RULES_FLAGS_1 = "RULES_FLAGS_1",
+    RULE_ACTIONS_1 = "RULE_ACTIONS_1"
+);
 
 #[map(name = "BANS")]
 pub static BANS: LruHashMap<SourceKey, Ban> =
@@ -44,19 +95,6 @@ pub static BANS: LruHashMap<SourceKey, Ban> =
 #[map(name = "RATE_LIMITS")]
 pub static RATE_LIMITS: LruHashMap<SourceKey, RateState> =
     LruHashMap::with_max_entries(RATE_LIMITS_DEFAULT_CAPACITY, 0);
-
-#[map(name = "RULES_PROTO")]
-pub static RULES_BY_PROTOCOL: Array<RuleMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
-#[map(name = "RULES_SRC_PORT")]
-pub static RULES_BY_SRC_PORT: Array<RuleMask> =
-    Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
-#[map(name = "RULES_DST_PORT")]
-pub static RULES_BY_DST_PORT: Array<RuleMask> =
-    Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
-#[map(name = "RULES_TCP_FLAGS")]
-pub static RULES_BY_TCP_FLAGS: Array<RuleMask> = Array::with_max_entries(TCP_FLAGS_TABLE_LEN, 0);
-#[map(name = "RULE_ACTIONS")]
-pub static RULE_ACTIONS: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);

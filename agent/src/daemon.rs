@@ -1,6 +1,6 @@
 //! `moat run`: load, fill, attach, serve until a signal, detach.
 
-use std::ffi::CString;
+use std::{ffi::CString, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
 use aya::Ebpf;
@@ -8,7 +8,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, Mode, Policy, Settings},
+    config::{Config, Mode, Overrides, Policy, Settings},
+    live::LivePolicy,
     loader,
     policy::CompiledPolicy,
     stats::Snapshot,
@@ -20,17 +21,37 @@ struct Interface {
     if_index: u32,
 }
 
-pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
+/// Where the configuration comes from, so that a reload reads it the same way.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    /// The file; `None`: the embedded default.
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> anyhow::Result<(Config, Settings)> {
+        let config = match &self.path {
+            Some(path) => Config::from_file(path)?,
+            None => Config::embedded(),
+        };
+        let settings = config.resolve(&self.overrides)?;
+        Ok((config, settings))
+    }
+}
+
+pub async fn run(source: ConfigSource) -> anyhow::Result<()> {
+    let (config, settings) = source.load()?;
     // Everything that can be checked is checked before anything is loaded or attached.
-    let interfaces = resolve_interfaces(config, settings)?;
+    let interfaces = resolve_interfaces(&config, &settings)?;
     let policy = &settings.policy;
     let compiled = CompiledPolicy::compile(policy).context("compiling the policy")?;
 
     let mut ebpf = loader::load(compiled.capacities).context("loading the XDP program")?;
     // The policy is in place before the program sees its first packet.
-    compiled
-        .install(&mut ebpf)
+    let mut live = LivePolicy::install(&mut ebpf, policy, &compiled)
         .context("writing the policy into the program's maps")?;
+    drop(compiled);
     log_policy(policy);
     let if_indexes: Vec<u32> = interfaces.iter().map(|i| i.if_index).collect();
     loader::register_interfaces(&mut ebpf, &if_indexes)?;
@@ -65,7 +86,18 @@ pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
         "moat is {mode}; stop with SIGINT or SIGTERM"
     );
 
-    wait_for_shutdown().await?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let shutdown = wait_for_shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            result = &mut shutdown => {
+                result?;
+                break;
+            }
+            _ = hangup.recv() => reload(&source, &settings, &mut live, &mut ebpf),
+        }
+    }
     events.abort();
 
     log_counters(&ebpf, &interfaces);
@@ -75,6 +107,30 @@ pub async fn run(config: &Config, settings: &Settings) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: re-reads the configuration and applies its policy; a configuration that cannot be
+/// applied is rejected with its error and the running policy stays.
+fn reload(source: &ConfigSource, running: &Settings, live: &mut LivePolicy, ebpf: &mut Ebpf) {
+    let outcome = (|| -> anyhow::Result<Policy> {
+        let (_, settings) = source.load()?;
+        if settings.interfaces != running.interfaces || settings.xdp_mode != running.xdp_mode {
+            anyhow::bail!(
+                "interfaces and xdp_mode cannot change on reload; restart moat to change them"
+            );
+        }
+        live.replace(ebpf, settings.policy.clone())?;
+        Ok(settings.policy)
+    })();
+    match outcome {
+        Ok(policy) => {
+            info!(cause = "SIGHUP", "reloaded the configuration");
+            log_policy(&policy);
+        }
+        Err(e) => {
+            warn!(cause = "SIGHUP", error = %format!("{e:#}"), "reload rejected; the running policy stays")
+        }
+    }
 }
 
 fn resolve_interfaces(config: &Config, settings: &Settings) -> anyhow::Result<Vec<Interface>> {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod lists;
+pub mod live;
 pub mod loader;
 pub mod logging;
 mod mapped_array;

@@ -14,9 +14,12 @@ use aya::{
     Ebpf, Pod,
     maps::{HashMap, Map, MapError},
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
-use crate::{config::ListEntries, mapped_array::MappedArray};
+use crate::{
+    config::{Cidr, ListEntries},
+    mapped_array::MappedArray,
+};
 
 /// Bytes of the IPv4 /24 table: one per /24.
 const V4_TABLE_BYTES: usize = V4_TABLE_LEN as usize * 8;
@@ -47,7 +50,7 @@ pub enum ListError {
     },
 }
 
-/// The map names of one list.
+/// The map names of one list in one generation.
 #[derive(Clone, Copy, Debug)]
 pub struct ListMaps {
     pub name: &'static str,
@@ -56,19 +59,25 @@ pub struct ListMaps {
     pub v6: &'static str,
 }
 
-pub const ALLOWLIST: ListMaps = ListMaps {
-    name: "allowlist",
-    v4_table: maps::ALLOW_V4_TABLE,
-    v4_long: maps::ALLOW_V4_LONG,
-    v6: maps::ALLOW_V6,
-};
+impl ListMaps {
+    pub const fn allowlist(generation: usize) -> Self {
+        Self {
+            name: "allowlist",
+            v4_table: maps::ALLOW_V4_TABLE[generation],
+            v4_long: maps::ALLOW_V4_LONG[generation],
+            v6: maps::ALLOW_V6[generation],
+        }
+    }
 
-pub const BLOCKLIST: ListMaps = ListMaps {
-    name: "blocklist",
-    v4_table: maps::BLOCK_V4_TABLE,
-    v4_long: maps::BLOCK_V4_LONG,
-    v6: maps::BLOCK_V6,
-};
+    pub const fn blocklist(generation: usize) -> Self {
+        Self {
+            name: "blocklist",
+            v4_table: maps::BLOCK_V4_TABLE[generation],
+            v4_long: maps::BLOCK_V4_LONG[generation],
+            v6: maps::BLOCK_V6[generation],
+        }
+    }
+}
 
 /// A list compiled to what the maps hold.
 pub struct CompiledList {
@@ -84,8 +93,6 @@ impl CompiledList {
         let mut table = vec![0u8; V4_TABLE_BYTES];
         let mut v4_long = Vec::new();
         let mut v6 = Vec::new();
-        let mut shape = ListShape::default();
-        let mut v6_lengths = BTreeSet::new();
         for (cidr, &source) in entries {
             let entry = ListEntry { source };
             match cidr.net() {
@@ -102,7 +109,6 @@ impl CompiledList {
                         }
                     } else {
                         table[slash24] |= TABLE_HAS_LONGER;
-                        shape.v4_long_lengths |= 1 << (prefix_len - V4_LONG_MIN_PREFIX);
                         v4_long.push((
                             V4PrefixKey {
                                 prefix_len,
@@ -113,7 +119,6 @@ impl CompiledList {
                     }
                 }
                 IpNet::V6(net) => {
-                    v6_lengths.insert(net.prefix_len());
                     v6.push((
                         V6PrefixKey {
                             prefix_len: u32::from(net.prefix_len()),
@@ -124,22 +129,7 @@ impl CompiledList {
                 }
             }
         }
-        if v6_lengths.len() > MAX_V6_LENGTHS {
-            return Err(ListError::TooManyV6Lengths {
-                list: maps.name,
-                count: v6_lengths.len(),
-                lengths: v6_lengths
-                    .iter()
-                    .map(|l| format!("/{l}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            });
-        }
-        // Longest first: the most specific entry is found first.
-        for (slot, len) in shape.v6_lengths.iter_mut().zip(v6_lengths.iter().rev()) {
-            *slot = *len;
-        }
-        shape.v6_length_count = v6_lengths.len() as u32;
+        let shape = shape_of(maps.name, entries)?;
         Ok(Self {
             table,
             v4_long,
@@ -148,28 +138,220 @@ impl CompiledList {
         })
     }
 
-    /// Writes the list into its maps (which must be empty: this runs before attach).
+    /// Writes the list into one generation's maps, which must be empty (a fresh load).
     pub fn install(&self, ebpf: &mut Ebpf, maps: &ListMaps) -> Result<(), ListError> {
-        let table = match ebpf.map_mut(maps.v4_table) {
-            Some(Map::Array(data)) => data,
-            Some(_) => {
-                return Err(ListError::Map {
-                    map: maps.v4_table,
-                    source: MapError::InvalidName {
-                        name: maps.v4_table.to_string(),
-                    },
-                });
-            }
-            None => return Err(ListError::MissingMap(maps.v4_table)),
-        };
-        let mut mapped =
-            MappedArray::new(table, V4_TABLE_BYTES).map_err(|source| ListError::Mmap {
-                map: maps.v4_table,
-                source,
-            })?;
-        mapped.bytes_mut().copy_from_slice(&self.table);
+        with_table(ebpf, maps.v4_table, |table| {
+            table.copy_from_slice(&self.table)
+        })?;
         insert_all(ebpf, maps.v4_long, &self.v4_long)?;
         insert_all(ebpf, maps.v6, &self.v6)
+    }
+}
+
+/// Which prefix lengths `entries` hold; an error when IPv6 needs more probes than allowed.
+pub fn shape_of(list: &'static str, entries: &ListEntries) -> Result<ListShape, ListError> {
+    let mut shape = ListShape::default();
+    let mut v6_lengths = BTreeSet::new();
+    for cidr in entries.keys() {
+        match cidr.net() {
+            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                shape.v4_long_lengths |= 1 << (u32::from(net.prefix_len()) - V4_LONG_MIN_PREFIX);
+            }
+            IpNet::V4(_) => {}
+            IpNet::V6(net) => {
+                v6_lengths.insert(net.prefix_len());
+            }
+        }
+    }
+    if v6_lengths.len() > MAX_V6_LENGTHS {
+        return Err(ListError::TooManyV6Lengths {
+            list,
+            count: v6_lengths.len(),
+            lengths: v6_lengths
+                .iter()
+                .map(|l| format!("/{l}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        });
+    }
+    // Longest first: the most specific entry is found first.
+    for (slot, len) in shape.v6_lengths.iter_mut().zip(v6_lengths.iter().rev()) {
+        *slot = *len;
+    }
+    shape.v6_length_count = v6_lengths.len() as u32;
+    Ok(shape)
+}
+
+/// The table byte of /24 number `slash24` for `entries`: the source of an entry of /24 or
+/// shorter that covers it, and whether a longer entry lies inside it.
+pub fn table_byte(entries: &ListEntries, slash24: u32) -> u8 {
+    let base = slash24 << 8;
+    let mut byte = 0;
+    for prefix_len in 0..=24u8 {
+        let network = if prefix_len == 0 {
+            0
+        } else {
+            base & (u32::MAX << (32 - u32::from(prefix_len)))
+        };
+        if let Some(source) = Ipv4Net::new(network.into(), prefix_len)
+            .ok()
+            .and_then(|net| entries.get(&Cidr::from(IpNet::V4(net))))
+        {
+            byte = (*source as u8 + 1) & TABLE_SOURCE_MASK;
+            break;
+        }
+    }
+    let first = Cidr::from(IpNet::V4(Ipv4Net::new(base.into(), 25).unwrap_or_default()));
+    let last = Cidr::from(IpNet::V4(
+        Ipv4Net::new((base | 0xff).into(), 32).unwrap_or_default(),
+    ));
+    if entries.range(first..=last).next().is_some() {
+        byte |= TABLE_HAS_LONGER;
+    }
+    byte
+}
+
+/// The /24s whose table byte depends on `cidr`.
+fn slash24s_of(cidr: &Cidr) -> std::ops::Range<u32> {
+    match cidr.net() {
+        IpNet::V4(net) => {
+            let first = u32::from(net.network()) >> 8;
+            let count = 1u32 << 24u32.saturating_sub(u32::from(net.prefix_len()));
+            first..first + count
+        }
+        IpNet::V6(_) => 0..0,
+    }
+}
+
+/// Moves one generation's maps of a list from holding `old` to holding `new`, touching only
+/// what differs. The caller checks capacity and shape first, so this does not fail half-way
+/// for any reason but the kernel's.
+pub fn apply_delta(
+    ebpf: &mut Ebpf,
+    maps: &ListMaps,
+    old: &ListEntries,
+    new: &ListEntries,
+) -> Result<(), ListError> {
+    let removed: Vec<&Cidr> = old.keys().filter(|c| !new.contains_key(c)).collect();
+    let added: Vec<(&Cidr, u32)> = new
+        .iter()
+        .filter(|(c, s)| old.get(c) != Some(s))
+        .map(|(c, s)| (c, *s))
+        .collect();
+    for cidr in &removed {
+        match cidr.net() {
+            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                remove_key(ebpf, maps.v4_long, &v4_key(&net))?;
+            }
+            IpNet::V4(_) => {}
+            IpNet::V6(net) => remove_key(ebpf, maps.v6, &v6_key(&net))?,
+        }
+    }
+    let mut v4_long = Vec::new();
+    let mut v6 = Vec::new();
+    for (cidr, source) in &added {
+        let entry = ListEntry { source: *source };
+        match cidr.net() {
+            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                v4_long.push((v4_key(&net), entry))
+            }
+            IpNet::V4(_) => {}
+            IpNet::V6(net) => v6.push((v6_key(&net), entry)),
+        }
+    }
+    insert_all(ebpf, maps.v4_long, &v4_long)?;
+    insert_all(ebpf, maps.v6, &v6)?;
+    let mut slash24s: Vec<std::ops::Range<u32>> = removed
+        .iter()
+        .copied()
+        .chain(added.iter().map(|(c, _)| *c))
+        .map(slash24s_of)
+        .filter(|r| !r.is_empty())
+        .collect();
+    if slash24s.is_empty() {
+        return Ok(());
+    }
+    slash24s.sort_by_key(|r| r.start);
+    with_table(ebpf, maps.v4_table, |table| {
+        let mut done = 0u32;
+        for range in slash24s {
+            for slash24 in range.start.max(done)..range.end {
+                table[slash24 as usize] = table_byte(new, slash24);
+            }
+            done = done.max(range.end);
+        }
+    })
+}
+
+/// Empties one generation's maps of a list.
+pub fn clear(ebpf: &mut Ebpf, maps: &ListMaps) -> Result<(), ListError> {
+    with_table(ebpf, maps.v4_table, |table| table.fill(0))?;
+    clear_hash::<V4PrefixKey>(ebpf, maps.v4_long)?;
+    clear_hash::<V6PrefixKey>(ebpf, maps.v6)
+}
+
+fn clear_hash<K: Pod>(ebpf: &mut Ebpf, map: &'static str) -> Result<(), ListError> {
+    let data = ebpf.map_mut(map).ok_or(ListError::MissingMap(map))?;
+    let mut hash: HashMap<_, K, ListEntry> =
+        HashMap::try_from(data).map_err(|source| ListError::Map { map, source })?;
+    let keys: Vec<K> = hash
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(|source| ListError::Map { map, source })?;
+    for key in keys {
+        match hash.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(ListError::Map { map, source }),
+        }
+    }
+    Ok(())
+}
+
+fn v4_key(net: &Ipv4Net) -> V4PrefixKey {
+    V4PrefixKey {
+        prefix_len: u32::from(net.prefix_len()),
+        addr: net.network().octets(),
+    }
+}
+
+fn v6_key(net: &ipnet::Ipv6Net) -> V6PrefixKey {
+    V6PrefixKey {
+        prefix_len: u32::from(net.prefix_len()),
+        addr: net.network().octets(),
+    }
+}
+
+/// Runs `f` on the bytes of a list's IPv4 table, mapped into memory.
+fn with_table(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    f: impl FnOnce(&mut [u8]),
+) -> Result<(), ListError> {
+    let data = match ebpf.map_mut(map) {
+        Some(Map::Array(data)) => data,
+        Some(_) => {
+            return Err(ListError::Map {
+                map,
+                source: MapError::InvalidName {
+                    name: map.to_string(),
+                },
+            });
+        }
+        None => return Err(ListError::MissingMap(map)),
+    };
+    let mut mapped =
+        MappedArray::new(data, V4_TABLE_BYTES).map_err(|source| ListError::Mmap { map, source })?;
+    f(mapped.bytes_mut());
+    Ok(())
+}
+
+fn remove_key<K: Pod>(ebpf: &mut Ebpf, map: &'static str, key: &K) -> Result<(), ListError> {
+    let data = ebpf.map_mut(map).ok_or(ListError::MissingMap(map))?;
+    let mut hash: HashMap<_, K, ListEntry> =
+        HashMap::try_from(data).map_err(|source| ListError::Map { map, source })?;
+    match hash.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(ListError::Map { map, source }),
     }
 }
 
@@ -207,7 +389,7 @@ mod tests {
     #[test]
     fn short_prefixes_fill_the_table() {
         let list = CompiledList::compile(
-            &BLOCKLIST,
+            &ListMaps::blocklist(0),
             &entries(&[
                 ("10.0.0.0/8", SOURCE_FILE),
                 ("198.51.100.0/24", SOURCE_CONFIG),
@@ -236,7 +418,7 @@ mod tests {
     #[test]
     fn long_prefixes_go_to_the_hash_and_flag_their_slash24() {
         let list = CompiledList::compile(
-            &BLOCKLIST,
+            &ListMaps::blocklist(0),
             &entries(&[
                 ("203.0.113.9/32", SOURCE_CONFIG),
                 ("203.0.113.128/25", SOURCE_CONFIG),
@@ -251,7 +433,7 @@ mod tests {
     #[test]
     fn ipv6_lengths_are_listed_longest_first() {
         let list = CompiledList::compile(
-            &BLOCKLIST,
+            &ListMaps::blocklist(0),
             &entries(&[
                 ("2001:db8::/32", SOURCE_CONFIG),
                 ("2001:db8:bad::/48", SOURCE_CONFIG),
@@ -272,12 +454,44 @@ mod tests {
             .iter()
             .map(|(c, s)| (c.parse().expect("CIDR"), *s))
             .collect();
-        let e = CompiledList::compile(&ALLOWLIST, &list)
+        let e = CompiledList::compile(&ListMaps::allowlist(0), &list)
             .err()
             .expect("too many lengths");
         assert!(
             e.to_string().contains("21 distinct IPv6 prefix lengths"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn table_bytes_recomputed_one_by_one_match_the_compiled_table() {
+        let list = entries(&[
+            ("10.0.0.0/8", SOURCE_FILE),
+            ("10.1.2.0/24", SOURCE_CONFIG),
+            ("10.1.2.128/25", SOURCE_CONFIG),
+            ("10.1.3.7/32", SOURCE_CONFIG),
+            ("192.0.2.0/23", SOURCE_CONFIG),
+            ("198.51.100.64/26", SOURCE_FILE),
+            ("0.0.0.0/7", SOURCE_CONFIG),
+        ]);
+        let compiled = CompiledList::compile(&ListMaps::blocklist(0), &list).expect("compiles");
+        for addr in [
+            [10, 1, 2, 9],
+            [10, 1, 3, 0],
+            [10, 200, 0, 0],
+            [11, 0, 0, 0],
+            [192, 0, 3, 0],
+            [192, 0, 4, 0],
+            [198, 51, 100, 0],
+            [1, 2, 3, 4],
+            [2, 0, 0, 0],
+        ] {
+            let slash24 = u32::from_be_bytes(addr) >> 8;
+            assert_eq!(
+                super::table_byte(&list, slash24),
+                table_byte(&compiled, addr),
+                "/24 of {addr:?}"
+            );
+        }
     }
 }

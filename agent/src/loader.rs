@@ -1,14 +1,18 @@
 //! Loading the embedded XDP program and attaching it to interfaces.
 
-use agent_common::maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM};
+use agent_common::{
+    lists::V4_LONG_MIN_PREFIX,
+    maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM},
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::Array,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
+use ipnet::IpNet;
 use tracing::{info, warn};
 
-use crate::config::XdpMode;
+use crate::config::{ListEntries, Policy, XdpMode};
 
 /// The XDP object built from `agent-ebpf` by `build.rs`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-xdp"));
@@ -44,21 +48,83 @@ pub enum LoadError {
 }
 
 /// Sizes of the maps whose capacity depends on the configuration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
-    pub allow_v4_long: usize,
-    pub allow_v6: usize,
-    pub block_v4_long: usize,
-    pub block_v6: usize,
+    pub allow_v4_long: u32,
+    pub allow_v6: u32,
+    pub block_v4_long: u32,
+    pub block_v6: u32,
     /// Sources the rate limiter (and the ban list) track at once.
     pub rate_sources: u32,
 }
 
-/// Room for `n` entries, never below the built-in default, so that small lists can grow.
-fn fit(n: usize) -> u32 {
-    u32::try_from(n)
-        .unwrap_or(u32::MAX)
-        .max(LONG_PREFIXES_DEFAULT_CAPACITY)
+impl Capacities {
+    /// Room for the policy's entries and a quarter more (live additions), never below the
+    /// built-in default.
+    pub fn for_policy(policy: &Policy) -> Self {
+        let fit = |n: usize| {
+            u32::try_from(n + n / 4)
+                .unwrap_or(u32::MAX)
+                .max(LONG_PREFIXES_DEFAULT_CAPACITY)
+        };
+        Self {
+            allow_v4_long: fit(count_of(&policy.allowlist, true)),
+            allow_v6: fit(count_of(&policy.allowlist, false)),
+            block_v4_long: fit(count_of(&policy.blocklist, true)),
+            block_v6: fit(count_of(&policy.blocklist, false)),
+            rate_sources: policy.rate_limit.max_sources,
+        }
+    }
+
+    /// Whether `policy` fits maps of these sizes (a live change cannot resize them).
+    pub fn fit(&self, policy: &Policy) -> Result<(), String> {
+        let needed = Self::for_policy(policy);
+        let checks = [
+            (
+                "allowlist IPv4 prefixes longer than /24",
+                count_of(&policy.allowlist, true),
+                self.allow_v4_long,
+            ),
+            (
+                "allowlist IPv6 prefixes",
+                count_of(&policy.allowlist, false),
+                self.allow_v6,
+            ),
+            (
+                "blocklist IPv4 prefixes longer than /24",
+                count_of(&policy.blocklist, true),
+                self.block_v4_long,
+            ),
+            (
+                "blocklist IPv6 prefixes",
+                count_of(&policy.blocklist, false),
+                self.block_v6,
+            ),
+        ];
+        for (what, count, capacity) in checks {
+            if count > capacity as usize {
+                return Err(format!(
+                    "{count} {what} exceed the loaded maps' {capacity}; restart moat to resize them"
+                ));
+            }
+        }
+        if needed.rate_sources != self.rate_sources {
+            return Err(
+                "rate_limit.max_sources changed; restart moat to resize the limiter".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Entries of `list` in its IPv4 long-prefix hash (`long_v4`) or its IPv6 hash.
+fn count_of(list: &ListEntries, long_v4: bool) -> usize {
+    list.keys()
+        .filter(|c| match c.net() {
+            IpNet::V4(net) => long_v4 && u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX,
+            IpNet::V6(_) => !long_v4,
+        })
+        .count()
 }
 
 /// Loads the program into the kernel (verifier included) without attaching it.
@@ -67,15 +133,18 @@ pub fn load(capacities: Capacities) -> Result<Ebpf, LoadError> {
         return Err(LoadError::NoObject);
     }
     raise_memlock_limit();
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(maps::ALLOW_V4_LONG, fit(capacities.allow_v4_long))
-        .map_max_entries(maps::ALLOW_V6, fit(capacities.allow_v6))
-        .map_max_entries(maps::BLOCK_V4_LONG, fit(capacities.block_v4_long))
-        .map_max_entries(maps::BLOCK_V6, fit(capacities.block_v6))
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries(maps::RATE_LIMITS, capacities.rate_sources)
-        .map_max_entries(maps::BANS, capacities.rate_sources)
-        .load(PROGRAM_OBJECT)
-        .map_err(LoadError::Object)?;
+        .map_max_entries(maps::BANS, capacities.rate_sources);
+    for generation in 0..maps::GENERATIONS {
+        loader
+            .map_max_entries(maps::ALLOW_V4_LONG[generation], capacities.allow_v4_long)
+            .map_max_entries(maps::ALLOW_V6[generation], capacities.allow_v6)
+            .map_max_entries(maps::BLOCK_V4_LONG[generation], capacities.block_v4_long)
+            .map_max_entries(maps::BLOCK_V6[generation], capacities.block_v6);
+    }
+    let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Object)?;
     program(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     Ok(ebpf)
 }

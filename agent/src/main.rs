@@ -3,7 +3,6 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use moat::{
     cli::{Cli, Command},
-    config::Config,
     daemon, logging,
 };
 
@@ -22,15 +21,14 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let config = match &args.config {
-                Some(path) => Config::from_file(path)?,
-                None => Config::embedded(),
+            let source = daemon::ConfigSource {
+                path: args.config.clone(),
+                overrides: args.overrides(),
             };
-            let settings = config.resolve(&args.overrides())?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon::run(&config, &settings))
+                .block_on(daemon::run(source))
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A [`Policy`] compiled and written into a loaded program's maps: lists, rules, settings.
 
 use agent_common::{
+    lists::ListShape,
     maps,
     settings::{MODE_ENFORCE, MODE_MONITOR, RateSettings, Settings},
 };
@@ -8,7 +9,7 @@ use aya::{Ebpf, maps::Array};
 
 use crate::{
     config::{Mode, Policy, RateLimit},
-    lists::{self, CompiledList, ListError},
+    lists::{CompiledList, ListError, ListMaps},
     loader::Capacities,
     rule_tables::{RuleTableError, RuleTables},
 };
@@ -27,7 +28,7 @@ pub enum PolicyError {
     },
 }
 
-/// A policy compiled to map contents, ready to install.
+/// A policy compiled to map contents, ready to install into a fresh program.
 pub struct CompiledPolicy {
     allowlist: CompiledList,
     blocklist: CompiledList,
@@ -38,52 +39,77 @@ pub struct CompiledPolicy {
 
 impl CompiledPolicy {
     pub fn compile(policy: &Policy) -> Result<Self, PolicyError> {
-        let allowlist = CompiledList::compile(&lists::ALLOWLIST, &policy.allowlist)?;
-        let blocklist = CompiledList::compile(&lists::BLOCKLIST, &policy.blocklist)?;
-        let settings = Settings {
-            mode: match policy.mode {
-                Mode::Enforce => MODE_ENFORCE,
-                Mode::Monitor => MODE_MONITOR,
-            },
-            sample_every: policy.sample_every,
-            rule_count: policy.rules.len() as u32,
-            check_bans: u32::from(policy.rate_limit.is_on() && policy.rate_limit.ban_ttl.is_some()),
-            allow: allowlist.shape,
-            block: blocklist.shape,
-            rate: rate_settings(&policy.rate_limit),
-        };
-        let capacities = Capacities {
-            allow_v4_long: allowlist.v4_long.len(),
-            allow_v6: allowlist.v6.len(),
-            block_v4_long: blocklist.v4_long.len(),
-            block_v6: blocklist.v6.len(),
-            rate_sources: policy.rate_limit.max_sources,
-        };
+        let allowlist = CompiledList::compile(&ListMaps::allowlist(0), &policy.allowlist)?;
+        let blocklist = CompiledList::compile(&ListMaps::blocklist(0), &policy.blocklist)?;
         Ok(Self {
+            settings: settings(policy, allowlist.shape, blocklist.shape),
+            capacities: Capacities::for_policy(policy),
             allowlist,
             blocklist,
             rules: RuleTables::compile(&policy.rules),
-            settings,
-            capacities,
         })
     }
 
-    /// Writes everything into a freshly loaded program's maps; the settings go last, so the
-    /// program never sees a shape that its maps do not hold yet.
+    /// Writes everything into both generations of a freshly loaded program and puts
+    /// generation 0 in force.
     pub fn install(&self, ebpf: &mut Ebpf) -> Result<(), PolicyError> {
-        self.allowlist.install(ebpf, &lists::ALLOWLIST)?;
-        self.blocklist.install(ebpf, &lists::BLOCKLIST)?;
-        self.rules.install(ebpf)?;
-        let settings_err = |source| PolicyError::Settings {
+        for generation in 0..maps::GENERATIONS {
+            self.allowlist
+                .install(ebpf, &ListMaps::allowlist(generation))?;
+            self.blocklist
+                .install(ebpf, &ListMaps::blocklist(generation))?;
+            self.rules.install(ebpf, generation)?;
+            write_settings(ebpf, generation, self.settings)?;
+        }
+        activate(ebpf, 0)
+    }
+}
+
+/// The settings a policy gives the program, with its lists' shapes.
+pub fn settings(policy: &Policy, allow: ListShape, block: ListShape) -> Settings {
+    Settings {
+        mode: match policy.mode {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Monitor => MODE_MONITOR,
+        },
+        sample_every: policy.sample_every,
+        rule_count: policy.rules.len() as u32,
+        check_bans: u32::from(policy.rate_limit.is_on() && policy.rate_limit.ban_ttl.is_some()),
+        allow,
+        block,
+        rate: rate_settings(&policy.rate_limit),
+    }
+}
+
+fn array<'a, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    map: &'static str,
+) -> Result<Array<&'a mut aya::maps::MapData, V>, PolicyError> {
+    let data = ebpf.map_mut(map).ok_or(ListError::MissingMap(map))?;
+    Array::try_from(data).map_err(|source| PolicyError::Settings { map, source })
+}
+
+pub fn write_settings(
+    ebpf: &mut Ebpf,
+    generation: usize,
+    settings: Settings,
+) -> Result<(), PolicyError> {
+    array::<Settings>(ebpf, maps::SETTINGS)?
+        .set(generation as u32, settings, 0)
+        .map_err(|source| PolicyError::Settings {
             map: maps::SETTINGS,
             source,
-        };
-        let data = ebpf
-            .map_mut(maps::SETTINGS)
-            .ok_or(ListError::MissingMap(maps::SETTINGS))?;
-        let mut array: Array<_, Settings> = Array::try_from(data).map_err(settings_err)?;
-        array.set(0, self.settings, 0).map_err(settings_err)
-    }
+        })
+}
+
+/// Puts `generation` in force: one write, seen whole by the next packet.
+pub fn activate(ebpf: &mut Ebpf, generation: usize) -> Result<(), PolicyError> {
+    array::<u32>(ebpf, maps::ACTIVE_GENERATION)?
+        .set(0, generation as u32, 0)
+        .map_err(|source| PolicyError::Settings {
+            map: maps::ACTIVE_GENERATION,
+            source,
+        })
 }
 
 const NS_PER_SECOND: u64 = 1_000_000_000;

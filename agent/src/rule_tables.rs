@@ -79,12 +79,18 @@ impl RuleTables {
         tables
     }
 
-    pub fn install(&self, ebpf: &mut Ebpf) -> Result<(), RuleTableError> {
-        set_all(ebpf, maps::RULES_BY_PROTOCOL, &self.by_protocol)?;
-        set_all(ebpf, maps::RULES_BY_TCP_FLAGS, &self.by_tcp_flags)?;
-        set_all(ebpf, maps::RULE_ACTIONS, &self.actions)?;
-        write_mapped(ebpf, maps::RULES_BY_SRC_PORT, &self.by_src_port)?;
-        write_mapped(ebpf, maps::RULES_BY_DST_PORT, &self.by_dst_port)
+    /// Writes every table of one generation whole (unused rule slots are left as they were;
+    /// no table entry points at them).
+    pub fn install(&self, ebpf: &mut Ebpf, generation: usize) -> Result<(), RuleTableError> {
+        set_all(ebpf, maps::RULES_BY_PROTOCOL[generation], &self.by_protocol)?;
+        set_all(
+            ebpf,
+            maps::RULES_BY_TCP_FLAGS[generation],
+            &self.by_tcp_flags,
+        )?;
+        set_all(ebpf, maps::RULE_ACTIONS[generation], &self.actions)?;
+        write_mapped(ebpf, maps::RULES_BY_SRC_PORT[generation], &self.by_src_port)?;
+        write_mapped(ebpf, maps::RULES_BY_DST_PORT[generation], &self.by_dst_port)
     }
 }
 

@@ -97,11 +97,31 @@ impl MoatProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends `signal` and waits for moat to exit.
-    pub fn stop(mut self, signal: libc::c_int) -> (ExitStatus, String) {
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Waits until the log holds `text` at least `count` times; returns the log.
+    pub fn wait_for_log(&self, text: &str, count: usize) -> String {
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        loop {
+            let log = self.log_text();
+            if log.matches(text).count() >= count {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!("moat did not log {text:?} within {ATTACH_TIMEOUT:?}; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` and waits for moat to exit.
+    pub fn stop(mut self, signal: libc::c_int) -> (ExitStatus, String) {
+        self.signal(signal);
         let status = self.wait(STOP_TIMEOUT);
         (status, self.log_text())
     }

@@ -224,3 +224,42 @@ fn bad_input_fails_before_anything_is_attached() {
         );
     }
 }
+
+#[test]
+fn sighup_reloads_the_policy_and_a_broken_config_keeps_it() {
+    let lab = Lab::new();
+    let config = lab.dir().join("moat.toml");
+    let iface = lab.interface(Side::Protected).to_string();
+    let write = |cidrs: &str| {
+        std::fs::write(
+            &config,
+            format!("interfaces = [\"{iface}\"]\n[blocklist]\ncidrs = [{cidrs}]\n"),
+        )
+        .expect("write config")
+    };
+    write(&format!("\"{ATTACKER_NET_V4}\""));
+    let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    assert_answered(&lab, LEGIT_V4, PROTECTED_V4);
+
+    // Block the legitimate client instead of the attacker.
+    write(&format!("\"{LEGIT_V4}\""));
+    moat.signal(libc::SIGHUP);
+    moat.wait_for_log("reloaded the configuration", 1);
+    assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
+    assert_unanswered(&lab, LEGIT_V4, PROTECTED_V4);
+
+    // A broken file is refused and the running policy stays.
+    write("\"not-a-cidr\"");
+    moat.signal(libc::SIGHUP);
+    let log = moat.wait_for_log("reload rejected", 1);
+    assert!(
+        log.contains("not-a-cidr"),
+        "the rejection should say why:\n{log}"
+    );
+    assert_unanswered(&lab, LEGIT_V4, PROTECTED_V4);
+    assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
+
+    let (status, log) = moat.stop(libc::SIGTERM);
+    assert!(status.success(), "{log}");
+}

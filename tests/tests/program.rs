@@ -707,3 +707,125 @@ fn the_bit_limit_holds_a_source_to_its_bytes() {
         1000 - passed
     );
 }
+
+#[test]
+fn live_changes_take_effect_whole_and_reach_both_generations() {
+    use moat::live::LivePolicy;
+    use moat::policy::CompiledPolicy;
+
+    let first = policy(
+        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"198.51.100.0/24\", \"2001:db8:bad::/48\"]\n",
+    );
+    let second = policy(
+        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"10.0.0.0/8\", \"203.0.113.77\", \"2001:db8:beef::/64\"]\n\
+         [[rules]]\nname = \"m\"\nprotocol = \"udp\"\nsrc_ports = [11211]\naction = \"drop\"\n",
+    );
+    let third = policy(
+        "interfaces = [\"lo\"]\nmode = \"monitor\"\n[blocklist]\ncidrs = [\"10.1.0.0/16\"]\n",
+    );
+    let mut program = LoadedProgram::new(&policy("interfaces = [\"lo\"]\n"));
+    let compiled = CompiledPolicy::compile(&first).expect("compiles");
+    let mut live = LivePolicy::install(&mut program.ebpf, &first, &compiled).expect("install");
+
+    let expect = |program: &mut LoadedProgram, stage: &str, cases: &[(&str, u32)]| {
+        for (source, action) in cases {
+            let got = program.run(&Frame::udp(source, 11211, 80).bytes());
+            assert_eq!(
+                got,
+                *action,
+                "{stage}: UDP from {source} returned {}",
+                action_name(got)
+            );
+        }
+    };
+    expect(
+        &mut program,
+        "first",
+        &[
+            (BLOCKED_V4, XDP_DROP),
+            (BLOCKED_V6, XDP_DROP),
+            ("10.9.9.9", XDP_PASS),
+        ],
+    );
+
+    // Every change goes into the standby generation and then into the other: three changes in
+    // a row exercise both generations in both roles.
+    for (stage, next, cases) in [
+        (
+            "second",
+            &second,
+            vec![
+                (BLOCKED_V4, XDP_DROP),
+                ("10.9.9.9", XDP_DROP),
+                ("203.0.113.77", XDP_DROP),
+                ("203.0.113.78", XDP_DROP),
+                ("2001:db8:beef::1", XDP_DROP),
+                (BLOCKED_V6, XDP_DROP),
+            ],
+        ),
+        (
+            "third",
+            &third,
+            vec![
+                (BLOCKED_V4, XDP_PASS),
+                ("10.1.2.3", XDP_PASS),
+                ("203.0.113.77", XDP_PASS),
+            ],
+        ),
+        (
+            "first again",
+            &first,
+            vec![
+                (BLOCKED_V4, XDP_DROP),
+                ("10.1.2.3", XDP_PASS),
+                ("203.0.113.77", XDP_PASS),
+                (BLOCKED_V6, XDP_DROP),
+                ("2001:db8:beef::1", XDP_PASS),
+            ],
+        ),
+        (
+            "second again",
+            &second,
+            vec![
+                ("10.200.0.1", XDP_DROP),
+                ("203.0.113.77", XDP_DROP),
+                ("198.51.100.200", XDP_DROP),
+            ],
+        ),
+    ] {
+        live.replace(&mut program.ebpf, next.clone())
+            .unwrap_or_else(|e| panic!("{stage}: {e}"));
+        expect(&mut program, stage, &cases);
+    }
+    // In the second policy, 198.51.100.x is no longer blocked but the memcached rule drops it:
+    // check a non-memcached packet too.
+    assert_eq!(
+        program.run(&Frame::udp(BLOCKED_V4, 40000, 80).bytes()),
+        XDP_PASS,
+        "second: not blocked any more"
+    );
+    assert_eq!(
+        program.run(&Frame::udp("10.200.0.1", 40000, 80).bytes()),
+        XDP_DROP,
+        "second: 10/8 blocked"
+    );
+
+    // A policy the program cannot hold is refused and changes nothing.
+    let too_many: String = (20..=40).map(|len| format!("\"::/{len}\", ")).collect();
+    let refused = policy(&format!(
+        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [{too_many}]\n"
+    ));
+    let error = live
+        .replace(&mut program.ebpf, refused)
+        .expect_err("21 IPv6 prefix lengths");
+    assert!(
+        error.to_string().contains("distinct IPv6 prefix lengths"),
+        "{error}"
+    );
+    assert_eq!(live.policy(), &second);
+    assert_eq!(
+        program.run(&Frame::udp("10.200.0.1", 40000, 80).bytes()),
+        XDP_DROP,
+        "still the second policy"
+    );
+}

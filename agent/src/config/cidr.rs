@@ -40,3 +40,10 @@ impl fmt::Display for Cidr {
         self.0.fmt(f)
     }
 }
+
+impl From<IpNet> for Cidr {
+    /// The network of `net` (host bits cleared).
+    fn from(net: IpNet) -> Self {
+        Cidr(net.trunc())
+    }
+}

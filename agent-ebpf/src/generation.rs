@@ -1,0 +1,90 @@
+//! The two generations of the policy's lists and rule tables; `ACTIVE_GEN` says which one is in
+//! force (see `agent_common::maps::GENERATIONS`). The decision code is compiled once per
+//! generation, each copy loading its own maps directly.
+
+use agent_common::{lists::ListEntry, lists::V4PrefixKey, lists::V6PrefixKey, rules::RuleMask};
+use aya_ebpf::maps::{Array, HashMap};
+
+use crate::{lists::CidrMaps, maps::*, rules::RuleMaps};
+
+/// One generation: its allowlist, blocklist and rule tables.
+pub trait Generation {
+    type Allow: CidrMaps;
+    type Block: CidrMaps;
+    type Rules: RuleMaps;
+}
+
+macro_rules! cidr_maps {
+    ($name:ident: $table:ident, $long:ident, $v6:ident) => {
+        pub struct $name;
+        impl CidrMaps for $name {
+            #[inline(always)]
+            fn v4_table() -> &'static Array<u64> {
+                &$table
+            }
+            #[inline(always)]
+            fn v4_long() -> &'static HashMap<V4PrefixKey, ListEntry> {
+                &$long
+            }
+            #[inline(always)]
+            fn v6() -> &'static HashMap<V6PrefixKey, ListEntry> {
+                &$v6
+            }
+        }
+    };
+}
+
+macro_rules! rule_maps {
+    ($name:ident: $proto:ident, $sport:ident, $dport:ident, $flags:ident, $actions:ident) => {
+        pub struct $name;
+        impl RuleMaps for $name {
+            #[inline(always)]
+            fn by_protocol() -> &'static Array<RuleMask> {
+                &$proto
+            }
+            #[inline(always)]
+            fn by_src_port() -> &'static Array<RuleMask> {
+                &$sport
+            }
+            #[inline(always)]
+            fn by_dst_port() -> &'static Array<RuleMask> {
+                &$dport
+            }
+            #[inline(always)]
+            fn by_tcp_flags() -> &'static Array<RuleMask> {
+                &$flags
+            }
+            #[inline(always)]
+            fn actions() -> &'static Array<u32> {
+                &$actions
+            }
+        }
+    };
+}
+
+cidr_maps!(Allow0: ALLOW_V4_TABLE_0, ALLOW_V4_LONG_0, ALLOW_V6_0);
+cidr_maps!(Block0: BLOCK_V4_TABLE_0, BLOCK_V4_LONG_0, BLOCK_V6_0);
+rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULE_ACTIONS_0);
+cidr_maps!(Allow1: ALLOW_V4_TABLE_1, ALLOW_V4_LONG_1, ALLOW_V6_1);
+cidr_maps!(Block1: BLOCK_V4_TABLE_1, BLOCK_V4_LONG_1, BLOCK_V6_1);
+rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULE_ACTIONS_1);
+
+pub struct Generation0;
+impl Generation for Generation0 {
+    type Allow = Allow0;
+    type Block = Block0;
+    type Rules = Rules0;
+}
+
+pub struct Generation1;
+impl Generation for Generation1 {
+    type Allow = Allow1;
+    type Block = Block1;
+    type Rules = Rules1;
+}
+
+/// The generation in force (0 or 1).
+#[inline(always)]
+pub fn active() -> u32 {
+    ACTIVE_GENERATION.get(0).copied().unwrap_or(0)
+}
