@@ -15,7 +15,7 @@ mod rules;
 mod stats;
 
 use agent_common::{
-    rate_limit::{FAMILY_V4, FAMILY_V6},
+    rate_limit::{FAMILY_V4, FAMILY_V6, SourceKey},
     rules::RULE_PASS,
     settings::{MODE_MONITOR, Settings},
     stats::{Action, Reason},
@@ -122,39 +122,58 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     if let Some(source) = lists::lookup::<G::Block>(&settings.block, &packet.source) {
         return Verdict::drop(Reason::Blocklist, source);
     }
-    // Bans and rate limits need the source's key and the clock: read them only for those.
-    let now_and_key = || {
+    // Bans and rate limits need the source's key and the clock: read them only for those. (No
+    // Option holds them across the rules: kernels before 6.x reject the partial register spills
+    // LLVM makes of such an Option.)
+    if settings.check_bans != 0 {
         // SAFETY: a helper without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
-        (now, rate_limit::source_key(&settings.rate, &packet.source))
-    };
-    let mut stateful = None;
-    if settings.check_bans != 0 {
-        let (now, key) = now_and_key();
+        let key = rate_limit::source_key(&settings.rate, &packet.source);
         if let Some(source) = rate_limit::banned(&key, now) {
             return Verdict::drop(Reason::Ban, source);
         }
-        stateful = Some((now, key));
+        if let Some(verdict) = rule_verdict::<G>(settings, packet) {
+            return verdict;
+        }
+        return limit(ctx, settings, &key, now);
     }
-    if settings.rule_count != 0
-        && let Some((rule, action)) = rules::first_match::<G::Rules>(packet)
-    {
-        return if action == RULE_PASS {
-            Verdict::pass(Reason::Rule, rule)
-        } else {
-            Verdict::drop(Reason::Rule, rule)
-        };
+    if let Some(verdict) = rule_verdict::<G>(settings, packet) {
+        return verdict;
     }
     if !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
-    let (now, key) = stateful.unwrap_or_else(now_and_key);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = rate_limit::source_key(&settings.rate, &packet.source);
+    limit(ctx, settings, &key, now)
+}
+
+#[inline(always)]
+fn rule_verdict<G: Generation>(settings: &Settings, packet: &Packet) -> Option<Verdict> {
+    if settings.rule_count == 0 {
+        return None;
+    }
+    let (rule, action) = rules::first_match::<G::Rules>(packet)?;
+    Some(if action == RULE_PASS {
+        Verdict::pass(Reason::Rule, rule)
+    } else {
+        Verdict::drop(Reason::Rule, rule)
+    })
+}
+
+/// The rate limiter's verdict (when it is on), reporting a new ban.
+#[inline(always)]
+fn limit(ctx: &XdpContext, settings: &Settings, key: &SourceKey, now: u64) -> Verdict {
+    if !settings.rate.is_on() {
+        return Verdict::pass(Reason::NoMatch, 0);
+    }
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    match rate_limit::charge(&settings.rate, &key, frame_len, now) {
+    match rate_limit::charge(&settings.rate, key, frame_len, now) {
         Limit::Conforming => Verdict::pass(Reason::NoMatch, 0),
         Limit::Over => Verdict::drop(Reason::RateLimit, 0),
         Limit::Banned(expires_at) => {
-            events::ban(ctx, &key, now, expires_at);
+            events::ban(ctx, key, now, expires_at);
             Verdict::drop(Reason::RateLimit, 0)
         }
     }

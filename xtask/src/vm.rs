@@ -23,7 +23,8 @@ const DEBIAN_KERNEL_PACKAGE: &str = "linux-image-amd64";
 const DEBIAN_KERNEL_SERIES: &str = "vmlinuz-6.1.";
 /// A healthy KVM guest boots in seconds; one that hangs is given up on after this.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(25);
-/// The whole test pass inside one VM.
+/// One integration test binary inside a VM, and the whole pass.
+const TEST_BINARY_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const VM_MEMORY: &str = "2G";
 
@@ -187,9 +188,12 @@ fn write_script(out: &Path, tests: &[(String, PathBuf)]) -> anyhow::Result<PathB
         out = out.display(),
         probe = debug.join("moat-probe").display(),
     );
+    // One test at a time: under software emulation, parallel floods starve the other tests'
+    // traffic; and a time limit per binary, so that one hang cannot hide the rest.
     for (name, path) in tests {
         script.push_str(&format!(
-            "{path} > {out}/{name}.log 2>&1; echo $? > {out}/{name}.rc\n",
+            "timeout {limit} {path} --test-threads=1 > {out}/{name}.log 2>&1; echo $? > {out}/{name}.rc\n",
+            limit = TEST_BINARY_TIMEOUT.as_secs(),
             path = path.display(),
             out = out.display()
         ));
