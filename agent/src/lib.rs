@@ -10,6 +10,7 @@ pub mod lists;
 pub mod live;
 pub mod loader;
 pub mod logging;
+pub mod map_access;
 mod mapped_array;
 pub mod policy;
 pub mod rule_tables;

@@ -10,15 +10,12 @@ use agent_common::{
     },
     maps,
 };
-use aya::{
-    Ebpf, Pod,
-    maps::{HashMap, Map, MapError},
-};
+use aya::{Ebpf, Pod, maps::MapError};
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::{
     config::{Cidr, ListEntries},
-    mapped_array::MappedArray,
+    map_access::{self, MapAccessError, named},
 };
 
 /// Bytes of the IPv4 /24 table: one per /24.
@@ -34,20 +31,8 @@ pub enum ListError {
         count: usize,
         lengths: String,
     },
-    #[error("map {0} is missing from the XDP object")]
-    MissingMap(&'static str),
-    #[error("map {map}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("mapping {map} into memory failed")]
-    Mmap {
-        map: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Access(#[from] MapAccessError),
 }
 
 /// The map names of one list in one generation.
@@ -291,17 +276,12 @@ pub fn clear(ebpf: &mut Ebpf, maps: &ListMaps) -> Result<(), ListError> {
 }
 
 fn clear_hash<K: Pod>(ebpf: &mut Ebpf, map: &'static str) -> Result<(), ListError> {
-    let data = ebpf.map_mut(map).ok_or(ListError::MissingMap(map))?;
-    let mut hash: HashMap<_, K, ListEntry> =
-        HashMap::try_from(data).map_err(|source| ListError::Map { map, source })?;
-    let keys: Vec<K> = hash
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(|source| ListError::Map { map, source })?;
+    let mut hash = map_access::hash::<K, ListEntry>(ebpf, map)?;
+    let keys: Vec<K> = hash.keys().collect::<Result<_, _>>().map_err(named(map))?;
     for key in keys {
         match hash.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(ListError::Map { map, source }),
+            Err(source) => return Err(named(map)(source).into()),
         }
     }
     Ok(())
@@ -327,31 +307,14 @@ fn with_table(
     map: &'static str,
     f: impl FnOnce(&mut [u8]),
 ) -> Result<(), ListError> {
-    let data = match ebpf.map_mut(map) {
-        Some(Map::Array(data)) => data,
-        Some(_) => {
-            return Err(ListError::Map {
-                map,
-                source: MapError::InvalidName {
-                    name: map.to_string(),
-                },
-            });
-        }
-        None => return Err(ListError::MissingMap(map)),
-    };
-    let mut mapped =
-        MappedArray::new(data, V4_TABLE_BYTES).map_err(|source| ListError::Mmap { map, source })?;
-    f(mapped.bytes_mut());
+    f(map_access::mapped(ebpf, map, V4_TABLE_BYTES)?.bytes_mut());
     Ok(())
 }
 
 fn remove_key<K: Pod>(ebpf: &mut Ebpf, map: &'static str, key: &K) -> Result<(), ListError> {
-    let data = ebpf.map_mut(map).ok_or(ListError::MissingMap(map))?;
-    let mut hash: HashMap<_, K, ListEntry> =
-        HashMap::try_from(data).map_err(|source| ListError::Map { map, source })?;
-    match hash.remove(key) {
+    match map_access::hash::<K, ListEntry>(ebpf, map)?.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(source) => Err(ListError::Map { map, source }),
+        Err(source) => Err(named(map)(source).into()),
     }
 }
 
@@ -360,12 +323,9 @@ fn insert_all<K: Pod>(
     map: &'static str,
     entries: &[(K, ListEntry)],
 ) -> Result<(), ListError> {
-    let data = ebpf.map_mut(map).ok_or(ListError::MissingMap(map))?;
-    let mut hash: HashMap<_, K, ListEntry> =
-        HashMap::try_from(data).map_err(|source| ListError::Map { map, source })?;
+    let mut hash = map_access::hash::<K, ListEntry>(ebpf, map)?;
     for (key, entry) in entries {
-        hash.insert(key, entry, 0)
-            .map_err(|source| ListError::Map { map, source })?;
+        hash.insert(key, entry, 0).map_err(named(map))?;
     }
     Ok(())
 }

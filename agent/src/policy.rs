@@ -5,13 +5,14 @@ use agent_common::{
     maps,
     settings::{MODE_ENFORCE, MODE_MONITOR, RateSettings, Settings},
 };
-use aya::{Ebpf, maps::Array};
+use aya::Ebpf;
 
 use crate::{
     config::{Mode, Policy, RateLimit},
     lists::{CompiledList, ListError, ListMaps},
     loader::Capacities,
-    rule_tables::{RuleTableError, RuleTables},
+    map_access::{self, MapAccessError, named},
+    rule_tables::RuleTables,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -19,13 +20,7 @@ pub enum PolicyError {
     #[error(transparent)]
     List(#[from] ListError),
     #[error(transparent)]
-    Rules(#[from] RuleTableError),
-    #[error("writing {map} failed")]
-    Settings {
-        map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    Access(#[from] MapAccessError),
 }
 
 /// A policy compiled to map contents, ready to install into a fresh program.
@@ -81,35 +76,21 @@ pub fn settings(policy: &Policy, allow: ListShape, block: ListShape) -> Settings
     }
 }
 
-fn array<'a, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    map: &'static str,
-) -> Result<Array<&'a mut aya::maps::MapData, V>, PolicyError> {
-    let data = ebpf.map_mut(map).ok_or(ListError::MissingMap(map))?;
-    Array::try_from(data).map_err(|source| PolicyError::Settings { map, source })
-}
-
 pub fn write_settings(
     ebpf: &mut Ebpf,
     generation: usize,
     settings: Settings,
 ) -> Result<(), PolicyError> {
-    array::<Settings>(ebpf, maps::SETTINGS)?
+    map_access::array::<Settings>(ebpf, maps::SETTINGS)?
         .set(generation as u32, settings, 0)
-        .map_err(|source| PolicyError::Settings {
-            map: maps::SETTINGS,
-            source,
-        })
+        .map_err(|e| named(maps::SETTINGS)(e).into())
 }
 
 /// Puts `generation` in force: one write, seen whole by the next packet.
 pub fn activate(ebpf: &mut Ebpf, generation: usize) -> Result<(), PolicyError> {
-    array::<u32>(ebpf, maps::ACTIVE_GENERATION)?
+    map_access::array::<u32>(ebpf, maps::ACTIVE_GENERATION)?
         .set(0, generation as u32, 0)
-        .map_err(|source| PolicyError::Settings {
-            map: maps::ACTIVE_GENERATION,
-            source,
-        })
+        .map_err(|e| named(maps::ACTIVE_GENERATION)(e).into())
 }
 
 const NS_PER_SECOND: u64 = 1_000_000_000;

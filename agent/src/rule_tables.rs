@@ -8,33 +8,12 @@ use agent_common::{
         TCP_FLAGS_TABLE_LEN,
     },
 };
-use aya::{
-    Ebpf, Pod,
-    maps::{Array, Map, MapError},
-};
+use aya::{Ebpf, Pod};
 
 use crate::{
     config::{PortRange, Rule, RuleAction},
-    mapped_array::MappedArray,
+    map_access::{self, MapAccessError, named},
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum RuleTableError {
-    #[error("map {0} is missing from the XDP object")]
-    MissingMap(&'static str),
-    #[error("map {map}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("mapping {map} into memory failed")]
-    Mmap {
-        map: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 pub struct RuleTables {
     pub by_protocol: Vec<RuleMask>,
@@ -81,7 +60,7 @@ impl RuleTables {
 
     /// Writes every table of one generation whole (unused rule slots are left as they were;
     /// no table entry points at them).
-    pub fn install(&self, ebpf: &mut Ebpf, generation: usize) -> Result<(), RuleTableError> {
+    pub fn install(&self, ebpf: &mut Ebpf, generation: usize) -> Result<(), MapAccessError> {
         set_all(ebpf, maps::RULES_BY_PROTOCOL[generation], &self.by_protocol)?;
         set_all(
             ebpf,
@@ -108,14 +87,10 @@ fn mark_ports(table: &mut [RuleMask], ports: &[PortRange], index: u32) {
     debug_assert!(!table[NO_PORT as usize].contains(index));
 }
 
-fn set_all<V: Pod>(ebpf: &mut Ebpf, map: &'static str, values: &[V]) -> Result<(), RuleTableError> {
-    let data = ebpf.map_mut(map).ok_or(RuleTableError::MissingMap(map))?;
-    let mut array: Array<_, V> =
-        Array::try_from(data).map_err(|source| RuleTableError::Map { map, source })?;
+fn set_all<V: Pod>(ebpf: &mut Ebpf, map: &'static str, values: &[V]) -> Result<(), MapAccessError> {
+    let mut array = map_access::array::<V>(ebpf, map)?;
     for (index, value) in (0u32..).zip(values) {
-        array
-            .set(index, value, 0)
-            .map_err(|source| RuleTableError::Map { map, source })?;
+        array.set(index, value, 0).map_err(named(map))?;
     }
     Ok(())
 }
@@ -124,13 +99,9 @@ fn write_mapped(
     ebpf: &mut Ebpf,
     map: &'static str,
     masks: &[RuleMask],
-) -> Result<(), RuleTableError> {
-    let Some(Map::Array(data)) = ebpf.map_mut(map) else {
-        return Err(RuleTableError::MissingMap(map));
-    };
+) -> Result<(), MapAccessError> {
     let size = size_of::<RuleMask>();
-    let mut mapped = MappedArray::new(data, size_of_val(masks))
-        .map_err(|source| RuleTableError::Mmap { map, source })?;
+    let mut mapped = map_access::mapped(ebpf, map, size_of_val(masks))?;
     for (chunk, mask) in mapped.bytes_mut().chunks_exact_mut(size).zip(masks) {
         for (bytes, word) in chunk.chunks_exact_mut(8).zip(mask.words) {
             bytes.copy_from_slice(&word.to_ne_bytes());

@@ -59,6 +59,18 @@ pub fn describe(command: &Command) -> String {
         .join(" ")
 }
 
+/// Builds `moat` and the test crate's binaries (the lab demo, the frame writer, the probe).
+pub fn build_binaries() -> anyhow::Result<()> {
+    run(cargo().args([
+        "build",
+        "--package",
+        "moat",
+        "--package",
+        "moat-tests",
+        "--bins",
+    ]))
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -2,7 +2,7 @@
 
 use anyhow::bail;
 
-use crate::command::{cargo, is_root, run, workspace_root};
+use crate::command::{build_binaries, is_root, run, workspace_root};
 
 pub fn run_demo() -> anyhow::Result<()> {
     crate::setup::ensure_ready()?;
@@ -11,14 +11,7 @@ pub fn run_demo() -> anyhow::Result<()> {
             "the lab needs root (network namespaces, veth pairs, XDP): run `sudo -E cargo xtask lab`"
         );
     }
-    run(cargo().args([
-        "build",
-        "--package",
-        "moat",
-        "--package",
-        "moat-tests",
-        "--bins",
-    ]))?;
+    build_binaries()?;
     let debug = workspace_root().join("target").join("debug");
     run(std::process::Command::new(debug.join("moat-lab")).env("MOAT_BIN", debug.join("moat")))
 }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 
 use crate::{
-    command::{cargo, describe, output, run, workspace_root},
+    command::{build_binaries, cargo, describe, output, run, workspace_root},
     test::count_before,
 };
 
@@ -127,14 +127,7 @@ pub fn run_all(targets: &[Target]) -> anyhow::Result<()> {
 
 /// The integration test binaries (name, path), plus the probe and moat itself, freshly built.
 fn build() -> anyhow::Result<Vec<(String, PathBuf)>> {
-    run(cargo().args([
-        "build",
-        "--package",
-        "moat",
-        "--package",
-        "moat-tests",
-        "--bins",
-    ]))?;
+    build_binaries()?;
     let json = output(cargo().args([
         "test",
         "--package",
