@@ -49,7 +49,9 @@ pub const EVENTS: &str = "EVENTS";
 pub const EVENTS_LOST: &str = "EVENTS_LOST";
 
 /// Default capacity of each hash of longer prefixes; the agent resizes them before load to fit
-/// the configured lists.
+/// the configured lists plus room for entries added at runtime. The hashes are not
+/// preallocated (`BPF_F_NO_PREALLOC`): capacity costs only the bucket array (16 bytes per
+/// entry), entries cost memory when they exist.
 pub const LONG_PREFIXES_DEFAULT_CAPACITY: u32 = 16_384;
 /// Default capacity of the ban map and of the rate limiter's LRU.
 pub const BANS_DEFAULT_CAPACITY: u32 = 65_536;

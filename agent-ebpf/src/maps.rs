@@ -12,7 +12,7 @@ use agent_common::{
     stats::{Counter, STATS_LEN},
 };
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -34,18 +34,18 @@ macro_rules! generation_maps {
         pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
         #[map(name = $allow_long_name)]
         pub static $allow_long: HashMap<V4PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
         #[map(name = $allow_v6_name)]
         pub static $allow_v6: HashMap<V6PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
         #[map(name = $block_table_name)]
         pub static $block_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
         #[map(name = $block_long_name)]
         pub static $block_long: HashMap<V4PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
         #[map(name = $block_v6_name)]
         pub static $block_v6: HashMap<V6PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, 0);
+            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
         #[map(name = $proto_name)]
         pub static $proto: Array<RuleMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
         #[map(name = $sport_name)]

@@ -1,10 +1,10 @@
 //! The command line.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Overrides, XdpMode};
+use crate::config::{DEFAULT_SOCKET, Overrides, XdpMode};
 
 /// moat drops attack traffic in XDP, before the kernel allocates anything for it.
 #[derive(Debug, Parser)]
@@ -14,15 +14,55 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
 
+    /// The daemon's control socket [default: the config's `socket`, else /run/moat/moat.sock].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
+impl Cli {
+    /// The socket a client command talks to.
+    pub fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the XDP program, attach it to the interfaces, fill the blocklist, and enforce until
-    /// SIGINT or SIGTERM, then detach.
+    /// Load the XDP program, attach it (or take over the pinned one), fill its maps, and serve
+    /// the control socket until SIGINT or SIGTERM; the pinned program keeps enforcing after.
     Run(RunArgs),
+    /// Change or show the blocklist of the running daemon.
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+    },
+    /// Change or show the allowlist of the running daemon.
+    Allow {
+        #[command(subcommand)]
+        command: AllowCommand,
+    },
+    /// Packet and byte counters per interface, action and reason.
+    Stats(StatsArgs),
+    /// Interfaces, XDP mode, program, map fill, uptime and version of the running daemon.
+    Status {
+        /// Print JSON (the format is documented in README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the running daemon re-read its configuration file (as SIGHUP does).
+    Reload,
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Detach moat from every interface and remove its pins (the daemon must be stopped).
+    Down(DownArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,14 +84,132 @@ pub struct RunArgs {
     /// warning); overrides the config's `xdp_mode`.
     #[arg(long, value_enum, value_name = "MODE")]
     pub xdp_mode: Option<XdpMode>,
+
+    /// Where dynamic entries are saved; overrides the config's `state_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Where links and maps are pinned; overrides the config's `bpffs`.
+    #[arg(long, value_name = "DIR")]
+    pub bpffs: Option<PathBuf>,
+
+    /// Pin nothing: detach on exit (for throwaway runs).
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 impl RunArgs {
-    pub fn overrides(&self) -> Overrides {
+    pub fn overrides(&self, socket: Option<PathBuf>) -> Overrides {
         Overrides {
             interfaces: self.interfaces.clone(),
             block: self.block.clone(),
             xdp_mode: self.xdp_mode,
+            socket,
+            state_dir: self.state_dir.clone(),
+            bpffs: self.bpffs.clone(),
         }
     }
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!("{text:?}: a ttl is at least 1s"));
+    }
+    Ok(ttl)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BlockCommand {
+    /// Drop packets from these sources, now.
+    Add {
+        #[arg(value_name = "CIDR", required = true)]
+        cidrs: Vec<String>,
+        /// Remove the entries after this long (e.g. 90s, 10m, 2h).
+        #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+        ttl: Option<Duration>,
+        /// A note kept with the entries.
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+    },
+    /// Delete entries added at run time (or lift rate-limit bans).
+    Del {
+        #[arg(value_name = "CIDR", required = true)]
+        cidrs: Vec<String>,
+    },
+    /// Every entry: configuration, run time and rate-limit bans.
+    List {
+        /// Print JSON (the format is documented in README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add every entry of a list file (FireHOL/Spamhaus format), all or none.
+    Import {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+        ttl: Option<Duration>,
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AllowCommand {
+    /// Always pass packets from these sources.
+    Add {
+        #[arg(value_name = "CIDR", required = true)]
+        cidrs: Vec<String>,
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+    },
+    /// Delete entries added at run time.
+    Del {
+        #[arg(value_name = "CIDR", required = true)]
+        cidrs: Vec<String>,
+    },
+    /// Every entry, from the configuration and from run time.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add every entry of a list file, all or none.
+    Import {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// Print JSON (the format is documented in README).
+    #[arg(long)]
+    pub json: bool,
+    /// Print again every interval, with rates.
+    #[arg(long)]
+    pub watch: bool,
+    /// The interval of --watch.
+    #[arg(long, value_parser = parse_ttl, default_value = "1s", value_name = "DURATION")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file without a daemon; errors name file:line:col.
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DownArgs {
+    /// Read `bpffs` (and `socket`) from this configuration.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The pin directory; overrides the config's `bpffs`.
+    #[arg(long, value_name = "DIR")]
+    pub bpffs: Option<PathBuf>,
 }

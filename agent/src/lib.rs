@@ -2,8 +2,11 @@
 //! reading its counters. The `moat` binary is a thin command line over this library; the test
 //! lab uses it to read counters back from the kernel.
 
+pub mod bans;
 pub mod cli;
+pub mod client_commands;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod lists;
@@ -12,8 +15,10 @@ pub mod loader;
 pub mod logging;
 pub mod map_access;
 mod mapped_array;
+pub mod pins;
 pub mod policy;
 pub mod rule_tables;
+pub mod state;
 pub mod stats;
 
 /// An error and its causes on one line, for logs.

@@ -1,7 +1,7 @@
 //! CIDR lists → the kernel's list maps, in the layout `agent_common::lists` describes: a byte per
 //! IPv4 /24, a hash of longer IPv4 prefixes, a hash of IPv6 prefixes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
     lists::{
@@ -75,51 +75,23 @@ pub struct CompiledList {
 
 impl CompiledList {
     pub fn compile(maps: &ListMaps, entries: &ListEntries) -> Result<Self, ListError> {
-        let mut table = vec![0u8; V4_TABLE_BYTES];
         let mut v4_long = Vec::new();
         let mut v6 = Vec::new();
         for (cidr, &source) in entries {
             let entry = ListEntry { source };
             match cidr.net() {
-                IpNet::V4(net) => {
-                    let prefix_len = u32::from(net.prefix_len());
-                    let slash24 = (u32::from(net.network()) >> 8) as usize;
-                    if prefix_len < V4_LONG_MIN_PREFIX {
-                        let covered = 1usize << (24 - prefix_len);
-                        let marker = (source as u8 + 1) & TABLE_SOURCE_MASK;
-                        for byte in &mut table[slash24..slash24 + covered] {
-                            if *byte & TABLE_SOURCE_MASK == 0 {
-                                *byte |= marker;
-                            }
-                        }
-                    } else {
-                        table[slash24] |= TABLE_HAS_LONGER;
-                        v4_long.push((
-                            V4PrefixKey {
-                                prefix_len,
-                                addr: net.network().octets(),
-                            },
-                            entry,
-                        ));
-                    }
+                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                    v4_long.push((v4_key(&net), entry))
                 }
-                IpNet::V6(net) => {
-                    v6.push((
-                        V6PrefixKey {
-                            prefix_len: u32::from(net.prefix_len()),
-                            addr: net.network().octets(),
-                        },
-                        entry,
-                    ));
-                }
+                IpNet::V4(_) => {}
+                IpNet::V6(net) => v6.push((v6_key(&net), entry)),
             }
         }
-        let shape = shape_of(maps.name, entries)?;
         Ok(Self {
-            table,
+            shape: ListCounts::of(entries).shape(maps.name)?,
+            table: compile_table(entries),
             v4_long,
             v6,
-            shape,
         })
     }
 
@@ -133,38 +105,28 @@ impl CompiledList {
     }
 }
 
-/// Which prefix lengths `entries` hold; an error when IPv6 needs more probes than allowed.
-pub fn shape_of(list: &'static str, entries: &ListEntries) -> Result<ListShape, ListError> {
-    let mut shape = ListShape::default();
-    let mut v6_lengths = BTreeSet::new();
-    for cidr in entries.keys() {
-        match cidr.net() {
-            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                shape.v4_long_lengths |= 1 << (u32::from(net.prefix_len()) - V4_LONG_MIN_PREFIX);
+/// The IPv4 /24 table of `entries`: one byte per /24 (see `agent_common::lists`).
+fn compile_table(entries: &ListEntries) -> Vec<u8> {
+    let mut table = vec![0u8; V4_TABLE_BYTES];
+    // A /24 covered by several entries keeps the source of the shortest, as `table_byte` does:
+    // in address order the shortest covering entry comes first, and marked bytes stay.
+    for (cidr, &source) in entries {
+        let IpNet::V4(net) = cidr.net() else { continue };
+        let prefix_len = u32::from(net.prefix_len());
+        let slash24 = (u32::from(net.network()) >> 8) as usize;
+        if prefix_len < V4_LONG_MIN_PREFIX {
+            let covered = 1usize << (24 - prefix_len);
+            let marker = (source as u8 + 1) & TABLE_SOURCE_MASK;
+            for byte in &mut table[slash24..slash24 + covered] {
+                if *byte & TABLE_SOURCE_MASK == 0 {
+                    *byte |= marker;
+                }
             }
-            IpNet::V4(_) => {}
-            IpNet::V6(net) => {
-                v6_lengths.insert(net.prefix_len());
-            }
+        } else {
+            table[slash24] |= TABLE_HAS_LONGER;
         }
     }
-    if v6_lengths.len() > MAX_V6_LENGTHS {
-        return Err(ListError::TooManyV6Lengths {
-            list,
-            count: v6_lengths.len(),
-            lengths: v6_lengths
-                .iter()
-                .map(|l| format!("/{l}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-        });
-    }
-    // Longest first: the most specific entry is found first.
-    for (slot, len) in shape.v6_lengths.iter_mut().zip(v6_lengths.iter().rev()) {
-        *slot = *len;
-    }
-    shape.v6_length_count = v6_lengths.len() as u32;
-    Ok(shape)
+    table
 }
 
 /// The table byte of /24 number `slash24` for `entries`: the source of an entry of /24 or
@@ -208,22 +170,169 @@ fn slash24s_of(cidr: &Cidr) -> std::ops::Range<u32> {
     }
 }
 
-/// Moves one generation's maps of a list from holding `old` to holding `new`, touching only
-/// what differs. The caller checks capacity and shape first, so this does not fail half-way
-/// for any reason but the kernel's.
-pub fn apply_delta(
+/// A change to one list: entries to insert or re-source, entries to remove.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListChange {
+    pub upserts: Vec<(Cidr, u32)>,
+    pub removals: Vec<Cidr>,
+}
+
+impl ListChange {
+    /// What turns `old` into `new`.
+    pub fn between(old: &ListEntries, new: &ListEntries) -> Self {
+        Self {
+            upserts: new
+                .iter()
+                .filter(|(c, s)| old.get(c) != Some(s))
+                .map(|(c, s)| (*c, *s))
+                .collect(),
+            removals: old
+                .keys()
+                .filter(|c| !new.contains_key(c))
+                .copied()
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removals.is_empty()
+    }
+
+    /// Applies the change to `entries` and returns the change that undoes it.
+    pub fn apply_to(&self, entries: &mut ListEntries) -> ListChange {
+        let mut undo = ListChange::default();
+        for cidr in &self.removals {
+            if let Some(source) = entries.remove(cidr) {
+                undo.upserts.push((*cidr, source));
+            }
+        }
+        for (cidr, source) in &self.upserts {
+            match entries.insert(*cidr, *source) {
+                Some(old) => undo.upserts.push((*cidr, old)),
+                None => undo.removals.push(*cidr),
+            }
+        }
+        undo
+    }
+}
+
+/// How many entries of each kind a list holds, kept up to date change by change so that a
+/// small change to a large list is validated without walking the list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListCounts {
+    /// Entries per IPv4 prefix length /25–/32.
+    v4_long: [u32; 8],
+    /// Entries per IPv6 prefix length.
+    v6: BTreeMap<u8, u32>,
+    /// Entries of /24 or shorter.
+    v4_short: u32,
+}
+
+impl ListCounts {
+    pub fn of(entries: &ListEntries) -> Self {
+        let mut counts = Self::default();
+        for cidr in entries.keys() {
+            counts.add(cidr, 1);
+        }
+        counts
+    }
+
+    /// Counts after `change` is applied to `entries` (which it is not yet).
+    pub fn after(&self, entries: &ListEntries, change: &ListChange) -> Self {
+        let mut counts = self.clone();
+        let mut removed = BTreeSet::new();
+        for cidr in &change.removals {
+            if entries.contains_key(cidr) && removed.insert(*cidr) {
+                counts.add(cidr, -1);
+            }
+        }
+        let mut added = BTreeSet::new();
+        for (cidr, _) in &change.upserts {
+            let present = entries.contains_key(cidr) && !removed.contains(cidr);
+            if !present && added.insert(*cidr) {
+                counts.add(cidr, 1);
+            }
+        }
+        counts
+    }
+
+    fn add(&mut self, cidr: &Cidr, delta: i64) {
+        let bump = |n: &mut u32| *n = (i64::from(*n) + delta).max(0) as u32;
+        match cidr.net() {
+            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                bump(&mut self.v4_long[(u32::from(net.prefix_len()) - V4_LONG_MIN_PREFIX) as usize])
+            }
+            IpNet::V4(_) => bump(&mut self.v4_short),
+            IpNet::V6(net) => {
+                let count = self.v6.entry(net.prefix_len()).or_default();
+                bump(count);
+                if *count == 0 {
+                    self.v6.remove(&net.prefix_len());
+                }
+            }
+        }
+    }
+
+    /// Entries in the hash of IPv4 prefixes longer than /24.
+    pub fn v4_long(&self) -> usize {
+        self.v4_long.iter().map(|n| *n as usize).sum()
+    }
+
+    /// Entries in the IPv6 hash.
+    pub fn v6(&self) -> usize {
+        self.v6.values().map(|n| *n as usize).sum()
+    }
+
+    pub fn total(&self) -> usize {
+        self.v4_short as usize + self.v4_long() + self.v6()
+    }
+
+    /// The shape the program probes; an error when IPv6 needs more probes than allowed.
+    pub fn shape(&self, list: &'static str) -> Result<ListShape, ListError> {
+        let mut shape = ListShape::default();
+        for (bit, count) in self.v4_long.iter().enumerate() {
+            if *count != 0 {
+                shape.v4_long_lengths |= 1 << bit;
+            }
+        }
+        if self.v6.len() > MAX_V6_LENGTHS {
+            return Err(ListError::TooManyV6Lengths {
+                list,
+                count: self.v6.len(),
+                lengths: self
+                    .v6
+                    .keys()
+                    .map(|l| format!("/{l}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            });
+        }
+        // Longest first: the most specific entry is found first.
+        for (slot, len) in shape.v6_lengths.iter_mut().zip(self.v6.keys().rev()) {
+            *slot = *len;
+        }
+        shape.v6_length_count = self.v6.len() as u32;
+        Ok(shape)
+    }
+}
+
+/// Above this many /24s touched, the IPv4 table is recomputed whole (one pass over the list)
+/// rather than /24 by /24.
+const TABLE_REBUILD_THRESHOLD: usize = 1 << 16;
+
+/// Writes `change` into one generation's maps of a list that held the list before it;
+/// `entries` is the list with the change applied. The caller checks capacity and shape first,
+/// so this does not fail half-way for any reason but the kernel's.
+pub fn write_change(
     ebpf: &mut Ebpf,
     maps: &ListMaps,
-    old: &ListEntries,
-    new: &ListEntries,
+    entries: &ListEntries,
+    change: &ListChange,
 ) -> Result<(), ListError> {
-    let removed: Vec<&Cidr> = old.keys().filter(|c| !new.contains_key(c)).collect();
-    let added: Vec<(&Cidr, u32)> = new
-        .iter()
-        .filter(|(c, s)| old.get(c) != Some(s))
-        .map(|(c, s)| (c, *s))
-        .collect();
-    for cidr in &removed {
+    for cidr in &change.removals {
+        if entries.contains_key(cidr) {
+            continue;
+        }
         match cidr.net() {
             IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
                 remove_key(ebpf, maps.v4_long, &v4_key(&net))?;
@@ -234,8 +343,12 @@ pub fn apply_delta(
     }
     let mut v4_long = Vec::new();
     let mut v6 = Vec::new();
-    for (cidr, source) in &added {
-        let entry = ListEntry { source: *source };
+    for (cidr, _) in &change.upserts {
+        // The final source: a CIDR may be upserted twice in one change.
+        let Some(&source) = entries.get(cidr) else {
+            continue;
+        };
+        let entry = ListEntry { source };
         match cidr.net() {
             IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
                 v4_long.push((v4_key(&net), entry))
@@ -246,10 +359,11 @@ pub fn apply_delta(
     }
     insert_all(ebpf, maps.v4_long, &v4_long)?;
     insert_all(ebpf, maps.v6, &v6)?;
-    let mut slash24s: Vec<std::ops::Range<u32>> = removed
+
+    let mut slash24s: Vec<std::ops::Range<u32>> = change
+        .removals
         .iter()
-        .copied()
-        .chain(added.iter().map(|(c, _)| *c))
+        .chain(change.upserts.iter().map(|(c, _)| c))
         .map(slash24s_of)
         .filter(|r| !r.is_empty())
         .collect();
@@ -257,11 +371,16 @@ pub fn apply_delta(
         return Ok(());
     }
     slash24s.sort_by_key(|r| r.start);
+    let touched: usize = slash24s.iter().map(|r| r.len()).sum();
+    if touched > TABLE_REBUILD_THRESHOLD {
+        let table = compile_table(entries);
+        return with_table(ebpf, maps.v4_table, |mapped| mapped.copy_from_slice(&table));
+    }
     with_table(ebpf, maps.v4_table, |table| {
         let mut done = 0u32;
         for range in slash24s {
             for slash24 in range.start.max(done)..range.end {
-                table[slash24 as usize] = table_byte(new, slash24);
+                table[slash24 as usize] = table_byte(entries, slash24);
             }
             done = done.max(range.end);
         }

@@ -1,6 +1,6 @@
 //! Changing the policy of a running program so that packets never see a change half-done: every
 //! change is validated whole first, written into the generation not in force, switched on with
-//! one write (`ACTIVE_GEN`), and then copied into the other generation once the packets that
+//! one write (`ACTIVE_GEN`), and then written into the other generation once the packets that
 //! were still using it have finished.
 
 use std::time::Duration;
@@ -10,9 +10,9 @@ use aya::Ebpf;
 
 use crate::{
     config::Policy,
-    lists::{self, ListError, ListMaps},
+    lists::{self, CompiledList, ListChange, ListCounts, ListError, ListMaps},
     loader::Capacities,
-    policy::{self, CompiledPolicy, PolicyError},
+    policy::{self, PolicyError},
     rule_tables::RuleTables,
 };
 
@@ -22,7 +22,7 @@ const GRACE_PERIOD: Duration = Duration::from_millis(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
-    /// The new policy cannot be enforced by the loaded program; nothing was touched.
+    /// The change cannot be enforced by the loaded program; nothing was touched.
     #[error("{0}")]
     Rejected(String),
     #[error(transparent)]
@@ -31,11 +31,46 @@ pub enum ChangeError {
     Policy(#[from] PolicyError),
 }
 
-/// The policy a running program enforces, and what each of its generations holds.
+/// Which list a change is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ListKind {
+    Allow,
+    Block,
+}
+
+impl ListKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListKind::Allow => "allowlist",
+            ListKind::Block => "blocklist",
+        }
+    }
+
+    fn maps(self, generation: usize) -> ListMaps {
+        match self {
+            ListKind::Allow => ListMaps::allowlist(generation),
+            ListKind::Block => ListMaps::blocklist(generation),
+        }
+    }
+}
+
+/// A change to the policy in force.
+#[derive(Debug, Default)]
+pub struct PolicyChange {
+    pub allowlist: ListChange,
+    pub blocklist: ListChange,
+    /// The new mode, rules, rate limit and sampling (its lists are ignored); `None`: unchanged.
+    pub rest: Option<Policy>,
+}
+
+/// The policy a running program enforces. Both generations hold it, except one that a failed
+/// write left unknown (`stale`), which is rebuilt whole before it is next switched on.
 pub struct LivePolicy {
+    policy: Policy,
+    allow_counts: ListCounts,
+    block_counts: ListCounts,
     active: usize,
-    /// The policy each generation's maps hold; `None` after a failed write left it unknown.
-    held: [Option<Policy>; GENERATIONS],
+    stale: [bool; GENERATIONS],
     capacities: Capacities,
 }
 
@@ -43,82 +78,207 @@ impl LivePolicy {
     /// Writes `policy` into both generations of a freshly loaded program.
     pub fn install(
         ebpf: &mut Ebpf,
-        policy: &Policy,
-        compiled: &CompiledPolicy,
-    ) -> Result<Self, PolicyError> {
-        compiled.install(ebpf)?;
-        Ok(Self {
+        policy: Policy,
+        capacities: Capacities,
+    ) -> Result<Self, ChangeError> {
+        let allow_counts = ListCounts::of(&policy.allowlist);
+        let block_counts = ListCounts::of(&policy.blocklist);
+        capacities
+            .fit(&allow_counts, &block_counts, &policy.rate_limit)
+            .map_err(ChangeError::Rejected)?;
+        let mut live = Self {
+            policy,
+            allow_counts,
+            block_counts,
             active: 0,
-            held: [Some(policy.clone()), Some(policy.clone())],
-            capacities: compiled.capacities,
-        })
+            stale: [true; GENERATIONS],
+            capacities,
+        };
+        for generation in 0..GENERATIONS {
+            live.rebuild(ebpf, generation)?;
+        }
+        policy::activate(ebpf, 0)?;
+        Ok(live)
     }
 
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
-        self.held[self.active]
-            .as_ref()
-            .expect("the active generation always holds a known policy")
+        &self.policy
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        self.capacities
+    }
+
+    /// Entries of each kind in a list.
+    pub fn counts(&self, list: ListKind) -> &ListCounts {
+        match list {
+            ListKind::Allow => &self.allow_counts,
+            ListKind::Block => &self.block_counts,
+        }
     }
 
     /// Replaces the policy in force with `new`, or changes nothing and says why.
-    pub fn replace(&mut self, ebpf: &mut Ebpf, new: Policy) -> Result<(), ChangeError> {
-        // Everything that can fail on the policy itself fails here, before any map is touched.
-        self.capacities.fit(&new).map_err(ChangeError::Rejected)?;
-        let allow = lists::shape_of("allowlist", &new.allowlist)?;
-        let block = lists::shape_of("blocklist", &new.blocklist)?;
-        let settings = policy::settings(&new, allow, block);
-        let rules = RuleTables::compile(&new.rules);
+    pub fn replace(&mut self, ebpf: &mut Ebpf, mut new: Policy) -> Result<(), ChangeError> {
+        let change = PolicyChange {
+            allowlist: ListChange::between(&self.policy.allowlist, &new.allowlist),
+            blocklist: ListChange::between(&self.policy.blocklist, &new.blocklist),
+            rest: {
+                new.allowlist.clear();
+                new.blocklist.clear();
+                Some(new)
+            },
+        };
+        self.apply(ebpf, change)
+    }
+
+    /// Applies `change`, or changes nothing and says why.
+    pub fn apply(&mut self, ebpf: &mut Ebpf, change: PolicyChange) -> Result<(), ChangeError> {
+        // Everything that can fail on the change itself fails here, before any map is touched.
+        let allow_counts = self
+            .allow_counts
+            .after(&self.policy.allowlist, &change.allowlist);
+        let block_counts = self
+            .block_counts
+            .after(&self.policy.blocklist, &change.blocklist);
+        let rate_limit = change
+            .rest
+            .as_ref()
+            .map_or(&self.policy.rate_limit, |rest| &rest.rate_limit);
+        self.capacities
+            .fit(&allow_counts, &block_counts, rate_limit)
+            .map_err(ChangeError::Rejected)?;
+        allow_counts.shape(ListKind::Allow.name())?;
+        block_counts.shape(ListKind::Block.name())?;
+
+        let undo = self.take(
+            change.allowlist.clone(),
+            change.blocklist.clone(),
+            change.rest,
+        );
+        let old_counts = (
+            std::mem::replace(&mut self.allow_counts, allow_counts),
+            std::mem::replace(&mut self.block_counts, block_counts),
+        );
+        let rules_changed = undo.rest.is_some();
 
         let standby = 1 - self.active;
-        self.write(ebpf, standby, &new, &rules, settings)?;
-        policy::activate(ebpf, standby)?;
+        let switched = self
+            .write(
+                ebpf,
+                standby,
+                &change.allowlist,
+                &change.blocklist,
+                rules_changed,
+            )
+            .and_then(|()| Ok(policy::activate(ebpf, standby)?));
+        if let Err(e) = switched {
+            // Packets still decide with the active generation, which holds the old policy.
+            self.stale[standby] = true;
+            self.take(undo.allowlist, undo.blocklist, undo.rest);
+            (self.allow_counts, self.block_counts) = old_counts;
+            return Err(e);
+        }
         self.active = standby;
         std::thread::sleep(GRACE_PERIOD);
         let other = 1 - standby;
-        self.write(ebpf, other, &new, &rules, settings)?;
+        if let Err(e) = self.write(
+            ebpf,
+            other,
+            &change.allowlist,
+            &change.blocklist,
+            rules_changed,
+        ) {
+            // The change is in force; the other generation is rebuilt before its next use.
+            self.stale[other] = true;
+            tracing::warn!(
+                error = %crate::error_chain(&e),
+                generation = other,
+                "the standby copy of the policy could not be updated; it is rebuilt on the next change"
+            );
+        }
         Ok(())
     }
 
-    /// Brings generation `generation` from what it holds to `new`.
+    /// Puts the change into `self.policy` and returns the change that takes it out again.
+    fn take(
+        &mut self,
+        allowlist: ListChange,
+        blocklist: ListChange,
+        rest: Option<Policy>,
+    ) -> PolicyChange {
+        let undo_allow = allowlist.apply_to(&mut self.policy.allowlist);
+        let undo_block = blocklist.apply_to(&mut self.policy.blocklist);
+        let undo_rest = rest.map(|mut rest| {
+            std::mem::swap(&mut rest.mode, &mut self.policy.mode);
+            std::mem::swap(&mut rest.rules, &mut self.policy.rules);
+            std::mem::swap(&mut rest.rate_limit, &mut self.policy.rate_limit);
+            std::mem::swap(&mut rest.sample_every, &mut self.policy.sample_every);
+            rest
+        });
+        PolicyChange {
+            allowlist: undo_allow,
+            blocklist: undo_block,
+            rest: undo_rest,
+        }
+    }
+
+    /// Brings `generation`, which held the policy before the change, to `self.policy`.
     fn write(
         &mut self,
         ebpf: &mut Ebpf,
         generation: usize,
-        new: &Policy,
-        rules: &RuleTables,
-        settings: agent_common::settings::Settings,
+        allowlist: &ListChange,
+        blocklist: &ListChange,
+        rules_changed: bool,
     ) -> Result<(), ChangeError> {
-        let held = self.held[generation].take();
-        let result = (|| -> Result<(), ChangeError> {
-            // A generation left unknown by a failed write is emptied and rebuilt.
-            let from = match held {
-                Some(policy) => policy,
-                None => {
-                    lists::clear(ebpf, &ListMaps::allowlist(generation))?;
-                    lists::clear(ebpf, &ListMaps::blocklist(generation))?;
-                    Policy::default()
-                }
-            };
-            lists::apply_delta(
-                ebpf,
-                &ListMaps::allowlist(generation),
-                &from.allowlist,
-                &new.allowlist,
-            )?;
-            lists::apply_delta(
-                ebpf,
-                &ListMaps::blocklist(generation),
-                &from.blocklist,
-                &new.blocklist,
-            )?;
-            rules.install(ebpf, generation).map_err(PolicyError::from)?;
-            policy::write_settings(ebpf, generation, settings)?;
-            Ok(())
-        })();
-        if result.is_ok() {
-            self.held[generation] = Some(new.clone());
+        if self.stale[generation] {
+            return self.rebuild(ebpf, generation);
         }
-        result
+        lists::write_change(
+            ebpf,
+            &ListKind::Allow.maps(generation),
+            &self.policy.allowlist,
+            allowlist,
+        )?;
+        lists::write_change(
+            ebpf,
+            &ListKind::Block.maps(generation),
+            &self.policy.blocklist,
+            blocklist,
+        )?;
+        if rules_changed {
+            RuleTables::compile(&self.policy.rules)
+                .install(ebpf, generation)
+                .map_err(PolicyError::from)?;
+        }
+        self.write_settings(ebpf, generation)
+    }
+
+    /// Empties `generation` and writes the whole policy into it.
+    fn rebuild(&mut self, ebpf: &mut Ebpf, generation: usize) -> Result<(), ChangeError> {
+        for (kind, entries) in [
+            (ListKind::Allow, &self.policy.allowlist),
+            (ListKind::Block, &self.policy.blocklist),
+        ] {
+            let maps = kind.maps(generation);
+            lists::clear(ebpf, &maps)?;
+            CompiledList::compile(&maps, entries)?.install(ebpf, &maps)?;
+        }
+        RuleTables::compile(&self.policy.rules)
+            .install(ebpf, generation)
+            .map_err(PolicyError::from)?;
+        self.write_settings(ebpf, generation)?;
+        self.stale[generation] = false;
+        Ok(())
+    }
+
+    fn write_settings(&self, ebpf: &mut Ebpf, generation: usize) -> Result<(), ChangeError> {
+        let settings = policy::settings(
+            &self.policy,
+            self.allow_counts.shape(ListKind::Allow.name())?,
+            self.block_counts.shape(ListKind::Block.name())?,
+        );
+        Ok(policy::write_settings(ebpf, generation, settings)?)
     }
 }

@@ -1,18 +1,18 @@
 //! Loading the embedded XDP program and attaching it to interfaces.
 
-use agent_common::{
-    lists::V4_LONG_MIN_PREFIX,
-    maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM},
-};
+use agent_common::maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM};
 use aya::{
     Ebpf, EbpfLoader,
     maps::Array,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
-use ipnet::IpNet;
 use tracing::{info, warn};
 
-use crate::config::{ListEntries, Policy, XdpMode};
+use crate::{
+    config::{Policy, RateLimit, XdpMode},
+    lists::ListCounts,
+    pins::LinkMode,
+};
 
 /// The XDP object built from `agent-ebpf` by `build.rs`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-xdp"));
@@ -59,72 +59,63 @@ pub struct Capacities {
 }
 
 impl Capacities {
-    /// Room for the policy's entries and a quarter more (live additions), never below the
-    /// built-in default.
-    pub fn for_policy(policy: &Policy) -> Self {
+    /// Room for the policy's entries plus `runtime_entries` added while running, never below
+    /// the built-in default.
+    pub fn for_policy(policy: &Policy, runtime_entries: u32) -> Self {
+        let allow = ListCounts::of(&policy.allowlist);
+        let block = ListCounts::of(&policy.blocklist);
         let fit = |n: usize| {
-            u32::try_from(n + n / 4)
+            u32::try_from(n)
                 .unwrap_or(u32::MAX)
+                .saturating_add(runtime_entries)
                 .max(LONG_PREFIXES_DEFAULT_CAPACITY)
         };
         Self {
-            allow_v4_long: fit(count_of(&policy.allowlist, true)),
-            allow_v6: fit(count_of(&policy.allowlist, false)),
-            block_v4_long: fit(count_of(&policy.blocklist, true)),
-            block_v6: fit(count_of(&policy.blocklist, false)),
+            allow_v4_long: fit(allow.v4_long()),
+            allow_v6: fit(allow.v6()),
+            block_v4_long: fit(block.v4_long()),
+            block_v6: fit(block.v6()),
             rate_sources: policy.rate_limit.max_sources,
         }
     }
 
-    /// Whether `policy` fits maps of these sizes (a live change cannot resize them).
-    pub fn fit(&self, policy: &Policy) -> Result<(), String> {
-        let needed = Self::for_policy(policy);
+    /// Whether lists of these counts and this rate limit fit maps of these sizes (a running
+    /// program's maps cannot be resized).
+    pub fn fit(
+        &self,
+        allow: &ListCounts,
+        block: &ListCounts,
+        rate_limit: &RateLimit,
+    ) -> Result<(), String> {
         let checks = [
             (
                 "allowlist IPv4 prefixes longer than /24",
-                count_of(&policy.allowlist, true),
+                allow.v4_long(),
                 self.allow_v4_long,
             ),
-            (
-                "allowlist IPv6 prefixes",
-                count_of(&policy.allowlist, false),
-                self.allow_v6,
-            ),
+            ("allowlist IPv6 prefixes", allow.v6(), self.allow_v6),
             (
                 "blocklist IPv4 prefixes longer than /24",
-                count_of(&policy.blocklist, true),
+                block.v4_long(),
                 self.block_v4_long,
             ),
-            (
-                "blocklist IPv6 prefixes",
-                count_of(&policy.blocklist, false),
-                self.block_v6,
-            ),
+            ("blocklist IPv6 prefixes", block.v6(), self.block_v6),
         ];
         for (what, count, capacity) in checks {
             if count > capacity as usize {
                 return Err(format!(
-                    "{count} {what} exceed the loaded maps' {capacity}; restart moat to resize them"
+                    "{count} {what} exceed the loaded maps' {capacity}; raise runtime_entries \
+                     and restart moat to resize them"
                 ));
             }
         }
-        if needed.rate_sources != self.rate_sources {
+        if rate_limit.max_sources != self.rate_sources {
             return Err(
                 "rate_limit.max_sources changed; restart moat to resize the limiter".into(),
             );
         }
         Ok(())
     }
-}
-
-/// Entries of `list` in its IPv4 long-prefix hash (`long_v4`) or its IPv6 hash.
-fn count_of(list: &ListEntries, long_v4: bool) -> usize {
-    list.keys()
-        .filter(|c| match c.net() {
-            IpNet::V4(net) => long_v4 && u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX,
-            IpNet::V6(_) => !long_v4,
-        })
-        .count()
 }
 
 /// Loads the program into the kernel (verifier included) without attaching it.
@@ -181,12 +172,11 @@ pub fn register_interfaces(ebpf: &mut Ebpf, if_indexes: &[u32]) -> Result<(), Lo
 }
 
 /// An attachment made by [`attach`]: detached when the `Ebpf` that owns it is dropped, or
-/// explicitly with [`detach`].
+/// explicitly with [`detach`], unless its link is taken out and pinned.
 #[derive(Debug)]
 pub struct Attachment {
-    pub interface: String,
-    pub mode: &'static str,
-    link: XdpLinkId,
+    pub mode: LinkMode,
+    pub link: XdpLinkId,
 }
 
 /// Attaches to `interface`; in `auto` mode, native first and generic if the driver refuses.
@@ -196,24 +186,24 @@ pub fn attach(
     if_index: u32,
     mode: XdpMode,
 ) -> Result<Attachment, LoadError> {
-    let try_mode = |program: &mut Xdp, aya_mode, mode_name: &'static str| {
+    let try_mode = |program: &mut Xdp, mode: LinkMode| {
+        let aya_mode = match mode {
+            LinkMode::Native => AyaXdpMode::Driver,
+            LinkMode::Generic => AyaXdpMode::Skb,
+        };
         program
             .attach_to_if_index(if_index, aya_mode)
-            .map(|link| Attachment {
-                interface: interface.to_string(),
-                mode: mode_name,
-                link,
-            })
+            .map(|link| Attachment { mode, link })
             .map_err(|source| LoadError::Attach {
                 interface: interface.to_string(),
-                mode: mode_name,
+                mode: mode.name(),
                 source,
             })
     };
     match mode {
-        XdpMode::Native => try_mode(program, AyaXdpMode::Driver, "native"),
-        XdpMode::Generic => try_mode(program, AyaXdpMode::Skb, "generic"),
-        XdpMode::Auto => match try_mode(program, AyaXdpMode::Driver, "native") {
+        XdpMode::Native => try_mode(program, LinkMode::Native),
+        XdpMode::Generic => try_mode(program, LinkMode::Generic),
+        XdpMode::Auto => match try_mode(program, LinkMode::Native) {
             Ok(attachment) => Ok(attachment),
             Err(native) => {
                 warn!(
@@ -222,17 +212,17 @@ pub fn attach(
                     "native XDP unavailable, falling back to generic mode (packets are dropped \
                      after the kernel allocates them)"
                 );
-                try_mode(program, AyaXdpMode::Skb, "generic")
+                try_mode(program, LinkMode::Generic)
             }
         },
     }
 }
 
-pub fn detach(program: &mut Xdp, attachment: Attachment) {
-    match program.detach(attachment.link) {
-        Ok(()) => info!(interface = attachment.interface, "detached"),
+pub fn detach(program: &mut Xdp, interface: &str, link: XdpLinkId) {
+    match program.detach(link) {
+        Ok(()) => info!(interface, "detached"),
         Err(e) => warn!(
-            interface = attachment.interface,
+            interface,
             error = %crate::error_chain(&e),
             "detaching failed"
         ),

@@ -2,33 +2,68 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use moat::{
-    cli::{Cli, Command},
-    daemon, logging,
+    cli::{Cli, Command, ConfigCommand},
+    client_commands, daemon, logging,
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and a bare `moat block`: the help text is the answer.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, like every other refusal; `--help` has the rest.
+            let text = e.to_string();
+            let reason = text.lines().next().unwrap_or_default();
+            eprintln!(
+                "moat: {} (see moat --help)",
+                reason.strip_prefix("error: ").unwrap_or(reason)
+            );
+            return ExitCode::from(2);
+        }
+    };
     logging::init(&cli.log_level);
+    let daemon = matches!(cli.command, Command::Run(_));
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) if daemon => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            // One line, for people and scripts.
+            eprintln!("moat: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket();
     match cli.command {
         Command::Run(args) => {
             let source = daemon::ConfigSource {
                 path: args.config.clone(),
-                overrides: args.overrides(),
+                overrides: args.overrides(cli.socket.clone()),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon::run(source))
+                .block_on(daemon::run(source, !args.no_pin))
         }
+        Command::Block { command } => client_commands::block(&socket, command),
+        Command::Allow { command } => client_commands::allow(&socket, command),
+        Command::Stats(args) => client_commands::stats(&socket, args),
+        Command::Status { json } => client_commands::status(&socket, json),
+        Command::Reload => client_commands::reload(&socket),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => client_commands::config_check(&file),
+        Command::Down(args) => client_commands::down(cli.socket.clone(), args),
     }
 }

@@ -9,10 +9,8 @@ use aya::Ebpf;
 
 use crate::{
     config::{Mode, Policy, RateLimit},
-    lists::{CompiledList, ListError, ListMaps},
-    loader::Capacities,
+    lists::{ListCounts, ListError},
     map_access::{self, MapAccessError, named},
-    rule_tables::RuleTables,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -23,41 +21,12 @@ pub enum PolicyError {
     Access(#[from] MapAccessError),
 }
 
-/// A policy compiled to map contents, ready to install into a fresh program.
-pub struct CompiledPolicy {
-    allowlist: CompiledList,
-    blocklist: CompiledList,
-    rules: RuleTables,
-    settings: Settings,
-    pub capacities: Capacities,
-}
-
-impl CompiledPolicy {
-    pub fn compile(policy: &Policy) -> Result<Self, PolicyError> {
-        let allowlist = CompiledList::compile(&ListMaps::allowlist(0), &policy.allowlist)?;
-        let blocklist = CompiledList::compile(&ListMaps::blocklist(0), &policy.blocklist)?;
-        Ok(Self {
-            settings: settings(policy, allowlist.shape, blocklist.shape),
-            capacities: Capacities::for_policy(policy),
-            allowlist,
-            blocklist,
-            rules: RuleTables::compile(&policy.rules),
-        })
-    }
-
-    /// Writes everything into both generations of a freshly loaded program and puts
-    /// generation 0 in force.
-    pub fn install(&self, ebpf: &mut Ebpf) -> Result<(), PolicyError> {
-        for generation in 0..maps::GENERATIONS {
-            self.allowlist
-                .install(ebpf, &ListMaps::allowlist(generation))?;
-            self.blocklist
-                .install(ebpf, &ListMaps::blocklist(generation))?;
-            self.rules.install(ebpf, generation)?;
-            write_settings(ebpf, generation, self.settings)?;
-        }
-        activate(ebpf, 0)
-    }
+/// Checks what only the program's layout limits (IPv6 prefix lengths per list), so that a
+/// policy it cannot enforce is refused before anything is loaded.
+pub fn check(policy: &Policy) -> Result<(), ListError> {
+    ListCounts::of(&policy.allowlist).shape("allowlist")?;
+    ListCounts::of(&policy.blocklist).shape("blocklist")?;
+    Ok(())
 }
 
 /// The settings a policy gives the program, with its lists' shapes.

@@ -64,9 +64,9 @@ impl Lab {
 
         let protected = Netns::create(&format!("{PREFIX}-{}-{n}-protected", std::process::id()));
         let outside = Netns::create(&format!("{PREFIX}-{}-{n}-outside", std::process::id()));
-        let dir = std::env::temp_dir().join(format!("{PREFIX}-{id}"));
+        let dir = std::env::temp_dir().join(format!("{PREFIX}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
+        std::fs::create_dir_all(dir.join("bpf"))
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         let lab = Self {
             protected,
@@ -185,6 +185,26 @@ impl Lab {
         &self.dir
     }
 
+    /// The control socket of the lab's moat.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("moat.sock")
+    }
+
+    /// The state directory of the lab's moat.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The lab's pin directory: on a bpffs instance of its own, which moat mounts on
+    /// [`Lab::bpffs_mount`] (nothing of the host's /sys/fs/bpf is touched).
+    pub fn bpffs(&self) -> PathBuf {
+        self.bpffs_mount().join("moat")
+    }
+
+    pub fn bpffs_mount(&self) -> PathBuf {
+        self.dir.join("bpf")
+    }
+
     /// `ip -j -d link show` of one end, parsed.
     pub fn link(&self, side: Side) -> serde_json::Value {
         let output =
@@ -243,8 +263,19 @@ impl Default for Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Removing the pins lets go of the links and maps moat left; then the mount goes.
+        let _ = std::fs::remove_dir_all(self.bpffs());
+        unmount(&self.bpffs_mount());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn unmount(path: &std::path::Path) {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 with a valid path; failure (nothing mounted) is fine.
+    unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
 }
 
 /// Labs need root (namespaces, veth, XDP). Say so plainly instead of failing somewhere deep.
@@ -258,23 +289,34 @@ pub fn require_root() {
 /// Removes namespaces left by lab processes that no longer exist (a test run killed with
 /// SIGKILL never runs its destructors).
 fn sweep_stale_labs() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for entry in entries.flatten() {
+    for entry in std::fs::read_dir(NETNS_DIR).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if owner_is_gone(&name) {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", &name])
                 .output();
         }
     }
+    // Scratch directories, with the pins and bpffs mounts a killed run left in them.
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if owner_is_gone(&entry.file_name().to_string_lossy()) {
+            let mount = entry.path().join("bpf");
+            let _ = std::fs::remove_dir_all(mount.join("moat"));
+            unmount(&mount);
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether `name` is a lab's (`moatlab-<pid>-…`) and its process no longer exists.
+fn owner_is_gone(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
 }

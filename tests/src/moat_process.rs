@@ -41,8 +41,22 @@ pub struct MoatProcess {
 }
 
 impl MoatProcess {
-    /// Starts `moat <args…>` inside the lab's protected namespace, output to a log file.
+    /// Starts `moat <args…>` inside the lab's protected namespace, output to a log file. A
+    /// `run` gets the lab's socket, state directory and pin directory unless `args` name them.
     pub fn spawn(lab: &Lab, args: &[&str]) -> Self {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if args.first().is_some_and(|a| a == "run") {
+            for (option, value) in [
+                ("--socket", lab.socket()),
+                ("--state-dir", lab.state_dir()),
+                ("--bpffs", lab.bpffs()),
+            ] {
+                if !args.iter().any(|a| a == option) {
+                    args.push(option.to_string());
+                    args.push(value.to_string_lossy().into_owned());
+                }
+            }
+        }
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = lab.dir().join(format!("moat-{n}.log"));
@@ -52,7 +66,7 @@ impl MoatProcess {
         let child = lab
             .netns(Side::Protected)
             .command(&moat_bin().to_string_lossy())
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(stderr)
@@ -91,6 +105,58 @@ impl MoatProcess {
         let mut moat = Self::spawn(lab, args);
         let status = moat.wait(STOP_TIMEOUT * 3);
         (status, moat.log_text())
+    }
+
+    /// Runs a client command (`moat --socket <lab socket> args…`) to completion.
+    pub fn cli(lab: &Lab, args: &[&str]) -> CliOutput {
+        let socket = lab.socket();
+        Self::cli_as(lab, args, None, &socket)
+    }
+
+    /// Runs a client command as `user` (uid, gid) when given, against `socket`.
+    pub fn cli_as(
+        lab: &Lab,
+        args: &[&str],
+        user: Option<(u32, u32)>,
+        socket: &std::path::Path,
+    ) -> CliOutput {
+        // A client needs no network namespace (the socket is a path), and an unprivileged one
+        // could not enter it: such a client runs where the test runs.
+        let mut command = match user {
+            None => lab
+                .netns(Side::Protected)
+                .command(&moat_bin().to_string_lossy()),
+            Some((uid, gid)) => {
+                use std::os::unix::process::CommandExt as _;
+                let mut command = std::process::Command::new(moat_bin());
+                command.uid(uid).gid(gid);
+                command
+            }
+        };
+        command
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null());
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run moat {args:?}: {e}"));
+        CliOutput {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the daemon with SIGKILL: no destructor, no clean-up of its own.
+    pub fn kill_hard(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log_text(&self) -> String {
@@ -150,5 +216,42 @@ impl Drop for MoatProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// What a client command printed, and how it exited.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Panics unless the command succeeded; returns its standard output.
+    pub fn ok(self, what: &str) -> String {
+        assert!(
+            self.status.success(),
+            "{what} should succeed, got {}; stderr: {}; stdout: {}",
+            self.status,
+            self.stderr,
+            self.stdout
+        );
+        self.stdout
+    }
+
+    /// Panics unless the command failed with a one-line reason; returns that line.
+    pub fn refused(self, what: &str) -> String {
+        assert!(
+            !self.status.success(),
+            "{what} should fail, but succeeded; stdout: {}",
+            self.stdout
+        );
+        let reason = self.stderr.trim_end();
+        assert!(
+            !reason.is_empty() && !reason.contains('\n'),
+            "{what} should give a one-line reason, got {reason:?}"
+        );
+        reason.to_string()
     }
 }

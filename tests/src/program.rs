@@ -5,7 +5,12 @@ use aya::{
     Ebpf,
     programs::{TestRun as _, TestRunOptions},
 };
-use moat::{config::Policy, loader, policy::CompiledPolicy, stats::Snapshot};
+use moat::{
+    config::Policy,
+    live::LivePolicy,
+    loader::{self, Capacities},
+    stats::Snapshot,
+};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -17,19 +22,20 @@ pub const TEST_RUN_IF_INDEX: u32 = 1;
 /// A program loaded (not attached) with a policy.
 pub struct LoadedProgram {
     pub ebpf: Ebpf,
+    /// The policy in the program's maps, for tests that change it.
+    pub live: LivePolicy,
 }
 
 impl LoadedProgram {
     pub fn new(policy: &Policy) -> Self {
         crate::lab::require_root();
-        let compiled = CompiledPolicy::compile(policy).expect("the test policy compiles");
-        let mut ebpf = loader::load(compiled.capacities)
+        let capacities = Capacities::for_policy(policy, 0);
+        let mut ebpf = loader::load(capacities)
             .unwrap_or_else(|e| panic!("loading the program failed: {}", moat::error_chain(&e)));
-        compiled
-            .install(&mut ebpf)
-            .expect("installing the test policy");
+        let live = LivePolicy::install(&mut ebpf, policy.clone(), capacities)
+            .unwrap_or_else(|e| panic!("installing the test policy: {}", moat::error_chain(&e)));
         loader::register_interfaces(&mut ebpf, &[TEST_RUN_IF_INDEX]).expect("registering lo");
-        Self { ebpf }
+        Self { ebpf, live }
     }
 
     /// Runs the program once on `frame`; returns the XDP action.

@@ -130,3 +130,26 @@ pub fn udp_paced(
         (sent, start.elapsed())
     })
 }
+
+/// Pings each assertion sends.
+pub const ASSERT_PINGS: u32 = 5;
+
+/// Asserts that every one of [`ASSERT_PINGS`] echo requests from `from` to `to` is answered.
+pub fn assert_answered(lab: &Lab, from: &str, to: &str) {
+    let result = ping(lab, from, to, ASSERT_PINGS);
+    assert_eq!(
+        (result.transmitted, result.received),
+        (u64::from(ASSERT_PINGS), u64::from(ASSERT_PINGS)),
+        "every ping from {from} to {to} should be answered"
+    );
+}
+
+/// Asserts that none of [`ASSERT_PINGS`] echo requests from `from` to `to` is answered.
+pub fn assert_unanswered(lab: &Lab, from: &str, to: &str) {
+    let result = ping(lab, from, to, ASSERT_PINGS);
+    assert_eq!(
+        (result.transmitted, result.received),
+        (u64::from(ASSERT_PINGS), 0),
+        "no ping from blocked {from} to {to} should be answered"
+    );
+}

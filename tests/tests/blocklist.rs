@@ -9,10 +9,10 @@ use moat_tests::{
         ATTACKER_NET_V4, ATTACKER_NET_V6, ATTACKER_V4, ATTACKER_V6, LEGIT_V4, LEGIT_V6,
         PROTECTED_V4, PROTECTED_V6,
     },
-    traffic::{ping, ping_frame_len},
+    traffic::{ASSERT_PINGS, assert_answered, assert_unanswered, ping_frame_len},
 };
 
-const PINGS: u32 = 5;
+const PINGS: u32 = ASSERT_PINGS;
 
 /// Blocks the attacker networks from the command line, on the protected interface.
 fn start_blocking(lab: &Lab, extra: &[&str]) -> (MoatProcess, u32) {
@@ -27,24 +27,6 @@ fn start_blocking(lab: &Lab, extra: &[&str]) -> (MoatProcess, u32) {
     ];
     args.extend_from_slice(extra);
     MoatProcess::start(lab, &args)
-}
-
-fn assert_answered(lab: &Lab, from: &str, to: &str) {
-    let result = ping(lab, from, to, PINGS);
-    assert_eq!(
-        (result.transmitted, result.received),
-        (u64::from(PINGS), u64::from(PINGS)),
-        "every ping from {from} to {to} should be answered"
-    );
-}
-
-fn assert_unanswered(lab: &Lab, from: &str, to: &str) {
-    let result = ping(lab, from, to, PINGS);
-    assert_eq!(
-        (result.transmitted, result.received),
-        (u64::from(PINGS), 0),
-        "no ping from blocked {from} to {to} should be answered"
-    );
 }
 
 #[test]
@@ -90,21 +72,34 @@ fn blocked_sources_get_no_replies_and_every_drop_is_counted() {
         status.success(),
         "moat should exit 0 on SIGTERM, got {status}; log:\n{log}"
     );
-    assert_eq!(
-        lab.xdp(Side::Protected),
-        None,
-        "no XDP program may stay attached after moat exits"
-    );
-    assert!(
-        log.contains("detached"),
-        "moat should log that it detached:\n{log}"
-    );
     assert!(
         log.contains("reason=\"blocklist\" packets=10"),
         "moat should log its final counters:\n{log}"
     );
-    // With moat gone, the attacker is answered again.
+    // SIGTERM (systemctl stop/restart) leaves the pinned program enforcing, and says so.
+    assert!(
+        log.contains("keeps enforcing"),
+        "moat should log that the pinned program keeps enforcing:\n{log}"
+    );
+    assert_eq!(lab.xdp(Side::Protected), Some((program_id, "native")));
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+
+    // `moat down` detaches deliberately; with moat gone, the attacker is answered again.
+    let bpffs = lab.bpffs().to_string_lossy().into_owned();
+    let printed = MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("moat down");
+    assert!(
+        printed.contains(lab.interface(Side::Protected)),
+        "moat down should name the interface it detached from: {printed}"
+    );
+    assert_eq!(
+        lab.xdp(Side::Protected),
+        None,
+        "no XDP program may stay attached after moat down"
+    );
+    assert!(!lab.bpffs().exists(), "moat down should remove the pins");
     assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
+    let printed = MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("a second moat down");
+    assert!(printed.contains("nothing pinned"), "{printed}");
 }
 
 #[test]
@@ -119,7 +114,10 @@ fn a_config_file_drives_the_same_policy() {
         ),
     )
     .expect("write config");
-    let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
+    let (moat, _) = MoatProcess::start(
+        &lab,
+        &["run", "--no-pin", "--config", &config.to_string_lossy()],
+    );
     assert_eq!(
         lab.xdp(Side::Protected).map(|(_, mode)| mode),
         Some("native")
@@ -135,13 +133,21 @@ fn a_config_file_drives_the_same_policy() {
         status.success(),
         "moat should exit 0 on SIGINT, got {status}; log:\n{log}"
     );
-    assert_eq!(lab.xdp(Side::Protected), None, "SIGINT should detach too");
+    assert_eq!(
+        lab.xdp(Side::Protected),
+        None,
+        "with --no-pin, SIGINT should detach"
+    );
+    assert!(
+        log.contains("detached"),
+        "moat should log that it detached:\n{log}"
+    );
 }
 
 #[test]
 fn generic_mode_blocks_too() {
     let lab = Lab::new();
-    let (moat, program_id) = start_blocking(&lab, &["--xdp-mode", "generic"]);
+    let (moat, program_id) = start_blocking(&lab, &["--xdp-mode", "generic", "--no-pin"]);
     assert_eq!(lab.xdp(Side::Protected), Some((program_id, "generic")));
 
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);

@@ -710,9 +710,6 @@ fn the_bit_limit_holds_a_source_to_its_bytes() {
 
 #[test]
 fn live_changes_take_effect_whole_and_reach_both_generations() {
-    use moat::live::LivePolicy;
-    use moat::policy::CompiledPolicy;
-
     let first = policy(
         "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"198.51.100.0/24\", \"2001:db8:bad::/48\"]\n",
     );
@@ -723,9 +720,7 @@ fn live_changes_take_effect_whole_and_reach_both_generations() {
     let third = policy(
         "interfaces = [\"lo\"]\nmode = \"monitor\"\n[blocklist]\ncidrs = [\"10.1.0.0/16\"]\n",
     );
-    let mut program = LoadedProgram::new(&policy("interfaces = [\"lo\"]\n"));
-    let compiled = CompiledPolicy::compile(&first).expect("compiles");
-    let mut live = LivePolicy::install(&mut program.ebpf, &first, &compiled).expect("install");
+    let mut program = LoadedProgram::new(&first);
 
     let expect = |program: &mut LoadedProgram, stage: &str, cases: &[(&str, u32)]| {
         for (source, action) in cases {
@@ -793,7 +788,9 @@ fn live_changes_take_effect_whole_and_reach_both_generations() {
             ],
         ),
     ] {
-        live.replace(&mut program.ebpf, next.clone())
+        program
+            .live
+            .replace(&mut program.ebpf, next.clone())
             .unwrap_or_else(|e| panic!("{stage}: {e}"));
         expect(&mut program, stage, &cases);
     }
@@ -815,14 +812,15 @@ fn live_changes_take_effect_whole_and_reach_both_generations() {
     let refused = policy(&format!(
         "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [{too_many}]\n"
     ));
-    let error = live
+    let error = program
+        .live
         .replace(&mut program.ebpf, refused)
         .expect_err("21 IPv6 prefix lengths");
     assert!(
         error.to_string().contains("distinct IPv6 prefix lengths"),
         "{error}"
     );
-    assert_eq!(live.policy(), &second);
+    assert_eq!(program.live.policy(), &second);
     assert_eq!(
         program.run(&Frame::udp("10.200.0.1", 40000, 80).bytes()),
         XDP_DROP,

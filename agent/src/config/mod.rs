@@ -28,6 +28,17 @@ pub use self::{
 const IFNAME_MAX_LEN: usize = 15;
 /// Default: one in this many dropped packets is sampled to the log.
 const DEFAULT_SAMPLE_EVERY: u32 = 1000;
+/// Default room, in each list's hashes of long IPv4 and of IPv6 prefixes, for entries added
+/// while running (`moat block add`, `moat block import`, …) beyond the configuration's own.
+const DEFAULT_RUNTIME_ENTRIES: u32 = 65_536;
+/// The most `runtime_entries` may ask for.
+const MAX_RUNTIME_ENTRIES: i64 = 1 << 24;
+/// Default control socket; the CLI uses it too unless `--socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/moat/moat.sock";
+/// Default directory for dynamic entries (CLI blocks and allows, bans) that outlive a restart.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/moat";
+/// Default directory on bpffs for the pinned links and maps.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/moat";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -135,6 +146,16 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    /// Room for entries added while running; see [`DEFAULT_RUNTIME_ENTRIES`].
+    pub runtime_entries: Option<Spanned<i64>>,
+    /// The control socket's path.
+    pub socket: Option<Spanned<String>>,
+    /// A group whose members may use the control socket (mode 0660); absent: root only (0600).
+    pub socket_group: Option<Spanned<String>>,
+    /// Where dynamic entries are persisted.
+    pub state_dir: Option<Spanned<String>>,
+    /// Where links and maps are pinned, on a bpffs mount.
+    pub bpffs: Option<Spanned<String>>,
     /// Where the config came from, for error messages.
     #[serde(skip)]
     origin: Origin,
@@ -186,6 +207,19 @@ pub struct Overrides {
     /// Added to `blocklist.cidrs`.
     pub block: Vec<String>,
     pub xdp_mode: Option<XdpMode>,
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+}
+
+/// Where the daemon keeps what outlives it, and where operators reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paths {
+    pub socket: PathBuf,
+    /// Group allowed on the socket besides root.
+    pub socket_group: Option<String>,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
 }
 
 /// A list after validation: each CIDR once, with the source of its first appearance.
@@ -209,6 +243,9 @@ pub struct Settings {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
     pub policy: Policy,
+    pub paths: Paths,
+    /// Room in the list maps for entries added while running.
+    pub runtime_entries: u32,
 }
 
 impl Config {
@@ -290,6 +327,51 @@ impl Config {
             interfaces,
             xdp_mode: overrides.xdp_mode.unwrap_or(self.xdp_mode),
             policy,
+            paths: self.resolve_paths(overrides)?,
+            runtime_entries: match &self.runtime_entries {
+                None => DEFAULT_RUNTIME_ENTRIES,
+                Some(n) if (0..=MAX_RUNTIME_ENTRIES).contains(n.get_ref()) => *n.get_ref() as u32,
+                Some(n) => {
+                    return Err(self.invalid(
+                        &n.span(),
+                        format!(
+                            "runtime_entries = {} is outside 0..={MAX_RUNTIME_ENTRIES}",
+                            n.get_ref()
+                        ),
+                    ));
+                }
+            },
+        })
+    }
+
+    /// The daemon's paths: command line first, then the file, then the defaults.
+    pub fn resolve_paths(&self, overrides: &Overrides) -> Result<Paths, ConfigError> {
+        let path = |given: &Option<PathBuf>, key: &Option<Spanned<String>>, default: &str| {
+            if let Some(path) = given {
+                return Ok(path.clone());
+            }
+            match key {
+                None => Ok(PathBuf::from(default)),
+                Some(text) if Path::new(text.get_ref()).is_absolute() => {
+                    Ok(PathBuf::from(text.get_ref()))
+                }
+                Some(text) => Err(self.invalid(
+                    &text.span(),
+                    format!("{:?} is not an absolute path", text.get_ref()),
+                )),
+            }
+        };
+        let socket_group = match &self.socket_group {
+            Some(group) if group.get_ref().is_empty() || group.get_ref().contains('\0') => {
+                return Err(self.invalid(&group.span(), "socket_group is not a group name".into()));
+            }
+            group => group.as_ref().map(|g| g.get_ref().clone()),
+        };
+        Ok(Paths {
+            socket: path(&overrides.socket, &self.socket, DEFAULT_SOCKET)?,
+            socket_group,
+            state_dir: path(&overrides.state_dir, &self.state_dir, DEFAULT_STATE_DIR)?,
+            bpffs: path(&overrides.bpffs, &self.bpffs, DEFAULT_BPFFS)?,
         })
     }
 
@@ -565,6 +647,7 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
                 interfaces: vec!["b".into(), "c".into()],
                 block: vec!["2001:db8::/32".into()],
                 xdp_mode: Some(XdpMode::Generic),
+                ..Overrides::default()
             })
             .expect("valid overrides");
         assert_eq!(settings.interfaces, ["b", "c"]);
@@ -582,7 +665,7 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
             .resolve(&Overrides {
                 interfaces: vec!["a".into()],
                 block: vec!["nonsense".into()],
-                xdp_mode: None,
+                ..Overrides::default()
             })
             .expect_err("bad CIDR");
         assert!(e.to_string().contains("nonsense"), "{e}");
@@ -605,6 +688,29 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
             .expect("embedded default is valid");
         assert_eq!(settings.xdp_mode, XdpMode::Auto);
         assert!(settings.policy.blocklist.is_empty());
+    }
+
+    #[test]
+    fn paths_come_from_the_command_line_the_file_or_the_defaults() {
+        let config = parse(
+            "interfaces = [\"a\"]\nsocket = \"/tmp/m.sock\"\nsocket_group = \"moat\"\nstate_dir = \"/tmp/state\"\n",
+        )
+        .expect("parses");
+        let paths = config
+            .resolve_paths(&Overrides {
+                state_dir: Some("/elsewhere".into()),
+                ..Overrides::default()
+            })
+            .expect("valid");
+        assert_eq!(paths.socket, Path::new("/tmp/m.sock"));
+        assert_eq!(paths.socket_group.as_deref(), Some("moat"));
+        assert_eq!(paths.state_dir, Path::new("/elsewhere"));
+        assert_eq!(paths.bpffs, Path::new(DEFAULT_BPFFS));
+        let e = error("interfaces = [\"a\"]\nbpffs = \"relative/dir\"\n");
+        assert!(
+            e.starts_with("moat.toml:2:9:") && e.contains("absolute"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,22 +34,30 @@ fn main() {
         lab.interface(Side::Outside)
     );
     println!(
-        "moat run --iface {protected_if} --block {ATTACKER_NET_V4} --block {ATTACKER_NET_V6}  (embedded default config)"
+        "moat run --iface {protected_if} --block {ATTACKER_NET_V6}  (embedded default config)"
     );
     let (moat, program_id) = MoatProcess::start(
         &lab,
-        &[
-            "run",
-            "--iface",
-            &protected_if,
-            "--block",
-            ATTACKER_NET_V4,
-            "--block",
-            ATTACKER_NET_V6,
-        ],
+        &["run", "--iface", &protected_if, "--block", ATTACKER_NET_V6],
     );
     let (_, mode) = lab.xdp(Side::Protected).expect("attached");
-    println!("moat attached: XDP program {program_id}, {mode} mode\n");
+    println!("moat attached: XDP program {program_id}, {mode} mode");
+    let add = [
+        "block",
+        "add",
+        ATTACKER_NET_V4,
+        "--ttl",
+        "10m",
+        "--comment",
+        "lab attacker",
+    ];
+    println!("moat {}", add.join(" "));
+    print!("{}", MoatProcess::cli(&lab, &add).ok("moat block add"));
+    println!("moat block list");
+    println!(
+        "{}",
+        MoatProcess::cli(&lab, &["block", "list"]).ok("moat block list")
+    );
 
     let (legit_v4, legit_v6, flood_v4, flood_v6) = std::thread::scope(|scope| {
         let legit = scope.spawn(|| {
@@ -129,12 +137,22 @@ fn main() {
          (a gap is what the veth queue itself dropped under the flood, before XDP)"
     );
 
-    let (status, log) = moat.stop(libc::SIGTERM);
+    println!("moat status");
     println!(
-        "\nmoat stopped ({status}); XDP program still attached: {}",
-        lab.xdp(Side::Protected).is_some()
+        "{}",
+        MoatProcess::cli(&lab, &["status"]).ok("moat status")
     );
-    println!("moat's log:\n{log}");
+    let (status, log) = moat.stop(libc::SIGTERM);
+    println!("moat stopped ({status}); its log:\n{log}");
+    let still_enforcing = lab.xdp(Side::Protected).is_some();
+    println!("XDP program still attached after the daemon stopped: {still_enforcing}");
+    let bpffs = lab.bpffs().to_string_lossy().into_owned();
+    println!("moat down");
+    print!(
+        "{}",
+        MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("moat down")
+    );
+    let detached = lab.xdp(Side::Protected).is_none();
     let legit_ok =
         legit_v4.received == legit_v4.transmitted && legit_v6.received == legit_v6.transmitted;
     let blocked_ok = attacker_ping.received == 0 && dropped > 0;
@@ -145,7 +163,7 @@ fn main() {
     );
     drop(lab);
     println!("lab removed");
-    if !(legit_ok && blocked_ok && status.success()) {
+    if !(legit_ok && blocked_ok && status.success() && still_enforcing && detached) {
         std::process::exit(1);
     }
 }

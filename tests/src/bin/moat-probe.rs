@@ -6,8 +6,7 @@ use std::{path::Path, time::Instant};
 
 use moat::{
     config::{Config, Overrides},
-    loader,
-    policy::CompiledPolicy,
+    loader::{self, Capacities},
 };
 
 const POLICY: &str = r#"
@@ -33,9 +32,8 @@ fn main() {
         .and_then(|c| c.resolve(&Overrides::default()))
         .unwrap_or_else(|e| panic!("probe policy: {e}"))
         .policy;
-    let compiled = CompiledPolicy::compile(&policy).expect("probe policy compiles");
     let started = Instant::now();
-    let mut ebpf = match loader::load(compiled.capacities) {
+    let mut ebpf = match loader::load(Capacities::for_policy(&policy, 0)) {
         Ok(ebpf) => ebpf,
         Err(e) => {
             println!("loaded=false error={:?}", moat::error_chain(&e));

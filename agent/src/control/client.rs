@@ -1,0 +1,39 @@
+//! The CLI's end of the control socket.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use tokio::net::UnixStream;
+
+use super::protocol::{self, MAX_RESPONSE_BYTES, Reply, Request, Response};
+
+/// Sends one request and returns the daemon's reply, or its error as an error.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let mut stream = UnixStream::connect(socket).await.with_context(|| {
+            format!(
+                "cannot reach the moat daemon at {} (is `moat run` running, and may this user \
+                 use its socket?)",
+                socket.display()
+            )
+        })?;
+        // A daemon that refuses the peer answers without reading the request: its answer
+        // says more than the broken pipe the write then meets.
+        let sent = protocol::write_frame(&mut stream, request).await;
+        let response: Response = match protocol::read_frame(&mut stream, MAX_RESPONSE_BYTES).await {
+            Ok(response) => response,
+            Err(e) => {
+                sent.context("sending the request")?;
+                return Err(e).context("reading the daemon's response");
+            }
+        };
+        match response {
+            Response::Ok(reply) => Ok(reply),
+            Response::Error(message) => bail!("{message}"),
+        }
+    })
+}

@@ -1,0 +1,264 @@
+//! The control socket's protocol: one request, one response, each a frame of a 4-byte
+//! big-endian length and that many bytes of JSON. Frames are bounded so that no client can
+//! make the daemon allocate without limit.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// The largest request the daemon reads: room for `moat block import` of a few million
+/// prefixes.
+pub const MAX_REQUEST_BYTES: u32 = 128 << 20;
+/// The largest response the CLI reads (a list of millions of entries).
+pub const MAX_RESPONSE_BYTES: u32 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("the peer closed the connection before sending a request")]
+    Closed,
+    #[error("the frame is truncated: {0}")]
+    Truncated(std::io::Error),
+    #[error("a frame of {length} bytes exceeds the limit of {limit} bytes")]
+    Oversized { length: u32, limit: u32 },
+    #[error("the frame is not valid JSON for this message: {0}")]
+    Malformed(String),
+    #[error("writing the frame failed: {0}")]
+    Write(std::io::Error),
+}
+
+/// Which list a request is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListName {
+    Allowlist,
+    Blocklist,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "command",
+    content = "arguments",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
+pub enum Request {
+    /// Adds entries (CIDRs or addresses, validated by the daemon), all or none.
+    ListAdd {
+        list: ListName,
+        cidrs: Vec<String>,
+        /// Seconds until the entries expire; absent: never.
+        ttl_seconds: Option<u64>,
+        comment: Option<String>,
+    },
+    /// Deletes entries added at run time, all or none.
+    ListDel {
+        list: ListName,
+        cidrs: Vec<String>,
+    },
+    /// Every entry of a list, with where it came from.
+    ListShow {
+        list: ListName,
+    },
+    Stats,
+    Status,
+    Reload,
+}
+
+/// A list entry as `moat block list --json` prints it (a stable format; see README).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryView {
+    pub cidr: String,
+    /// RFC 3339, or null.
+    pub expires_at: Option<String>,
+    pub comment: Option<String>,
+    /// `config`, `cli` or `rate_limit`.
+    pub source: String,
+}
+
+/// A counter as `moat stats --json` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterView {
+    pub interface: String,
+    pub action: String,
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceView {
+    pub name: String,
+    pub if_index: u32,
+    /// `native`, `generic`, or `unknown` for a link adopted without a record of its mode.
+    pub xdp_mode: String,
+    /// Whether the link is pinned (it outlives the daemon).
+    pub pinned: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    /// `enforce` or `monitor`.
+    pub mode: String,
+    pub program_id: Option<u32>,
+    pub program_tag: Option<String>,
+    pub interfaces: Vec<InterfaceView>,
+    pub maps: Vec<MapFill>,
+    /// The pin directory, or null when running with `--no-pin`.
+    pub bpffs: Option<String>,
+    pub state_dir: String,
+    pub config: Option<String>,
+}
+
+/// What a change did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeView {
+    /// Entries that were not in the list before.
+    pub added: u64,
+    /// Entries already present whose expiry or comment was updated.
+    pub updated: u64,
+    pub removed: u64,
+    /// Things the operator should know (e.g. an entry that the config also holds).
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Changed(ChangeView),
+    Entries { entries: Vec<EntryView> },
+    Stats { counters: Vec<CounterView> },
+    Status(StatusView),
+    Reloaded,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(Reply),
+    Error(String),
+}
+
+/// Reads one frame of at most `limit` bytes and decodes it.
+pub async fn read_frame<T: serde::de::DeserializeOwned>(
+    stream: &mut (impl AsyncRead + Unpin),
+    limit: u32,
+) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    let mut filled = 0;
+    while filled < header.len() {
+        match stream.read(&mut header[filled..]).await {
+            Ok(0) if filled == 0 => return Err(FrameError::Closed),
+            Ok(0) => {
+                return Err(FrameError::Truncated(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            Ok(n) => filled += n,
+            Err(e) => return Err(FrameError::Truncated(e)),
+        }
+    }
+    let length = u32::from_be_bytes(header);
+    if length > limit {
+        return Err(FrameError::Oversized { length, limit });
+    }
+    let mut body = vec![0u8; length as usize];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(FrameError::Truncated)?;
+    serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+pub async fn write_frame(
+    stream: &mut (impl AsyncWrite + Unpin),
+    message: &impl Serialize,
+) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let length = u32::try_from(body.len()).map_err(|_| FrameError::Oversized {
+        length: u32::MAX,
+        limit: u32::MAX,
+    })?;
+    stream
+        .write_all(&length.to_be_bytes())
+        .await
+        .map_err(FrameError::Write)?;
+    stream.write_all(&body).await.map_err(FrameError::Write)?;
+    stream.flush().await.map_err(FrameError::Write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn decode(bytes: &[u8], limit: u32) -> Result<Request, FrameError> {
+        let mut reader = bytes;
+        read_frame(&mut reader, limit).await
+    }
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn requests_round_trip() {
+        let request = Request::ListAdd {
+            list: ListName::Blocklist,
+            cidrs: vec!["198.51.100.0/24".into()],
+            ttl_seconds: Some(600),
+            comment: Some("scanner".into()),
+        };
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &request).await.expect("write");
+        assert_eq!(decode(&bytes, 1024).await.expect("read"), request);
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_errors() {
+        assert!(matches!(decode(b"", 1024).await, Err(FrameError::Closed)));
+        assert!(matches!(
+            decode(b"\0\0", 1024).await,
+            Err(FrameError::Truncated(_))
+        ));
+        assert!(matches!(
+            decode(&frame(b"{\"command\":"), 1024).await.map(|_| ()),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut short = frame(b"{\"command\":\"stats\"}");
+        short.truncate(10);
+        assert!(matches!(
+            decode(&short, 1024).await,
+            Err(FrameError::Truncated(_))
+        ));
+        assert!(matches!(
+            decode(&frame(&[b' '; 2048]), 1024).await,
+            Err(FrameError::Oversized { length: 2048, .. })
+        ));
+        assert!(matches!(
+            decode(&frame(b"{\"command\":\"stats\",\"extra\":1}"), 1024).await,
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(
+                &frame(b"{\"command\":\"list_del\",\"arguments\":{\"list\":\"blocklist\",\"cidrs\":[],\"x\":1}}"),
+                1024
+            )
+            .await,
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&frame(b"{\"command\":\"format_disk\"}"), 1024).await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

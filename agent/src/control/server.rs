@@ -1,0 +1,216 @@
+//! The daemon's end of the control socket: bind it with the right owner and mode, check each
+//! peer's credentials, read bounded requests, and hand them to the daemon one at a time.
+
+use std::{
+    ffi::CString,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    net::{UnixListener, UnixStream},
+    sync::{Semaphore, mpsc, oneshot},
+};
+use tracing::{debug, warn};
+
+use super::protocol::{self, FrameError, MAX_REQUEST_BYTES, Request, Response};
+
+/// Clients served at once; more wait for a free slot, so that no number of clients can make
+/// the daemon hold more than this many requests in memory.
+const MAX_CLIENTS: usize = 8;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another moat daemon is serving {0}")]
+    InUse(PathBuf),
+    #[error("socket_group {0:?} does not exist")]
+    NoGroup(String),
+}
+
+/// A request and where its response goes.
+pub type Job = (Request, oneshot::Sender<Response>);
+
+/// Who may talk to the daemon: root, and the members of `socket_group` when set.
+#[derive(Clone, Copy, Debug)]
+struct Access {
+    group: Option<libc::gid_t>,
+}
+
+impl Access {
+    fn check(&self, stream: &UnixStream) -> Result<(), String> {
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        if cred.uid() == 0 {
+            return Ok(());
+        }
+        if let Some(group) = self.group {
+            let member = cred.gid() == group
+                || cred
+                    .pid()
+                    .is_some_and(|pid| supplementary_groups(pid).contains(&group));
+            if member {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "permission denied: uid {} is neither root nor in the socket's group",
+            cred.uid()
+        ))
+    }
+}
+
+/// The supplementary groups of process `pid`, from /proc.
+fn supplementary_groups(pid: i32) -> Vec<libc::gid_t> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .map(|groups| {
+            groups
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn group_id(name: &str) -> Result<libc::gid_t, SocketError> {
+    let c_name = CString::new(name).map_err(|_| SocketError::NoGroup(name.to_string()))?;
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes into the group struct and buffer we own.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return Err(SocketError::NoGroup(name.to_string()));
+    }
+    Ok(group.gr_gid)
+}
+
+/// The bound socket; the file is removed when this is dropped.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    access: Access,
+}
+
+impl ControlSocket {
+    /// Binds `path`: mode 0600 (root only), or 0660 with group `group`. A stale socket left by
+    /// a daemon that died is replaced; a live one is an error.
+    pub fn bind(path: &Path, group: Option<&str>) -> Result<Self, SocketError> {
+        let io = |source| SocketError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let gid = group.map(group_id).transpose()?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(SocketError::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        let listener = UnixListener::bind(path).map_err(io)?;
+        let mode = if gid.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(io)?;
+        }
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+            access: Access { group: gid },
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts clients for ever, sending their requests to `jobs`.
+    pub async fn serve(&self, jobs: mpsc::Sender<Job>) {
+        let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "accepting a control connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let jobs = jobs.clone();
+            let access = self.access;
+            tokio::spawn(async move {
+                serve_client(stream, access, jobs).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_client(mut stream: UnixStream, access: Access, jobs: mpsc::Sender<Job>) {
+    let response = match access.check(&stream) {
+        Err(refusal) => {
+            warn!(reason = refusal, "control connection refused");
+            Response::Error(refusal)
+        }
+        Ok(()) => {
+            let request = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                protocol::read_frame::<Request>(&mut stream, MAX_REQUEST_BYTES),
+            )
+            .await
+            .unwrap_or_else(|_| Err(FrameError::Truncated(std::io::ErrorKind::TimedOut.into())));
+            match request {
+                Ok(request) => {
+                    let (reply_to, reply) = oneshot::channel();
+                    if jobs.send((request, reply_to)).await.is_err() {
+                        return;
+                    }
+                    match reply.await {
+                        Ok(response) => response,
+                        Err(_) => Response::Error("the daemon is shutting down".into()),
+                    }
+                }
+                Err(FrameError::Closed) => return,
+                Err(e) => {
+                    debug!(error = %e, "bad control request");
+                    Response::Error(format!("bad request: {e}"))
+                }
+            }
+        }
+    };
+    if let Err(e) = protocol::write_frame(&mut stream, &response).await {
+        debug!(error = %e, "could not answer a control client");
+    }
+}

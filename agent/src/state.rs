@@ -1,0 +1,443 @@
+//! What outlives a daemon: entries added at run time (CLI blocks and allows with their expiry
+//! and comment) and the rate limiter's bans, saved in `state_dir` so that a restart, an upgrade
+//! or a reboot keeps them. Writes go to a temporary file that is synced and then renamed over
+//! the old one, so a crash leaves either the old state or the new, never half of one.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File, OpenOptions},
+    io::BufWriter,
+    io::Write as _,
+    net::IpAddr,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{config::Cidr, live::ListKind};
+
+/// The state file's name inside `state_dir`.
+const STATE_FILE: &str = "state.json";
+/// Held (flock) by the running daemon, so that two daemons never share a state.
+const LOCK_FILE: &str = "moat.lock";
+/// Bumped when the file's layout changes incompatibly.
+const STATE_VERSION: u32 = 1;
+/// Write buffer: a state of a million entries is tens of megabytes.
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a moat state file: {message}; fix or remove it")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("another moat daemon holds {0}")]
+    Locked(PathBuf),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An entry added at run time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DynamicEntry {
+    /// `None`: until deleted.
+    pub expires_at: Option<SystemTime>,
+    /// Shared by the entries of one request: an import of a million entries keeps one copy.
+    pub comment: Option<Arc<str>>,
+}
+
+pub type DynamicList = BTreeMap<Cidr, DynamicEntry>;
+
+/// The entries added at run time, per list, with an index of their expiries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dynamic {
+    allowlist: DynamicList,
+    blocklist: DynamicList,
+    /// Every entry that expires, by expiry: the next one and the expired ones are found
+    /// without a walk over a list of a million entries.
+    expiries: BTreeSet<(SystemTime, ListKind, Cidr)>,
+}
+
+impl Dynamic {
+    pub fn list(&self, kind: ListKind) -> &DynamicList {
+        match kind {
+            ListKind::Allow => &self.allowlist,
+            ListKind::Block => &self.blocklist,
+        }
+    }
+
+    fn list_mut(&mut self, kind: ListKind) -> &mut DynamicList {
+        match kind {
+            ListKind::Allow => &mut self.allowlist,
+            ListKind::Block => &mut self.blocklist,
+        }
+    }
+
+    /// Adds or replaces an entry; returns the one it replaced.
+    pub fn insert(
+        &mut self,
+        kind: ListKind,
+        cidr: Cidr,
+        entry: DynamicEntry,
+    ) -> Option<DynamicEntry> {
+        if let Some(at) = entry.expires_at {
+            self.expiries.insert((at, kind, cidr));
+        }
+        let old = self.list_mut(kind).insert(cidr, entry);
+        self.forget_expiry(kind, cidr, old.as_ref());
+        old
+    }
+
+    pub fn remove(&mut self, kind: ListKind, cidr: &Cidr) -> Option<DynamicEntry> {
+        let old = self.list_mut(kind).remove(cidr);
+        self.forget_expiry(kind, *cidr, old.as_ref());
+        old
+    }
+
+    fn forget_expiry(&mut self, kind: ListKind, cidr: Cidr, old: Option<&DynamicEntry>) {
+        let current = self.list(kind).get(&cidr).and_then(|e| e.expires_at);
+        if let Some(at) = old.and_then(|e| e.expires_at)
+            && current != Some(at)
+        {
+            self.expiries.remove(&(at, kind, cidr));
+        }
+    }
+
+    /// The entries of `kind` that have expired at `now`.
+    pub fn expired(&self, kind: ListKind, now: SystemTime) -> Vec<Cidr> {
+        self.expiries
+            .iter()
+            .take_while(|(at, _, _)| *at <= now)
+            .filter(|(_, k, _)| *k == kind)
+            .map(|(_, _, cidr)| *cidr)
+            .collect()
+    }
+
+    /// The earliest expiry of any entry.
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.expiries.first().map(|(at, _, _)| *at)
+    }
+}
+
+/// A ban as saved: the source address (cut to the rate limiter's prefix) and its expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedBan {
+    pub source: IpAddr,
+    pub expires_at: SystemTime,
+}
+
+/// The file, as JSON.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile<C = String> {
+    version: u32,
+    #[serde(default)]
+    allowlist: Vec<EntryGroup<C>>,
+    #[serde(default)]
+    blocklist: Vec<EntryGroup<C>>,
+    #[serde(default)]
+    bans: Vec<BanRecord>,
+}
+
+/// Entries that share an expiry and a comment (an import is one group): the file stays about
+/// as small as the list itself.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct EntryGroup<C = String> {
+    /// RFC 3339, or null for no expiry.
+    expires_at: Option<String>,
+    comment: Option<String>,
+    cidrs: Vec<C>,
+}
+
+/// A CIDR written straight into the file, without a string of its own.
+struct CidrText<'a>(&'a Cidr);
+
+impl Serialize for CidrText<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self.0)
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct BanRecord {
+    source: String,
+    expires_at: String,
+}
+
+pub fn format_time(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339(text).map_err(|e| format!("{text:?} is not an RFC 3339 time: {e}"))
+}
+
+/// The state directory of one daemon, locked for as long as this value lives.
+pub struct StateStore {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl StateStore {
+    /// Creates `dir` (mode 0700) if needed and takes its lock.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            return Err(StateError::Locked(lock_path));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// The saved state, without what expired by `now`; empty when nothing was saved yet.
+    pub fn load(&self, now: SystemTime) -> Result<(Dynamic, Vec<SavedBan>), StateError> {
+        let path = self.path();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        decode(&text, now).map_err(|message| StateError::Corrupt { path, message })
+    }
+
+    /// Replaces the saved state: temporary file, fsync, rename, fsync of the directory.
+    pub fn save(&self, dynamic: &Dynamic, bans: &[SavedBan]) -> Result<(), StateError> {
+        let path = self.path();
+        let temporary = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(io(&temporary))?;
+        let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
+        serde_json::to_writer(&mut writer, &encode(dynamic, bans))
+            .map_err(std::io::Error::from)
+            .and_then(|()| writer.write_all(b"\n"))
+            .map_err(io(&temporary))?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| io(&temporary)(e.into_error()))?;
+        file.sync_all().map_err(io(&temporary))?;
+        drop(file);
+        fs::rename(&temporary, &path).map_err(io(&path))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io(&self.dir))
+    }
+}
+
+fn encode<'a>(dynamic: &'a Dynamic, bans: &[SavedBan]) -> StateFile<CidrText<'a>> {
+    let groups = |list: &'a DynamicList| {
+        let mut groups: BTreeMap<(Option<SystemTime>, Option<&str>), Vec<CidrText<'a>>> =
+            BTreeMap::new();
+        for (cidr, entry) in list {
+            groups
+                .entry((entry.expires_at, entry.comment.as_deref()))
+                .or_default()
+                .push(CidrText(cidr));
+        }
+        groups
+            .into_iter()
+            .map(|((expires_at, comment), cidrs)| EntryGroup {
+                expires_at: expires_at.map(format_time),
+                comment: comment.map(str::to_string),
+                cidrs,
+            })
+            .collect()
+    };
+    StateFile {
+        version: STATE_VERSION,
+        allowlist: groups(&dynamic.allowlist),
+        blocklist: groups(&dynamic.blocklist),
+        bans: bans
+            .iter()
+            .map(|ban| BanRecord {
+                source: ban.source.to_string(),
+                expires_at: format_time(ban.expires_at),
+            })
+            .collect(),
+    }
+}
+
+fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<SavedBan>), String> {
+    let file: StateFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if file.version != STATE_VERSION {
+        return Err(format!(
+            "version {} (this moat reads version {STATE_VERSION})",
+            file.version
+        ));
+    }
+    let mut dynamic = Dynamic::default();
+    for (kind, groups) in [
+        (ListKind::Allow, file.allowlist),
+        (ListKind::Block, file.blocklist),
+    ] {
+        for group in groups {
+            let expires_at = group.expires_at.as_deref().map(parse_time).transpose()?;
+            if expires_at.is_some_and(|t| t <= now) {
+                continue;
+            }
+            let comment: Option<Arc<str>> = group.comment.map(Arc::from);
+            for cidr in group.cidrs {
+                let entry = DynamicEntry {
+                    expires_at,
+                    comment: comment.clone(),
+                };
+                dynamic.insert(kind, cidr.parse()?, entry);
+            }
+        }
+    }
+    let mut bans = Vec::new();
+    for record in file.bans {
+        let source = record
+            .source
+            .parse()
+            .map_err(|_| format!("ban source {:?} is not an address", record.source))?;
+        let expires_at = parse_time(&record.expires_at)?;
+        if expires_at > now {
+            bans.push(SavedBan { source, expires_at });
+        }
+    }
+    Ok((dynamic, bans))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("moat-state-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn state_survives_a_round_trip_and_expired_entries_are_dropped() {
+        let dir = temp_dir("round-trip");
+        let store = StateStore::open(&dir).expect("open");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut dynamic = Dynamic::default();
+        dynamic.insert(
+            ListKind::Block,
+            "198.51.100.0/24".parse().expect("cidr"),
+            DynamicEntry {
+                expires_at: Some(now + Duration::from_secs(600)),
+                comment: Some("scanner".into()),
+            },
+        );
+        dynamic.insert(
+            ListKind::Block,
+            "203.0.113.9".parse().expect("cidr"),
+            DynamicEntry {
+                expires_at: Some(now - Duration::from_secs(1)),
+                comment: None,
+            },
+        );
+        dynamic.insert(
+            ListKind::Allow,
+            "2001:db8::/32".parse().expect("cidr"),
+            DynamicEntry::default(),
+        );
+        let bans = [
+            SavedBan {
+                source: "192.0.2.1".parse().expect("addr"),
+                expires_at: now + Duration::from_secs(60),
+            },
+            SavedBan {
+                source: "192.0.2.2".parse().expect("addr"),
+                expires_at: now - Duration::from_secs(60),
+            },
+        ];
+        store.save(&dynamic, &bans).expect("save");
+        let (loaded, loaded_bans) = store.load(now).expect("load");
+        assert_eq!(
+            loaded.list(ListKind::Block).len(),
+            1,
+            "the expired block is dropped"
+        );
+        assert_eq!(loaded.list(ListKind::Allow), dynamic.list(ListKind::Allow));
+        assert_eq!(loaded.next_expiry(), Some(now + Duration::from_secs(600)));
+        assert_eq!(
+            loaded
+                .list(ListKind::Block)
+                .values()
+                .next()
+                .and_then(|e| e.comment.as_deref().map(str::to_string)),
+            Some("scanner".to_string())
+        );
+        assert_eq!(loaded_bans, bans[..1]);
+        assert!(!dir.join("state.json.tmp").exists());
+        drop(store);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_second_daemon_cannot_take_the_lock() {
+        let dir = temp_dir("lock");
+        let first = StateStore::open(&dir).expect("open");
+        assert!(matches!(StateStore::open(&dir), Err(StateError::Locked(_))));
+        drop(first);
+        StateStore::open(&dir).expect("free again");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_that_names_it() {
+        let dir = temp_dir("corrupt");
+        let store = StateStore::open(&dir).expect("open");
+        for text in [
+            "{",
+            "{\"version\": 9}",
+            "{\"version\": 1, \"blocklist\": [{\"cidrs\": [\"10.0.0.1/8\"], \"expires_at\": null, \"comment\": null}]}",
+            "{\"version\": 1, \"blocklist\": [{\"cidrs\": [], \"expires_at\": \"tomorrow\", \"comment\": null}]}",
+            "{\"version\": 1, \"surprise\": 1}",
+        ] {
+            fs::write(store.path(), text).expect("write");
+            let e = store.load(SystemTime::now()).expect_err(text).to_string();
+            assert!(e.contains("state.json"), "{e}");
+        }
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
