@@ -75,13 +75,16 @@ impl MoatProcess {
         Self { child, log }
     }
 
-    /// Starts moat and waits until its program is attached to the protected interface;
-    /// returns the process and the program's kernel id.
+    /// Starts moat and waits until it serves (it logs "moat is enforcing" or "… monitoring"
+    /// once attached and listening: a program left pinned by an earlier daemon is attached
+    /// before this one is ready); returns the process and the program's kernel id.
     pub fn start(lab: &Lab, args: &[&str]) -> (Self, u32) {
         let mut moat = Self::spawn(lab, args);
         let deadline = Instant::now() + ATTACH_TIMEOUT;
         loop {
-            if let Some((id, _mode)) = lab.xdp(Side::Protected) {
+            if moat.log_text().contains("moat is ")
+                && let Some((id, _mode)) = lab.xdp(Side::Protected)
+            {
                 return (moat, id);
             }
             if let Some(status) = moat.child.try_wait().expect("try_wait") {

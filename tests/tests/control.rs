@@ -347,9 +347,9 @@ fn generated_list(count: usize) -> String {
 
 #[test]
 fn a_large_list_is_imported_whole_or_not_at_all() {
-    const ENTRIES: usize = 400_000;
+    const ENTRIES: usize = 100_000;
     let lab = Lab::new();
-    let config = write_config(&lab, "runtime_entries = 400000\n");
+    let config = write_config(&lab, "runtime_entries = 100000\n");
     let (moat, _) = start(&lab, &config);
 
     // A bad line anywhere refuses the whole file, naming the line.

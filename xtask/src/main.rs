@@ -1,5 +1,6 @@
-//! Developer and CI entry points: `cargo xtask setup | lab | test`.
+//! Developer and CI entry points: `cargo xtask setup | lab | test | vm-test | bench`.
 
+mod bench;
 mod command;
 mod lab;
 mod setup;
@@ -39,6 +40,13 @@ enum Task {
         #[arg(long = "kernel", value_name = "PATH")]
         kernels: Vec<std::path::PathBuf>,
     },
+    /// Measure moat (release builds, veth lab; needs root) and write the results into
+    /// BENCHMARKS.md.
+    Bench {
+        /// A smoke run: smaller lists, one run of each measure.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn vm_test(kernels: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
@@ -62,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Task::Lab => lab::run_demo(),
         Task::Test { no_vm } => test::run_all(!no_vm),
         Task::VmTest { kernels } => vm_test(kernels),
+        Task::Bench { quick } => bench::run_bench(quick),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

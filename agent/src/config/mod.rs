@@ -509,6 +509,15 @@ cidrs = ["198.51.100.0/24", "2001:db8:bad::/48"]
     }
 
     #[test]
+    fn the_packaged_example_is_valid() {
+        let settings = resolve(include_str!("../../../packaging/moat.toml")).expect("valid");
+        assert_eq!(settings.interfaces, ["eth1"]);
+        assert_eq!(settings.policy.rules.len(), 2);
+        assert!(settings.policy.rate_limit.is_on());
+        assert_eq!(settings.paths.socket, Path::new(DEFAULT_SOCKET));
+    }
+
+    #[test]
     fn defaults_apply_to_absent_keys() {
         let settings = resolve("interfaces = [\"eth1\"]").expect("valid config");
         assert_eq!(settings.xdp_mode, XdpMode::Auto);

@@ -138,10 +138,7 @@ fn main() {
     );
 
     println!("moat status");
-    println!(
-        "{}",
-        MoatProcess::cli(&lab, &["status"]).ok("moat status")
-    );
+    println!("{}", MoatProcess::cli(&lab, &["status"]).ok("moat status"));
     let (status, log) = moat.stop(libc::SIGTERM);
     println!("moat stopped ({status}); its log:\n{log}");
     let still_enforcing = lab.xdp(Side::Protected).is_some();
