@@ -31,15 +31,13 @@ pub fn monotonic_now_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-fn address_of(key: &SourceKey) -> Option<IpAddr> {
-    match key.family {
+/// The address in a source key or an event: the family tells how many of the 16 bytes count.
+pub fn address_of(family: u32, bytes: [u8; 16]) -> Option<IpAddr> {
+    match family {
         FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(
-            key.addr[0],
-            key.addr[1],
-            key.addr[2],
-            key.addr[3],
+            bytes[0], bytes[1], bytes[2], bytes[3],
         ))),
-        FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(key.addr))),
+        FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(bytes))),
         _ => None,
     }
 }
@@ -75,7 +73,7 @@ pub fn active(ebpf: &mut Ebpf) -> Result<Vec<SavedBan>, MapAccessError> {
         if ban.expires_at <= now_ns {
             continue;
         }
-        if let Some(source) = address_of(&key) {
+        if let Some(source) = address_of(key.family, key.addr) {
             bans.push(SavedBan {
                 source,
                 expires_at: now + Duration::from_nanos(ban.expires_at - now_ns),
@@ -133,8 +131,10 @@ mod tests {
     fn keys_and_addresses_convert_both_ways() {
         for text in ["192.0.2.1", "2001:db8::1"] {
             let address: IpAddr = text.parse().expect("addr");
-            assert_eq!(address_of(&key_of(address)), Some(address));
+            let key = key_of(address);
+            assert_eq!(address_of(key.family, key.addr), Some(address));
         }
-        assert_eq!(address_of(&SourceKey::default()), None);
+        let unknown = SourceKey::default();
+        assert_eq!(address_of(unknown.family, unknown.addr), None);
     }
 }

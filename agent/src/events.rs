@@ -2,14 +2,13 @@
 //! at a bounded rate, so that a flood cannot flood the journal.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use agent_common::{
     events::{EVENT_BAN, EVENT_DROP_SAMPLE, Event},
     maps::EVENTS,
-    rate_limit::FAMILY_V4,
     stats::Reason,
 };
 use anyhow::{Context as _, anyhow};
@@ -40,14 +39,14 @@ pub enum Decoded {
     },
 }
 
-/// Decodes one ring buffer record; `None` for a record of the wrong size or kind.
+/// Decodes one ring buffer record; `None` for a record of the wrong size, kind or family.
 pub fn decode(record: &[u8]) -> Option<Decoded> {
     if record.len() < size_of::<Event>() {
         return None;
     }
     // SAFETY: the record holds at least one Event; read_unaligned copes with any alignment.
     let event: Event = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-    let source = address(event.family, event.source);
+    let source = crate::bans::address_of(event.family, event.source)?;
     match event.kind {
         EVENT_BAN => Some(Decoded::Ban {
             source,
@@ -64,14 +63,6 @@ pub fn decode(record: &[u8]) -> Option<Decoded> {
             })
         }
         _ => None,
-    }
-}
-
-fn address(family: u32, bytes: [u8; 16]) -> IpAddr {
-    if family == FAMILY_V4 {
-        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(bytes))
     }
 }
 
@@ -164,7 +155,10 @@ impl LineLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_common::{events::SAMPLE_BYTES, rate_limit::FAMILY_V6};
+    use agent_common::{
+        events::SAMPLE_BYTES,
+        rate_limit::{FAMILY_V4, FAMILY_V6},
+    };
 
     fn record(event: &Event) -> Vec<u8> {
         // SAFETY: Event is plain old data.
@@ -199,7 +193,7 @@ mod tests {
         event.reason = Reason::Blocklist as u32;
         event.family = FAMILY_V6;
         event.source = "2001:db8:bad::7"
-            .parse::<Ipv6Addr>()
+            .parse::<std::net::Ipv6Addr>()
             .expect("addr")
             .octets();
         event.frame_len = 98;

@@ -9,7 +9,7 @@ use agent_common::maps::GENERATIONS;
 use aya::Ebpf;
 
 use crate::{
-    config::Policy,
+    config::{ListEntries, Policy},
     lists::{self, CompiledList, ListChange, ListCounts, ListError, ListMaps},
     loader::Capacities,
     policy::{self, PolicyError},
@@ -94,9 +94,8 @@ impl LivePolicy {
             stale: [true; GENERATIONS],
             capacities,
         };
-        for generation in 0..GENERATIONS {
-            live.rebuild(ebpf, generation)?;
-        }
+        let generations: Vec<usize> = (0..GENERATIONS).collect();
+        live.rebuild(ebpf, &generations)?;
         policy::activate(ebpf, 0)?;
         Ok(live)
     }
@@ -108,6 +107,14 @@ impl LivePolicy {
 
     pub fn capacities(&self) -> Capacities {
         self.capacities
+    }
+
+    /// The entries of a list in force, with their sources.
+    pub fn entries(&self, list: ListKind) -> &ListEntries {
+        match list {
+            ListKind::Allow => &self.policy.allowlist,
+            ListKind::Block => &self.policy.blocklist,
+        }
     }
 
     /// Entries of each kind in a list.
@@ -160,7 +167,11 @@ impl LivePolicy {
             std::mem::replace(&mut self.allow_counts, allow_counts),
             std::mem::replace(&mut self.block_counts, block_counts),
         );
-        let rules_changed = undo.rest.is_some();
+        // Compiled once, written into both generations.
+        let rules = undo
+            .rest
+            .is_some()
+            .then(|| RuleTables::compile(&self.policy.rules));
 
         let standby = 1 - self.active;
         let switched = self
@@ -169,7 +180,7 @@ impl LivePolicy {
                 standby,
                 &change.allowlist,
                 &change.blocklist,
-                rules_changed,
+                rules.as_ref(),
             )
             .and_then(|()| Ok(policy::activate(ebpf, standby)?));
         if let Err(e) = switched {
@@ -187,7 +198,7 @@ impl LivePolicy {
             other,
             &change.allowlist,
             &change.blocklist,
-            rules_changed,
+            rules.as_ref(),
         ) {
             // The change is in force; the other generation is rebuilt before its next use.
             self.stale[other] = true;
@@ -223,17 +234,18 @@ impl LivePolicy {
         }
     }
 
-    /// Brings `generation`, which held the policy before the change, to `self.policy`.
+    /// Brings `generation`, which held the policy before the change, to `self.policy`;
+    /// `rules` are the new rules, compiled, when they changed.
     fn write(
         &mut self,
         ebpf: &mut Ebpf,
         generation: usize,
         allowlist: &ListChange,
         blocklist: &ListChange,
-        rules_changed: bool,
+        rules: Option<&RuleTables>,
     ) -> Result<(), ChangeError> {
         if self.stale[generation] {
-            return self.rebuild(ebpf, generation);
+            return self.rebuild(ebpf, &[generation]);
         }
         lists::write_change(
             ebpf,
@@ -247,29 +259,32 @@ impl LivePolicy {
             &self.policy.blocklist,
             blocklist,
         )?;
-        if rules_changed {
-            RuleTables::compile(&self.policy.rules)
-                .install(ebpf, generation)
-                .map_err(PolicyError::from)?;
+        if let Some(rules) = rules {
+            rules.install(ebpf, generation).map_err(PolicyError::from)?;
         }
         self.write_settings(ebpf, generation)
     }
 
-    /// Empties `generation` and writes the whole policy into it.
-    fn rebuild(&mut self, ebpf: &mut Ebpf, generation: usize) -> Result<(), ChangeError> {
+    /// Empties each of `generations` and writes the whole policy into it, compiling the lists
+    /// and rules once for all of them.
+    fn rebuild(&mut self, ebpf: &mut Ebpf, generations: &[usize]) -> Result<(), ChangeError> {
         for (kind, entries) in [
             (ListKind::Allow, &self.policy.allowlist),
             (ListKind::Block, &self.policy.blocklist),
         ] {
-            let maps = kind.maps(generation);
-            lists::clear(ebpf, &maps)?;
-            CompiledList::compile(&maps, entries)?.install(ebpf, &maps)?;
+            let compiled = CompiledList::compile(&kind.maps(0), entries)?;
+            for &generation in generations {
+                let maps = kind.maps(generation);
+                lists::clear(ebpf, &maps)?;
+                compiled.install(ebpf, &maps)?;
+            }
         }
-        RuleTables::compile(&self.policy.rules)
-            .install(ebpf, generation)
-            .map_err(PolicyError::from)?;
-        self.write_settings(ebpf, generation)?;
-        self.stale[generation] = false;
+        let rules = RuleTables::compile(&self.policy.rules);
+        for &generation in generations {
+            rules.install(ebpf, generation).map_err(PolicyError::from)?;
+            self.write_settings(ebpf, generation)?;
+            self.stale[generation] = false;
+        }
         Ok(())
     }
 

@@ -247,6 +247,13 @@ impl PinDir {
     }
 }
 
+fn take_failed(interface: &str) -> impl Fn(aya::programs::ProgramError) -> PinError + '_ {
+    move |source| PinError::Take {
+        interface: interface.to_string(),
+        source,
+    }
+}
+
 fn remove_if_present(path: &Path) -> Result<(), PinError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -321,15 +328,9 @@ pub fn adopt(
             .and_then(|link| {
                 let id = program
                     .attach_to_link(link)
-                    .map_err(|source| PinError::Take {
-                        interface: interface.to_string(),
-                        source,
-                    })?;
+                    .map_err(take_failed(interface))?;
                 // The pin keeps the link; the program must not detach it when dropped.
-                program.take_link(id).map_err(|source| PinError::Take {
-                    interface: interface.to_string(),
-                    source,
-                })
+                program.take_link(id).map_err(take_failed(interface))
             });
         match updated {
             Ok(_link) => return Ok(Some(pinned.mode)),
@@ -356,11 +357,7 @@ pub fn pin_link(
     interface: &str,
     mode: LinkMode,
 ) -> Result<(), PinError> {
-    let take = |source| PinError::Take {
-        interface: interface.to_string(),
-        source,
-    };
-    let link = program.take_link(link_id).map_err(take)?;
+    let link = program.take_link(link_id).map_err(take_failed(interface))?;
     let path = dir.link_path(interface, mode);
     let fd_link = FdLink::try_from(link).map_err(|_| PinError::NotXdp { path: path.clone() })?;
     remove_if_present(&path)?;

@@ -223,6 +223,10 @@ impl StateStore {
         })
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }

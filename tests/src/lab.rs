@@ -185,6 +185,17 @@ impl Lab {
         &self.dir
     }
 
+    /// Writes `moat.toml` in the lab's directory: the protected interface, then `body`.
+    pub fn write_config(&self, body: &str) -> PathBuf {
+        let path = self.dir.join("moat.toml");
+        std::fs::write(
+            &path,
+            format!("interfaces = [\"{}\"]\n{body}", self.protected_if),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        path
+    }
+
     /// The control socket of the lab's moat.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("moat.sock")

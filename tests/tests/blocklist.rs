@@ -105,15 +105,9 @@ fn blocked_sources_get_no_replies_and_every_drop_is_counted() {
 #[test]
 fn a_config_file_drives_the_same_policy() {
     let lab = Lab::new();
-    let config = lab.dir().join("moat.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "interfaces = [\"{}\"]\nxdp_mode = \"native\"\n[blocklist]\ncidrs = [\"{ATTACKER_V4}\", \"{ATTACKER_NET_V6}\"]\n",
-            lab.interface(Side::Protected)
-        ),
-    )
-    .expect("write config");
+    let config = lab.write_config(&format!(
+        "xdp_mode = \"native\"\n[blocklist]\ncidrs = [\"{ATTACKER_V4}\", \"{ATTACKER_NET_V6}\"]\n"
+    ));
     let (moat, _) = MoatProcess::start(
         &lab,
         &["run", "--no-pin", "--config", &config.to_string_lossy()],
@@ -234,16 +228,8 @@ fn bad_input_fails_before_anything_is_attached() {
 #[test]
 fn sighup_reloads_the_policy_and_a_broken_config_keeps_it() {
     let lab = Lab::new();
-    let config = lab.dir().join("moat.toml");
-    let iface = lab.interface(Side::Protected).to_string();
-    let write = |cidrs: &str| {
-        std::fs::write(
-            &config,
-            format!("interfaces = [\"{iface}\"]\n[blocklist]\ncidrs = [{cidrs}]\n"),
-        )
-        .expect("write config")
-    };
-    write(&format!("\"{ATTACKER_NET_V4}\""));
+    let write = |cidrs: &str| lab.write_config(&format!("[blocklist]\ncidrs = [{cidrs}]\n"));
+    let config = write(&format!("\"{ATTACKER_NET_V4}\""));
     let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
     assert_answered(&lab, LEGIT_V4, PROTECTED_V4);

@@ -4,7 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -20,20 +20,6 @@ use moat_tests::{
     traffic::{ASSERT_PINGS, assert_answered, assert_unanswered, ping, udp_flood},
 };
 use serde_json::Value;
-
-/// Writes `moat.toml` for the lab's protected interface with `body` after the interface line.
-fn write_config(lab: &Lab, body: &str) -> PathBuf {
-    let path = lab.dir().join("moat.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "interfaces = [\"{}\"]\n{body}",
-            lab.interface(Side::Protected)
-        ),
-    )
-    .expect("write config");
-    path
-}
 
 fn start(lab: &Lab, config: &Path) -> (MoatProcess, u32) {
     MoatProcess::start(lab, &["run", "--config", &config.to_string_lossy()])
@@ -93,10 +79,7 @@ fn stat_packets(lab: &Lab, action: &str, reason: &str) -> u64 {
 fn every_cli_command_works_end_to_end() {
     let lab = Lab::new();
     let iface = lab.interface(Side::Protected).to_string();
-    let config = write_config(
-        &lab,
-        &format!("[blocklist]\ncidrs = [\"{ATTACKER_NET_V6}\"]\n"),
-    );
+    let config = lab.write_config(&format!("[blocklist]\ncidrs = [\"{ATTACKER_NET_V6}\"]\n"));
     let config_text = config.to_string_lossy().into_owned();
 
     // config check: no daemon needed; errors name file:line:col.
@@ -259,19 +242,11 @@ fn every_cli_command_works_end_to_end() {
     );
 
     // reload: the file's new entries apply; a broken file is refused and the policy stays.
-    std::fs::write(
-        &config,
-        format!("interfaces = [\"{iface}\"]\n[blocklist]\ncidrs = [\"{LEGIT_V4}\"]\n"),
-    )
-    .expect("rewrite config");
+    lab.write_config(&format!("[blocklist]\ncidrs = [\"{LEGIT_V4}\"]\n"));
     MoatProcess::cli(&lab, &["reload"]).ok("reload");
     assert_unanswered(&lab, LEGIT_V4, PROTECTED_V4);
     assert_answered(&lab, ATTACKER_V6, PROTECTED_V6);
-    std::fs::write(
-        &config,
-        format!("interfaces = [\"{iface}\"]\n[blocklist]\ncidrs = [\"not-a-cidr\"]\n"),
-    )
-    .expect("break config");
+    lab.write_config("[blocklist]\ncidrs = [\"not-a-cidr\"]\n");
     let reason = MoatProcess::cli(&lab, &["reload"]).refused("reload of a broken config");
     assert!(
         reason.contains("not-a-cidr") && reason.contains("running policy stays"),
@@ -293,7 +268,7 @@ fn every_cli_command_works_end_to_end() {
 #[test]
 fn ttl_entries_expire_on_time() {
     let lab = Lab::new();
-    let config = write_config(&lab, "");
+    let config = lab.write_config("");
     let (moat, _) = start(&lab, &config);
     let added = Instant::now();
     MoatProcess::cli(&lab, &["block", "add", ATTACKER_NET_V4, "--ttl", "3s"]).ok("block add");
@@ -349,7 +324,7 @@ fn generated_list(count: usize) -> String {
 fn a_large_list_is_imported_whole_or_not_at_all() {
     const ENTRIES: usize = 100_000;
     let lab = Lab::new();
-    let config = write_config(&lab, "runtime_entries = 100000\n");
+    let config = lab.write_config("runtime_entries = 100000\n");
     let (moat, _) = start(&lab, &config);
 
     // A bad line anywhere refuses the whole file, naming the line.
@@ -393,7 +368,7 @@ fn a_large_list_is_imported_whole_or_not_at_all() {
 #[test]
 fn kill_9_keeps_the_pinned_program_dropping_and_a_restart_takes_over() {
     let lab = Lab::new();
-    let config = write_config(&lab, "");
+    let config = lab.write_config("");
     let (moat, old_id) = start(&lab, &config);
     MoatProcess::cli(
         &lab,
@@ -489,19 +464,24 @@ fn kill_9_keeps_the_pinned_program_dropping_and_a_restart_takes_over() {
     drop(third);
 }
 
+/// The permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    let metadata =
+        std::fs::metadata(path).unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()));
+    std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o777
+}
+
 /// The nobody user and group of Debian.
 const NOBODY: (u32, u32) = (65534, 65534);
 
 #[test]
 fn only_root_or_the_socket_group_may_use_the_socket() {
     let lab = Lab::new();
-    let config = write_config(&lab, "");
+    let config = lab.write_config("");
     let (moat, _) = start(&lab, &config);
     let socket = lab.socket();
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&socket).expect("socket").permissions(),
-    );
-    assert_eq!(mode & 0o777, 0o600, "the socket is root's alone");
+    let mode = mode_of(&socket);
+    assert_eq!(mode, 0o600, "the socket is root's alone");
     let reason =
         MoatProcess::cli_as(&lab, &["status"], Some(NOBODY), &socket).refused("status as nobody");
     assert!(reason.contains("ermission denied"), "{reason}");
@@ -524,12 +504,10 @@ fn only_root_or_the_socket_group_may_use_the_socket() {
     );
 
     // With socket_group set, the group's members are let in, others are not.
-    let config = write_config(&lab, "socket_group = \"nogroup\"\n");
+    let config = lab.write_config("socket_group = \"nogroup\"\n");
     let (_moat, _) = start(&lab, &config);
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&socket).expect("socket").permissions(),
-    );
-    assert_eq!(mode & 0o777, 0o660);
+    let mode = mode_of(&socket);
+    assert_eq!(mode, 0o660);
     MoatProcess::cli_as(&lab, &["block", "add", ATTACKER_V4], Some(NOBODY), &socket)
         .ok("block add by a member of socket_group");
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
@@ -567,7 +545,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
 #[test]
 fn bad_socket_messages_get_errors_and_the_daemon_keeps_serving() {
     let lab = Lab::new();
-    let config = write_config(&lab, "");
+    let config = lab.write_config("");
     let (moat, _) = start(&lab, &config);
     let socket = lab.socket();
 

@@ -12,12 +12,7 @@ use moat_tests::{
 };
 
 fn start_with_config(lab: &Lab, config: &str) -> (MoatProcess, u32) {
-    let path = lab.dir().join("moat.toml");
-    let text = format!(
-        "interfaces = [\"{}\"]\n{config}",
-        lab.interface(Side::Protected)
-    );
-    std::fs::write(&path, text).expect("write config");
+    let path = lab.write_config(config);
     MoatProcess::start(lab, &["run", "--config", &path.to_string_lossy()])
 }
 

@@ -22,7 +22,7 @@ use crate::{
     lists::ListChange,
     live::{ListKind, PolicyChange},
     map_access,
-    state::{DynamicEntry, format_time},
+    state::{DynamicEntry, SavedBan, format_time},
     stats::Snapshot,
 };
 
@@ -124,10 +124,7 @@ impl Daemon {
             ));
         }
 
-        let entries = match kind {
-            ListKind::Allow => &self.live.policy().allowlist,
-            ListKind::Block => &self.live.policy().blocklist,
-        };
+        let entries = self.live.entries(kind);
         let mut change = ListChange::default();
         let mut view = ChangeView::default();
         let mut in_config = 0u64;
@@ -178,14 +175,11 @@ impl Daemon {
 
     fn list_del(&mut self, kind: ListKind, texts: &[String]) -> Result<Reply, String> {
         let cidrs = parse_cidrs(texts)?;
-        let ban_keys = match kind {
-            ListKind::Block => self.ban_keys(),
+        let banned = match kind {
+            ListKind::Block => self.bans_in_force(),
             ListKind::Allow => Vec::new(),
         };
-        let entries = match kind {
-            ListKind::Allow => &self.live.policy().allowlist,
-            ListKind::Block => &self.live.policy().blocklist,
-        };
+        let entries = self.live.entries(kind);
         let dynamic = self.dynamic.list(kind);
         let mut change = ListChange::default();
         let mut unban = Vec::new();
@@ -201,8 +195,8 @@ impl Daemon {
                 return Err(format!(
                     "{cidr} comes from the configuration; edit it and reload to remove the entry"
                 ));
-            } else if let Some(key) = ban_keys.iter().find(|(c, _)| c == cidr) {
-                unban.push(key.1);
+            } else if let Some((_, ban)) = banned.iter().find(|(c, _)| c == cidr) {
+                unban.push(bans::key_of(ban.source));
             } else {
                 return Err(format!("{cidr} is not in the {}", kind.name()));
             }
@@ -238,8 +232,8 @@ impl Daemon {
         Ok(Reply::Changed(view))
     }
 
-    /// Bans in force as (CIDR of the limiter's prefix, map key).
-    fn ban_keys(&mut self) -> Vec<(Cidr, SourceKey)> {
+    /// Bans in force, each with the CIDR it covers (its source cut to the limiter's prefix).
+    fn bans_in_force(&mut self) -> Vec<(Cidr, SavedBan)> {
         let rate = &self.live.policy().rate_limit;
         let (v4, v6) = (rate.ipv4_prefix, rate.ipv6_prefix);
         bans::active(&mut self.ebpf)
@@ -248,17 +242,14 @@ impl Daemon {
             .filter_map(|ban| {
                 let prefix = if ban.source.is_ipv4() { v4 } else { v6 };
                 let net = IpNet::new(ban.source, prefix).ok()?;
-                Some((Cidr::from(net), bans::key_of(ban.source)))
+                Some((Cidr::from(net), ban))
             })
             .collect()
     }
 
     fn list_show(&mut self, kind: ListKind) -> Reply {
         let dynamic = self.dynamic.list(kind);
-        let entries = match kind {
-            ListKind::Allow => &self.live.policy().allowlist,
-            ListKind::Block => &self.live.policy().blocklist,
-        };
+        let entries = self.live.entries(kind);
         let mut views: Vec<EntryView> = entries
             .iter()
             .map(|(cidr, &source)| {
@@ -280,15 +271,9 @@ impl Daemon {
             })
             .collect();
         if kind == ListKind::Block {
-            let rate = &self.live.policy().rate_limit;
-            let (v4, v6) = (rate.ipv4_prefix, rate.ipv6_prefix);
-            for ban in bans::active(&mut self.ebpf).unwrap_or_default() {
-                let prefix = if ban.source.is_ipv4() { v4 } else { v6 };
-                let Ok(net) = IpNet::new(ban.source, prefix) else {
-                    continue;
-                };
+            for (cidr, ban) in self.bans_in_force() {
                 views.push(EntryView {
-                    cidr: net.trunc().to_string(),
+                    cidr: cidr.to_string(),
                     expires_at: Some(format_time(ban.expires_at)),
                     comment: None,
                     source: "rate_limit".into(),
@@ -374,12 +359,12 @@ impl Daemon {
                     name: i.name.clone(),
                     if_index: i.if_index,
                     xdp_mode: i.mode.name().into(),
-                    pinned: i.pinned,
+                    pinned: i.pinned(),
                 })
                 .collect(),
             maps: fills,
             bpffs: self.pins.as_ref().map(|p| p.root().display().to_string()),
-            state_dir: self.settings.state_dir.display().to_string(),
+            state_dir: self.store.dir().display().to_string(),
             config: self.source.path.as_ref().map(|p| p.display().to_string()),
         })
     }
@@ -391,10 +376,7 @@ impl Daemon {
             if expired.is_empty() {
                 continue;
             }
-            let entries = match kind {
-                ListKind::Allow => &self.live.policy().allowlist,
-                ListKind::Block => &self.live.policy().blocklist,
-            };
+            let entries = self.live.entries(kind);
             let change = ListChange {
                 upserts: Vec::new(),
                 removals: expired

@@ -43,9 +43,16 @@ pub struct Interface {
     pub name: String,
     pub if_index: u32,
     pub mode: LinkMode,
-    /// `None`: attached by this process, detached on exit (`--no-pin`).
-    pub pinned: bool,
+    /// `Some`: attached by this process and detached on exit (`--no-pin`); `None`: the link is
+    /// pinned and outlives the daemon.
     link: Option<aya::programs::xdp::XdpLinkId>,
+}
+
+impl Interface {
+    /// Whether the link is pinned (it outlives the daemon).
+    pub fn pinned(&self) -> bool {
+        self.link.is_none()
+    }
 }
 
 /// Where the configuration comes from, so that a reload reads it the same way.
@@ -87,7 +94,6 @@ pub struct Daemon {
 struct RunningSettings {
     interfaces: Vec<String>,
     xdp_mode: crate::config::XdpMode,
-    state_dir: PathBuf,
 }
 
 /// The policy in force: the configuration's, plus the entries added at run time that the
@@ -166,7 +172,6 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         settings: RunningSettings {
             interfaces: settings.interfaces,
             xdp_mode: settings.xdp_mode,
-            state_dir: paths.state_dir,
         },
         interfaces,
         pins,
@@ -267,7 +272,7 @@ impl Daemon {
         let (_, settings) = self.source.load()?;
         if settings.interfaces != self.settings.interfaces
             || settings.xdp_mode != self.settings.xdp_mode
-            || settings.paths.state_dir != self.settings.state_dir
+            || settings.paths.state_dir != self.store.dir()
         {
             anyhow::bail!(
                 "interfaces, xdp_mode and state_dir cannot change on reload; restart moat to \
@@ -335,7 +340,6 @@ fn attach_all(
                 name: name.clone(),
                 if_index: *if_index,
                 mode: link_mode,
-                pinned: true,
                 link: None,
             });
             continue;
@@ -360,7 +364,6 @@ fn attach_all(
             name: name.clone(),
             if_index: *if_index,
             mode: attachment.mode,
-            pinned: link.is_none(),
             link,
         });
     }

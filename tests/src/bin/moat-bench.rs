@@ -139,20 +139,13 @@ fn stop_and_clean(lab: &Lab, moat: MoatProcess) {
 }
 
 fn write_config(lab: &Lab, prefixes: usize, list: Option<&Path>) -> PathBuf {
-    let path = lab.dir().join("moat.toml");
     let files = list.map_or(String::new(), |l| {
         format!("[blocklist]\nfiles = [\"{}\"]\n", l.display())
     });
-    std::fs::write(
-        &path,
-        format!(
-            "interfaces = [\"{}\"]\nruntime_entries = {}\n{files}",
-            lab.interface(Side::Protected),
-            prefixes + prefixes / 10
-        ),
-    )
-    .expect("write config");
-    path
+    lab.write_config(&format!(
+        "runtime_entries = {}\n{files}",
+        prefixes + prefixes / 10
+    ))
 }
 
 /// One `block add` under traffic from the address: (invocation → CLI return, invocation → first
