@@ -4,8 +4,9 @@ use crate::pod;
 
 /// The rate limiter banned a source.
 pub const EVENT_BAN: u32 = 1;
-/// A sample of a dropped packet.
-pub const EVENT_DROP_SAMPLE: u32 = 2;
+/// A sample of a packet: dropped ones at the configured rate, passed ones only while
+/// `moat capture --passed` asks for them.
+pub const EVENT_SAMPLE: u32 = 2;
 
 /// Bytes of the frame a sample carries.
 pub const SAMPLE_BYTES: usize = 128;
@@ -15,7 +16,7 @@ pub const SAMPLE_BYTES: usize = 128;
 pub struct Event {
     /// `EVENT_*`.
     pub kind: u32,
-    /// The `stats::Reason` the packet was dropped for.
+    /// The `stats::Reason` of the verdict.
     pub reason: u32,
     pub if_index: u32,
     /// The source's family ([`crate::rate_limit::FAMILY_V4`] or `FAMILY_V6`).
@@ -29,7 +30,22 @@ pub struct Event {
     /// Length of the whole frame, and how much of it `data` holds.
     pub frame_len: u32,
     pub captured_len: u32,
+    /// The `stats::Action` taken.
+    pub action: u32,
+    /// How many packets this sample stands for (the sampling interval it was taken at).
+    pub weight: u32,
     pub data: [u8; SAMPLE_BYTES],
 }
 
-pod!(Event);
+/// Sampling asked for at run time by `moat capture`, on top of the configuration's: the one
+/// slot of the `CAPTURE` array. 0: no override.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureSettings {
+    /// Sample one in this many dropped packets instead of the configuration's `sample_every`.
+    pub dropped_every: u32,
+    /// Sample one in this many passed packets (passed packets are never sampled otherwise).
+    pub passed_every: u32,
+}
+
+pod!(Event, CaptureSettings);

@@ -45,6 +45,8 @@ pub const LIST_HITS: &str = "LIST_HITS";
 pub const INTERFACE_SLOTS: &str = "INTERFACE_SLOTS";
 /// Ban events and dropped-packet samples for the agent ([`crate::events::Event`]).
 pub const EVENTS: &str = "EVENTS";
+/// `moat capture`'s sampling override ([`crate::events::CaptureSettings`], one slot).
+pub const CAPTURE: &str = "CAPTURE";
 /// Per-CPU count of events the ring buffer had no room for.
 pub const EVENTS_LOST: &str = "EVENTS_LOST";
 

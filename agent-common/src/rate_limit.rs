@@ -33,6 +33,9 @@ pub struct RateState {
     pub over_since: u64,
     /// The last packet over the limit; a pause longer than the gap ends a streak.
     pub last_over: u64,
+    /// Packets and bytes that conformed since the entry was created (`moat top` reads them).
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
 }
 
 /// A ban: packets from the source are dropped until `expires_at` (monotonic ns, as

@@ -45,7 +45,7 @@ impl Action {
 /// Why the program decided what it did. New reasons are appended, never renumbered: the index is
 /// part of the map layout.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// An IP packet that no list or rule matched.
     NoMatch = 0,

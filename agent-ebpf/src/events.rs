@@ -1,8 +1,9 @@
 //! Events for the agent: bans, and a sample of dropped packets with the start of their frame.
 
 use agent_common::{
-    events::{EVENT_BAN, EVENT_DROP_SAMPLE, Event, SAMPLE_BYTES},
+    events::{EVENT_BAN, EVENT_SAMPLE, Event, SAMPLE_BYTES},
     rate_limit::SourceKey,
+    stats::Action,
 };
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
@@ -34,13 +35,16 @@ pub fn ban(ctx: &XdpContext, key: &SourceKey, now: u64, expires_at: u64) {
         (*event).expires_at = expires_at;
         (*event).frame_len = 0;
         (*event).captured_len = 0;
+        (*event).action = 0;
+        (*event).weight = 0;
     }
     entry.submit(0);
 }
 
-/// A sample of a dropped packet: the verdict, the source and the frame's start.
+/// A sample of a packet: the verdict, the source and the frame's start; it stands for `weight`
+/// packets.
 #[inline(always)]
-pub fn sample(ctx: &XdpContext, verdict: &Verdict) {
+pub fn sample(ctx: &XdpContext, verdict: &Verdict, action: Action, weight: u32) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
         return;
@@ -54,7 +58,7 @@ pub fn sample(ctx: &XdpContext, verdict: &Verdict) {
     let event = entry.as_mut_ptr();
     // SAFETY: as in `ban`; bpf_xdp_load_bytes copies at most SAMPLE_BYTES into `data`.
     unsafe {
-        (*event).kind = EVENT_DROP_SAMPLE;
+        (*event).kind = EVENT_SAMPLE;
         (*event).reason = verdict.reason as u32;
         (*event).if_index = ctx.ingress_ifindex() as u32;
         (*event).family = verdict.family;
@@ -62,6 +66,8 @@ pub fn sample(ctx: &XdpContext, verdict: &Verdict) {
         (*event).timestamp = bpf_ktime_get_ns();
         (*event).expires_at = 0;
         (*event).frame_len = frame_len;
+        (*event).action = action as u32;
+        (*event).weight = weight;
         let copied = bpf_xdp_load_bytes(ctx.ctx, 0, (&raw mut (*event).data).cast(), captured) == 0;
         (*event).captured_len = if copied { captured } else { 0 };
     }

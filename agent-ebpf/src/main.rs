@@ -26,7 +26,7 @@ use aya_ebpf::{
 
 use crate::{
     generation::{Generation, Generation0, Generation1},
-    maps::SETTINGS,
+    maps::{CAPTURE, SETTINGS},
     packet::{Malformed, Packet, Source},
     rate_limit::Limit,
 };
@@ -100,11 +100,23 @@ pub fn moat(ctx: XdpContext) -> u32 {
         action => action,
     };
     let seen = stats::count(&ctx, &verdict, action);
+    let capture = CAPTURE.get(0);
     if action == Action::Pass {
+        // Passed packets are sampled only while `moat capture --passed` runs.
+        if let Some(capture) = capture
+            && capture.passed_every != 0
+            && seen.is_multiple_of(u64::from(capture.passed_every))
+        {
+            events::sample(&ctx, &verdict, action, capture.passed_every);
+        }
         return xdp_action::XDP_PASS;
     }
-    if settings.sample_every != 0 && seen.is_multiple_of(u64::from(settings.sample_every)) {
-        events::sample(&ctx, &verdict);
+    let every = match capture {
+        Some(capture) if capture.dropped_every != 0 => capture.dropped_every,
+        _ => settings.sample_every,
+    };
+    if every != 0 && seen.is_multiple_of(u64::from(every)) {
+        events::sample(&ctx, &verdict, action, every);
     }
     match action {
         Action::Drop => xdp_action::XDP_DROP,

@@ -1,6 +1,7 @@
 //! The program's maps, named and sized by agent-common.
 
 use agent_common::{
+    events::CaptureSettings,
     lists::{LIST_HITS_LEN, ListEntry, V4_TABLE_LEN, V4PrefixKey, V6PrefixKey},
     maps::{
         BANS_DEFAULT_CAPACITY, EVENTS_BYTES, GENERATIONS, LONG_PREFIXES_DEFAULT_CAPACITY,
@@ -107,5 +108,7 @@ pub static INTERFACE_SLOTS: Array<u32> = Array::with_max_entries(MAX_IF_INDEX, 0
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+#[map(name = "CAPTURE")]
+pub static CAPTURE: Array<CaptureSettings> = Array::with_max_entries(1, 0);
 #[map(name = "EVENTS_LOST")]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

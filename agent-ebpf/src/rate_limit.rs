@@ -96,6 +96,7 @@ pub fn charge(settings: &RateSettings, key: &SourceKey, frame_len: u64, now: u64
                 now,
             );
         if packets_ok && bits_ok {
+            count_passed(state, frame_len);
             return Limit::Conforming;
         }
         let over_since = (*state).over_since;
@@ -119,6 +120,22 @@ pub fn charge(settings: &RateSettings, key: &SourceKey, frame_len: u64, now: u64
         }
     }
     Limit::Over
+}
+
+/// Adds a conforming packet to the source's totals (BPF_ATOMIC_ADD: CPUs share the entry).
+#[inline(always)]
+unsafe fn count_passed(state: *mut RateState, frame_len: u64) {
+    // SAFETY: `state` is a valid, aligned map value for the program run.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*state).passed_packets,
+            1,
+        );
+        core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*state).passed_bytes,
+            frame_len,
+        );
+    }
 }
 
 /// Conforms (and advances the TAT by `cost`) when the TAT is at most `burst` ahead of `now`.

@@ -4,7 +4,12 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{DEFAULT_SOCKET, Overrides, XdpMode};
+use agent_common::stats::Reason;
+
+use crate::{
+    config::{DEFAULT_SOCKET, Overrides, XdpMode},
+    logging::LogFormat,
+};
 
 /// moat drops attack traffic in XDP, before the kernel allocates anything for it.
 #[derive(Debug, Parser)]
@@ -13,6 +18,16 @@ pub struct Cli {
     /// Log level (error, warn, info, debug, trace); the MOAT_LOG environment variable overrides it.
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
+
+    /// Log format: human lines, JSON lines, or auto (JSON under systemd's journal).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
 
     /// The daemon's control socket [default: the config's `socket`, else /run/moat/moat.sock].
     #[arg(long, global = true, value_name = "PATH")]
@@ -56,6 +71,10 @@ pub enum Command {
     },
     /// Make the running daemon re-read its configuration file (as SIGHUP does).
     Reload,
+    /// The top sources by dropped and by passed packets per second, live like `top`.
+    Top(TopArgs),
+    /// Write sampled dropped (or passed) frames to a pcap file that tcpdump and wireshark read.
+    Capture(CaptureArgs),
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -193,6 +212,40 @@ pub struct StatsArgs {
     /// The interval of --watch.
     #[arg(long, value_parser = parse_ttl, default_value = "1s", value_name = "DURATION")]
     pub interval: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Print one reading as JSON and exit (the format is documented in README).
+    #[arg(long)]
+    pub json: bool,
+    /// How often the screen is redrawn; rates span this long.
+    #[arg(long, value_parser = parse_ttl, default_value = "1s", value_name = "DURATION")]
+    pub interval: Duration,
+    /// Sources shown per table.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rows: u32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CaptureArgs {
+    /// Only frames with this reason.
+    #[arg(long, value_name = "REASON", value_parser = clap::builder::PossibleValuesParser::new(Reason::ALL.map(Reason::name)))]
+    pub reason: Option<String>,
+    /// Capture passed frames instead of dropped ones.
+    #[arg(long)]
+    pub passed: bool,
+    /// Stop after this many frames.
+    #[arg(short, long, default_value_t = 100, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=crate::capture::MAX_CAPTURE_COUNT))]
+    pub count: u64,
+    /// Sample one in this many packets while capturing (1: every packet; raise it under a
+    /// flood, since each sample costs the program a ring buffer write).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub every: u32,
+    /// The pcap file to write; `-` writes to standard output (e.g. for `tcpdump -r -`).
+    #[arg(short = 'w', long = "write", value_name = "FILE")]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

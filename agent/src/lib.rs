@@ -3,6 +3,7 @@
 //! lab uses it to read counters back from the kernel.
 
 pub mod bans;
+pub mod capture;
 pub mod cli;
 pub mod client_commands;
 pub mod config;
@@ -15,11 +16,14 @@ pub mod loader;
 pub mod logging;
 pub mod map_access;
 mod mapped_array;
+pub mod metrics;
+pub mod observe_commands;
 pub mod pins;
 pub mod policy;
 pub mod rule_tables;
 pub mod state;
 pub mod stats;
+pub mod top;
 
 /// An error and its causes on one line, for logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

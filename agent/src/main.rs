@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use moat::{
     cli::{Cli, Command, ConfigCommand},
-    client_commands, daemon, logging,
+    client_commands, daemon, logging, observe_commands,
 };
 
 fn main() -> ExitCode {
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(&cli.log_level);
+    logging::init(&cli.log_level, cli.log_format);
     let daemon = matches!(cli.command, Command::Run(_));
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,6 +61,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => client_commands::stats(&socket, args),
         Command::Status { json } => client_commands::status(&socket, json),
         Command::Reload => client_commands::reload(&socket),
+        Command::Top(args) => observe_commands::top(&socket, &args),
+        Command::Capture(args) => observe_commands::capture(&socket, args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => client_commands::config_check(&file),

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    maps::{INTERFACE_SLOTS, LIST_HITS, RULE_HITS, STATS},
+    maps::{EVENTS_LOST, INTERFACE_SLOTS, LIST_HITS, RULE_HITS, STATS},
     stats::{Action, Counter, PER_INTERFACE, Reason, index},
 };
 use aya::{
@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub rule_hits: Vec<Counter>,
     /// Hits per (list, entry source), indexed by `agent_common::lists::hit_index`.
     pub list_hits: Vec<Counter>,
+    /// Events (bans, samples) the ring buffer had no room for.
+    pub events_lost: u64,
 }
 
 impl Snapshot {
@@ -151,10 +153,18 @@ impl Snapshot {
                 }
             }
         }
+        let lost_err = |source| StatsError::Map {
+            map: EVENTS_LOST,
+            source,
+        };
+        let lost: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(open(EVENTS_LOST)?).map_err(lost_err)?;
+        let events_lost = lost.get(&0, 0).map_err(lost_err)?.iter().sum();
         Ok(Self {
             rows,
             rule_hits: sums(&per_cpu(RULE_HITS)?, RULE_HITS)?,
             list_hits: sums(&per_cpu(LIST_HITS)?, LIST_HITS)?,
+            events_lost,
         })
     }
 

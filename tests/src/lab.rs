@@ -131,6 +131,8 @@ impl Lab {
         }
         p.ip(&["link", "set", p_if, "up"]);
         o.ip(&["link", "set", o_if, "up"]);
+        // Loopback, for the daemon's metrics endpoint inside the namespace.
+        p.ip(&["link", "set", "lo", "up"]);
         // The protected side answers the attacker's networks directly on the link.
         p.ip(&["route", "add", ATTACKER_NET_V4, "dev", p_if]);
         p.ip(&["-6", "route", "add", ATTACKER_NET_V6, "dev", p_if]);

@@ -20,12 +20,15 @@ const TOOLCHAIN: &str = "nightly";
 /// bpf-linker release known to build against LLVM 21–23 here; bump deliberately.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages, each with a file that shows it is installed: the lab's tools (`ip` and
-/// `nsenter` build it, `ping` sends through it) and the VM tests' (QEMU, busybox for
-/// virtme-ng's guest, and Debian's 6.1 kernel image).
+/// `nsenter` build it, `ping` sends through it, `tcpdump` reads `moat capture`'s files,
+/// `promtool` checks the metrics) and the VM tests' (QEMU, busybox for virtme-ng's guest, and
+/// Debian's 6.1 kernel image).
 const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("iputils-ping", "/usr/bin/ping"),
     ("util-linux", "/usr/bin/nsenter"),
+    ("tcpdump", "/usr/bin/tcpdump"),
+    ("prometheus", "/usr/bin/promtool"),
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
 ];

@@ -156,6 +156,8 @@ pub struct Config {
     pub state_dir: Option<Spanned<String>>,
     /// Where links and maps are pinned, on a bpffs mount.
     pub bpffs: Option<Spanned<String>>,
+    /// Address and port of the Prometheus `/metrics` endpoint; absent: no endpoint.
+    pub metrics_listen: Option<Spanned<String>>,
     /// Where the config came from, for error messages.
     #[serde(skip)]
     origin: Origin,
@@ -246,6 +248,8 @@ pub struct Settings {
     pub paths: Paths,
     /// Room in the list maps for entries added while running.
     pub runtime_entries: u32,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -328,6 +332,22 @@ impl Config {
             xdp_mode: overrides.xdp_mode.unwrap_or(self.xdp_mode),
             policy,
             paths: self.resolve_paths(overrides)?,
+            metrics_listen: self
+                .metrics_listen
+                .as_ref()
+                .map(|text| {
+                    text.get_ref().parse().map_err(|_| {
+                        self.invalid(
+                            &text.span(),
+                            format!(
+                                "metrics_listen = {:?} is not an address and port such as \
+                                 \"127.0.0.1:9977\"",
+                                text.get_ref()
+                            ),
+                        )
+                    })
+                })
+                .transpose()?,
             runtime_entries: match &self.runtime_entries {
                 None => DEFAULT_RUNTIME_ENTRIES,
                 Some(n) if (0..=MAX_RUNTIME_ENTRIES).contains(n.get_ref()) => *n.get_ref() as u32,
@@ -882,6 +902,11 @@ sample_every = 100
             ("[rate_limit]\nipv6_prefix = 129\n", "ipv6_prefix = 129"),
             ("[rate_limit]\nburst = 5\n", "unknown field `burst`"),
             ("[events]\nsample_every = -5\n", "sample_every"),
+            (
+                "metrics_listen = \"localhost\"\n",
+                "moat.toml:2:18: metrics_listen",
+            ),
+            ("metrics_listen = 9977\n", "invalid type"),
         ];
         for (text, expected) in cases {
             let e = error(&format!("interfaces = [\"a\"]\n{text}"));

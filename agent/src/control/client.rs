@@ -2,13 +2,28 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use tokio::net::UnixStream;
 
 use super::protocol::{self, MAX_RESPONSE_BYTES, Reply, Request, Response};
 
 /// Sends one request and returns the daemon's reply, or its error as an error.
 pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+    let mut reply = None;
+    stream(socket, request, |r| {
+        reply = Some(r);
+        Ok(false)
+    })?;
+    reply.ok_or_else(|| anyhow!("the daemon sent no reply"))
+}
+
+/// Sends one request and hands each reply to `on_reply` until it returns `false` (a capture
+/// is answered with many); an error from the daemon ends it as an error.
+pub fn stream(
+    socket: &Path,
+    request: &Request,
+    mut on_reply: impl FnMut(Reply) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -24,16 +39,23 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
         // A daemon that refuses the peer answers without reading the request: its answer
         // says more than the broken pipe the write then meets.
         let sent = protocol::write_frame(&mut stream, request).await;
-        let response: Response = match protocol::read_frame(&mut stream, MAX_RESPONSE_BYTES).await {
-            Ok(response) => response,
-            Err(e) => {
-                sent.context("sending the request")?;
-                return Err(e).context("reading the daemon's response");
+        loop {
+            let response: Response =
+                match protocol::read_frame(&mut stream, MAX_RESPONSE_BYTES).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        sent.context("sending the request")?;
+                        return Err(e).context("reading the daemon's response");
+                    }
+                };
+            match response {
+                Response::Ok(reply) => {
+                    if !on_reply(reply)? {
+                        return Ok(());
+                    }
+                }
+                Response::Error(message) => bail!("{message}"),
             }
-        };
-        match response {
-            Response::Ok(reply) => Ok(reply),
-            Response::Error(message) => bail!("{message}"),
         }
     })
 }

@@ -61,6 +61,24 @@ pub enum Request {
     Stats,
     Status,
     Reload,
+    /// The top sources by dropped and by passed packets per second.
+    Top {
+        /// The interval the client reads at: rates span about this long.
+        interval_ms: u64,
+        /// Rows per table.
+        limit: u32,
+    },
+    /// Streams sampled frames (`Reply::Sample`) until `count` were sent, then
+    /// `Reply::CaptureDone`; the only request answered with more than one frame.
+    Capture {
+        /// Passed frames instead of dropped ones.
+        passed: bool,
+        /// Only frames with this reason (`stats::Reason` names).
+        reason: Option<String>,
+        count: u64,
+        /// Sample one in this many packets while the capture runs.
+        every: u32,
+    },
 }
 
 /// A list entry as `moat block list --json` prints it (a stable format; see README).
@@ -118,6 +136,47 @@ pub struct StatusView {
     pub config: Option<String>,
 }
 
+/// One row of `moat top`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopRow {
+    /// An address, or the rate limiter's prefix (e.g. an IPv6 /64).
+    pub source: String,
+    pub reason: String,
+    pub packets_per_second: u64,
+    pub bits_per_second: u64,
+}
+
+/// `moat top --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopView {
+    /// How long the rates span; 0 on the first reading (no rates yet).
+    pub interval_ms: u64,
+    /// Every dropped (or, in monitor mode, would-be dropped) and every passed packet, from the
+    /// counters.
+    pub dropped_packets_per_second: u64,
+    pub passed_packets_per_second: u64,
+    /// Per source, estimated from samples of one in `sample_every` dropped packets.
+    pub dropped: Vec<TopRow>,
+    /// Per source, counted by the rate limiter (empty without a rate limit).
+    pub passed: Vec<TopRow>,
+    pub passed_by_source: bool,
+    pub sample_every: u32,
+}
+
+/// One captured frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleView {
+    /// When the program saw it, in nanoseconds since the Unix epoch.
+    pub unix_ns: u64,
+    pub interface: String,
+    pub action: String,
+    pub reason: String,
+    pub source: String,
+    /// The whole frame's length; `data` holds its start.
+    pub frame_len: u32,
+    pub data: Vec<u8>,
+}
+
 /// What a change did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeView {
@@ -134,10 +193,22 @@ pub struct ChangeView {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Changed(ChangeView),
-    Entries { entries: Vec<EntryView> },
-    Stats { counters: Vec<CounterView> },
+    Entries {
+        entries: Vec<EntryView>,
+    },
+    Stats {
+        counters: Vec<CounterView>,
+    },
     Status(StatusView),
     Reloaded,
+    Top(TopView),
+    Sample(SampleView),
+    /// The end of a capture: frames sent, and frames that matched but were missed because the
+    /// capture fell behind.
+    CaptureDone {
+        captured: u64,
+        missed: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::protocol::{self, FrameError, MAX_REQUEST_BYTES, Request, Response};
+use crate::capture::{CaptureFilter, CaptureHub};
 
 /// Clients served at once; more wait for a free slot, so that no number of clients can make
 /// the daemon hold more than this many requests in memory.
@@ -147,8 +148,8 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Accepts clients for ever, sending their requests to `jobs`.
-    pub async fn serve(&self, jobs: mpsc::Sender<Job>) {
+    /// Accepts clients for ever, sending their requests to `jobs` (captures to `captures`).
+    pub async fn serve(&self, jobs: mpsc::Sender<Job>, captures: Arc<CaptureHub>) {
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
         loop {
             let stream = match self.listener.accept().await {
@@ -163,9 +164,10 @@ impl ControlSocket {
                 return;
             };
             let jobs = jobs.clone();
+            let captures = captures.clone();
             let access = self.access;
             tokio::spawn(async move {
-                serve_client(stream, access, jobs).await;
+                serve_client(stream, access, jobs, &captures).await;
                 drop(slot);
             });
         }
@@ -178,7 +180,12 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn serve_client(mut stream: UnixStream, access: Access, jobs: mpsc::Sender<Job>) {
+async fn serve_client(
+    mut stream: UnixStream,
+    access: Access,
+    jobs: mpsc::Sender<Job>,
+    captures: &CaptureHub,
+) {
     let response = match access.check(&stream) {
         Err(refusal) => {
             warn!(reason = refusal, "control connection refused");
@@ -192,6 +199,16 @@ async fn serve_client(mut stream: UnixStream, access: Access, jobs: mpsc::Sender
             .await
             .unwrap_or_else(|_| Err(FrameError::Truncated(std::io::ErrorKind::TimedOut.into())));
             match request {
+                // A capture streams many frames: it is served here, not by the daemon's loop.
+                Ok(Request::Capture {
+                    passed,
+                    reason,
+                    count,
+                    every,
+                }) => match CaptureFilter::new(passed, reason.as_deref(), count, every) {
+                    Ok(filter) => return captures.serve(&mut stream, filter).await,
+                    Err(message) => Response::Error(format!("bad capture: {message}")),
+                },
                 Ok(request) => {
                     let (reply_to, reply) = oneshot::channel();
                     if jobs.send((request, reply_to)).await.is_err() {

@@ -1,12 +1,17 @@
 //! What the daemon does for each control request. Every change is validated whole before any
 //! map is touched; a refused request changes nothing.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    cmp::Reverse,
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
 
 use agent_common::{
     lists::SOURCE_CLI,
     maps,
     rate_limit::{Ban, RateState, SourceKey},
+    stats::{Action, Counter},
 };
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -21,11 +26,16 @@ use crate::{
     },
     lists::ListChange,
     live::{ListKind, PolicyChange},
-    map_access,
+    map_access, metrics,
     state::{DynamicEntry, SavedBan, format_time},
     stats::Snapshot,
+    top::{Reading, ViewOptions},
 };
 
+/// Bounds of `moat top`'s interval and rows.
+const MIN_TOP_INTERVAL_MS: u64 = 100;
+const MAX_TOP_INTERVAL_MS: u64 = 3_600_000;
+const MAX_TOP_ROWS: u32 = 1000;
 /// Longest comment kept with an entry.
 const MAX_COMMENT_BYTES: usize = 256;
 /// Longest TTL accepted: ten years.
@@ -37,6 +47,19 @@ impl From<ListName> for ListKind {
             ListName::Allowlist => ListKind::Allow,
             ListName::Blocklist => ListKind::Block,
         }
+    }
+}
+
+/// A rate limiter source as `moat top` prints it: the address, or the prefix it stands for.
+fn source_name(address: IpAddr, (v4_prefix, v6_prefix): (u8, u8)) -> String {
+    let (prefix, full) = match address {
+        IpAddr::V4(_) => (v4_prefix, 32),
+        IpAddr::V6(_) => (v6_prefix, 128),
+    };
+    if prefix >= full {
+        address.to_string()
+    } else {
+        format!("{address}/{prefix}")
     }
 }
 
@@ -81,6 +104,9 @@ impl Daemon {
             Request::ListShow { list } => Ok(self.list_show(list.into())),
             Request::Stats => self.stats(),
             Request::Status => Ok(self.status()),
+            Request::Top { interval_ms, limit } => self.top(interval_ms, limit),
+            // The socket server streams captures itself.
+            Request::Capture { .. } => Err("a capture needs a connection of its own".into()),
             Request::Reload => self
                 .reload("moat reload")
                 .map(|()| Reply::Reloaded)
@@ -196,7 +222,7 @@ impl Daemon {
                     "{cidr} comes from the configuration; edit it and reload to remove the entry"
                 ));
             } else if let Some((_, ban)) = banned.iter().find(|(c, _)| c == cidr) {
-                unban.push(bans::key_of(ban.source));
+                unban.push(ban.source);
             } else {
                 return Err(format!("{cidr} is not in the {}", kind.name()));
             }
@@ -215,12 +241,15 @@ impl Daemon {
         if !unban.is_empty() {
             let mut map = map_access::hash::<SourceKey, Ban>(&mut self.ebpf, maps::BANS)
                 .map_err(|e| crate::error_chain(&e))?;
-            for key in &unban {
+            for source in &unban {
                 // Gone already: it expired or was evicted meanwhile.
-                let _ = map.remove(key);
+                let _ = map.remove(&bans::key_of(*source));
                 view.removed += 1;
+                info!(source = %source, cause = "cli", "unbanned");
             }
-            info!(bans = unban.len(), cause = "cli", "unbanned");
+            // Lifted, so their expiry is not news.
+            self.ban_expiries
+                .retain(|Reverse((_, source))| !unban.contains(source));
         }
         if kept_by_config > 0 {
             view.notes.push(format!(
@@ -331,9 +360,7 @@ impl Daemon {
         let bans = map_access::hash::<SourceKey, Ban>(&mut self.ebpf, maps::BANS)
             .map(|hash| hash.keys().filter(Result::is_ok).count() as u64)
             .unwrap_or(0);
-        let sources = map_access::hash::<SourceKey, RateState>(&mut self.ebpf, maps::RATE_LIMITS)
-            .map(|hash| hash.keys().filter(Result::is_ok).count() as u64)
-            .unwrap_or(0);
+        let sources = self.rate_limited_sources();
         for (map, entries) in [("bans", bans), ("rate-limited sources", sources)] {
             fills.push(MapFill {
                 map: map.into(),
@@ -369,8 +396,138 @@ impl Daemon {
         })
     }
 
+    /// Sources the rate limiter tracks now.
+    fn rate_limited_sources(&mut self) -> u64 {
+        map_access::hash::<SourceKey, RateState>(&mut self.ebpf, maps::RATE_LIMITS)
+            .map(|hash| hash.keys().filter(Result::is_ok).count() as u64)
+            .unwrap_or(0)
+    }
+
+    fn top(&mut self, interval_ms: u64, limit: u32) -> Result<Reply, String> {
+        if !(MIN_TOP_INTERVAL_MS..=MAX_TOP_INTERVAL_MS).contains(&interval_ms) {
+            return Err(format!(
+                "interval_ms must be in {MIN_TOP_INTERVAL_MS}..={MAX_TOP_INTERVAL_MS}"
+            ));
+        }
+        if !(1..=MAX_TOP_ROWS).contains(&limit) {
+            return Err(format!("limit must be in 1..={MAX_TOP_ROWS}"));
+        }
+        let counters = Snapshot::of_ebpf(&self.ebpf).map_err(|e| crate::error_chain(&e))?;
+        let (mut dropped_total, mut passed_total) = (Counter::default(), Counter::default());
+        for row in &counters.rows {
+            match row.action {
+                Action::Pass => passed_total = passed_total.plus(row.counter),
+                Action::Drop | Action::WouldDrop => dropped_total = dropped_total.plus(row.counter),
+            }
+        }
+        let policy = self.live.policy();
+        let rate = &policy.rate_limit;
+        let (passed_by_source, sample_every) = (rate.is_on(), policy.sample_every);
+        let prefixes = (rate.ipv4_prefix, rate.ipv6_prefix);
+        let mut passed = std::collections::HashMap::new();
+        if passed_by_source {
+            let limiter =
+                map_access::hash::<SourceKey, RateState>(&mut self.ebpf, maps::RATE_LIMITS)
+                    .map_err(|e| crate::error_chain(&e))?;
+            for (key, state) in limiter.iter().filter_map(Result::ok) {
+                if state.passed_packets == 0 {
+                    continue;
+                }
+                if let Some(address) = bans::address_of(key.family, key.addr) {
+                    let counter = Counter {
+                        packets: state.passed_packets,
+                        bytes: state.passed_bytes,
+                    };
+                    passed.insert(source_name(address, prefixes), counter);
+                }
+            }
+        }
+        let dropped = self
+            .drops
+            .lock()
+            .map_err(|_| "the drop tally is poisoned".to_string())?
+            .counts();
+        let reading = Reading {
+            at: std::time::Instant::now(),
+            dropped,
+            passed,
+            dropped_total,
+            passed_total,
+        };
+        let options = ViewOptions {
+            interval: Duration::from_millis(interval_ms),
+            limit: limit as usize,
+            passed_by_source,
+            sample_every,
+        };
+        Ok(Reply::Top(self.top.view(reading, &options)))
+    }
+
+    /// The Prometheus metrics, read now.
+    pub(super) fn metrics(&mut self) -> String {
+        let counters = match Snapshot::of_ebpf(&self.ebpf) {
+            Ok(counters) => counters,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "could not read the counters for metrics");
+                return String::new();
+            }
+        };
+        let mut list_entries = Vec::new();
+        for kind in [ListKind::Allow, ListKind::Block] {
+            let counts = self.live.counts(kind);
+            let v6 = counts.v6() as u64;
+            let name = kind.name();
+            list_entries.push((name, "ipv4", counts.total() as u64 - v6));
+            list_entries.push((name, "ipv6", v6));
+        }
+        let bans_active = bans::active(&mut self.ebpf).map_or(0, |b| b.len() as u64);
+        let rate_limited_sources = self.rate_limited_sources();
+        let program_tag = crate::loader::program(&mut self.ebpf)
+            .ok()
+            .and_then(|p| p.info().ok())
+            .map(|info| format!("{:016x}", info.tag()));
+        let interfaces = &self.interfaces;
+        let interface_name = |if_index| interface_name(interfaces, if_index);
+        let reading = metrics::Reading {
+            counters: &counters,
+            interface_name: &interface_name,
+            list_entries,
+            bans_active,
+            rate_limited_sources,
+            program_tag,
+        };
+        metrics::render(&reading).unwrap_or_else(|e| {
+            warn!(error = %e, "could not render the metrics");
+            String::new()
+        })
+    }
+
+    /// Logs the bans whose time has come; one renewed meanwhile (banned again) stays quiet.
+    fn expire_bans(&mut self, now: SystemTime) {
+        let now_ns = bans::monotonic_now_ns();
+        let mut ended = false;
+        while let Some(Reverse((at, source))) = self.ban_expiries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.ban_expiries.pop();
+            let in_force = map_access::hash::<SourceKey, Ban>(&mut self.ebpf, maps::BANS)
+                .ok()
+                .and_then(|map| map.get(&bans::key_of(source), 0).ok())
+                .is_some_and(|ban| ban.expires_at > now_ns);
+            if !in_force {
+                info!(source = %source, cause = "ttl", "ban expired");
+                ended = true;
+            }
+        }
+        if ended {
+            self.state_changed();
+        }
+    }
+
     /// Removes the entries whose TTL has passed.
     pub(super) fn expire(&mut self, now: SystemTime) {
+        self.expire_bans(now);
         for kind in [ListKind::Allow, ListKind::Block] {
             let expired = self.dynamic.expired(kind, now);
             if expired.is_empty() {

@@ -4,8 +4,11 @@
 mod handlers;
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     ffi::CString,
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -20,16 +23,22 @@ use tracing::{error, info, warn};
 
 use crate::{
     bans,
+    capture::CaptureHub,
     config::{Config, Mode, Overrides, Policy, Settings},
     control::server::ControlSocket,
+    events::SampleSinks,
     live::{ListKind, LivePolicy},
     loader::{self, Capacities},
+    metrics,
     pins::{self, LinkMode, PinDir},
     policy,
     state::{Dynamic, SavedBan, StateStore},
     stats::Snapshot,
+    top::{DropTally, TopHistory},
 };
 
+/// New bans waiting for the daemon; beyond this, they are saved by the periodic check.
+const BAN_QUEUE: usize = 1024;
 /// How often bans are read back from the program and saved when they changed.
 const BAN_SAVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Expiries are checked at least this often, so that a wall-clock jump is noticed.
@@ -88,12 +97,18 @@ pub struct Daemon {
     saved_bans: Vec<SavedBan>,
     /// When the first change not yet saved was made.
     unsaved_since: Option<tokio::time::Instant>,
+    /// Dropped packets per source, from the samples.
+    drops: Arc<Mutex<DropTally>>,
+    top: TopHistory,
+    /// Bans known to this daemon, soonest expiry first, so that each expiry is logged.
+    ban_expiries: BinaryHeap<Reverse<(SystemTime, std::net::IpAddr)>>,
 }
 
 /// What a reload may not change.
 struct RunningSettings {
     interfaces: Vec<String>,
     xdp_mode: crate::config::XdpMode,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The policy in force: the configuration's, plus the entries added at run time that the
@@ -121,6 +136,10 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
     policy::check(&policy).context("checking the policy")?;
     let socket = ControlSocket::bind(&paths.socket, paths.socket_group.as_deref())
         .context("binding the control socket")?;
+    let metrics_listener = match settings.metrics_listen {
+        Some(address) => Some(metrics::bind(address).await?),
+        None => None,
+    };
     let pins = pin.then(|| PinDir::new(&paths.bpffs));
     if let Some(pins) = &pins {
         pins.prepare().context("preparing the pin directory")?;
@@ -135,7 +154,18 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
     restore_bans(&mut ebpf, pins.as_ref(), &saved_bans);
     let if_indexes: Vec<u32> = resolved.iter().map(|(_, i)| *i).collect();
     loader::register_interfaces(&mut ebpf, &if_indexes)?;
-    let events = crate::events::spawn_reader(&mut ebpf)?;
+    let names = resolved.iter().map(|(n, i)| (*i, n.clone())).collect();
+    let captures = Arc::new(CaptureHub::new(&mut ebpf, names)?);
+    let drops = Arc::new(Mutex::new(DropTally::default()));
+    let (bans_tx, mut new_bans) = mpsc::channel(BAN_QUEUE);
+    let events = crate::events::spawn_reader(
+        &mut ebpf,
+        SampleSinks {
+            captures: captures.sender(),
+            drops: drops.clone(),
+            bans: bans_tx,
+        },
+    )?;
 
     let interfaces = attach_all(&mut ebpf, &resolved, settings.xdp_mode, pins.as_ref())?;
     if let Some(pins) = &pins {
@@ -156,10 +186,20 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         Mode::Enforce => "enforcing",
         Mode::Monitor => "monitoring (nothing is dropped; would-be drops are counted)",
     };
+    let (scrapes_tx, mut scrapes) = mpsc::channel(4);
+    let metrics_address = match metrics_listener {
+        Some(listener) => {
+            let address = listener.local_addr().ok();
+            tokio::spawn(metrics::serve(listener, scrapes_tx));
+            address
+        }
+        None => None,
+    };
     info!(
         program_id,
         interfaces = interfaces.len(),
         socket = %socket.path().display(),
+        metrics = %metrics_address.map_or("off".into(), |a| format!("http://{a}/metrics")),
         "moat is {mode}"
     );
 
@@ -172,13 +212,22 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         settings: RunningSettings {
             interfaces: settings.interfaces,
             xdp_mode: settings.xdp_mode,
+            metrics_listen: settings.metrics_listen,
         },
         interfaces,
         pins,
         started: Instant::now(),
         saved_bans,
         unsaved_since: None,
+        drops,
+        top: TopHistory::default(),
+        ban_expiries: BinaryHeap::new(),
     };
+    for ban in daemon.saved_bans.clone() {
+        daemon
+            .ban_expiries
+            .push(Reverse((ban.expires_at, ban.source)));
+    }
     daemon.expire(SystemTime::now());
     daemon.save_state();
 
@@ -186,7 +235,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let shutdown = wait_for_shutdown();
     tokio::pin!(shutdown);
-    let serve = socket.serve(jobs_tx);
+    let serve = socket.serve(jobs_tx, captures);
     tokio::pin!(serve);
     let mut ban_save = tokio::time::interval(BAN_SAVE_INTERVAL);
     loop {
@@ -207,6 +256,13 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
                 let response = daemon.handle(request);
                 let _ = reply_to.send(response);
             }
+            Some((source, ttl)) = new_bans.recv() => {
+                daemon.ban_expiries.push(Reverse((SystemTime::now() + ttl, source)));
+                daemon.state_changed();
+            }
+            Some(reply_to) = scrapes.recv() => {
+                let _ = reply_to.send(daemon.metrics());
+            }
             () = tokio::time::sleep(next_expiry) => daemon.expire(SystemTime::now()),
             _ = ban_save.tick() => daemon.save_bans_if_changed(),
             () = sleep_until(save_at), if save_at.is_some() => {
@@ -226,8 +282,11 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
 impl Daemon {
     /// How long until the next entry expires (at most [`EXPIRY_CHECK_INTERVAL`]).
     fn next_expiry_in(&self) -> Duration {
-        self.dynamic
-            .next_expiry()
+        let ban = self.ban_expiries.peek().map(|Reverse((at, _))| *at);
+        let entry = self.dynamic.next_expiry();
+        ban.into_iter()
+            .chain(entry)
+            .min()
             .map(|t| {
                 t.duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO)
@@ -273,10 +332,11 @@ impl Daemon {
         if settings.interfaces != self.settings.interfaces
             || settings.xdp_mode != self.settings.xdp_mode
             || settings.paths.state_dir != self.store.dir()
+            || settings.metrics_listen != self.settings.metrics_listen
         {
             anyhow::bail!(
-                "interfaces, xdp_mode and state_dir cannot change on reload; restart moat to \
-                 change them"
+                "interfaces, xdp_mode, state_dir and metrics_listen cannot change on reload; \
+                 restart moat to change them"
             );
         }
         let policy = effective_policy(settings.policy, &self.dynamic);

@@ -1,0 +1,313 @@
+//! `moat capture`: sampled frames streamed from the daemon and written to a pcap file (in the
+//! spirit of cloudflare's xdpcap). While a capture runs, the daemon sets the program's
+//! `CAPTURE` override so that it samples at the rate the capture asked for, and passed
+//! packets at all; the override is lifted when the last capture ends, however it ends.
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::{Duration, UNIX_EPOCH},
+};
+
+use agent_common::{
+    events::CaptureSettings,
+    maps::CAPTURE,
+    stats::{Action, Reason},
+};
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+};
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+use tokio::{io::AsyncReadExt as _, net::UnixStream, sync::broadcast};
+use tracing::{info, warn};
+
+use crate::{
+    control::protocol::{self, FrameError, Reply, Response, SampleView},
+    events::Sample,
+};
+
+/// The most frames one capture may ask for.
+pub const MAX_CAPTURE_COUNT: u64 = 1_000_000;
+/// Samples waiting for the slowest capture; beyond this, it misses some (and says how many).
+const CAPTURE_BACKLOG: usize = 4096;
+
+/// What a capture asked for, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureFilter {
+    pub passed: bool,
+    pub reason: Option<Reason>,
+    pub count: u64,
+    pub every: u32,
+}
+
+impl CaptureFilter {
+    pub fn new(passed: bool, reason: Option<&str>, count: u64, every: u32) -> Result<Self, String> {
+        let reason = reason
+            .map(|name| {
+                Reason::ALL
+                    .into_iter()
+                    .find(|r| r.name() == name)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+                        format!("unknown reason {name:?} (one of {})", names.join(", "))
+                    })
+            })
+            .transpose()?;
+        if !(1..=MAX_CAPTURE_COUNT).contains(&count) {
+            return Err(format!("count must be in 1..={MAX_CAPTURE_COUNT}"));
+        }
+        if every == 0 {
+            return Err("every must be at least 1".into());
+        }
+        Ok(Self {
+            passed,
+            reason,
+            count,
+            every,
+        })
+    }
+
+    fn matches(&self, sample: &Sample) -> bool {
+        (sample.action == Action::Pass) == self.passed
+            && self.reason.is_none_or(|r| r == sample.reason)
+    }
+}
+
+/// The captures running, and the program's override that serves them.
+pub struct CaptureHub {
+    samples: broadcast::Sender<Arc<Sample>>,
+    control: Mutex<Control>,
+    interfaces: Vec<(u32, String)>,
+}
+
+struct Control {
+    map: Array<MapData, CaptureSettings>,
+    /// (id, passed, every) of each running capture.
+    running: Vec<(u64, bool, u32)>,
+    next_id: u64,
+}
+
+impl Control {
+    /// The finest interval any running capture asked for, per kind; 0: none.
+    fn write(&mut self) -> Result<(), aya::maps::MapError> {
+        let finest = |passed: bool| {
+            self.running
+                .iter()
+                .filter(|(_, p, _)| *p == passed)
+                .map(|(_, _, every)| *every)
+                .min()
+                .unwrap_or(0)
+        };
+        let settings = CaptureSettings {
+            dropped_every: finest(false),
+            passed_every: finest(true),
+        };
+        self.map.set(0, settings, 0)
+    }
+}
+
+/// Lifts a capture's override when it ends.
+struct Running<'a> {
+    hub: &'a CaptureHub,
+    id: u64,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let Ok(mut control) = self.hub.control.lock() else {
+            return;
+        };
+        control.running.retain(|(id, _, _)| *id != self.id);
+        if let Err(e) = control.write() {
+            warn!(error = %e, "could not lift the capture's sampling override");
+        }
+    }
+}
+
+impl CaptureHub {
+    /// Takes the `CAPTURE` map out of `ebpf`; `interfaces` names interfaces in frames.
+    pub fn new(ebpf: &mut Ebpf, interfaces: Vec<(u32, String)>) -> anyhow::Result<Self> {
+        let map = ebpf
+            .take_map(CAPTURE)
+            .ok_or_else(|| anyhow!("map {CAPTURE} is missing from the XDP object"))?;
+        let map = Array::try_from(map).with_context(|| format!("opening {CAPTURE}"))?;
+        let mut control = Control {
+            map,
+            running: Vec::new(),
+            next_id: 0,
+        };
+        // A program adopted from a daemon that died mid-capture starts without an override.
+        control
+            .write()
+            .with_context(|| format!("writing {CAPTURE}"))?;
+        Ok(Self {
+            samples: broadcast::channel(CAPTURE_BACKLOG).0,
+            control: Mutex::new(control),
+            interfaces,
+        })
+    }
+
+    /// Where the event reader sends samples.
+    pub fn sender(&self) -> broadcast::Sender<Arc<Sample>> {
+        self.samples.clone()
+    }
+
+    fn start(&self, filter: &CaptureFilter) -> Result<Running<'_>, String> {
+        let mut control = self
+            .control
+            .lock()
+            .map_err(|_| "the capture state is poisoned".to_string())?;
+        let id = control.next_id;
+        control.next_id += 1;
+        control.running.push((id, filter.passed, filter.every));
+        if let Err(e) = control.write() {
+            control.running.retain(|(i, _, _)| *i != id);
+            return Err(format!("cannot set the sampling for the capture: {e}"));
+        }
+        Ok(Running { hub: self, id })
+    }
+
+    fn view(&self, sample: &Sample) -> SampleView {
+        SampleView {
+            unix_ns: sample
+                .time
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64,
+            interface: self
+                .interfaces
+                .iter()
+                .find(|(i, _)| *i == sample.if_index)
+                .map_or_else(|| format!("if{}", sample.if_index), |(_, n)| n.clone()),
+            action: sample.action.name().into(),
+            reason: sample.reason.name().into(),
+            source: sample.source.to_string(),
+            frame_len: sample.frame_len,
+            data: sample.data.clone(),
+        }
+    }
+
+    /// Serves one capture on `stream` until it has its frames or the client goes away.
+    pub async fn serve(&self, stream: &mut UnixStream, filter: CaptureFilter) {
+        // Subscribe before the override is set, so that no sample it causes is missed.
+        let mut samples = self.samples.subscribe();
+        let running = match self.start(&filter) {
+            Ok(running) => running,
+            Err(message) => {
+                let _ = protocol::write_frame(stream, &Response::Error(message)).await;
+                return;
+            }
+        };
+        info!(
+            passed = filter.passed,
+            reason = filter.reason.map_or("any", Reason::name),
+            count = filter.count,
+            every = filter.every,
+            "capture started"
+        );
+        let (mut captured, mut missed) = (0u64, 0u64);
+        let mut probe = [0u8; 1];
+        while captured < filter.count {
+            let (reader, mut writer) = stream.split();
+            let mut reader = reader;
+            let sample = tokio::select! {
+                // The client sends nothing more: a read returning means it went away.
+                _ = reader.read(&mut probe) => break,
+                sample = samples.recv() => sample,
+            };
+            match sample {
+                Ok(sample) if filter.matches(&sample) => {
+                    let frame = Response::Ok(Reply::Sample(self.view(&sample)));
+                    if let Err(FrameError::Write(_)) =
+                        protocol::write_frame(&mut writer, &frame).await
+                    {
+                        break;
+                    }
+                    captured += 1;
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(count)) => missed += count,
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        drop(running);
+        info!(captured, missed, "capture ended");
+        let done = Response::Ok(Reply::CaptureDone { captured, missed });
+        let _ = protocol::write_frame(stream, &done).await;
+    }
+}
+
+/// Writes frames to a pcap file (nanosecond timestamps, Ethernet), each as soon as it comes,
+/// so that the file is complete up to the last frame whenever the capture stops.
+pub struct PcapOutput<W: Write> {
+    writer: PcapWriter<W>,
+}
+
+impl<W: Write> PcapOutput<W> {
+    pub fn new(output: W) -> anyhow::Result<Self> {
+        let header = PcapHeader {
+            ts_resolution: pcap_file::TsResolution::NanoSecond,
+            ..PcapHeader::default()
+        };
+        let writer = PcapWriter::with_header(output, header).context("writing the pcap header")?;
+        Ok(Self { writer })
+    }
+
+    pub fn write(&mut self, frame: &SampleView) -> anyhow::Result<()> {
+        let packet = PcapPacket::new(
+            Duration::from_nanos(frame.unix_ns),
+            frame.frame_len.max(frame.data.len() as u32),
+            &frame.data,
+        );
+        self.writer
+            .write_packet(&packet)
+            .context("writing a frame to the pcap file")?;
+        Ok(())
+    }
+
+    pub fn into_inner(self) -> W {
+        self.writer.into_writer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_are_validated() {
+        assert!(CaptureFilter::new(false, Some("blocklist"), 10, 1).is_ok());
+        assert!(
+            CaptureFilter::new(false, Some("nonsense"), 10, 1)
+                .unwrap_err()
+                .contains("unknown reason")
+        );
+        assert!(CaptureFilter::new(false, None, 0, 1).is_err());
+        assert!(CaptureFilter::new(false, None, MAX_CAPTURE_COUNT + 1, 1).is_err());
+        assert!(CaptureFilter::new(true, None, 1, 0).is_err());
+    }
+
+    #[test]
+    fn pcap_output_is_readable_back() {
+        let frame = SampleView {
+            unix_ns: 1_700_000_000_123_456_789,
+            interface: "veth0".into(),
+            action: "drop".into(),
+            reason: "blocklist".into(),
+            source: "198.51.100.7".into(),
+            frame_len: 1000,
+            data: vec![0xab; 128],
+        };
+        let mut output = PcapOutput::new(Vec::new()).expect("header");
+        output.write(&frame).expect("frame");
+        let bytes = output.into_inner();
+        let mut reader = pcap_file::pcap::PcapReader::new(&bytes[..]).expect("a pcap");
+        let packet = reader.next_packet().expect("one packet").expect("valid");
+        assert_eq!(packet.orig_len, 1000);
+        assert_eq!(packet.data.len(), 128);
+        assert_eq!(packet.timestamp.as_nanos(), 1_700_000_000_123_456_789);
+        assert!(reader.next_packet().is_none());
+    }
+}

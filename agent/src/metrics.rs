@@ -1,0 +1,195 @@
+//! Prometheus metrics on `metrics_listen`: every scrape reads the program's maps afresh (per-CPU
+//! counters summed at that moment), so no value is older than the scrape that returns it.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus::{
+    Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    process_collector::ProcessCollector,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+use tracing::warn;
+
+use crate::stats::Snapshot;
+
+/// A scrape waiting for the daemon to render the metrics.
+pub type Scrape = oneshot::Sender<String>;
+
+/// What one scrape reports, read by the daemon.
+pub struct Reading<'a> {
+    pub counters: &'a Snapshot,
+    /// The interface name of a counter row's ifindex.
+    pub interface_name: &'a dyn Fn(Option<u32>) -> String,
+    /// (list, family, entries).
+    pub list_entries: Vec<(&'static str, &'static str, u64)>,
+    pub bans_active: u64,
+    pub rate_limited_sources: u64,
+    pub program_tag: Option<String>,
+}
+
+/// The metrics in Prometheus' text exposition format.
+pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
+    let registry = Registry::new();
+    let labels = ["interface", "action", "reason"];
+    let packets = IntCounterVec::new(
+        Opts::new(
+            "moat_packets_total",
+            "Packets seen by the XDP program, by interface, action and reason.",
+        ),
+        &labels,
+    )?;
+    let bytes = IntCounterVec::new(
+        Opts::new(
+            "moat_bytes_total",
+            "Bytes of the frames seen by the XDP program, by interface, action and reason.",
+        ),
+        &labels,
+    )?;
+    for row in &reading.counters.rows {
+        let interface = (reading.interface_name)(row.if_index);
+        let values = [interface.as_str(), row.action.name(), row.reason.name()];
+        packets
+            .with_label_values(&values)
+            .inc_by(row.counter.packets);
+        bytes.with_label_values(&values).inc_by(row.counter.bytes);
+    }
+    let list_entries = IntGaugeVec::new(
+        Opts::new(
+            "moat_list_entries",
+            "Entries in the allowlist and blocklist in force, by address family.",
+        ),
+        &["list", "family"],
+    )?;
+    for (list, family, entries) in &reading.list_entries {
+        list_entries
+            .with_label_values(&[list, family])
+            .set(*entries as i64);
+    }
+    let bans = IntGauge::new(
+        "moat_bans_active",
+        "Sources banned by the rate limiter whose ban has not expired.",
+    )?;
+    bans.set(reading.bans_active as i64);
+    let sources = IntGauge::new(
+        "moat_rate_limited_sources",
+        "Sources the rate limiter is tracking.",
+    )?;
+    sources.set(reading.rate_limited_sources as i64);
+    let events_lost = IntCounterVec::new(
+        Opts::new(
+            "moat_events_lost_total",
+            "Bans and samples the program could not report because the ring buffer was full.",
+        ),
+        &[],
+    )?;
+    events_lost
+        .with_label_values(&[] as &[&str])
+        .inc_by(reading.counters.events_lost);
+    let build = IntGaugeVec::new(
+        Opts::new(
+            "moat_build_info",
+            "The agent's version and the program's tag.",
+        ),
+        &["version", "program_tag"],
+    )?;
+    build
+        .with_label_values(&[
+            env!("CARGO_PKG_VERSION"),
+            reading.program_tag.as_deref().unwrap_or("unknown"),
+        ])
+        .set(1);
+
+    registry.register(Box::new(packets))?;
+    registry.register(Box::new(bytes))?;
+    registry.register(Box::new(list_entries))?;
+    registry.register(Box::new(bans))?;
+    registry.register(Box::new(sources))?;
+    registry.register(Box::new(events_lost))?;
+    registry.register(Box::new(build))?;
+    registry.register(Box::new(ProcessCollector::for_self()))?;
+
+    let mut text = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut text)?;
+    String::from_utf8(text).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+/// Binds the metrics address (before anything is loaded, so that a taken port stops the start).
+pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("metrics_listen {address}"))
+}
+
+/// Serves `/metrics`, asking the daemon for each scrape.
+pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<Scrape>) {
+    let router = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(scrapes);
+    if let Err(e) = axum::serve(listener, router).await {
+        warn!(error = %e, "the metrics server stopped");
+    }
+}
+
+async fn scrape(State(scrapes): State<mpsc::Sender<Scrape>>) -> impl IntoResponse {
+    let (reply_to, reply) = oneshot::channel();
+    let body = match scrapes.send(reply_to).await {
+        Ok(()) => reply.await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::stats::{Action, Counter, Reason};
+
+    use super::*;
+    use crate::stats::Row;
+
+    #[test]
+    fn counters_and_gauges_are_rendered_with_their_labels() {
+        let counters = Snapshot {
+            rows: vec![Row {
+                if_index: Some(7),
+                action: Action::Drop,
+                reason: Reason::Blocklist,
+                counter: Counter {
+                    packets: 1500,
+                    bytes: 96_000,
+                },
+            }],
+            events_lost: 3,
+            ..Snapshot::default()
+        };
+        let name = |i: Option<u32>| i.map_or("(unregistered)".into(), |i| format!("veth{i}"));
+        let text = render(&Reading {
+            counters: &counters,
+            interface_name: &name,
+            list_entries: vec![("blocklist", "ipv4", 12), ("blocklist", "ipv6", 2)],
+            bans_active: 4,
+            rate_limited_sources: 9,
+            program_tag: Some("0123456789abcdef".into()),
+        })
+        .expect("render");
+        for line in [
+            "moat_packets_total{action=\"drop\",interface=\"veth7\",reason=\"blocklist\"} 1500",
+            "moat_bytes_total{action=\"drop\",interface=\"veth7\",reason=\"blocklist\"} 96000",
+            "moat_list_entries{family=\"ipv6\",list=\"blocklist\"} 2",
+            "moat_bans_active 4",
+            "moat_rate_limited_sources 9",
+            "moat_events_lost_total 3",
+            "# TYPE moat_packets_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from:\n{text}"
+            );
+        }
+        assert!(text.contains("moat_build_info{program_tag=\"0123456789abcdef\",version=\""));
+    }
+}
