@@ -33,12 +33,14 @@ pub fn source_key(settings: &RateSettings, source: &Source) -> SourceKey {
             } else {
                 host & (u32::MAX << (32 - prefix))
             };
-            let mut key = SourceKey {
+            // Four word stores: zeroing the byte array would be a call to a byte-wise memset
+            // on every packet.
+            let words = [masked.to_be(), 0, 0, 0];
+            SourceKey {
                 family: FAMILY_V4,
-                addr: [0; 16],
-            };
-            key.addr[..4].copy_from_slice(&masked.to_be_bytes());
-            key
+                // SAFETY: [u32; 4] and [u8; 16] have the same size, and any bytes are valid.
+                addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
+            }
         }
         Source::V6(addr) => SourceKey {
             family: FAMILY_V6,

@@ -60,6 +60,18 @@ impl LoadedProgram {
             .return_value
     }
 
+    /// The program's fd (a duplicate), for callers that run it themselves.
+    pub fn fd(&mut self) -> std::os::fd::OwnedFd {
+        use std::os::fd::AsFd as _;
+        let program = loader::program(&mut self.ebpf).expect("the program");
+        program
+            .fd()
+            .expect("a loaded program has an fd")
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("dup the program's fd")
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot::of_ebpf(&self.ebpf).expect("reading the counters")
     }

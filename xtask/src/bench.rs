@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick]`: release builds, then `moat-bench` on a veth lab; writes
-//! BENCHMARKS.md's measured section (between its markers) with the machine it ran on.
+//! `cargo xtask bench [--quick]`: release builds, then `moat-bench` on a veth lab (per-packet
+//! cost, floods, control plane); writes BENCHMARKS.md's measured section (between its markers)
+//! with the machine and the versions it ran with.
 
 use anyhow::{Context as _, bail};
 
@@ -10,7 +11,7 @@ const BEGIN: &str = "<!-- cargo xtask bench: begin -->";
 const END: &str = "<!-- cargo xtask bench: end -->";
 
 pub fn run_bench(quick: bool) -> anyhow::Result<()> {
-    crate::setup::ensure_ready()?;
+    crate::setup::ensure_bench_ready()?;
     if !is_root() {
         bail!("the benchmarks need root (network namespaces, veth pairs, XDP)");
     }
@@ -24,9 +25,7 @@ pub fn run_bench(quick: bool) -> anyhow::Result<()> {
         "--bins",
     ]))?;
     let release = workspace_root().join("target").join("release");
-    let results = workspace_root()
-        .join("target")
-        .join("bench-control-plane.md");
+    let results = workspace_root().join("target").join("bench-results.md");
     let mut bench = std::process::Command::new(release.join("moat-bench"));
     bench.arg(&results).env("MOAT_BIN", release.join("moat"));
     if quick {
@@ -46,15 +45,25 @@ pub fn run_bench(quick: bool) -> anyhow::Result<()> {
     let kernel = output(std::process::Command::new("uname").arg("-r"))?;
     let rustc = output(std::process::Command::new("rustc").arg("-V"))?;
     let date = output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d"]))?;
+    let peers = output(std::process::Command::new("dpkg-query").args([
+        "-W",
+        "-f",
+        "${Package} ${Version}, ",
+        "xdp-tools",
+        "nftables",
+        "netsniff-ng",
+    ]))?;
     let generated = format!(
-        "{BEGIN}\nMeasured {} on {cpu} ({cores} CPUs), kernel {}, {}; moat {} (release).{}\n\n\
-         ### Control plane\n\n{table}{END}",
+        "{BEGIN}\nMeasured {} on {cpu} ({cores} CPUs), kernel {}, {}; moat {} (release); {}.{}\n\n\
+         {table}{END}",
         date.trim(),
         kernel.trim(),
         rustc.trim(),
         env!("CARGO_PKG_VERSION"),
+        peers.trim().trim_end_matches(','),
         if quick {
-            " **--quick run: 100,000 prefixes, one run each; not the published numbers.**"
+            " **--quick run: 100,000 prefixes, one run each, 2 s floods; not the published \
+             numbers.**"
         } else {
             ""
         },

@@ -32,15 +32,35 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
 ];
+/// What only `cargo xtask bench` uses: its peers (xdp-filter, nftables) and its traffic
+/// generator (trafgen).
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("xdp-tools", "/usr/sbin/xdp-filter"),
+    ("nftables", "/usr/sbin/nft"),
+    ("netsniff-ng", "/usr/sbin/trafgen"),
+];
 /// Debian's kernel package; present when /boot holds a 6.1 image.
 const KERNEL_PACKAGE: &str = "linux-image-amd64";
 
 pub fn ensure_ready() -> anyhow::Result<()> {
     step("nightly toolchain with rust-src", ensure_nightly_rust_src)?;
     step("bpf-linker matching nightly's LLVM", ensure_bpf_linker)?;
-    step("system packages for the lab", ensure_system_packages)?;
+    step("system packages for the lab", || {
+        let kernel = crate::vm::debian_kernel()
+            .is_err()
+            .then_some(KERNEL_PACKAGE);
+        ensure_packages(SYSTEM_PACKAGES, kernel)
+    })?;
     eprintln!("setup: done");
     Ok(())
+}
+
+/// What `cargo xtask bench` needs beyond [`ensure_ready`].
+pub fn ensure_bench_ready() -> anyhow::Result<()> {
+    ensure_ready()?;
+    step("system packages for the benchmarks", || {
+        ensure_packages(BENCH_PACKAGES, None)
+    })
 }
 
 fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
@@ -174,15 +194,14 @@ fn linker_runs(linker: &Path) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn ensure_system_packages() -> anyhow::Result<String> {
-    let mut missing: Vec<&str> = SYSTEM_PACKAGES
+/// Installs the packages of `wanted` whose file is missing, and `extra`.
+fn ensure_packages(wanted: &[(&str, &str)], extra: Option<&str>) -> anyhow::Result<String> {
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, path)| !Path::new(path).exists())
         .map(|(package, _)| *package)
         .collect();
-    if crate::vm::debian_kernel().is_err() {
-        missing.push(KERNEL_PACKAGE);
-    }
+    missing.extend(extra);
     if missing.is_empty() {
         return Ok("all present".into());
     }

@@ -1,16 +1,12 @@
-//! `cargo xtask bench`: what moat's control plane costs, measured on a veth lab with the real
-//! daemon and CLI (release builds), written as Markdown to the file given as the first argument.
+//! Control plane: the real `moat run` (release) in a veth lab, driven by the real CLI.
 //!
-//! - start-up with a million-prefix list file in the configuration (spawn to "enforcing");
+//! - start-up with the million-prefix list file in the configuration (spawn to "enforcing");
 //! - `moat block import` of the same million prefixes into a running daemon;
 //! - `moat block add` of one address under traffic from it: invocation to CLI return, and
 //!   invocation to the first packet the kernel counts as dropped;
 //! - the daemon's RSS idle and with the million prefixes, and the kernel memory of its maps.
-//!
-//! Each measure is repeated; the table gives the median and the min–max.
 
 use std::{
-    fmt::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -23,71 +19,10 @@ use moat_tests::{
     traffic::udp_paced,
 };
 
-/// Prefixes in the full run's list, and in `--quick`'s.
-const FULL_PREFIXES: usize = 1_000_000;
-const QUICK_PREFIXES: usize = 100_000;
+use crate::{Measured, Options, Table, list::PrefixList};
+
 /// Traffic rate while `block add` is timed: one packet every 50 µs.
 const ATTACK_PPS: u64 = 20_000;
-
-struct Options {
-    output: PathBuf,
-    prefixes: usize,
-    runs: usize,
-}
-
-fn options() -> Options {
-    let mut output = None;
-    let mut quick = false;
-    for arg in std::env::args().skip(1) {
-        match arg.as_str() {
-            "--quick" => quick = true,
-            _ if output.is_none() => output = Some(PathBuf::from(arg)),
-            other => panic!("unexpected argument {other:?}; usage: moat-bench OUTPUT.md [--quick]"),
-        }
-    }
-    Options {
-        output: output.expect("usage: moat-bench OUTPUT.md [--quick]"),
-        prefixes: if quick { QUICK_PREFIXES } else { FULL_PREFIXES },
-        runs: if quick { 1 } else { 5 },
-    }
-}
-
-/// A realistic mix: 60 % IPv4 hosts, 25 % IPv4 networks /16–/24, 15 % IPv6 /32–/128. None
-/// covers the lab's addresses.
-fn write_list(path: &Path, count: usize) {
-    let mut text = String::with_capacity(count * 22);
-    for i in 0..count {
-        let n = u32::try_from(i).expect("fits");
-        match i % 20 {
-            0..=11 => {
-                let host = 0x0b00_0000 + n; // from 11.0.0.0
-                let _ = writeln!(text, "{}", std::net::Ipv4Addr::from(host));
-            }
-            12..=16 => {
-                let len = 16 + (n % 9);
-                let net = (0x4000_0000u32 + (n << 8)) & (u32::MAX << (32 - len));
-                let _ = writeln!(text, "{}/{len}", std::net::Ipv4Addr::from(net));
-            }
-            _ => {
-                let len = [32u32, 48, 56, 64, 128][i % 5];
-                let addr = (0x2a00_u128 << 112) | (u128::from(n) << (128 - len));
-                let _ = writeln!(text, "{}/{len}", std::net::Ipv6Addr::from(addr));
-            }
-        }
-    }
-    std::fs::write(path, text).expect("write the list file");
-}
-
-fn median(samples: &mut [f64]) -> (f64, f64, f64) {
-    samples.sort_by(f64::total_cmp);
-    let mid = samples.len() / 2;
-    let median = if samples.len().is_multiple_of(2) {
-        (samples[mid - 1] + samples[mid]) / 2.0
-    } else {
-        samples[mid]
-    };
-    (median, samples[0], samples[samples.len() - 1])
-}
 
 /// The daemon's resident memory, in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -192,112 +127,94 @@ fn time_block_add(lab: &Lab, program_id: u32, address: &str) -> (f64, f64) {
     })
 }
 
-fn main() {
-    let options = options();
-    let lab = Lab::new();
-    let list = lab.dir().join("list.txt");
-    write_list(&list, options.prefixes);
-    let n = options.prefixes;
-    let mut rows: Vec<(String, String, String)> = Vec::new();
-    let mut add_row = |what: String, unit: &str, samples: &mut Vec<f64>| {
-        let (median, min, max) = median(samples);
-        println!(
-            "{what}: median {median:.1} {unit} ({min:.1}–{max:.1}, {} runs)",
-            samples.len()
-        );
-        rows.push((
+pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
+    let n = list.count;
+    let mut table = Table::new(&["measure", "median", "min–max"]);
+    let mut add_row = |what: String, unit: &str, samples: Vec<f64>| {
+        let measured = Measured::of(samples);
+        println!("control plane: {what}: {}", measured.cell());
+        table.row(vec![
             what,
-            format!("{median:.1} {unit}"),
-            format!("{min:.1}–{max:.1}"),
-        ));
+            format!("{:.1} {unit}", measured.median),
+            format!("{:.1}–{:.1}", measured.min, measured.max),
+        ]);
     };
 
     // Start-up with the list in the configuration, cold (nothing pinned, no state).
-    let with_list = write_config(&lab, n, Some(&list));
+    let with_list = write_config(lab, n, Some(&list.path));
     let mut startup = Vec::new();
     let mut rss_full = Vec::new();
     let mut maps_full = Vec::new();
     for _ in 0..options.runs {
-        let (moat, took) = start(&lab, &with_list);
+        let (moat, took) = start(lab, &with_list);
         startup.push(took.as_secs_f64());
         std::thread::sleep(Duration::from_millis(500));
         rss_full.push(rss_mib(moat.pid()));
         maps_full.push(map_memory_mib(moat.pid()));
-        stop_and_clean(&lab, moat);
+        stop_and_clean(lab, moat);
     }
     add_row(
         format!("start-up with {n} prefixes in the config (spawn → enforcing)"),
         "s",
-        &mut startup,
+        startup,
     );
 
     // Import into a running daemon, then one address blocked under traffic.
-    let empty = write_config(&lab, n, None);
+    let empty = write_config(lab, n, None);
     let mut import = Vec::new();
     let mut rss_idle = Vec::new();
     let mut rss_import = Vec::new();
     let mut add_return = Vec::new();
     let mut add_effect = Vec::new();
     for run in 0..options.runs {
-        let (moat, _) = start(&lab, &empty);
+        let (moat, _) = start(lab, &empty);
         std::thread::sleep(Duration::from_millis(300));
         rss_idle.push(rss_mib(moat.pid()));
         let started = Instant::now();
-        MoatProcess::cli(&lab, &["block", "import", &list.to_string_lossy()]).ok("import");
+        MoatProcess::cli(lab, &["block", "import", &list.path.to_string_lossy()]).ok("import");
         import.push(started.elapsed().as_secs_f64());
         // Let the state save and the allocator's trim run.
         std::thread::sleep(Duration::from_secs(2));
         rss_import.push(rss_mib(moat.pid()));
         let (program_id, _) = lab.xdp(Side::Protected).expect("attached");
         for _ in 0..3 {
-            let (returned, effect) = time_block_add(&lab, program_id, ATTACKER_V4);
+            let (returned, effect) = time_block_add(lab, program_id, ATTACKER_V4);
             add_return.push(returned);
             add_effect.push(effect);
         }
-        println!("run {} of {} done", run + 1, options.runs);
-        stop_and_clean(&lab, moat);
+        println!("control plane: run {} of {} done", run + 1, options.runs);
+        stop_and_clean(lab, moat);
     }
     add_row(
         format!("`moat block import` of {n} prefixes (CLI wall clock)"),
         "s",
-        &mut import,
+        import,
     );
     add_row(
         format!("`moat block add` with {n} prefixes loaded: invocation → CLI returns"),
         "ms",
-        &mut add_return,
+        add_return,
     );
     add_row(
         "`moat block add`: invocation → first packet dropped".into(),
         "ms",
-        &mut add_effect,
+        add_effect,
     );
-    add_row(
-        "daemon RSS, idle (empty lists)".into(),
-        "MiB",
-        &mut rss_idle,
-    );
+    add_row("daemon RSS, idle (empty lists)".into(), "MiB", rss_idle);
     add_row(
         format!("daemon RSS with {n} imported prefixes"),
         "MiB",
-        &mut rss_import,
+        rss_import,
     );
     add_row(
         format!("daemon RSS after start-up with {n} prefixes in the config"),
         "MiB",
-        &mut rss_full,
+        rss_full,
     );
     add_row(
         format!("kernel memory of the maps with {n} prefixes (memlock)"),
         "MiB",
-        &mut maps_full,
+        maps_full,
     );
-
-    let mut text = String::new();
-    let _ = writeln!(text, "| measure | median | min–max |\n| --- | --- | --- |");
-    for (what, median, range) in &rows {
-        let _ = writeln!(text, "| {what} | {median} | {range} |");
-    }
-    std::fs::write(&options.output, text).expect("write the results");
-    println!("wrote {}", options.output.display());
+    table
 }

@@ -1,0 +1,459 @@
+//! Per-packet cost: each contender runs each scenario's frame through `BPF_PROG_TEST_RUN`
+//! (`repeat` times in the kernel, several runs), so no NIC, queue or scheduler is measured.
+//!
+//! - moat with the full policy: the million-prefix list, 100 rules, rate limiting and bans on;
+//! - xdp-filter (Debian's xdp-tools) twice: with only its IPv4 list (`-f ipv4`, its
+//!   single-list path) and with every feature, holding the same addresses and port where it can
+//!   express them (exact addresses only, at most 10,000 per family);
+//! - the floor (`floor.rs`): parse to the IPv4 source, one hash lookup.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::Path,
+    process::Command,
+};
+
+use agent_common::{
+    maps::{BANS, RATE_LIMITS},
+    rate_limit::{Ban, RateState},
+    stats::{Action, Reason},
+};
+use aya::maps::MapInfo;
+use moat::{
+    bans,
+    config::{Config, Overrides, Policy},
+    map_access,
+};
+use moat_tests::{
+    Lab, Side,
+    frames::{Extension, Frame},
+    program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS},
+};
+
+use crate::{Measured, Options, Table, bpf_syscall, floor::Floor, list::PrefixList};
+
+/// Sources of the scenarios, none in the list unless the scenario says so.
+const CLEAN_V4: &str = "192.0.2.10";
+const CLEAN_V6: &str = "2001:db8:2::10";
+const BANNED: &str = "192.0.2.50";
+const OVER_LIMIT: &str = "192.0.2.60";
+const REFLECTOR_PORT: u16 = 11211;
+/// xdp-filter's maps hold this many addresses per family.
+const XDP_FILTER_CAPACITY: usize = 10_000;
+
+/// What a contender should answer; `None`: it cannot express the scenario.
+struct Scenario {
+    name: &'static str,
+    frame: Vec<u8>,
+    moat: (Action, Reason),
+    /// xdp-filter with `-f ipv4`, and with every feature.
+    xdp_filter: [Option<u32>; 2],
+    floor: Option<u32>,
+    /// Whether moat runs it with rate limiting (and bans) on, as in the full policy.
+    rate_limited: bool,
+}
+
+fn scenarios(list: &PrefixList) -> Vec<Scenario> {
+    let udp = |source: &str| Frame::udp(source, 40_000, 53);
+    let pass = (Action::Pass, Reason::NoMatch);
+    vec![
+        Scenario {
+            name: "pass: IPv4, full policy, source not listed",
+            frame: udp(CLEAN_V4).bytes(),
+            moat: pass,
+            xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
+            floor: Some(XDP_PASS),
+            rate_limited: true,
+        },
+        Scenario {
+            name: "pass: IPv4, the list and 100 rules, rate limiting off",
+            frame: udp(CLEAN_V4).bytes(),
+            moat: pass,
+            xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
+            floor: Some(XDP_PASS),
+            rate_limited: false,
+        },
+        Scenario {
+            name: "pass: IPv6, full policy, source not listed",
+            frame: udp(CLEAN_V6).bytes(),
+            moat: pass,
+            xdp_filter: [None, Some(XDP_PASS)],
+            floor: None,
+            rate_limited: true,
+        },
+        Scenario {
+            name: "drop: blocklist, IPv4 host among the list's /32s",
+            frame: udp(&list.deep_v4_host().to_string()).bytes(),
+            moat: (Action::Drop, Reason::Blocklist),
+            xdp_filter: [Some(XDP_DROP), Some(XDP_DROP)],
+            floor: Some(XDP_DROP),
+            rate_limited: true,
+        },
+        Scenario {
+            name: "drop: blocklist, IPv4 inside a listed /16–/24",
+            frame: udp(&list.v4_network_member().to_string()).bytes(),
+            moat: (Action::Drop, Reason::Blocklist),
+            xdp_filter: [None, None],
+            floor: None,
+            rate_limited: true,
+        },
+        Scenario {
+            name: "drop: blocklist, IPv6 /128 among the list's IPv6 prefixes",
+            frame: udp(&list.v6_host().to_string()).bytes(),
+            moat: (Action::Drop, Reason::Blocklist),
+            xdp_filter: [None, Some(XDP_DROP)],
+            floor: None,
+            rate_limited: true,
+        },
+        Scenario {
+            name: "drop: ban (rate-limit ban in force)",
+            frame: udp(BANNED).bytes(),
+            moat: (Action::Drop, Reason::Ban),
+            xdp_filter: [None, None],
+            floor: None,
+            rate_limited: true,
+        },
+        Scenario {
+            name: "drop: rule (UDP source port 11211, rule 100 of 100)",
+            frame: Frame::udp(CLEAN_V4, REFLECTOR_PORT, 40_000).bytes(),
+            moat: (Action::Drop, Reason::Rule),
+            xdp_filter: [None, Some(XDP_DROP)],
+            floor: None,
+            rate_limited: true,
+        },
+        Scenario {
+            name: "drop: rate limit (source over its limit)",
+            frame: udp(OVER_LIMIT).bytes(),
+            moat: (Action::Drop, Reason::RateLimit),
+            xdp_filter: [None, None],
+            floor: None,
+            rate_limited: true,
+        },
+        Scenario {
+            name: "pass: IPv6 with two extension headers",
+            frame: udp(CLEAN_V6)
+                .extension(Extension::HopByHop)
+                .extension(Extension::DestinationOptions)
+                .bytes(),
+            moat: pass,
+            xdp_filter: [None, Some(XDP_PASS)],
+            floor: None,
+            rate_limited: true,
+        },
+        Scenario {
+            name: "pass: VLAN-tagged IPv4",
+            frame: udp(CLEAN_V4).vlan(42).bytes(),
+            moat: pass,
+            xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
+            floor: None,
+            rate_limited: true,
+        },
+    ]
+}
+
+/// The full policy: the list, 99 rules that do not match the frames, then the reflector rule;
+/// rate limiting on (so high that the benchmark's own sources stay under it) with bans.
+fn full_policy(lab: &Lab, list: &PrefixList) -> Policy {
+    let mut text = format!(
+        "interfaces = [\"lo\"]\n[blocklist]\nfiles = [\"{}\"]\n\
+         [rate_limit]\npps = 1000000000\nban_after = \"1h\"\nban_ttl = \"10m\"\n",
+        list.path.display()
+    );
+    for i in 0..99 {
+        let protocol = if i % 2 == 0 { "udp" } else { "tcp" };
+        let _ = write!(
+            text,
+            "[[rules]]\nname = \"r{i}\"\nprotocol = \"{protocol}\"\ndst_ports = [\"{}\"]\n\
+             action = \"drop\"\n",
+            20_000 + i
+        );
+    }
+    let _ = write!(
+        text,
+        "[[rules]]\nname = \"reflection\"\nprotocol = \"udp\"\nsrc_ports = [\"{REFLECTOR_PORT}\"]\n\
+         action = \"drop\"\n"
+    );
+    let path = lab.dir().join("bench-policy.toml");
+    std::fs::write(&path, text).expect("write the policy");
+    let config = Config::from_file(&path).expect("the bench policy parses");
+    config
+        .resolve(&Overrides::default())
+        .unwrap_or_else(|e| panic!("the bench policy: {e}"))
+        .policy
+}
+
+/// moat with the full policy, plus the ban and the over-limit source the scenarios need.
+fn load_moat(policy: &Policy) -> LoadedProgram {
+    let mut program = LoadedProgram::new(policy);
+    let now = bans::monotonic_now_ns();
+    let hour = 3_600_000_000_000;
+    let mut ban_map = map_access::hash::<_, Ban>(&mut program.ebpf, BANS).expect("BANS");
+    let ban = Ban {
+        expires_at: now + hour,
+        source: agent_common::lists::SOURCE_RATE_LIMIT,
+        _pad: 0,
+    };
+    ban_map
+        .insert(bans::key_of(Lab::addr(BANNED)), ban, 0)
+        .expect("insert the ban");
+    let mut limiter =
+        map_access::hash::<_, RateState>(&mut program.ebpf, RATE_LIMITS).expect("RATE_LIMITS");
+    let over = RateState {
+        packets_tat: now + hour,
+        ..RateState::default()
+    };
+    limiter
+        .insert(bans::key_of(Lab::addr(OVER_LIMIT)), over, 0)
+        .expect("insert the over-limit source");
+    program
+}
+
+/// xdp-filter loaded on the lab's protected interface; unloaded on drop.
+struct XdpFilter<'a> {
+    lab: &'a Lab,
+    program: OwnedFd,
+}
+
+impl<'a> XdpFilter<'a> {
+    fn load(lab: &'a Lab, features: &str, list: &PrefixList) -> Self {
+        let run = |args: &[&str]| {
+            let out = lab
+                .netns(Side::Protected)
+                .command("xdp-filter")
+                .env("LIBXDP_BPFFS", lab.bpffs_mount())
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run xdp-filter (xdp-tools): {e}"));
+            assert!(
+                out.status.success(),
+                "xdp-filter {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let interface = lab.interface(Side::Protected);
+        run(&[
+            "load",
+            interface,
+            "--mode",
+            "native",
+            "--features",
+            features,
+        ]);
+        let host = list.deep_v4_host().to_string();
+        run(&["ip", &host, "--mode", "src"]);
+        if features != "ipv4" {
+            run(&["ip", &list.v6_host().to_string(), "--mode", "src"]);
+            run(&[
+                "port",
+                &REFLECTOR_PORT.to_string(),
+                "--mode",
+                "src",
+                "--proto",
+                "udp",
+            ]);
+        }
+        let (id, _) = lab
+            .xdp(Side::Protected)
+            .expect("xdp-filter attached a program");
+        let filter = Self {
+            lab,
+            program: bpf_syscall::program_by_id(id).expect("xdp-filter's program"),
+        };
+        // Fill its IPv4 map to capacity with the list's hosts, as the CLI would have.
+        filter.fill_ipv4(id, list);
+        filter
+    }
+
+    fn fill_ipv4(&self, program_id: u32, list: &PrefixList) {
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == program_id)
+            .expect("xdp-filter's program is loaded");
+        let map_id = info
+            .map_ids()
+            .expect("its maps")
+            .unwrap_or_default()
+            .into_iter()
+            .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some("filter_ipv4")))
+            .expect("xdp-filter has a filter_ipv4 map");
+        let map = bpf_syscall::map_by_id(map_id).expect("filter_ipv4");
+        // A per-CPU value: copy what the CLI wrote for the first address.
+        let mut value = vec![0u8; 8 * possible_cpus()];
+        bpf_syscall::map_lookup(map.as_fd(), &list.deep_v4_host().octets(), &mut value)
+            .expect("the CLI's entry");
+        for host in list.v4_hosts().take(XDP_FILTER_CAPACITY - 1) {
+            bpf_syscall::map_update(map.as_fd(), &host.octets(), &value).expect("fill filter_ipv4");
+        }
+    }
+}
+
+impl Drop for XdpFilter<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .lab
+            .netns(Side::Protected)
+            .command("xdp-filter")
+            .env("LIBXDP_BPFFS", self.lab.bpffs_mount())
+            .args(["unload", self.lab.interface(Side::Protected)])
+            .output();
+    }
+}
+
+fn possible_cpus() -> usize {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    text.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().expect("cpu") - a.parse::<usize>().expect("cpu") + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// The median ns/packet of `runs` test runs of `repeat` packets; checks the verdict.
+fn time(
+    program: BorrowedFd,
+    frame: &[u8],
+    expected: u32,
+    options: &Options,
+    who: &str,
+) -> Measured {
+    let mut samples = Vec::with_capacity(options.runs);
+    for _ in 0..options.runs {
+        let (action, ns) = bpf_syscall::test_run(program, frame, options.repeat)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {who}: {e}"));
+        assert_eq!(
+            action, expected,
+            "{who} answered {action}, expected {expected}"
+        );
+        samples.push(f64::from(ns));
+    }
+    Measured::of(samples)
+}
+
+pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
+    mount_bpffs(&lab.bpffs_mount());
+    let policy = full_policy(lab, list);
+    let scenarios = scenarios(list);
+    println!("per-packet: loading moat with the full policy");
+    let mut moat = load_moat(&policy);
+    let without_rate_limit = Policy {
+        rate_limit: Default::default(),
+        ..policy.clone()
+    };
+    let mut lean = LoadedProgram::new(&without_rate_limit);
+    let floor = Floor::load(&list.v4_hosts().collect::<Vec<Ipv4Addr>>());
+
+    let mut results: Vec<[Option<Measured>; 4]> = Vec::new();
+    for scenario in &scenarios {
+        let moat = if scenario.rate_limited {
+            &mut moat
+        } else {
+            &mut lean
+        };
+        let before = moat.snapshot();
+        let (action, reason) = scenario.moat;
+        let expected = if action == Action::Pass {
+            XDP_PASS
+        } else {
+            XDP_DROP
+        };
+        let program = moat.fd();
+        let measured = time(program.as_fd(), &scenario.frame, expected, options, "moat");
+        let counted = moat
+            .snapshot()
+            .get(TEST_RUN_IF_INDEX, action, reason)
+            .packets
+            - before.get(TEST_RUN_IF_INDEX, action, reason).packets;
+        assert_eq!(
+            counted,
+            u64::from(options.repeat) * options.runs as u64,
+            "{}: moat counted {counted} as {}/{}",
+            scenario.name,
+            action.name(),
+            reason.name()
+        );
+        let floor_time = scenario.floor.map(|expected| {
+            time(
+                floor.program.as_fd(),
+                &scenario.frame,
+                expected,
+                options,
+                "floor",
+            )
+        });
+        results.push([Some(measured), None, None, floor_time]);
+        println!(
+            "per-packet: {}: moat {:.1} ns",
+            scenario.name,
+            results.last().expect("row")[0]
+                .as_ref()
+                .expect("moat")
+                .median
+        );
+    }
+    drop(moat);
+    drop(lean);
+    for (column, features) in [(1, "ipv4"), (2, "all")] {
+        println!("per-packet: xdp-filter --features {features}");
+        let filter = XdpFilter::load(lab, features, list);
+        for (scenario, row) in scenarios.iter().zip(results.iter_mut()) {
+            if let Some(expected) = scenario.xdp_filter[column - 1] {
+                row[column] = Some(time(
+                    filter.program.as_fd(),
+                    &scenario.frame,
+                    expected,
+                    options,
+                    "xdp-filter",
+                ));
+            }
+        }
+    }
+
+    let mut table = Table::new(&[
+        "scenario",
+        "moat ns/pkt",
+        "xdp-filter -f ipv4",
+        "xdp-filter (all)",
+        "floor",
+        "moat ÷ xdp-filter -f ipv4",
+        "moat ÷ floor",
+    ]);
+    for (scenario, row) in scenarios.iter().zip(&results) {
+        let moat = row[0].as_ref().expect("moat ran every scenario");
+        let cell = |m: &Option<Measured>| m.as_ref().map_or("n/a".to_string(), Measured::cell);
+        let ratio = |m: &Option<Measured>| {
+            m.as_ref().map_or("n/a".to_string(), |other| {
+                format!("{:.2}×", moat.median / other.median)
+            })
+        };
+        table.row(vec![
+            scenario.name.to_string(),
+            moat.cell(),
+            cell(&row[1]),
+            cell(&row[2]),
+            cell(&row[3]),
+            ratio(&row[1]),
+            ratio(&row[3]),
+        ]);
+    }
+    table
+}
+
+fn mount_bpffs(path: &Path) {
+    std::fs::create_dir_all(path).expect("bpffs mount point");
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&path.to_string_lossy()));
+    if !mounted {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(path)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mounting bpffs on {}", path.display());
+    }
+}
