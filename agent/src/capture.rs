@@ -138,7 +138,7 @@ impl CaptureHub {
             running: Vec::new(),
             next_id: 0,
         };
-        // A program adopted from a daemon that died mid-capture starts without an override.
+        // No override until a capture asks for one.
         control
             .write()
             .with_context(|| format!("writing {CAPTURE}"))?;
@@ -210,8 +210,7 @@ impl CaptureHub {
         let (mut captured, mut missed) = (0u64, 0u64);
         let mut probe = [0u8; 1];
         while captured < filter.count {
-            let (reader, mut writer) = stream.split();
-            let mut reader = reader;
+            let (mut reader, mut writer) = stream.split();
             let sample = tokio::select! {
                 // The client sends nothing more: a read returning means it went away.
                 _ = reader.read(&mut probe) => break,

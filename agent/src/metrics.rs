@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus::{
-    Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
     process_collector::ProcessCollector,
 };
 use tokio::{
@@ -80,16 +80,11 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
         "Sources the rate limiter is tracking.",
     )?;
     sources.set(reading.rate_limited_sources as i64);
-    let events_lost = IntCounterVec::new(
-        Opts::new(
-            "moat_events_lost_total",
-            "Bans and samples the program could not report because the ring buffer was full.",
-        ),
-        &[],
+    let events_lost = IntCounter::new(
+        "moat_events_lost_total",
+        "Bans and samples the program could not report because the ring buffer was full.",
     )?;
-    events_lost
-        .with_label_values(&[] as &[&str])
-        .inc_by(reading.counters.events_lost);
+    events_lost.inc_by(reading.counters.events_lost);
     let build = IntGaugeVec::new(
         Opts::new(
             "moat_build_info",

@@ -134,7 +134,7 @@ pub fn capture(socket: &Path, args: CaptureArgs) -> anyhow::Result<()> {
         every: args.every,
     };
     let mut summary = None;
-    stream(socket, &request, |reply| match reply {
+    let streamed = stream(socket, &request, |reply| match reply {
         Reply::Sample(frame) => {
             pcap.write(&frame)?;
             if to_stdout {
@@ -147,7 +147,14 @@ pub fn capture(socket: &Path, args: CaptureArgs) -> anyhow::Result<()> {
             Ok(false)
         }
         other => anyhow::bail!("the daemon answered with an unexpected reply: {other:?}"),
-    })?;
+    });
+    if let Err(e) = streamed {
+        // A refused capture leaves no file behind.
+        if !to_stdout && summary.is_none() {
+            let _ = std::fs::remove_file(&args.file);
+        }
+        return Err(e);
+    }
     let (captured, missed) = summary.unwrap_or_default();
     let mut output = pcap.into_inner();
     output.flush()?;
