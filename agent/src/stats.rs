@@ -8,7 +8,7 @@ use agent_common::{
 };
 use aya::{
     Ebpf,
-    maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray},
+    maps::{Array, Map, MapData, MapError, PerCpuArray},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -21,12 +21,8 @@ pub enum StatsError {
         #[source]
         source: MapError,
     },
-    #[error("listing the maps of program {id} failed")]
-    Program {
-        id: u32,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
+    #[error(transparent)]
+    Program(#[from] crate::map_access::ProgramMapsError),
 }
 
 /// One non-zero counter.
@@ -55,24 +51,8 @@ impl Snapshot {
     /// Reads the counters of a loaded program by its kernel id (as `ip link` or `bpftool`
     /// show it), without owning the program.
     pub fn of_program(program_id: u32) -> Result<Self, StatsError> {
-        let info = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.id() == program_id)
-            .ok_or(StatsError::MissingMap(program_id, STATS))?;
-        let map_ids = info
-            .map_ids()
-            .map_err(|source| StatsError::Program {
-                id: program_id,
-                source,
-            })?
-            .unwrap_or_default();
-        Self::read(|name| {
-            map_ids
-                .iter()
-                .copied()
-                .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(name)))
-                .ok_or(StatsError::MissingMap(program_id, name))
-        })
+        let maps = crate::map_access::ProgramMaps::of(program_id)?;
+        Self::read(|name| Ok(maps.id(name)?))
     }
 
     /// Reads the counters of a program this process loaded.

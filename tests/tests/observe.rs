@@ -11,7 +11,8 @@ use std::{
 };
 
 use agent_common::{events::CaptureSettings, maps::CAPTURE};
-use aya::maps::{Array, Map, MapData, MapInfo};
+use aya::maps::{Array, MapData};
+use moat::map_access::ProgramMaps;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_NET_V4, ATTACKER_V4, LEGIT_V4, PROTECTED_V4},
@@ -253,18 +254,9 @@ fn metrics_pass_promtool_and_count_a_flood_exactly() {
 
 /// The `CAPTURE` override of the program `program_id`.
 fn capture_override(program_id: u32) -> CaptureSettings {
-    let info = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == program_id)
-        .expect("the program is loaded");
-    let id = info
-        .map_ids()
-        .expect("map ids")
-        .unwrap_or_default()
-        .into_iter()
-        .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(CAPTURE)))
-        .expect("the program has a CAPTURE map");
-    let map = Map::from_map_data(MapData::from_id(id).expect("open")).expect("map");
+    let map = ProgramMaps::of(program_id)
+        .and_then(|maps| maps.open(CAPTURE))
+        .unwrap_or_else(|e| panic!("{e}"));
     let array: Array<MapData, CaptureSettings> = Array::try_from(map).expect("array");
     array.get(&0, 0).expect("slot 0")
 }

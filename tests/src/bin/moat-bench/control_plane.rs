@@ -15,7 +15,8 @@ use agent_common::{
     maps::{INTERFACE_SLOTS, STATS},
     stats::{Action, Counter, Reason, index},
 };
-use aya::maps::{Array, Map, MapData, MapInfo, PerCpuArray};
+use aya::maps::{Array, MapData, PerCpuArray};
+use moat::map_access::ProgramMaps;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_V4, PROTECTED_V4},
@@ -89,19 +90,8 @@ fn write_config(lab: &Lab, prefixes: usize, list: Option<&Path>) -> PathBuf {
 /// A cheap reader of one counter (blocklist drops on `if_index`): the maps are opened once, so
 /// that polling it every 0.1 ms does not take the CPU the daemon needs (2 CPUs here).
 fn drop_counter(program_id: u32, if_index: u32) -> impl Fn() -> u64 {
-    let info = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == program_id)
-        .expect("moat's program is loaded");
-    let map_ids = info.map_ids().expect("its maps").unwrap_or_default();
-    let open = |name: &str| {
-        let id = map_ids
-            .iter()
-            .copied()
-            .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(name)))
-            .unwrap_or_else(|| panic!("moat's program has no map {name}"));
-        Map::from_map_data(MapData::from_id(id).expect("open the map")).expect("a map")
-    };
+    let maps = ProgramMaps::of(program_id).expect("moat's program and its maps");
+    let open = |name: &str| maps.open(name).unwrap_or_else(|e| panic!("{e}"));
     let slots: Array<MapData, u32> = Array::try_from(open(INTERFACE_SLOTS)).expect("an array");
     let slot = slots.get(&if_index, 0).expect("the interface's slot");
     let stats: PerCpuArray<MapData, Counter> =

@@ -20,11 +20,10 @@ use agent_common::{
     rate_limit::{Ban, RateState},
     stats::{Action, Reason},
 };
-use aya::maps::MapInfo;
 use moat::{
     bans,
     config::{Config, Overrides, Policy},
-    map_access,
+    map_access::{self, ProgramMaps},
 };
 use moat_tests::{
     Lab, Side,
@@ -267,17 +266,9 @@ impl<'a> XdpFilter<'a> {
     }
 
     fn fill_ipv4(&self, program_id: u32, list: &PrefixList) {
-        let info = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.id() == program_id)
-            .expect("xdp-filter's program is loaded");
-        let map_id = info
-            .map_ids()
-            .expect("its maps")
-            .unwrap_or_default()
-            .into_iter()
-            .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some("filter_ipv4")))
-            .expect("xdp-filter has a filter_ipv4 map");
+        let map_id = ProgramMaps::of(program_id)
+            .and_then(|maps| maps.id("filter_ipv4"))
+            .unwrap_or_else(|e| panic!("xdp-filter's IPv4 map: {e}"));
         let map = bpf_syscall::map_by_id(map_id).expect("filter_ipv4");
         // A per-CPU value: copy what the CLI wrote for the first address.
         let mut value = vec![0u8; 8 * possible_cpus()];
