@@ -282,15 +282,21 @@ fn spawn_capture(
     child
 }
 
+/// Waits for `child`'s output, killing it if it runs longer than `within`.
 fn wait_output(child: std::process::Child, within: Duration) -> std::process::Output {
     let pid = child.id();
+    let (exited, exit) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(within);
-        // SAFETY: kill on a pid we started; harmless if it has exited.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        // Stops waiting as soon as the child is reaped, so that its pid, free for reuse from
+        // then on, is not killed later.
+        if exit.recv_timeout(within).is_err() {
+            // SAFETY: kill on the pid of a child not yet waited for.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     });
     let out = child.wait_with_output().expect("wait");
-    drop(watchdog);
+    let _ = exited.send(());
+    watchdog.join().expect("watchdog");
     out
 }
 
