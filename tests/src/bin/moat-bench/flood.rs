@@ -326,7 +326,10 @@ fn tcp_transfer(lab: &Lab, duration: Duration) -> u64 {
     });
     std::thread::scope(|scope| {
         let server = scope.spawn(|| {
-            let (mut stream, _) = listener.accept().expect("accept");
+            let (mut stream, peer) = listener.accept().expect("accept");
+            // The outside end's address on the protected /24 is the legitimate host's, so the
+            // kernel picks it as the source; the transfer is only legitimate if it did.
+            assert_eq!(peer.ip(), Lab::addr(LEGIT_V4), "the transfer's source");
             let mut buffer = vec![0u8; 1 << 16];
             let mut total = 0u64;
             while let Ok(n) = stream.read(&mut buffer) {
@@ -338,11 +341,8 @@ fn tcp_transfer(lab: &Lab, duration: Duration) -> u64 {
             total
         });
         lab.netns(Side::Outside).enter(|| {
-            let socket = connect_from(
-                Lab::addr(LEGIT_V4),
-                SocketAddr::new(Lab::addr(PROTECTED_V4), TCP_PORT),
-            );
-            let mut stream = socket;
+            let mut stream = TcpStream::connect(SocketAddr::new(Lab::addr(PROTECTED_V4), TCP_PORT))
+                .expect("connect to the protected host");
             let chunk = vec![0x5au8; 1 << 16];
             let start = Instant::now();
             while start.elapsed() < duration {
@@ -353,52 +353,6 @@ fn tcp_transfer(lab: &Lab, duration: Duration) -> u64 {
         });
         server.join().expect("server")
     })
-}
-
-/// A TCP connection from `from` (bound before connecting) to `to`.
-fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> TcpStream {
-    // SAFETY: plain socket calls on a fd we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        let std::net::IpAddr::V4(from) = from else {
-            panic!("IPv4 only")
-        };
-        let std::net::SocketAddr::V4(to) = to else {
-            panic!("IPv4 only")
-        };
-        let local = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(from).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let remote = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: to.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*to.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(
-            libc::bind(fd, (&raw const local).cast(), len),
-            0,
-            "bind: {}",
-            std::io::Error::last_os_error()
-        );
-        assert_eq!(
-            libc::connect(fd, (&raw const remote).cast(), len),
-            0,
-            "connect: {}",
-            std::io::Error::last_os_error()
-        );
-        stream
-    }
 }
 
 /// One flood against one filter: first alone, for the filter's rate and CPU cost; then again
