@@ -584,6 +584,31 @@ fn bad_socket_messages_get_errors_and_the_daemon_keeps_serving() {
             frame(br#"{"command":"list_add","arguments":{"list":"blocklist","cidrs":[],"ttl_seconds":null,"comment":null}}"#),
             "no CIDR",
         ),
+        (
+            "a top reading over no interval",
+            frame(br#"{"command":"top","arguments":{"interval_ms":0,"limit":10}}"#),
+            "interval_ms must be",
+        ),
+        (
+            "a top of no rows",
+            frame(br#"{"command":"top","arguments":{"interval_ms":1000,"limit":0}}"#),
+            "limit must be",
+        ),
+        (
+            "a capture of no frames",
+            frame(br#"{"command":"capture","arguments":{"passed":false,"reason":null,"count":0,"every":1}}"#),
+            "count must be",
+        ),
+        (
+            "a capture of an unknown reason",
+            frame(br#"{"command":"capture","arguments":{"passed":false,"reason":"nonsense","count":5,"every":1}}"#),
+            "unknown reason",
+        ),
+        (
+            "a capture sampling every 0th packet",
+            frame(br#"{"command":"capture","arguments":{"passed":true,"reason":null,"count":5,"every":0}}"#),
+            "every must be",
+        ),
     ];
     for (what, bytes, expected) in cases {
         let response = exchange(&socket, &bytes);
