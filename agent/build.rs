@@ -1,5 +1,6 @@
 //! Builds the XDP program (`agent-ebpf`, target bpfel-unknown-none, nightly + bpf-linker) and
-//! leaves the object in OUT_DIR for `include_bytes_aligned!`, as aya's template does.
+//! leaves the object in OUT_DIR for `include_bytes_aligned!` (in `src/program/loader.rs`), as
+//! aya's template does: the eBPF crate is found through cargo's metadata, not a guessed path.
 //!
 //! `AYA_BUILD_SKIP=1` skips that build (for `cargo check`/`clippy` on a machine without
 //! bpf-linker); the agent then embeds an empty object and refuses to run with a clear error.
@@ -9,22 +10,25 @@ use std::{env, fs, path::PathBuf};
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
-/// The eBPF crate and the binary it produces (also named in `agent/src/program.rs`).
+/// The eBPF crate and the binary it produces (`loader.rs` embeds the same name).
 const EBPF_PACKAGE: &str = "agent-ebpf";
 const EBPF_BINARY: &str = "moat-xdp";
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
-    let manifest_dir = PathBuf::from(
-        env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR not set"))?,
-    );
-    let ebpf_dir = manifest_dir
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("reading the workspace's metadata")?;
+    let ebpf = metadata
+        .packages
+        .iter()
+        .find(|package| package.name.as_str() == EBPF_PACKAGE)
+        .ok_or_else(|| anyhow!("the workspace has no package {EBPF_PACKAGE}"))?;
+    let ebpf_dir = ebpf
+        .manifest_path
         .parent()
-        .ok_or_else(|| anyhow!("agent has no parent directory"))?
-        .join(EBPF_PACKAGE);
-    let ebpf_dir = ebpf_dir
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+        .ok_or_else(|| anyhow!("{} has no parent directory", ebpf.manifest_path))?;
 
     let object = out_dir.join(EBPF_BINARY);
     // A stale object from an earlier build must not survive a skipped build.
@@ -33,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     aya_build::build_ebpf(
         [Package {
             name: EBPF_PACKAGE,
-            root_dir: ebpf_dir,
+            root_dir: ebpf_dir.as_str(),
             ..Default::default()
         }],
         Toolchain::Nightly,

@@ -62,11 +62,11 @@ macro_rules! rule_maps {
     };
 }
 
-cidr_maps!(Allow0: ALLOW_V4_TABLE_0, ALLOW_V4_LONG_0, ALLOW_V6_0);
-cidr_maps!(Block0: BLOCK_V4_TABLE_0, BLOCK_V4_LONG_0, BLOCK_V6_0);
+cidr_maps!(Allow0: ALLOW_V4_TAB_0, ALLOW_V4_LNG_0, ALLOW_V6_0);
+cidr_maps!(Block0: BLOCK_V4_TAB_0, BLOCK_V4_LNG_0, BLOCK_V6_0);
 rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULE_ACTIONS_0);
-cidr_maps!(Allow1: ALLOW_V4_TABLE_1, ALLOW_V4_LONG_1, ALLOW_V6_1);
-cidr_maps!(Block1: BLOCK_V4_TABLE_1, BLOCK_V4_LONG_1, BLOCK_V6_1);
+cidr_maps!(Allow1: ALLOW_V4_TAB_1, ALLOW_V4_LNG_1, ALLOW_V6_1);
+cidr_maps!(Block1: BLOCK_V4_TAB_1, BLOCK_V4_LNG_1, BLOCK_V6_1);
 rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULE_ACTIONS_1);
 
 pub struct Generation0;
@@ -86,5 +86,5 @@ impl Generation for Generation1 {
 /// The generation in force (0 or 1).
 #[inline(always)]
 pub fn active() -> u32 {
-    ACTIVE_GENERATION.get(0).copied().unwrap_or(0)
+    ACTIVE_GEN.get(0).copied().unwrap_or(0)
 }

@@ -62,7 +62,8 @@ impl Verdict {
         Self::new(Action::Drop, reason, detail)
     }
 
-    fn from(mut self, source: &Source) -> Self {
+    /// The verdict, carrying the packet's source (for the event and the counters).
+    fn with_source(mut self, source: &Source) -> Self {
         match source {
             Source::V4(addr) => {
                 self.family = FAMILY_V4;
@@ -90,7 +91,7 @@ pub fn moat(ctx: XdpContext) -> u32 {
             } else {
                 decide::<Generation1>(&ctx, settings, &packet)
             };
-            verdict.from(&packet.source)
+            verdict.with_source(&packet.source)
         }
         Ok(None) => Verdict::pass(Reason::NotIp, 0),
         Err(Malformed) => Verdict::drop(Reason::Malformed, 0),

@@ -1,4 +1,7 @@
-//! The program's maps, named and sized by agent-common.
+//! The program's maps, sized by agent-common. Each static's identifier is its map's name (aya's
+//! `#[map]` takes the name from it); `agent_common::maps` spells the same names for user space,
+//! and the agent refuses to load an object whose maps are not exactly the ones it resolves (a
+//! test checks the two sets are equal).
 
 use agent_common::{
     events::CaptureSettings,
@@ -18,97 +21,93 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
-#[map(name = "ACTIVE_GEN")]
-pub static ACTIVE_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
-#[map(name = "SETTINGS")]
+#[map]
+pub static ACTIVE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS as u32, 0);
 
-/// Declares one generation's lists and rule tables under the given map names.
+/// Declares one generation's lists and rule tables under the given names.
 macro_rules! generation_maps {
-    ($allow_table:ident = $allow_table_name:literal, $allow_long:ident = $allow_long_name:literal,
-     $allow_v6:ident = $allow_v6_name:literal, $block_table:ident = $block_table_name:literal,
-     $block_long:ident = $block_long_name:literal, $block_v6:ident = $block_v6_name:literal,
-     $proto:ident = $proto_name:literal, $sport:ident = $sport_name:literal,
-     $dport:ident = $dport_name:literal, $flags:ident = $flags_name:literal,
-     $actions:ident = $actions_name:literal) => {
-        #[map(name = $allow_table_name)]
+    ($allow_table:ident, $allow_long:ident, $allow_v6:ident, $block_table:ident,
+     $block_long:ident, $block_v6:ident, $proto:ident, $sport:ident, $dport:ident,
+     $flags:ident, $actions:ident) => {
+        #[map]
         pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
-        #[map(name = $allow_long_name)]
+        #[map]
         pub static $allow_long: HashMap<V4PrefixKey, ListEntry> =
             HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
-        #[map(name = $allow_v6_name)]
+        #[map]
         pub static $allow_v6: HashMap<V6PrefixKey, ListEntry> =
             HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
-        #[map(name = $block_table_name)]
+        #[map]
         pub static $block_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
-        #[map(name = $block_long_name)]
+        #[map]
         pub static $block_long: HashMap<V4PrefixKey, ListEntry> =
             HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
-        #[map(name = $block_v6_name)]
+        #[map]
         pub static $block_v6: HashMap<V6PrefixKey, ListEntry> =
             HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
-        #[map(name = $proto_name)]
+        #[map]
         pub static $proto: Array<RuleMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
-        #[map(name = $sport_name)]
+        #[map]
         pub static $sport: Array<RuleMask> =
             Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
-        #[map(name = $dport_name)]
+        #[map]
         pub static $dport: Array<RuleMask> =
             Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
-        #[map(name = $flags_name)]
+        #[map]
         pub static $flags: Array<RuleMask> = Array::with_max_entries(TCP_FLAGS_TABLE_LEN, 0);
-        #[map(name = $actions_name)]
+        #[map]
         pub static $actions: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
     };
 }
 
-// The names must match agent_common::maps (the #[map] attribute takes literals only).
 generation_maps!(
-    ALLOW_V4_TABLE_0 = "ALLOW_V4_TAB_0",
-    ALLOW_V4_LONG_0 = "ALLOW_V4_LNG_0",
-    ALLOW_V6_0 = "ALLOW_V6_0",
-    BLOCK_V4_TABLE_0 = "BLOCK_V4_TAB_0",
-    BLOCK_V4_LONG_0 = "BLOCK_V4_LNG_0",
-    BLOCK_V6_0 = "BLOCK_V6_0",
-    RULES_PROTO_0 = "RULES_PROTO_0",
-    RULES_SPORT_0 = "RULES_SPORT_0",
-    RULES_DPORT_0 = "RULES_DPORT_0",
-    RULES_FLAGS_0 = "RULES_FLAGS_0",
-    RULE_ACTIONS_0 = "RULE_ACTIONS_0"
+    ALLOW_V4_TAB_0,
+    ALLOW_V4_LNG_0,
+    ALLOW_V6_0,
+    BLOCK_V4_TAB_0,
+    BLOCK_V4_LNG_0,
+    BLOCK_V6_0,
+    RULES_PROTO_0,
+    RULES_SPORT_0,
+    RULES_DPORT_0,
+    RULES_FLAGS_0,
+    RULE_ACTIONS_0
 );
 generation_maps!(
-    ALLOW_V4_TABLE_1 = "ALLOW_V4_TAB_1",
-    ALLOW_V4_LONG_1 = "ALLOW_V4_LNG_1",
-    ALLOW_V6_1 = "ALLOW_V6_1",
-    BLOCK_V4_TABLE_1 = "BLOCK_V4_TAB_1",
-    BLOCK_V4_LONG_1 = "BLOCK_V4_LNG_1",
-    BLOCK_V6_1 = "BLOCK_V6_1",
-    RULES_PROTO_1 = "RULES_PROTO_1",
-    RULES_SPORT_1 = "RULES_SPORT_1",
-    RULES_DPORT_1 = "RULES_DPORT_1",
-    RULES_FLAGS_1 = "RULES_FLAGS_1",
-    RULE_ACTIONS_1 = "RULE_ACTIONS_1"
+    ALLOW_V4_TAB_1,
+    ALLOW_V4_LNG_1,
+    ALLOW_V6_1,
+    BLOCK_V4_TAB_1,
+    BLOCK_V4_LNG_1,
+    BLOCK_V6_1,
+    RULES_PROTO_1,
+    RULES_SPORT_1,
+    RULES_DPORT_1,
+    RULES_FLAGS_1,
+    RULE_ACTIONS_1
 );
 
-#[map(name = "BANS")]
+#[map]
 pub static BANS: LruHashMap<SourceKey, Ban> =
     LruHashMap::with_max_entries(BANS_DEFAULT_CAPACITY, 0);
-#[map(name = "RATE_LIMITS")]
+#[map]
 pub static RATE_LIMITS: LruHashMap<SourceKey, RateState> =
     LruHashMap::with_max_entries(RATE_LIMITS_DEFAULT_CAPACITY, 0);
 
-#[map(name = "STATS")]
+#[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);
-#[map(name = "RULE_HITS")]
+#[map]
 pub static RULE_HITS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_RULES, 0);
-#[map(name = "LIST_HITS")]
+#[map]
 pub static LIST_HITS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(LIST_HITS_LEN, 0);
-#[map(name = "INTERFACE_SLOTS")]
+#[map]
 pub static INTERFACE_SLOTS: Array<u32> = Array::with_max_entries(MAX_IF_INDEX, 0);
 
-#[map(name = "EVENTS")]
+#[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
-#[map(name = "CAPTURE")]
+#[map]
 pub static CAPTURE: Array<CaptureSettings> = Array::with_max_entries(1, 0);
-#[map(name = "EVENTS_LOST")]
+#[map]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -1,29 +1,16 @@
-//! moat's agent: configuration, loading and attaching the XDP program, filling its maps, and
-//! reading its counters. The `moat` binary is a thin command line over this library; the test
-//! lab uses it to read counters back from the kernel.
+//! moat's agent, in wings (ARCHITECTURE.md draws them): `config` turns TOML into a validated
+//! policy; `program` is the data path's user half, everything that touches the XDP object;
+//! `control` is the socket's wire contract and its client; `daemon` is `moat run`; `observe` is
+//! what the daemon offers watchers (top, capture, metrics); `cli` is the command line. The
+//! `moat` binary is a thin dispatcher over this library; the tests drive it directly.
 
-pub mod bans;
-pub mod capture;
 pub mod cli;
-pub mod client_commands;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod events;
-pub mod lists;
-pub mod live;
-pub mod loader;
 pub mod logging;
-pub mod map_access;
-mod mapped_array;
-pub mod metrics;
-pub mod observe_commands;
-pub mod pins;
-pub mod policy;
-pub mod rule_tables;
-pub mod state;
-pub mod stats;
-pub mod top;
+pub mod observe;
+pub mod program;
 
 /// An error and its causes on one line, for logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use moat::{
-    cli::{Cli, Command, ConfigCommand},
-    client_commands, daemon, logging, observe_commands,
+    cli::{Cli, Command},
+    daemon, logging,
 };
 
 fn main() -> ExitCode {
@@ -56,16 +56,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .build()?
                 .block_on(daemon::run(source, !args.no_pin))
         }
-        Command::Block { command } => client_commands::block(&socket, command),
-        Command::Allow { command } => client_commands::allow(&socket, command),
-        Command::Stats(args) => client_commands::stats(&socket, args),
-        Command::Status { json } => client_commands::status(&socket, json),
-        Command::Reload => client_commands::reload(&socket),
-        Command::Top(args) => observe_commands::top(&socket, &args),
-        Command::Capture(args) => observe_commands::capture(&socket, args),
-        Command::Config {
-            command: ConfigCommand::Check { file },
-        } => client_commands::config_check(&file),
-        Command::Down(args) => client_commands::down(cli.socket.clone(), args),
+        command => command.run_client(&socket, cli.socket.clone()),
     }
 }

@@ -7,9 +7,14 @@ use aya::{
 };
 use moat::{
     config::Policy,
-    live::LivePolicy,
-    loader::{self, Capacities},
-    stats::Snapshot,
+    program::{
+        counters::{CounterMaps, Snapshot},
+        limiter::LimiterMaps,
+        live::LivePolicy,
+        loader::{self, Capacities, Loaded},
+        maps::{MapIds, ProgramMaps},
+        sampling::SamplingOverride,
+    },
 };
 
 pub const XDP_ABORTED: u32 = 0;
@@ -24,18 +29,40 @@ pub struct LoadedProgram {
     pub ebpf: Ebpf,
     /// The policy in the program's maps, for tests that change it.
     pub live: LivePolicy,
+    pub limiter: LimiterMaps,
+    pub counters: CounterMaps,
+    pub sampling: SamplingOverride,
+    /// The name and kernel id of every map the agent resolved.
+    pub map_ids: MapIds,
 }
 
 impl LoadedProgram {
     pub fn new(policy: &Policy) -> Self {
         crate::lab::require_root();
         let capacities = Capacities::for_policy(policy, 0);
-        let mut ebpf = loader::load(capacities)
+        let Loaded { ebpf, maps } = loader::load(capacities)
             .unwrap_or_else(|e| panic!("loading the program failed: {}", moat::error_chain(&e)));
-        let live = LivePolicy::install(&mut ebpf, policy.clone(), capacities)
+        let ProgramMaps {
+            policy: policy_maps,
+            limiter,
+            mut counters,
+            events: _,
+            sampling,
+            ids: map_ids,
+        } = maps;
+        let live = LivePolicy::install(policy_maps, policy.clone(), capacities)
             .unwrap_or_else(|e| panic!("installing the test policy: {}", moat::error_chain(&e)));
-        loader::register_interfaces(&mut ebpf, &[TEST_RUN_IF_INDEX]).expect("registering lo");
-        Self { ebpf, live }
+        counters
+            .register_interfaces(&[TEST_RUN_IF_INDEX])
+            .expect("registering lo");
+        Self {
+            ebpf,
+            live,
+            limiter,
+            counters,
+            sampling,
+            map_ids,
+        }
     }
 
     /// Runs the program once on `frame`; returns the XDP action.
@@ -72,8 +99,16 @@ impl LoadedProgram {
             .expect("dup the program's fd")
     }
 
+    /// The program's kernel id.
+    pub fn program_id(&mut self) -> u32 {
+        loader::program(&mut self.ebpf)
+            .and_then(|p| p.info().map_err(loader::LoadError::Verify))
+            .expect("the program's info")
+            .id()
+    }
+
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot::of_ebpf(&self.ebpf).expect("reading the counters")
+        self.counters.snapshot().expect("reading the counters")
     }
 }
 

@@ -2,7 +2,7 @@
 //! kernel's maps.
 
 use agent_common::stats::{Action, Reason};
-use moat::stats::Snapshot;
+use moat::program::counters::Snapshot;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{

@@ -10,9 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{events::CaptureSettings, maps::CAPTURE};
-use aya::maps::{Array, MapData};
-use moat::map_access::ProgramMaps;
+use agent_common::events::CaptureSettings;
+use moat::program::maps::ProgramMaps;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_NET_V4, ATTACKER_V4, LEGIT_V4, PROTECTED_V4},
@@ -254,11 +253,11 @@ fn metrics_pass_promtool_and_count_a_flood_exactly() {
 
 /// The `CAPTURE` override of the program `program_id`.
 fn capture_override(program_id: u32) -> CaptureSettings {
-    let map = ProgramMaps::of(program_id)
-        .and_then(|maps| maps.open(CAPTURE))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let array: Array<MapData, CaptureSettings> = Array::try_from(map).expect("array");
-    array.get(&0, 0).expect("slot 0")
+    ProgramMaps::of_program(program_id)
+        .unwrap_or_else(|e| panic!("moat's maps: {}", moat::error_chain(&e)))
+        .sampling
+        .get()
+        .expect("the override")
 }
 
 /// Starts `moat capture args…` against the lab's daemon; it returns when the daemon logged the

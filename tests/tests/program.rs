@@ -790,7 +790,7 @@ fn live_changes_take_effect_whole_and_reach_both_generations() {
     ] {
         program
             .live
-            .replace(&mut program.ebpf, next.clone())
+            .replace(next.clone())
             .unwrap_or_else(|e| panic!("{stage}: {e}"));
         expect(&mut program, stage, &cases);
     }
@@ -814,7 +814,7 @@ fn live_changes_take_effect_whole_and_reach_both_generations() {
     ));
     let error = program
         .live
-        .replace(&mut program.ebpf, refused)
+        .replace(refused)
         .expect_err("21 IPv6 prefix lengths");
     assert!(
         error.to_string().contains("distinct IPv6 prefix lengths"),

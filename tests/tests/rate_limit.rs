@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use agent_common::stats::{Action, Reason};
-use moat::stats::Snapshot;
+use moat::program::counters::Snapshot;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_NET_V4, ATTACKER_V4, LEGIT_V4, LEGIT_V6, PROTECTED_V4, PROTECTED_V6},

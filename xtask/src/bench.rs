@@ -10,7 +10,16 @@ use crate::command::{cargo, is_root, output, run, workspace_root};
 const BEGIN: &str = "<!-- cargo xtask bench: begin -->";
 const END: &str = "<!-- cargo xtask bench: end -->";
 
-pub fn run_bench(quick: bool) -> anyhow::Result<()> {
+/// `cargo xtask bench`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// A smoke run: smaller lists, one run of each measure.
+    #[arg(long)]
+    quick: bool,
+}
+
+pub fn run_bench(options: Options) -> anyhow::Result<()> {
+    let quick = options.quick;
     crate::setup::ensure_bench_ready()?;
     if !is_root() {
         bail!("the benchmarks need root (network namespaces, veth pairs, XDP)");

@@ -5,6 +5,7 @@ mod command;
 mod lab;
 mod setup;
 mod test;
+mod test_results;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -27,50 +28,23 @@ enum Task {
     /// Every check CI runs: rustfmt, clippy -D warnings, unit tests, the privileged
     /// end-to-end tests, and those tests again on Debian's 6.1 kernel in a VM (needs root: it
     /// fails, rather than skips, without it).
-    Test {
-        /// Skip the 6.1 VM pass (a quicker local run; CI never passes this).
-        #[arg(long)]
-        no_vm: bool,
-    },
+    Test(test::Options),
     /// Boot each kernel in a throwaway VM (virtme-ng + QEMU) and run the privileged integration
     /// tests inside; print a table of results and the verifier's view of the program. Without
     /// --kernel: Debian's 6.1 LTS image, and the running kernel (natively).
-    VmTest {
-        /// A kernel image to boot (repeatable).
-        #[arg(long = "kernel", value_name = "PATH")]
-        kernels: Vec<std::path::PathBuf>,
-    },
+    VmTest(vm::Options),
     /// Measure moat (release builds, veth lab; needs root) and write the results into
     /// BENCHMARKS.md.
-    Bench {
-        /// A smoke run: smaller lists, one run of each measure.
-        #[arg(long)]
-        quick: bool,
-    },
-}
-
-fn vm_test(kernels: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
-    setup::ensure_ready()?;
-    if !command::is_root() {
-        anyhow::bail!(
-            "the VM tests need root (the lab inside needs it, and so does the host pass)"
-        );
-    }
-    let targets = if kernels.is_empty() {
-        vec![vm::Target::Image(vm::debian_kernel()?), vm::Target::Host]
-    } else {
-        kernels.into_iter().map(vm::Target::Image).collect()
-    };
-    vm::run_all(&targets)
+    Bench(bench::Options),
 }
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::ensure_ready(),
         Task::Lab => lab::run_demo(),
-        Task::Test { no_vm } => test::run_all(!no_vm),
-        Task::VmTest { kernels } => vm_test(kernels),
-        Task::Bench { quick } => bench::run_bench(quick),
+        Task::Test(options) => test::run_all(options),
+        Task::VmTest(options) => vm::run_tests(options),
+        Task::Bench(options) => bench::run_bench(options),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

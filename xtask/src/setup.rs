@@ -39,20 +39,38 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "/usr/sbin/nft"),
     ("netsniff-ng", "/usr/sbin/trafgen"),
 ];
-/// Debian's kernel package; present when /boot holds a 6.1 image.
-const KERNEL_PACKAGE: &str = "linux-image-amd64";
+/// Debian's kernel image package (for the VM tests) and the release series it must provide.
+const DEBIAN_KERNEL_PACKAGE: &str = "linux-image-amd64";
+const DEBIAN_KERNEL_SERIES: &str = "vmlinuz-6.1.";
 
 pub fn ensure_ready() -> anyhow::Result<()> {
     step("nightly toolchain with rust-src", ensure_nightly_rust_src)?;
     step("bpf-linker matching nightly's LLVM", ensure_bpf_linker)?;
     step("system packages for the lab", || {
-        let kernel = crate::vm::debian_kernel()
-            .is_err()
-            .then_some(KERNEL_PACKAGE);
+        let kernel = debian_kernel().is_err().then_some(DEBIAN_KERNEL_PACKAGE);
         ensure_packages(SYSTEM_PACKAGES, kernel)
     })?;
     eprintln!("setup: done");
     Ok(())
+}
+
+/// The 6.1 LTS image Debian's `linux-image-amd64` installs (the newest, if several are there).
+pub fn debian_kernel() -> anyhow::Result<PathBuf> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .context("reading /boot")?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(DEBIAN_KERNEL_SERIES))
+        })
+        .collect();
+    images.sort();
+    images.pop().ok_or_else(|| {
+        anyhow!(
+            "no /boot/{DEBIAN_KERNEL_SERIES}* image: `cargo xtask setup` installs {DEBIAN_KERNEL_PACKAGE}"
+        )
+    })
 }
 
 /// What `cargo xtask bench` needs beyond [`ensure_ready`].

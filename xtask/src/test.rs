@@ -7,11 +7,26 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::command::{cargo, describe, is_root, run, workspace_root};
+use crate::{
+    command::{cargo, describe, is_root, run, workspace_root},
+    setup,
+    test_results::count_before,
+    vm,
+};
 
-/// `vm`: also run the integration tests on Debian's 6.1 kernel in a VM (what CI does).
-pub fn run_all(vm: bool) -> anyhow::Result<()> {
-    crate::setup::ensure_ready()?;
+/// `cargo xtask test`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip the 6.1 VM pass (a quicker local run; CI never passes this).
+    #[arg(long)]
+    no_vm: bool,
+}
+
+/// Every check; unless `--no-vm`, also the integration tests on Debian's 6.1 kernel in a VM
+/// (what CI does).
+pub fn run_all(options: Options) -> anyhow::Result<()> {
+    let with_vm = !options.no_vm;
+    setup::ensure_ready()?;
     if !is_root() {
         bail!(
             "the end-to-end tests need root (network namespaces, veth pairs, XDP): run `sudo -E cargo xtask test`; \
@@ -70,8 +85,8 @@ pub fn run_all(vm: bool) -> anyhow::Result<()> {
     if totals.passed == 0 {
         bail!("no test ran");
     }
-    if vm {
-        crate::vm::run_all(&[crate::vm::Target::Image(crate::vm::debian_kernel()?)])?;
+    if with_vm {
+        vm::run_all(&[vm::Target::Image(setup::debian_kernel()?)])?;
     }
     Ok(())
 }
@@ -102,27 +117,4 @@ fn run_tests(command: &mut Command) -> anyhow::Result<Totals> {
     }
     totals.success = child.wait().context("waiting for cargo test")?.success();
     Ok(totals)
-}
-
-/// In "ok. 5 passed; 0 failed; …", the number before `word`.
-pub fn count_before(result: &str, word: &str) -> u64 {
-    result
-        .find(word)
-        .and_then(|end| result[..end].rsplit([' ', '.']).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::count_before;
-
-    #[test]
-    fn counts_are_read_from_a_result_line() {
-        let line =
-            "FAILED. 20 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.10s";
-        assert_eq!(count_before(line, " passed"), 20);
-        assert_eq!(count_before(line, " failed"), 1);
-        assert_eq!(count_before("ok. 0 passed; 0 failed", " passed"), 0);
-    }
 }

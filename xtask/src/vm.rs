@@ -13,14 +13,12 @@ use anyhow::{Context as _, anyhow, bail};
 
 use crate::{
     command::{build_binaries, cargo, describe, output, run, workspace_root},
-    test::count_before,
+    setup,
+    test_results::count_before,
 };
 
 /// virtme-ng release this project is tested with (PyPI), installed in a venv under target/.
 const VIRTME_NG: &str = "virtme-ng==1.42";
-/// Debian's kernel image package and the release series it must provide.
-const DEBIAN_KERNEL_PACKAGE: &str = "linux-image-amd64";
-const DEBIAN_KERNEL_SERIES: &str = "vmlinuz-6.1.";
 /// A healthy KVM guest boots in seconds; one that hangs is given up on after this.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(25);
 /// One integration test binary inside a VM, and the whole pass. Under software emulation the
@@ -29,6 +27,29 @@ const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(25);
 const TEST_BINARY_TIMEOUT: Duration = Duration::from_secs(8 * 60);
 const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const VM_MEMORY: &str = "2G";
+
+/// `cargo xtask vm-test`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// A kernel image to boot (repeatable).
+    #[arg(long = "kernel", value_name = "PATH")]
+    kernels: Vec<PathBuf>,
+}
+
+/// Runs the integration tests on each kernel asked for: without `--kernel`, Debian's 6.1 LTS
+/// image and the running kernel (natively).
+pub fn run_tests(options: Options) -> anyhow::Result<()> {
+    setup::ensure_ready()?;
+    if !crate::command::is_root() {
+        bail!("the VM tests need root (the lab inside needs it, and so does the host pass)");
+    }
+    let targets = if options.kernels.is_empty() {
+        vec![Target::Image(setup::debian_kernel()?), Target::Host]
+    } else {
+        options.kernels.into_iter().map(Target::Image).collect()
+    };
+    run_all(&targets)
+}
 
 /// Where a kernel's tests run.
 #[derive(Clone, Debug)]
@@ -64,25 +85,6 @@ struct Outcome {
     binaries_failed: Vec<String>,
     verified_insns: String,
     load_ms: String,
-}
-
-/// The 6.1 LTS image Debian's `linux-image-amd64` installs (the newest, if several are there).
-pub fn debian_kernel() -> anyhow::Result<PathBuf> {
-    let mut images: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .context("reading /boot")?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(DEBIAN_KERNEL_SERIES))
-        })
-        .collect();
-    images.sort();
-    images.pop().ok_or_else(|| {
-        anyhow!(
-            "no /boot/{DEBIAN_KERNEL_SERIES}* image: `cargo xtask setup` installs {DEBIAN_KERNEL_PACKAGE}"
-        )
-    })
 }
 
 /// Runs the pass on every target and prints the table; fails if any test failed.
@@ -337,7 +339,7 @@ impl Vng {
             eprintln!("vm-test: no /dev/kvm; using software emulation (TCG)");
             return Ok(false);
         }
-        let image = debian_kernel()?;
+        let image = setup::debian_kernel()?;
         let mut probe = self.base_command(&image, true);
         probe
             .args(["--", "true"])

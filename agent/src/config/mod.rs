@@ -102,6 +102,30 @@ pub enum Mode {
     Monitor,
 }
 
+/// Which list: one name for the idea from the socket protocol down to the map writer.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize,
+)]
+pub enum ListKind {
+    /// Sources always passed.
+    #[serde(rename = "allowlist")]
+    Allow,
+    /// Sources always dropped.
+    #[serde(rename = "blocklist")]
+    Block,
+}
+
+impl ListKind {
+    pub const ALL: [ListKind; 2] = [ListKind::Allow, ListKind::Block];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ListKind::Allow => "allowlist",
+            ListKind::Block => "blocklist",
+        }
+    }
+}
+
 /// A list of CIDRs, as written.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,9 +263,20 @@ pub struct Policy {
     pub sample_every: u32,
 }
 
-/// The validated configuration the agent runs on.
+impl Policy {
+    /// The entries of one list.
+    pub fn list(&self, kind: ListKind) -> &ListEntries {
+        match kind {
+            ListKind::Allow => &self.allowlist,
+            ListKind::Block => &self.blocklist,
+        }
+    }
+}
+
+/// The configuration validated and resolved with the command line's overrides: what the
+/// daemon runs on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
+pub struct Resolved {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
     pub policy: Policy,
@@ -294,7 +329,7 @@ impl Config {
 
     /// Applies command-line overrides, reads list files, and checks everything that does not
     /// need the kernel.
-    pub fn resolve(&self, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    pub fn resolve(&self, overrides: &Overrides) -> Result<Resolved, ConfigError> {
         let interfaces = self.resolve_interfaces(overrides)?;
         let mut blocklist = self.resolve_list(&self.blocklist)?;
         for text in &overrides.block {
@@ -327,7 +362,7 @@ impl Config {
             rate_limit: self.rate_limit.validate().map_err(|e| self.located(e))?,
             sample_every,
         };
-        Ok(Settings {
+        Ok(Resolved {
             interfaces,
             xdp_mode: overrides.xdp_mode.unwrap_or(self.xdp_mode),
             policy,
@@ -492,7 +527,7 @@ mod tests {
         Config::from_str_at(text, Path::new("moat.toml"))
     }
 
-    fn resolve(text: &str) -> Result<Settings, ConfigError> {
+    fn resolve(text: &str) -> Result<Resolved, ConfigError> {
         parse(text)?.resolve(&Overrides::default())
     }
 

@@ -3,6 +3,8 @@
 //! make the daemon allocate without limit.
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::ListKind;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// The largest request the daemon reads: room for `moat block import` of a few million
@@ -10,6 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 pub const MAX_REQUEST_BYTES: u32 = 128 << 20;
 /// The largest response the CLI reads (a list of millions of entries).
 pub const MAX_RESPONSE_BYTES: u32 = 1 << 30;
+/// The most frames one capture may ask for.
+pub const MAX_CAPTURE_COUNT: u64 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -25,14 +29,6 @@ pub enum FrameError {
     Write(std::io::Error),
 }
 
-/// Which list a request is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ListName {
-    Allowlist,
-    Blocklist,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     tag = "command",
@@ -43,7 +39,7 @@ pub enum ListName {
 pub enum Request {
     /// Adds entries (CIDRs or addresses, validated by the daemon), all or none.
     ListAdd {
-        list: ListName,
+        list: ListKind,
         cidrs: Vec<String>,
         /// Seconds until the entries expire; absent: never.
         ttl_seconds: Option<u64>,
@@ -51,12 +47,12 @@ pub enum Request {
     },
     /// Deletes entries added at run time, all or none.
     ListDel {
-        list: ListName,
+        list: ListKind,
         cidrs: Vec<String>,
     },
     /// Every entry of a list, with where it came from.
     ListShow {
-        list: ListName,
+        list: ListKind,
     },
     Stats,
     Status,
@@ -284,7 +280,7 @@ mod tests {
     #[tokio::test]
     async fn requests_round_trip() {
         let request = Request::ListAdd {
-            list: ListName::Blocklist,
+            list: ListKind::Block,
             cidrs: vec!["198.51.100.0/24".into()],
             ttl_seconds: Some(600),
             comment: Some("scanner".into()),

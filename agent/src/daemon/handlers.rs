@@ -1,67 +1,30 @@
-//! What the daemon does for each control request. Every change is validated whole before any
-//! map is touched; a refused request changes nothing.
+//! What the daemon does for each control request, and the list changes: add, delete, show,
+//! expire. Every change is validated whole before any map is touched; a refused request
+//! changes nothing.
 
 use std::{
     cmp::Reverse,
-    net::IpAddr,
     time::{Duration, SystemTime},
 };
 
-use agent_common::{
-    lists::SOURCE_CLI,
-    maps,
-    rate_limit::{Ban, RateState, SourceKey},
-    stats::{Action, Counter},
-};
+use agent_common::lists::SOURCE_CLI;
 use ipnet::IpNet;
 use tracing::{info, warn};
 
-use super::{Daemon, interface_name};
+use super::{
+    Daemon,
+    state::{DynamicEntry, format_time},
+};
 use crate::{
-    bans,
-    config::{Cidr, Mode},
-    control::protocol::{
-        ChangeView, CounterView, EntryView, InterfaceView, ListName, MapFill, Reply, Request,
-        Response, StatusView,
-    },
-    lists::ListChange,
-    live::{ListKind, PolicyChange},
-    map_access, metrics,
-    state::{DynamicEntry, SavedBan, format_time},
-    stats::Snapshot,
-    top::{Reading, ViewOptions},
+    config::{Cidr, ListKind},
+    control::protocol::{ChangeView, EntryView, Reply, Request, Response},
+    program::{limiter::ActiveBan, lists::ListChange, live::PolicyChange},
 };
 
-/// Bounds of `moat top`'s interval and rows.
-const MIN_TOP_INTERVAL_MS: u64 = 100;
-const MAX_TOP_INTERVAL_MS: u64 = 3_600_000;
-const MAX_TOP_ROWS: u32 = 1000;
 /// Longest comment kept with an entry.
 const MAX_COMMENT_BYTES: usize = 256;
 /// Longest TTL accepted: ten years.
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-impl From<ListName> for ListKind {
-    fn from(name: ListName) -> Self {
-        match name {
-            ListName::Allowlist => ListKind::Allow,
-            ListName::Blocklist => ListKind::Block,
-        }
-    }
-}
-
-/// A rate limiter source as `moat top` prints it: the address, or the prefix it stands for.
-fn source_name(address: IpAddr, (v4_prefix, v6_prefix): (u8, u8)) -> String {
-    let (prefix, full) = match address {
-        IpAddr::V4(_) => (v4_prefix, 32),
-        IpAddr::V6(_) => (v6_prefix, 128),
-    };
-    if prefix >= full {
-        address.to_string()
-    } else {
-        format!("{address}/{prefix}")
-    }
-}
 
 /// Parses every CIDR of a request, or says which one is wrong.
 fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, String> {
@@ -78,19 +41,6 @@ fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, String> {
         .collect()
 }
 
-fn change_for(kind: ListKind, change: ListChange) -> PolicyChange {
-    match kind {
-        ListKind::Allow => PolicyChange {
-            allowlist: change,
-            ..PolicyChange::default()
-        },
-        ListKind::Block => PolicyChange {
-            blocklist: change,
-            ..PolicyChange::default()
-        },
-    }
-}
-
 impl Daemon {
     pub(super) fn handle(&mut self, request: Request) -> Response {
         let result = match request {
@@ -99,9 +49,9 @@ impl Daemon {
                 cidrs,
                 ttl_seconds,
                 comment,
-            } => self.list_add(list.into(), &cidrs, ttl_seconds, comment),
-            Request::ListDel { list, cidrs } => self.list_del(list.into(), &cidrs),
-            Request::ListShow { list } => Ok(self.list_show(list.into())),
+            } => self.list_add(list, &cidrs, ttl_seconds, comment),
+            Request::ListDel { list, cidrs } => self.list_del(list, &cidrs),
+            Request::ListShow { list } => Ok(self.list_show(list)),
             Request::Stats => self.stats(),
             Request::Status => Ok(self.status()),
             Request::Top { interval_ms, limit } => self.top(interval_ms, limit),
@@ -164,7 +114,7 @@ impl Daemon {
         change.upserts.sort();
         change.upserts.dedup();
         self.live
-            .apply(&mut self.ebpf, change_for(kind, change.clone()))
+            .apply(PolicyChange::of_list(kind, change))
             .map_err(|e| crate::error_chain(&e))?;
 
         let expires_at = ttl.map(|ttl| SystemTime::now() + ttl);
@@ -230,7 +180,7 @@ impl Daemon {
         change.removals.sort();
         change.removals.dedup();
         self.live
-            .apply(&mut self.ebpf, change_for(kind, change))
+            .apply(PolicyChange::of_list(kind, change))
             .map_err(|e| crate::error_chain(&e))?;
         let mut view = ChangeView::default();
         for cidr in &cidrs {
@@ -239,11 +189,11 @@ impl Daemon {
             }
         }
         if !unban.is_empty() {
-            let mut map = map_access::hash::<SourceKey, Ban>(&mut self.ebpf, maps::BANS)
-                .map_err(|e| crate::error_chain(&e))?;
             for source in &unban {
-                // Gone already: it expired or was evicted meanwhile.
-                let _ = map.remove(&bans::key_of(*source));
+                if let Err(e) = self.limiter.lift(*source) {
+                    warn!(source = %source, error = %crate::error_chain(&e), "could not lift the ban");
+                    continue;
+                }
                 view.removed += 1;
                 info!(source = %source, cause = "cli", "unbanned");
             }
@@ -262,10 +212,11 @@ impl Daemon {
     }
 
     /// Bans in force, each with the CIDR it covers (its source cut to the limiter's prefix).
-    fn bans_in_force(&mut self) -> Vec<(Cidr, SavedBan)> {
+    fn bans_in_force(&mut self) -> Vec<(Cidr, ActiveBan)> {
         let rate = &self.live.policy().rate_limit;
         let (v4, v6) = (rate.ipv4_prefix, rate.ipv6_prefix);
-        bans::active(&mut self.ebpf)
+        self.limiter
+            .active()
             .unwrap_or_default()
             .into_iter()
             .filter_map(|ban| {
@@ -312,210 +263,15 @@ impl Daemon {
         Reply::Entries { entries: views }
     }
 
-    fn stats(&self) -> Result<Reply, String> {
-        let snapshot = Snapshot::of_ebpf(&self.ebpf).map_err(|e| crate::error_chain(&e))?;
-        let counters = snapshot
-            .rows
-            .iter()
-            .map(|row| CounterView {
-                interface: interface_name(&self.interfaces, row.if_index),
-                action: row.action.name().into(),
-                reason: row.reason.name().into(),
-                packets: row.counter.packets,
-                bytes: row.counter.bytes,
-            })
-            .collect();
-        Ok(Reply::Stats { counters })
-    }
-
-    fn status(&mut self) -> Reply {
-        let info = crate::loader::program(&mut self.ebpf)
-            .ok()
-            .and_then(|p| p.info().ok());
-        let capacities = self.live.capacities();
-        let mut fills = Vec::new();
-        for kind in [ListKind::Allow, ListKind::Block] {
-            let counts = self.live.counts(kind);
-            let name = kind.name();
-            fills.push(MapFill {
-                map: format!("{name} (IPv4 /24 and shorter, in the /24 table)"),
-                entries: counts.total() as u64 - counts.v4_long() as u64 - counts.v6() as u64,
-                capacity: u64::from(u32::MAX),
-            });
-            let (v4_capacity, v6_capacity) = match kind {
-                ListKind::Allow => (capacities.allow_v4_long, capacities.allow_v6),
-                ListKind::Block => (capacities.block_v4_long, capacities.block_v6),
-            };
-            fills.push(MapFill {
-                map: format!("{name} (IPv4 longer than /24)"),
-                entries: counts.v4_long() as u64,
-                capacity: u64::from(v4_capacity),
-            });
-            fills.push(MapFill {
-                map: format!("{name} (IPv6)"),
-                entries: counts.v6() as u64,
-                capacity: u64::from(v6_capacity),
-            });
-        }
-        let bans = map_access::hash::<SourceKey, Ban>(&mut self.ebpf, maps::BANS)
-            .map(|hash| hash.keys().filter(Result::is_ok).count() as u64)
-            .unwrap_or(0);
-        let sources = self.rate_limited_sources();
-        for (map, entries) in [("bans", bans), ("rate-limited sources", sources)] {
-            fills.push(MapFill {
-                map: map.into(),
-                entries,
-                capacity: u64::from(capacities.rate_sources),
-            });
-        }
-        Reply::Status(StatusView {
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            mode: match self.live.policy().mode {
-                Mode::Enforce => "enforce",
-                Mode::Monitor => "monitor",
-            }
-            .into(),
-            program_id: info.as_ref().map(|i| i.id()),
-            program_tag: info.as_ref().map(|i| format!("{:016x}", i.tag())),
-            interfaces: self
-                .interfaces
-                .iter()
-                .map(|i| InterfaceView {
-                    name: i.name.clone(),
-                    if_index: i.if_index,
-                    xdp_mode: i.mode.name().into(),
-                    pinned: i.pinned(),
-                })
-                .collect(),
-            maps: fills,
-            bpffs: self.pins.as_ref().map(|p| p.root().display().to_string()),
-            state_dir: self.store.dir().display().to_string(),
-            config: self.source.path.as_ref().map(|p| p.display().to_string()),
-        })
-    }
-
-    /// Sources the rate limiter tracks now.
-    fn rate_limited_sources(&mut self) -> u64 {
-        map_access::hash::<SourceKey, RateState>(&mut self.ebpf, maps::RATE_LIMITS)
-            .map(|hash| hash.keys().filter(Result::is_ok).count() as u64)
-            .unwrap_or(0)
-    }
-
-    fn top(&mut self, interval_ms: u64, limit: u32) -> Result<Reply, String> {
-        if !(MIN_TOP_INTERVAL_MS..=MAX_TOP_INTERVAL_MS).contains(&interval_ms) {
-            return Err(format!(
-                "interval_ms must be in {MIN_TOP_INTERVAL_MS}..={MAX_TOP_INTERVAL_MS}"
-            ));
-        }
-        if !(1..=MAX_TOP_ROWS).contains(&limit) {
-            return Err(format!("limit must be in 1..={MAX_TOP_ROWS}"));
-        }
-        let counters = Snapshot::of_ebpf(&self.ebpf).map_err(|e| crate::error_chain(&e))?;
-        let (mut dropped_total, mut passed_total) = (Counter::default(), Counter::default());
-        for row in &counters.rows {
-            match row.action {
-                Action::Pass => passed_total = passed_total.plus(row.counter),
-                Action::Drop | Action::WouldDrop => dropped_total = dropped_total.plus(row.counter),
-            }
-        }
-        let policy = self.live.policy();
-        let rate = &policy.rate_limit;
-        let (passed_by_source, sample_every) = (rate.is_on(), policy.sample_every);
-        let prefixes = (rate.ipv4_prefix, rate.ipv6_prefix);
-        let mut passed = std::collections::HashMap::new();
-        if passed_by_source {
-            let limiter =
-                map_access::hash::<SourceKey, RateState>(&mut self.ebpf, maps::RATE_LIMITS)
-                    .map_err(|e| crate::error_chain(&e))?;
-            for (key, state) in limiter.iter().filter_map(Result::ok) {
-                if state.passed_packets == 0 {
-                    continue;
-                }
-                if let Some(address) = bans::address_of(key.family, key.addr) {
-                    let counter = Counter {
-                        packets: state.passed_packets,
-                        bytes: state.passed_bytes,
-                    };
-                    passed.insert(source_name(address, prefixes), counter);
-                }
-            }
-        }
-        let dropped = self
-            .drops
-            .lock()
-            .map_err(|_| "the drop tally is poisoned".to_string())?
-            .counts();
-        let reading = Reading {
-            at: std::time::Instant::now(),
-            dropped,
-            passed,
-            dropped_total,
-            passed_total,
-        };
-        let options = ViewOptions {
-            interval: Duration::from_millis(interval_ms),
-            limit: limit as usize,
-            passed_by_source,
-            sample_every,
-        };
-        Ok(Reply::Top(self.top.view(reading, &options)))
-    }
-
-    /// The Prometheus metrics, read now.
-    pub(super) fn metrics(&mut self) -> String {
-        let counters = match Snapshot::of_ebpf(&self.ebpf) {
-            Ok(counters) => counters,
-            Err(e) => {
-                warn!(error = %crate::error_chain(&e), "could not read the counters for metrics");
-                return String::new();
-            }
-        };
-        let mut list_entries = Vec::new();
-        for kind in [ListKind::Allow, ListKind::Block] {
-            let counts = self.live.counts(kind);
-            let v6 = counts.v6() as u64;
-            let name = kind.name();
-            list_entries.push((name, "ipv4", counts.total() as u64 - v6));
-            list_entries.push((name, "ipv6", v6));
-        }
-        let bans_active = bans::active(&mut self.ebpf).map_or(0, |b| b.len() as u64);
-        let rate_limited_sources = self.rate_limited_sources();
-        let program_tag = crate::loader::program(&mut self.ebpf)
-            .ok()
-            .and_then(|p| p.info().ok())
-            .map(|info| format!("{:016x}", info.tag()));
-        let interfaces = &self.interfaces;
-        let interface_name = |if_index| interface_name(interfaces, if_index);
-        let reading = metrics::Reading {
-            counters: &counters,
-            interface_name: &interface_name,
-            list_entries,
-            bans_active,
-            rate_limited_sources,
-            program_tag,
-        };
-        metrics::render(&reading).unwrap_or_else(|e| {
-            warn!(error = %e, "could not render the metrics");
-            String::new()
-        })
-    }
-
     /// Logs the bans whose time has come; one renewed meanwhile (banned again) stays quiet.
     fn expire_bans(&mut self, now: SystemTime) {
-        let now_ns = bans::monotonic_now_ns();
         let mut ended = false;
         while let Some(Reverse((at, source))) = self.ban_expiries.peek().copied() {
             if at > now {
                 break;
             }
             self.ban_expiries.pop();
-            let in_force = map_access::hash::<SourceKey, Ban>(&mut self.ebpf, maps::BANS)
-                .ok()
-                .and_then(|map| map.get(&bans::key_of(source), 0).ok())
-                .is_some_and(|ban| ban.expires_at > now_ns);
-            if !in_force {
+            if !self.limiter.is_banned(source) {
                 info!(source = %source, cause = "ttl", "ban expired");
                 ended = true;
             }
@@ -542,7 +298,7 @@ impl Daemon {
                     .copied()
                     .collect(),
             };
-            if let Err(e) = self.live.apply(&mut self.ebpf, change_for(kind, change)) {
+            if let Err(e) = self.live.apply(PolicyChange::of_list(kind, change)) {
                 warn!(error = %crate::error_chain(&e), "expired entries could not be removed; retrying");
                 continue;
             }

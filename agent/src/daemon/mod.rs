@@ -1,40 +1,59 @@
-//! `moat run`: load, fill, attach (or take over the pinned links of the daemon before), then
-//! serve the control socket, reloads and expiries until a signal.
+//! `moat run`: the start-up phases (check and open everything, load and fill the program, start
+//! reading its events, attach or take over the pinned links, announce), then the event loop
+//! that serves the control socket, reloads, expiries and saves until a signal. The socket
+//! server (accept, peer credentials, framing), the request handlers and the state that
+//! outlives the daemon live beside it.
 
 mod handlers;
+mod interfaces;
+mod program_events;
+mod reports;
+mod server;
+pub mod state;
 
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
-    ffi::CString,
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use agent_common::lists::SOURCE_CLI;
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use aya::Ebpf;
 use tokio::{
+    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::mpsc,
+    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
+use self::{
+    interfaces::{Interface, interface_name},
+    program_events::{EventSinks, LineLimiter},
+    server::ControlSocket,
+    state::{Dynamic, StateStore},
+};
 use crate::{
-    bans,
-    capture::CaptureHub,
-    config::{Config, Mode, Overrides, Policy, Settings},
-    control::server::ControlSocket,
-    events::SampleSinks,
-    live::{ListKind, LivePolicy},
-    loader::{self, Capacities},
-    metrics,
-    pins::{self, LinkMode, PinDir},
-    policy,
-    state::{Dynamic, SavedBan, StateStore},
-    stats::Snapshot,
-    top::{DropTally, TopHistory},
+    config::{Config, ListKind, Mode, Overrides, Policy, Resolved, XdpMode},
+    observe::{
+        capture::CaptureHub,
+        metrics,
+        top::{DropTally, TopHistory},
+    },
+    program::{
+        counters::CounterMaps,
+        events::EventRing,
+        limiter::{ActiveBan, LimiterMaps},
+        live::{self, LivePolicy},
+        loader::{self, Capacities, Loaded},
+        maps::{MapIds, ProgramMaps},
+        pins::PinDir,
+        sampling::SamplingOverride,
+    },
 };
 
 /// New bans waiting for the daemon; beyond this, they are saved by the periodic check.
@@ -47,23 +66,6 @@ const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// once its maps are written), and a burst of changes is saved once.
 const STATE_SAVE_DELAY: Duration = Duration::from_millis(50);
 
-/// An interface being protected.
-pub struct Interface {
-    pub name: String,
-    pub if_index: u32,
-    pub mode: LinkMode,
-    /// `Some`: attached by this process and detached on exit (`--no-pin`); `None`: the link is
-    /// pinned and outlives the daemon.
-    link: Option<aya::programs::xdp::XdpLinkId>,
-}
-
-impl Interface {
-    /// Whether the link is pinned (it outlives the daemon).
-    pub fn pinned(&self) -> bool {
-        self.link.is_none()
-    }
-}
-
 /// Where the configuration comes from, so that a reload reads it the same way.
 #[derive(Clone, Debug)]
 pub struct ConfigSource {
@@ -73,42 +75,14 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
-    pub fn load(&self) -> anyhow::Result<(Config, Settings)> {
+    pub fn load(&self) -> anyhow::Result<(Config, Resolved)> {
         let config = match &self.path {
             Some(path) => Config::from_file(path)?,
             None => Config::embedded(),
         };
-        let settings = config.resolve(&self.overrides)?;
-        Ok((config, settings))
+        let resolved = config.resolve(&self.overrides)?;
+        Ok((config, resolved))
     }
-}
-
-/// The running daemon's state; the control handlers work on it.
-pub struct Daemon {
-    ebpf: Ebpf,
-    live: LivePolicy,
-    dynamic: Dynamic,
-    store: StateStore,
-    source: ConfigSource,
-    settings: RunningSettings,
-    interfaces: Vec<Interface>,
-    pins: Option<PinDir>,
-    started: Instant,
-    saved_bans: Vec<SavedBan>,
-    /// When the first change not yet saved was made.
-    unsaved_since: Option<tokio::time::Instant>,
-    /// Dropped packets per source, from the samples.
-    drops: Arc<Mutex<DropTally>>,
-    top: TopHistory,
-    /// Bans known to this daemon, soonest expiry first, so that each expiry is logged.
-    ban_expiries: BinaryHeap<Reverse<(SystemTime, std::net::IpAddr)>>,
-}
-
-/// What a reload may not change.
-struct RunningSettings {
-    interfaces: Vec<String>,
-    xdp_mode: crate::config::XdpMode,
-    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The policy in force: the configuration's, plus the entries added at run time that the
@@ -124,19 +98,93 @@ pub fn effective_policy(mut policy: Policy, dynamic: &Dynamic) -> Policy {
 }
 
 pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
-    let (config, settings) = source.load()?;
-    // Everything that can be checked is checked before anything is loaded or attached.
-    let resolved = resolve_interfaces(&config, &settings)?;
-    let paths = settings.paths.clone();
+    let mut prepared = prepare(source, pin).await?;
+    let filled = load_and_fill(&mut prepared)?;
+    let Filled {
+        mut ebpf,
+        live,
+        limiter,
+        counters,
+        events,
+        sampling,
+        map_ids,
+    } = filled;
+    let observers = start_observers(&prepared, events, sampling)?;
+    let interfaces = attach(&mut ebpf, &prepared, &map_ids)?;
+    let metrics = prepared.metrics.take();
+    announce(
+        &mut ebpf,
+        &prepared,
+        metrics,
+        &live,
+        &interfaces,
+        observers.scrapes,
+    )?;
+    let daemon = Daemon {
+        ebpf,
+        live,
+        limiter,
+        counters,
+        dynamic: prepared.dynamic,
+        store: prepared.store,
+        source: prepared.source,
+        settings: RunningSettings {
+            interfaces: prepared.config.interfaces,
+            xdp_mode: prepared.config.xdp_mode,
+            metrics_listen: prepared.config.metrics_listen,
+        },
+        interfaces,
+        pins: prepared.pins,
+        started: Instant::now(),
+        saved_bans: prepared.saved_bans,
+        unsaved_since: None,
+        drops: observers.drops,
+        top: TopHistory::default(),
+        ban_expiries: BinaryHeap::new(),
+    };
+    daemon
+        .serve(
+            prepared.socket,
+            observers.captures,
+            observers.new_bans,
+            observers.scrape_requests,
+        )
+        .await?;
+    observers.reader.abort();
+    info!("stopped");
+    Ok(())
+}
+
+/// What the first phase checked and opened; nothing is loaded or attached yet.
+struct Prepared {
+    source: ConfigSource,
+    /// The configuration, its policy with the saved run-time entries merged in.
+    config: Resolved,
+    /// (name, ifindex) of each interface.
+    interfaces: Vec<(String, u32)>,
+    store: StateStore,
+    dynamic: Dynamic,
+    saved_bans: Vec<ActiveBan>,
+    socket: ControlSocket,
+    metrics: Option<TcpListener>,
+    pins: Option<PinDir>,
+}
+
+/// Phase 1: everything that can be checked is checked, and everything that needs no program is
+/// opened (state, socket, metrics listener, pin directory), before anything is loaded.
+async fn prepare(source: ConfigSource, pin: bool) -> anyhow::Result<Prepared> {
+    let (config, mut resolved) = source.load()?;
+    let interfaces = interfaces::resolve(&config, &resolved.interfaces)?;
+    let paths = &resolved.paths;
     let store = StateStore::open(&paths.state_dir).context("opening the state directory")?;
     let (dynamic, saved_bans) = store
         .load(SystemTime::now())
         .context("reading the saved state")?;
-    let policy = effective_policy(settings.policy, &dynamic);
-    policy::check(&policy).context("checking the policy")?;
+    resolved.policy = effective_policy(std::mem::take(&mut resolved.policy), &dynamic);
+    live::check(&resolved.policy).context("checking the policy")?;
     let socket = ControlSocket::bind(&paths.socket, paths.socket_group.as_deref())
         .context("binding the control socket")?;
-    let metrics_listener = match settings.metrics_listen {
+    let metrics = match resolved.metrics_listen {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,
     };
@@ -144,33 +192,121 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
     if let Some(pins) = &pins {
         pins.prepare().context("preparing the pin directory")?;
     }
+    Ok(Prepared {
+        source,
+        config: resolved,
+        interfaces,
+        store,
+        dynamic,
+        saved_bans,
+        socket,
+        metrics,
+        pins,
+    })
+}
 
-    let capacities = Capacities::for_policy(&policy, settings.runtime_entries);
-    let mut ebpf = loader::load(capacities).context("loading the XDP program")?;
-    // The policy is in place before the program sees its first packet.
-    let live = LivePolicy::install(&mut ebpf, policy, capacities)
+/// The program loaded, its policy in place, not yet attached.
+struct Filled {
+    ebpf: Ebpf,
+    live: LivePolicy,
+    limiter: LimiterMaps,
+    counters: CounterMaps,
+    events: EventRing,
+    sampling: SamplingOverride,
+    map_ids: MapIds,
+}
+
+/// Phase 2: load the program with maps sized for the policy and fill them, so that the policy
+/// is in place before the program sees its first packet; bring back the bans in force.
+fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
+    let policy = std::mem::take(&mut prepared.config.policy);
+    let capacities = Capacities::for_policy(&policy, prepared.config.runtime_entries);
+    let Loaded { ebpf, maps } = loader::load(capacities).context("loading the XDP program")?;
+    let ProgramMaps {
+        policy: policy_maps,
+        mut limiter,
+        mut counters,
+        events,
+        sampling,
+        ids: map_ids,
+    } = maps;
+    let live = LivePolicy::install(policy_maps, policy, capacities)
         .context("writing the policy into the program's maps")?;
     log_policy(live.policy());
-    restore_bans(&mut ebpf, pins.as_ref(), &saved_bans);
-    let if_indexes: Vec<u32> = resolved.iter().map(|(_, i)| *i).collect();
-    loader::register_interfaces(&mut ebpf, &if_indexes)?;
-    let names = resolved.iter().map(|(n, i)| (*i, n.clone())).collect();
-    let captures = Arc::new(CaptureHub::new(&mut ebpf, names)?);
+    restore_bans(&mut limiter, prepared.pins.as_ref(), &prepared.saved_bans);
+    let if_indexes: Vec<u32> = prepared.interfaces.iter().map(|(_, i)| *i).collect();
+    counters
+        .register_interfaces(&if_indexes)
+        .context("registering the interfaces' counters")?;
+    Ok(Filled {
+        ebpf,
+        live,
+        limiter,
+        counters,
+        events,
+        sampling,
+        map_ids,
+    })
+}
+
+/// What watches the program: the event reader and those it feeds.
+struct Observers {
+    captures: Arc<CaptureHub>,
+    drops: Arc<Mutex<DropTally>>,
+    new_bans: mpsc::Receiver<(IpAddr, Duration)>,
+    reader: JoinHandle<()>,
+    /// The metrics server's end of the scrape channel; the daemon's end is `scrape_requests`.
+    scrapes: mpsc::Sender<metrics::Scrape>,
+    scrape_requests: mpsc::Receiver<metrics::Scrape>,
+}
+
+/// Phase 3: read the program's events (bans, samples) and hand them to the log, `moat top`
+/// and captures.
+fn start_observers(
+    prepared: &Prepared,
+    events: EventRing,
+    sampling: SamplingOverride,
+) -> anyhow::Result<Observers> {
+    let names = prepared
+        .interfaces
+        .iter()
+        .map(|(n, i)| (*i, n.clone()))
+        .collect();
+    let captures = Arc::new(CaptureHub::new(sampling, names)?);
     let drops = Arc::new(Mutex::new(DropTally::default()));
-    let (bans_tx, mut new_bans) = mpsc::channel(BAN_QUEUE);
-    let events = crate::events::spawn_reader(
-        &mut ebpf,
-        SampleSinks {
+    let (bans, new_bans) = mpsc::channel(BAN_QUEUE);
+    let reader = events
+        .spawn_reader(EventSinks {
             captures: captures.sender(),
             drops: drops.clone(),
-            bans: bans_tx,
-        },
-    )?;
+            bans,
+            lines: LineLimiter::default(),
+        })
+        .context("polling the program's events")?;
+    let (scrapes, scrape_requests) = mpsc::channel(4);
+    Ok(Observers {
+        captures,
+        drops,
+        new_bans,
+        reader,
+        scrapes,
+        scrape_requests,
+    })
+}
 
-    let interfaces = attach_all(&mut ebpf, &resolved, settings.xdp_mode, pins.as_ref())?;
-    if let Some(pins) = &pins {
-        pins.pin_maps(&ebpf).context("pinning the maps")?;
-        // Links pinned for interfaces no longer configured are let go.
+/// Phase 4: attach to every interface (or take over its pinned link), pin the maps, and let go
+/// of links pinned for interfaces no longer configured. On error, dropping `ebpf` detaches
+/// what was attached.
+fn attach(
+    ebpf: &mut Ebpf,
+    prepared: &Prepared,
+    map_ids: &MapIds,
+) -> anyhow::Result<Vec<Interface>> {
+    let pins = prepared.pins.as_ref();
+    let interfaces =
+        interfaces::attach_all(ebpf, &prepared.interfaces, prepared.config.xdp_mode, pins)?;
+    if let Some(pins) = pins {
+        map_ids.pin(pins).context("pinning the maps")?;
         for stale in pins.pinned_links() {
             if !interfaces.iter().any(|i| i.name == stale.interface) {
                 info!(
@@ -181,16 +317,27 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
             }
         }
     }
-    let program_id = loader::program(&mut ebpf)?.info().map(|i| i.id()).ok();
+    Ok(interfaces)
+}
+
+/// Phase 5: serve the metrics, and say what runs where.
+fn announce(
+    ebpf: &mut Ebpf,
+    prepared: &Prepared,
+    metrics: Option<TcpListener>,
+    live: &LivePolicy,
+    interfaces: &[Interface],
+    scrapes: mpsc::Sender<metrics::Scrape>,
+) -> anyhow::Result<()> {
+    let program_id = loader::program(ebpf)?.info().map(|i| i.id()).ok();
     let mode = match live.policy().mode {
         Mode::Enforce => "enforcing",
         Mode::Monitor => "monitoring (nothing is dropped; would-be drops are counted)",
     };
-    let (scrapes_tx, mut scrapes) = mpsc::channel(4);
-    let metrics_address = match metrics_listener {
+    let metrics_address = match metrics {
         Some(listener) => {
             let address = listener.local_addr().ok();
-            tokio::spawn(metrics::serve(listener, scrapes_tx));
+            tokio::spawn(metrics::serve(listener, scrapes));
             address
         }
         None => None,
@@ -198,88 +345,105 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
     info!(
         program_id,
         interfaces = interfaces.len(),
-        socket = %socket.path().display(),
+        socket = %prepared.socket.path().display(),
         metrics = %metrics_address.map_or("off".into(), |a| format!("http://{a}/metrics")),
         "moat is {mode}"
     );
-
-    let mut daemon = Daemon {
-        ebpf,
-        live,
-        dynamic,
-        store,
-        source,
-        settings: RunningSettings {
-            interfaces: settings.interfaces,
-            xdp_mode: settings.xdp_mode,
-            metrics_listen: settings.metrics_listen,
-        },
-        interfaces,
-        pins,
-        started: Instant::now(),
-        saved_bans,
-        unsaved_since: None,
-        drops,
-        top: TopHistory::default(),
-        ban_expiries: BinaryHeap::new(),
-    };
-    for ban in daemon.saved_bans.clone() {
-        daemon
-            .ban_expiries
-            .push(Reverse((ban.expires_at, ban.source)));
-    }
-    daemon.expire(SystemTime::now());
-    daemon.save_state();
-
-    let (jobs_tx, mut jobs) = mpsc::channel(16);
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let shutdown = wait_for_shutdown();
-    tokio::pin!(shutdown);
-    let serve = socket.serve(jobs_tx, captures);
-    tokio::pin!(serve);
-    let mut ban_save = tokio::time::interval(BAN_SAVE_INTERVAL);
-    loop {
-        let next_expiry = daemon.next_expiry_in();
-        let save_at = daemon.unsaved_since.map(|t| t + STATE_SAVE_DELAY);
-        tokio::select! {
-            result = &mut shutdown => {
-                result?;
-                break;
-            }
-            () = &mut serve => break,
-            _ = hangup.recv() => {
-                if let Err(e) = daemon.reload("SIGHUP") {
-                    warn!(cause = "SIGHUP", error = %format!("{e:#}"), "reload rejected; the running policy stays");
-                }
-            }
-            Some((request, reply_to)) = jobs.recv() => {
-                let response = daemon.handle(request);
-                let _ = reply_to.send(response);
-            }
-            Some((source, ttl)) = new_bans.recv() => {
-                daemon.ban_expiries.push(Reverse((SystemTime::now() + ttl, source)));
-                daemon.state_changed();
-            }
-            Some(reply_to) = scrapes.recv() => {
-                let _ = reply_to.send(daemon.metrics());
-            }
-            () = tokio::time::sleep(next_expiry) => daemon.expire(SystemTime::now()),
-            _ = ban_save.tick() => daemon.save_bans_if_changed(),
-            () = sleep_until(save_at), if save_at.is_some() => {
-                daemon.save_state();
-                // A big import leaves freed request buffers behind; give them back.
-                // SAFETY: malloc_trim only walks the allocator's own free lists.
-                unsafe { libc::malloc_trim(0) };
-            }
-        }
-    }
-    events.abort();
-    daemon.stop();
-    info!("stopped");
     Ok(())
 }
 
+/// The running daemon's state; the control handlers work on it.
+pub struct Daemon {
+    ebpf: Ebpf,
+    live: LivePolicy,
+    limiter: LimiterMaps,
+    counters: CounterMaps,
+    dynamic: Dynamic,
+    store: StateStore,
+    source: ConfigSource,
+    settings: RunningSettings,
+    interfaces: Vec<Interface>,
+    pins: Option<PinDir>,
+    started: Instant,
+    saved_bans: Vec<ActiveBan>,
+    /// When the first change not yet saved was made.
+    unsaved_since: Option<tokio::time::Instant>,
+    /// Dropped packets per source, from the samples.
+    drops: Arc<Mutex<DropTally>>,
+    top: TopHistory,
+    /// Bans known to this daemon, soonest expiry first, so that each expiry is logged.
+    ban_expiries: BinaryHeap<Reverse<(SystemTime, IpAddr)>>,
+}
+
+/// What a reload may not change.
+struct RunningSettings {
+    interfaces: Vec<String>,
+    xdp_mode: XdpMode,
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
 impl Daemon {
+    /// Phase 6: the event loop, until a signal (or the socket server ends).
+    async fn serve(
+        mut self,
+        socket: ControlSocket,
+        captures: Arc<CaptureHub>,
+        mut new_bans: mpsc::Receiver<(IpAddr, Duration)>,
+        mut scrapes: mpsc::Receiver<metrics::Scrape>,
+    ) -> anyhow::Result<()> {
+        for ban in self.saved_bans.clone() {
+            self.ban_expiries
+                .push(Reverse((ban.expires_at, ban.source)));
+        }
+        self.expire(SystemTime::now());
+        self.save_state();
+
+        let (jobs_tx, mut jobs) = mpsc::channel(16);
+        let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let shutdown = wait_for_shutdown();
+        tokio::pin!(shutdown);
+        let serve = socket.serve(jobs_tx, captures);
+        tokio::pin!(serve);
+        let mut ban_save = tokio::time::interval(BAN_SAVE_INTERVAL);
+        loop {
+            let next_expiry = self.next_expiry_in();
+            let save_at = self.unsaved_since.map(|t| t + STATE_SAVE_DELAY);
+            tokio::select! {
+                result = &mut shutdown => {
+                    result?;
+                    break;
+                }
+                () = &mut serve => break,
+                _ = hangup.recv() => {
+                    if let Err(e) = self.reload("SIGHUP") {
+                        warn!(cause = "SIGHUP", error = %format!("{e:#}"), "reload rejected; the running policy stays");
+                    }
+                }
+                Some((request, reply_to)) = jobs.recv() => {
+                    let response = self.handle(request);
+                    let _ = reply_to.send(response);
+                }
+                Some((source, ttl)) = new_bans.recv() => {
+                    self.ban_expiries.push(Reverse((SystemTime::now() + ttl, source)));
+                    self.state_changed();
+                }
+                Some(reply_to) = scrapes.recv() => {
+                    let _ = reply_to.send(self.metrics());
+                }
+                () = tokio::time::sleep(next_expiry) => self.expire(SystemTime::now()),
+                _ = ban_save.tick() => self.save_bans_if_changed(),
+                () = sleep_until(save_at), if save_at.is_some() => {
+                    self.save_state();
+                    // A big import leaves freed request buffers behind; give them back.
+                    // SAFETY: malloc_trim only walks the allocator's own free lists.
+                    unsafe { libc::malloc_trim(0) };
+                }
+            }
+        }
+        self.stop();
+        Ok(())
+    }
+
     /// How long until the next entry expires (at most [`EXPIRY_CHECK_INTERVAL`]).
     fn next_expiry_in(&self) -> Duration {
         let ban = self.ban_expiries.peek().map(|Reverse((at, _))| *at);
@@ -305,7 +469,7 @@ impl Daemon {
     /// program keeps enforcing whatever happens to the disk.
     fn save_state(&mut self) {
         self.unsaved_since = None;
-        let bans = match bans::active(&mut self.ebpf) {
+        let bans = match self.limiter.active() {
             Ok(bans) => bans,
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), "could not read the bans");
@@ -319,7 +483,7 @@ impl Daemon {
     }
 
     fn save_bans_if_changed(&mut self) {
-        match bans::active(&mut self.ebpf) {
+        match self.limiter.active() {
             Ok(bans) if bans != self.saved_bans => self.save_state(),
             Ok(_) => {}
             Err(e) => warn!(error = %crate::error_chain(&e), "could not read the bans"),
@@ -328,19 +492,19 @@ impl Daemon {
 
     /// Re-reads the configuration and applies its policy; an error leaves the running one.
     fn reload(&mut self, cause: &str) -> anyhow::Result<()> {
-        let (_, settings) = self.source.load()?;
-        if settings.interfaces != self.settings.interfaces
-            || settings.xdp_mode != self.settings.xdp_mode
-            || settings.paths.state_dir != self.store.dir()
-            || settings.metrics_listen != self.settings.metrics_listen
+        let (_, resolved) = self.source.load()?;
+        if resolved.interfaces != self.settings.interfaces
+            || resolved.xdp_mode != self.settings.xdp_mode
+            || resolved.paths.state_dir != self.store.dir()
+            || resolved.metrics_listen != self.settings.metrics_listen
         {
             anyhow::bail!(
                 "interfaces, xdp_mode, state_dir and metrics_listen cannot change on reload; \
                  restart moat to change them"
             );
         }
-        let policy = effective_policy(settings.policy, &self.dynamic);
-        self.live.replace(&mut self.ebpf, policy)?;
+        let policy = effective_policy(resolved.policy, &self.dynamic);
+        self.live.replace(policy)?;
         info!(cause, "reloaded the configuration");
         log_policy(self.live.policy());
         Ok(())
@@ -349,7 +513,7 @@ impl Daemon {
     /// Leaves the pinned program enforcing, or detaches what this process attached.
     fn stop(mut self) {
         self.save_state();
-        log_counters(&self.ebpf, &self.interfaces);
+        log_counters(&self.counters, &self.interfaces);
         let Ok(program) = loader::program(&mut self.ebpf) else {
             return;
         };
@@ -366,11 +530,11 @@ impl Daemon {
 }
 
 /// Bans of the program before this one (same boot) or, after a reboot, from the state file.
-fn restore_bans(ebpf: &mut Ebpf, pins: Option<&PinDir>, saved: &[SavedBan]) {
+fn restore_bans(limiter: &mut LimiterMaps, pins: Option<&PinDir>, saved: &[ActiveBan]) {
     let previous = pins.and_then(|p| p.open_map(agent_common::maps::BANS));
     let restored = match previous {
-        Some(map) => bans::carry_over(ebpf, map),
-        None => bans::restore(ebpf, saved),
+        Some(map) => limiter.carry_over(map),
+        None => limiter.restore(saved),
     };
     match restored {
         Ok(0) => {}
@@ -379,87 +543,12 @@ fn restore_bans(ebpf: &mut Ebpf, pins: Option<&PinDir>, saved: &[SavedBan]) {
     }
 }
 
-fn attach_all(
-    ebpf: &mut Ebpf,
-    resolved: &[(String, u32)],
-    mode: crate::config::XdpMode,
-    pins: Option<&PinDir>,
-) -> anyhow::Result<Vec<Interface>> {
-    let program = loader::program(ebpf)?;
-    let mut interfaces = Vec::with_capacity(resolved.len());
-    for (name, if_index) in resolved {
-        if let Some(pins) = pins
-            && let Some(link_mode) = pins::adopt(pins, program, name, mode)?
-        {
-            info!(
-                interface = name,
-                mode = link_mode.name(),
-                "took over the pinned link: the new program replaced the old in one step"
-            );
-            interfaces.push(Interface {
-                name: name.clone(),
-                if_index: *if_index,
-                mode: link_mode,
-                link: None,
-            });
-            continue;
-        }
-        // On error, `ebpf` is dropped on return and detaches what was attached so far.
-        let attachment = loader::attach(program, name, *if_index, mode)?;
-        let link = match pins {
-            Some(pins) => {
-                pins::pin_link(pins, program, attachment.link, name, attachment.mode)?;
-                None
-            }
-            None => Some(attachment.link),
-        };
-        info!(
-            interface = name,
-            if_index,
-            mode = attachment.mode.name(),
-            pinned = link.is_none(),
-            "attached"
-        );
-        interfaces.push(Interface {
-            name: name.clone(),
-            if_index: *if_index,
-            mode: attachment.mode,
-            link,
-        });
-    }
-    Ok(interfaces)
-}
-
-fn resolve_interfaces(config: &Config, settings: &Settings) -> anyhow::Result<Vec<(String, u32)>> {
-    settings
-        .interfaces
-        .iter()
-        .map(|name| {
-            let c_name = CString::new(name.as_str())
-                .map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
-            // SAFETY: c_name is a valid NUL-terminated string.
-            let if_index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-            if if_index == 0 {
-                let location = config
-                    .locate_interface(name)
-                    .map(|l| format!("{l}: "))
-                    .unwrap_or_default();
-                return Err(anyhow!("{location}interface {name:?} does not exist"));
-            }
-            Ok((name.clone(), if_index))
-        })
-        .collect()
-}
-
 fn log_policy(policy: &Policy) {
-    let count = |list: &crate::config::ListEntries| {
+    for kind in ListKind::ALL {
+        let list = policy.list(kind);
         let v4 = list.keys().filter(|c| c.net().addr().is_ipv4()).count();
-        (v4, list.len() - v4)
-    };
-    let (allow_v4, allow_v6) = count(&policy.allowlist);
-    let (block_v4, block_v6) = count(&policy.blocklist);
-    info!(ipv4 = allow_v4, ipv6 = allow_v6, "allowlist loaded");
-    info!(ipv4 = block_v4, ipv6 = block_v6, "blocklist loaded");
+        info!(ipv4 = v4, ipv6 = list.len() - v4, "{} loaded", kind.name());
+    }
     info!(rules = policy.rules.len(), "rules loaded");
     let rate = &policy.rate_limit;
     if rate.is_on() {
@@ -494,8 +583,8 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
 }
 
 /// The final counters, so that a run leaves a record of what it did.
-fn log_counters(ebpf: &Ebpf, interfaces: &[Interface]) {
-    match Snapshot::of_ebpf(ebpf) {
+fn log_counters(counters: &CounterMaps, interfaces: &[Interface]) {
+    match counters.snapshot() {
         Ok(snapshot) => {
             for row in snapshot.rows {
                 info!(
@@ -510,10 +599,4 @@ fn log_counters(ebpf: &Ebpf, interfaces: &[Interface]) {
         }
         Err(e) => warn!(error = %crate::error_chain(&e), "could not read the counters"),
     }
-}
-
-fn interface_name(interfaces: &[Interface], if_index: Option<u32>) -> String {
-    if_index
-        .and_then(|i| interfaces.iter().find(|f| f.if_index == i))
-        .map_or_else(|| "(unregistered)".to_string(), |f| f.name.clone())
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use agent_common::stats::{Action, Reason};
-use moat::stats::Snapshot;
+use moat::program::counters::Snapshot;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{

@@ -6,7 +6,7 @@ use std::{path::Path, time::Instant};
 
 use moat::{
     config::{Config, Overrides},
-    loader::{self, Capacities},
+    program::loader::{self, Capacities, LoadError, Loaded},
 };
 
 const POLICY: &str = r#"
@@ -33,8 +33,8 @@ fn main() {
         .unwrap_or_else(|e| panic!("probe policy: {e}"))
         .policy;
     let started = Instant::now();
-    let mut ebpf = match loader::load(Capacities::for_policy(&policy, 0)) {
-        Ok(ebpf) => ebpf,
+    let Loaded { mut ebpf, maps: _ } = match loader::load(Capacities::for_policy(&policy, 0)) {
+        Ok(loaded) => loaded,
         Err(e) => {
             println!("loaded=false error={:?}", moat::error_chain(&e));
             std::process::exit(1);
@@ -42,7 +42,7 @@ fn main() {
     };
     let load_time = started.elapsed();
     let info = loader::program(&mut ebpf)
-        .and_then(|p| p.info().map_err(moat::loader::LoadError::Verify))
+        .and_then(|p| p.info().map_err(LoadError::Verify))
         .expect("program info");
     let insns = info
         .verified_instruction_count()

@@ -11,12 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{
-    maps::{INTERFACE_SLOTS, STATS},
-    stats::{Action, Counter, Reason, index},
-};
-use aya::maps::{Array, MapData, PerCpuArray};
-use moat::map_access::ProgramMaps;
+use agent_common::stats::{Action, Reason};
+use moat::program::maps::ProgramMaps;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_V4, PROTECTED_V4},
@@ -90,20 +86,13 @@ fn write_config(lab: &Lab, prefixes: usize, list: Option<&Path>) -> PathBuf {
 /// A cheap reader of one counter (blocklist drops on `if_index`): the maps are opened once, so
 /// that polling it every 0.1 ms does not take the CPU the daemon needs (2 CPUs here).
 fn drop_counter(program_id: u32, if_index: u32) -> impl Fn() -> u64 {
-    let maps = ProgramMaps::of(program_id).expect("moat's program and its maps");
-    let open = |name: &str| maps.open(name).unwrap_or_else(|e| panic!("{e}"));
-    let slots: Array<MapData, u32> = Array::try_from(open(INTERFACE_SLOTS)).expect("an array");
-    let slot = slots.get(&if_index, 0).expect("the interface's slot");
-    let stats: PerCpuArray<MapData, Counter> =
-        PerCpuArray::try_from(open(STATS)).expect("a per-CPU array");
-    let at = index(slot, Action::Drop, Reason::Blocklist);
+    let counters = ProgramMaps::of_program(program_id)
+        .unwrap_or_else(|e| panic!("moat's maps: {}", moat::error_chain(&e)))
+        .counters;
     move || {
-        stats
-            .get(&at, 0)
+        counters
+            .packets(if_index, Action::Drop, Reason::Blocklist)
             .expect("read the counter")
-            .iter()
-            .map(|c| c.packets)
-            .sum()
     }
 }
 

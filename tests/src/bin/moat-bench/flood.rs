@@ -18,7 +18,7 @@ use std::{
 };
 
 use agent_common::stats::{Action, Reason};
-use moat::stats::Snapshot;
+use moat::program::counters::Snapshot;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{LEGIT_V4, PROTECTED_V4},

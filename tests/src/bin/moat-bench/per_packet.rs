@@ -16,14 +16,17 @@ use std::{
 };
 
 use agent_common::{
-    maps::{BANS, RATE_LIMITS},
-    rate_limit::{Ban, RateState},
+    maps::RATE_LIMITS,
+    rate_limit::{RateState, SourceKey},
     stats::{Action, Reason},
 };
+use aya::maps::{HashMap, MapData};
 use moat::{
-    bans,
     config::{Config, Overrides, Policy},
-    map_access::{self, ProgramMaps},
+    program::{
+        limiter::{self, ActiveBan},
+        maps::ProgramMapIds,
+    },
 };
 use moat_tests::{
     Lab, Side,
@@ -186,25 +189,25 @@ fn full_policy(lab: &Lab, list: &PrefixList) -> Policy {
 /// moat with the full policy, plus the ban and the over-limit source the scenarios need.
 fn load_moat(policy: &Policy) -> LoadedProgram {
     let mut program = LoadedProgram::new(policy);
-    let now = bans::monotonic_now_ns();
-    let hour = 3_600_000_000_000;
-    let mut ban_map = map_access::hash::<_, Ban>(&mut program.ebpf, BANS).expect("BANS");
-    let ban = Ban {
-        expires_at: now + hour,
-        source: agent_common::lists::SOURCE_RATE_LIMIT,
-        _pad: 0,
+    let hour = std::time::Duration::from_secs(3600);
+    let ban = ActiveBan {
+        source: Lab::addr(BANNED),
+        expires_at: std::time::SystemTime::now() + hour,
     };
-    ban_map
-        .insert(bans::key_of(Lab::addr(BANNED)), ban, 0)
-        .expect("insert the ban");
-    let mut limiter =
-        map_access::hash::<_, RateState>(&mut program.ebpf, RATE_LIMITS).expect("RATE_LIMITS");
+    program.limiter.restore(&[ban]).expect("insert the ban");
+    // The agent never writes the limiter's state; the bench does, through the map's id.
+    let program_id = program.program_id();
+    let map = ProgramMapIds::of(program_id)
+        .and_then(|maps| maps.open(RATE_LIMITS))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut states: HashMap<MapData, SourceKey, RateState> =
+        HashMap::try_from(map).expect("RATE_LIMITS is a hash");
     let over = RateState {
-        packets_tat: now + hour,
+        packets_tat: limiter::monotonic_now_ns() + hour.as_nanos() as u64,
         ..RateState::default()
     };
-    limiter
-        .insert(bans::key_of(Lab::addr(OVER_LIMIT)), over, 0)
+    states
+        .insert(limiter::key_of(Lab::addr(OVER_LIMIT)), over, 0)
         .expect("insert the over-limit source");
     program
 }
@@ -266,7 +269,7 @@ impl<'a> XdpFilter<'a> {
     }
 
     fn fill_ipv4(&self, program_id: u32, list: &PrefixList) {
-        let map_id = ProgramMaps::of(program_id)
+        let map_id = ProgramMapIds::of(program_id)
             .and_then(|maps| maps.id("filter_ipv4"))
             .unwrap_or_else(|e| panic!("xdp-filter's IPv4 map: {e}"));
         let map = bpf_syscall::map_by_id(map_id).expect("filter_ipv4");

@@ -9,15 +9,44 @@ use std::{
 
 use aya::maps::MapData;
 
+use super::maps::{MapAccessError, MapSource, ResolveError};
+
+/// An mmapable array, mapped only while it is written (a mapping kept open would count its
+/// touched pages in the agent's memory for as long as it runs).
+pub struct MmapArray {
+    name: &'static str,
+    data: MapData,
+}
+
+impl MmapArray {
+    pub fn resolve(source: &mut MapSource, name: &'static str) -> Result<Self, ResolveError> {
+        Ok(Self {
+            name,
+            data: source.array_data(name)?,
+        })
+    }
+
+    /// Runs `f` on the first `bytes` bytes of the array's values, mapped for writing.
+    pub fn write(&mut self, bytes: usize, f: impl FnOnce(&mut [u8])) -> Result<(), MapAccessError> {
+        let mut mapping =
+            Mapping::new(&self.data, bytes).map_err(|source| MapAccessError::Mmap {
+                map: self.name,
+                source,
+            })?;
+        f(mapping.bytes_mut());
+        Ok(())
+    }
+}
+
 /// A read-write mapping of an array map's values.
-pub struct MappedArray {
+struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
 
-impl MappedArray {
+impl Mapping {
     /// Maps the first `bytes` bytes of the array's values (rounded up to pages).
-    pub fn new(map: &MapData, bytes: usize) -> io::Result<Self> {
+    fn new(map: &MapData, bytes: usize) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let len = bytes.next_multiple_of(page);
@@ -39,15 +68,15 @@ impl MappedArray {
         Ok(Self { ptr, len: bytes })
     }
 
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
+    fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is at least `len` bytes and lives as long as `self`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl Drop for MappedArray {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping what `new` mapped.
+        // SAFETY: unmapping what `new` mapped (munmap rounds the length up to pages).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }

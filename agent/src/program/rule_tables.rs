@@ -8,12 +8,46 @@ use agent_common::{
         TCP_FLAGS_TABLE_LEN,
     },
 };
-use aya::{Ebpf, Pod};
-
-use crate::{
-    config::{PortRange, Rule, RuleAction},
-    map_access::{self, MapAccessError, named},
+use aya::{
+    Pod,
+    maps::{Array, MapData},
 };
+
+use super::{
+    mapped_array::MmapArray,
+    maps::{MapAccessError, MapSource, Named, ResolveError, named},
+};
+use crate::config::{PortRange, Rule, RuleAction};
+
+/// One generation's rule tables; only this module reads or writes them.
+pub struct RuleMaps {
+    by_protocol: Named<Array<MapData, RuleMask>>,
+    by_tcp_flags: Named<Array<MapData, RuleMask>>,
+    actions: Named<Array<MapData, u32>>,
+    by_src_port: MmapArray,
+    by_dst_port: MmapArray,
+}
+
+impl<V: Pod> Named<Array<MapData, V>> {
+    fn set_all(&mut self, values: &[V]) -> Result<(), MapAccessError> {
+        for (index, value) in (0u32..).zip(values) {
+            self.map.set(index, value, 0).map_err(named(self.name))?;
+        }
+        Ok(())
+    }
+}
+
+impl RuleMaps {
+    pub fn resolve(source: &mut MapSource, generation: usize) -> Result<Self, ResolveError> {
+        Ok(Self {
+            by_protocol: Named::resolve(source, maps::RULES_BY_PROTOCOL[generation])?,
+            by_tcp_flags: Named::resolve(source, maps::RULES_BY_TCP_FLAGS[generation])?,
+            actions: Named::resolve(source, maps::RULE_ACTIONS[generation])?,
+            by_src_port: MmapArray::resolve(source, maps::RULES_BY_SRC_PORT[generation])?,
+            by_dst_port: MmapArray::resolve(source, maps::RULES_BY_DST_PORT[generation])?,
+        })
+    }
+}
 
 pub struct RuleTables {
     pub by_protocol: Vec<RuleMask>,
@@ -60,16 +94,12 @@ impl RuleTables {
 
     /// Writes every table of one generation whole (unused rule slots are left as they were;
     /// no table entry points at them).
-    pub fn install(&self, ebpf: &mut Ebpf, generation: usize) -> Result<(), MapAccessError> {
-        set_all(ebpf, maps::RULES_BY_PROTOCOL[generation], &self.by_protocol)?;
-        set_all(
-            ebpf,
-            maps::RULES_BY_TCP_FLAGS[generation],
-            &self.by_tcp_flags,
-        )?;
-        set_all(ebpf, maps::RULE_ACTIONS[generation], &self.actions)?;
-        write_mapped(ebpf, maps::RULES_BY_SRC_PORT[generation], &self.by_src_port)?;
-        write_mapped(ebpf, maps::RULES_BY_DST_PORT[generation], &self.by_dst_port)
+    pub fn install(&self, maps: &mut RuleMaps) -> Result<(), MapAccessError> {
+        maps.by_protocol.set_all(&self.by_protocol)?;
+        maps.by_tcp_flags.set_all(&self.by_tcp_flags)?;
+        maps.actions.set_all(&self.actions)?;
+        write_masks(&mut maps.by_src_port, &self.by_src_port)?;
+        write_masks(&mut maps.by_dst_port, &self.by_dst_port)
     }
 }
 
@@ -87,27 +117,15 @@ fn mark_ports(table: &mut [RuleMask], ports: &[PortRange], index: u32) {
     debug_assert!(!table[NO_PORT as usize].contains(index));
 }
 
-fn set_all<V: Pod>(ebpf: &mut Ebpf, map: &'static str, values: &[V]) -> Result<(), MapAccessError> {
-    let mut array = map_access::array::<V>(ebpf, map)?;
-    for (index, value) in (0u32..).zip(values) {
-        array.set(index, value, 0).map_err(named(map))?;
-    }
-    Ok(())
-}
-
-fn write_mapped(
-    ebpf: &mut Ebpf,
-    map: &'static str,
-    masks: &[RuleMask],
-) -> Result<(), MapAccessError> {
+fn write_masks(array: &mut MmapArray, masks: &[RuleMask]) -> Result<(), MapAccessError> {
     let size = size_of::<RuleMask>();
-    let mut mapped = map_access::mapped(ebpf, map, size_of_val(masks))?;
-    for (chunk, mask) in mapped.bytes_mut().chunks_exact_mut(size).zip(masks) {
-        for (bytes, word) in chunk.chunks_exact_mut(8).zip(mask.words) {
-            bytes.copy_from_slice(&word.to_ne_bytes());
+    array.write(size_of_val(masks), |bytes| {
+        for (chunk, mask) in bytes.chunks_exact_mut(size).zip(masks) {
+            for (bytes, word) in chunk.chunks_exact_mut(8).zip(mask.words) {
+                bytes.copy_from_slice(&word.to_ne_bytes());
+            }
         }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

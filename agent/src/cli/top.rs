@@ -1,17 +1,27 @@
-//! `moat top` and `moat capture`: the CLI's views of who is sending what.
+//! `moat top`: the top sources by dropped and by passed packets per second, live like `top`.
 
-use std::{fs::File, io::Write, path::Path};
+use std::{io::Write, path::Path, time::Duration};
 
 use anyhow::Context as _;
 
-use crate::{
-    capture::PcapOutput,
-    cli::{CaptureArgs, TopArgs},
-    control::{
-        client::{call, stream},
-        protocol::{Reply, Request, TopRow, TopView},
-    },
+use super::parse_ttl;
+use crate::control::{
+    client::call,
+    protocol::{Reply, Request, TopRow, TopView},
 };
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Print one reading as JSON and exit (the format is documented in README).
+    #[arg(long)]
+    pub json: bool,
+    /// How often the screen is redrawn; rates span this long.
+    #[arg(long, value_parser = parse_ttl, default_value = "1s", value_name = "DURATION")]
+    pub interval: Duration,
+    /// Sources shown per table.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rows: u32,
+}
 
 fn top_view(socket: &Path, request: &Request) -> anyhow::Result<TopView> {
     match call(socket, request)? {
@@ -114,64 +124,6 @@ fn group(value: u64) -> String {
         grouped.push(digit);
     }
     grouped
-}
-
-pub fn capture(socket: &Path, args: CaptureArgs) -> anyhow::Result<()> {
-    let to_stdout = args.file.as_os_str() == "-";
-    let output: Box<dyn Write> = if to_stdout {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(
-            File::create(&args.file)
-                .with_context(|| format!("creating {}", args.file.display()))?,
-        )
-    };
-    let mut pcap = PcapOutput::new(output)?;
-    let request = Request::Capture {
-        passed: args.passed,
-        reason: args.reason.clone(),
-        count: args.count,
-        every: args.every,
-    };
-    let mut summary = None;
-    let streamed = stream(socket, &request, |reply| match reply {
-        Reply::Sample(frame) => {
-            pcap.write(&frame)?;
-            if to_stdout {
-                std::io::stdout().flush()?;
-            }
-            Ok(true)
-        }
-        Reply::CaptureDone { captured, missed } => {
-            summary = Some((captured, missed));
-            Ok(false)
-        }
-        other => anyhow::bail!("the daemon answered with an unexpected reply: {other:?}"),
-    });
-    if let Err(e) = streamed {
-        // A refused capture leaves no file behind.
-        if !to_stdout && summary.is_none() {
-            let _ = std::fs::remove_file(&args.file);
-        }
-        return Err(e);
-    }
-    let (captured, missed) = summary.unwrap_or_default();
-    let mut output = pcap.into_inner();
-    output.flush()?;
-    eprintln!(
-        "moat: captured {captured} frames to {}{}",
-        if to_stdout {
-            "standard output".to_string()
-        } else {
-            args.file.display().to_string()
-        },
-        if missed > 0 {
-            format!(" ({missed} more matched but were missed: the capture fell behind)")
-        } else {
-            String::new()
-        }
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,15 +6,15 @@
 use std::time::Duration;
 
 use agent_common::maps::GENERATIONS;
-use aya::Ebpf;
 
-use crate::{
-    config::{ListEntries, Policy},
-    lists::{self, CompiledList, ListChange, ListCounts, ListError, ListMaps},
+use super::{
+    lists::{CompiledList, ListChange, ListCounts, ListError, ListMaps},
     loader::Capacities,
-    policy::{self, PolicyError},
-    rule_tables::RuleTables,
+    maps::{MapAccessError, MapSource, ResolveError},
+    rule_tables::{RuleMaps, RuleTables},
+    settings::{self, SettingsMaps},
 };
+use crate::config::{ListEntries, ListKind, Policy};
 
 /// An XDP program run takes well under a microsecond; after this long, no packet can still be
 /// deciding with the generation that was just switched off.
@@ -28,29 +28,57 @@ pub enum ChangeError {
     #[error(transparent)]
     List(#[from] ListError),
     #[error(transparent)]
-    Policy(#[from] PolicyError),
+    Access(#[from] MapAccessError),
 }
 
-/// Which list a change is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ListKind {
-    Allow,
-    Block,
+/// Checks what only the program's layout limits (IPv6 prefix lengths per list), so that a
+/// policy it cannot enforce is refused before anything is loaded.
+pub fn check(policy: &Policy) -> Result<(), ListError> {
+    for kind in ListKind::ALL {
+        ListCounts::of(policy.list(kind)).shape(kind)?;
+    }
+    Ok(())
 }
 
-impl ListKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ListKind::Allow => "allowlist",
-            ListKind::Block => "blocklist",
+/// One generation's lists and rule tables.
+struct GenerationMaps {
+    allowlist: ListMaps,
+    blocklist: ListMaps,
+    rules: RuleMaps,
+}
+
+impl GenerationMaps {
+    fn list(&mut self, kind: ListKind) -> &mut ListMaps {
+        match kind {
+            ListKind::Allow => &mut self.allowlist,
+            ListKind::Block => &mut self.blocklist,
         }
     }
+}
 
-    fn maps(self, generation: usize) -> ListMaps {
-        match self {
-            ListKind::Allow => ListMaps::allowlist(generation),
-            ListKind::Block => ListMaps::blocklist(generation),
-        }
+/// The maps that hold the policy: both generations, their settings, and the switch.
+pub struct PolicyMaps {
+    generations: [GenerationMaps; GENERATIONS],
+    settings: SettingsMaps,
+}
+
+impl PolicyMaps {
+    pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
+        let generations: Vec<GenerationMaps> = (0..GENERATIONS)
+            .map(|generation| {
+                Ok(GenerationMaps {
+                    allowlist: ListMaps::resolve(source, ListKind::Allow, generation)?,
+                    blocklist: ListMaps::resolve(source, ListKind::Block, generation)?,
+                    rules: RuleMaps::resolve(source, generation)?,
+                })
+            })
+            .collect::<Result<_, ResolveError>>()?;
+        Ok(Self {
+            generations: generations
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one set of maps per generation")),
+            settings: SettingsMaps::resolve(source)?,
+        })
     }
 }
 
@@ -63,9 +91,26 @@ pub struct PolicyChange {
     pub rest: Option<Policy>,
 }
 
+impl PolicyChange {
+    /// A change to one list only.
+    pub fn of_list(kind: ListKind, change: ListChange) -> Self {
+        match kind {
+            ListKind::Allow => Self {
+                allowlist: change,
+                ..Self::default()
+            },
+            ListKind::Block => Self {
+                blocklist: change,
+                ..Self::default()
+            },
+        }
+    }
+}
+
 /// The policy a running program enforces. Both generations hold it, except one that a failed
 /// write left unknown (`stale`), which is rebuilt whole before it is next switched on.
 pub struct LivePolicy {
+    maps: PolicyMaps,
     policy: Policy,
     allow_counts: ListCounts,
     block_counts: ListCounts,
@@ -77,7 +122,7 @@ pub struct LivePolicy {
 impl LivePolicy {
     /// Writes `policy` into both generations of a freshly loaded program.
     pub fn install(
-        ebpf: &mut Ebpf,
+        maps: PolicyMaps,
         policy: Policy,
         capacities: Capacities,
     ) -> Result<Self, ChangeError> {
@@ -87,6 +132,7 @@ impl LivePolicy {
             .fit(&allow_counts, &block_counts, &policy.rate_limit)
             .map_err(ChangeError::Rejected)?;
         let mut live = Self {
+            maps,
             policy,
             allow_counts,
             block_counts,
@@ -95,8 +141,8 @@ impl LivePolicy {
             capacities,
         };
         let generations: Vec<usize> = (0..GENERATIONS).collect();
-        live.rebuild(ebpf, &generations)?;
-        policy::activate(ebpf, 0)?;
+        live.rebuild(&generations)?;
+        live.maps.settings.activate(0)?;
         Ok(live)
     }
 
@@ -111,10 +157,7 @@ impl LivePolicy {
 
     /// The entries of a list in force, with their sources.
     pub fn entries(&self, list: ListKind) -> &ListEntries {
-        match list {
-            ListKind::Allow => &self.policy.allowlist,
-            ListKind::Block => &self.policy.blocklist,
-        }
+        self.policy.list(list)
     }
 
     /// Entries of each kind in a list.
@@ -126,7 +169,7 @@ impl LivePolicy {
     }
 
     /// Replaces the policy in force with `new`, or changes nothing and says why.
-    pub fn replace(&mut self, ebpf: &mut Ebpf, mut new: Policy) -> Result<(), ChangeError> {
+    pub fn replace(&mut self, mut new: Policy) -> Result<(), ChangeError> {
         let change = PolicyChange {
             allowlist: ListChange::between(&self.policy.allowlist, &new.allowlist),
             blocklist: ListChange::between(&self.policy.blocklist, &new.blocklist),
@@ -136,11 +179,11 @@ impl LivePolicy {
                 Some(new)
             },
         };
-        self.apply(ebpf, change)
+        self.apply(change)
     }
 
     /// Applies `change`, or changes nothing and says why.
-    pub fn apply(&mut self, ebpf: &mut Ebpf, change: PolicyChange) -> Result<(), ChangeError> {
+    pub fn apply(&mut self, change: PolicyChange) -> Result<(), ChangeError> {
         // Everything that can fail on the change itself fails here, before any map is touched.
         let allow_counts = self
             .allow_counts
@@ -155,8 +198,8 @@ impl LivePolicy {
         self.capacities
             .fit(&allow_counts, &block_counts, rate_limit)
             .map_err(ChangeError::Rejected)?;
-        allow_counts.shape(ListKind::Allow.name())?;
-        block_counts.shape(ListKind::Block.name())?;
+        allow_counts.shape(ListKind::Allow)?;
+        block_counts.shape(ListKind::Block)?;
 
         let undo = self.take(
             change.allowlist.clone(),
@@ -176,13 +219,12 @@ impl LivePolicy {
         let standby = 1 - self.active;
         let switched = self
             .write(
-                ebpf,
                 standby,
                 &change.allowlist,
                 &change.blocklist,
                 rules.as_ref(),
             )
-            .and_then(|()| Ok(policy::activate(ebpf, standby)?));
+            .and_then(|()| Ok(self.maps.settings.activate(standby)?));
         if let Err(e) = switched {
             // Packets still decide with the active generation, which holds the old policy.
             self.stale[standby] = true;
@@ -193,13 +235,7 @@ impl LivePolicy {
         self.active = standby;
         std::thread::sleep(GRACE_PERIOD);
         let other = 1 - standby;
-        if let Err(e) = self.write(
-            ebpf,
-            other,
-            &change.allowlist,
-            &change.blocklist,
-            rules.as_ref(),
-        ) {
+        if let Err(e) = self.write(other, &change.allowlist, &change.blocklist, rules.as_ref()) {
             // The change is in force; the other generation is rebuilt before its next use.
             self.stale[other] = true;
             tracing::warn!(
@@ -238,62 +274,51 @@ impl LivePolicy {
     /// `rules` are the new rules, compiled, when they changed.
     fn write(
         &mut self,
-        ebpf: &mut Ebpf,
         generation: usize,
         allowlist: &ListChange,
         blocklist: &ListChange,
         rules: Option<&RuleTables>,
     ) -> Result<(), ChangeError> {
         if self.stale[generation] {
-            return self.rebuild(ebpf, &[generation]);
+            return self.rebuild(&[generation]);
         }
-        lists::write_change(
-            ebpf,
-            &ListKind::Allow.maps(generation),
-            &self.policy.allowlist,
-            allowlist,
-        )?;
-        lists::write_change(
-            ebpf,
-            &ListKind::Block.maps(generation),
-            &self.policy.blocklist,
-            blocklist,
-        )?;
+        let maps = &mut self.maps.generations[generation];
+        maps.allowlist
+            .write_change(&self.policy.allowlist, allowlist)?;
+        maps.blocklist
+            .write_change(&self.policy.blocklist, blocklist)?;
         if let Some(rules) = rules {
-            rules.install(ebpf, generation).map_err(PolicyError::from)?;
+            rules.install(&mut maps.rules)?;
         }
-        self.write_settings(ebpf, generation)
+        self.write_settings(generation)
     }
 
     /// Empties each of `generations` and writes the whole policy into it, compiling the lists
     /// and rules once for all of them.
-    fn rebuild(&mut self, ebpf: &mut Ebpf, generations: &[usize]) -> Result<(), ChangeError> {
-        for (kind, entries) in [
-            (ListKind::Allow, &self.policy.allowlist),
-            (ListKind::Block, &self.policy.blocklist),
-        ] {
-            let compiled = CompiledList::compile(&kind.maps(0), entries)?;
+    fn rebuild(&mut self, generations: &[usize]) -> Result<(), ChangeError> {
+        for kind in ListKind::ALL {
+            let compiled = CompiledList::compile(kind, self.policy.list(kind))?;
             for &generation in generations {
-                let maps = kind.maps(generation);
-                lists::clear(ebpf, &maps)?;
-                compiled.install(ebpf, &maps)?;
+                let maps = self.maps.generations[generation].list(kind);
+                maps.clear()?;
+                maps.install(&compiled)?;
             }
         }
         let rules = RuleTables::compile(&self.policy.rules);
         for &generation in generations {
-            rules.install(ebpf, generation).map_err(PolicyError::from)?;
-            self.write_settings(ebpf, generation)?;
+            rules.install(&mut self.maps.generations[generation].rules)?;
+            self.write_settings(generation)?;
             self.stale[generation] = false;
         }
         Ok(())
     }
 
-    fn write_settings(&self, ebpf: &mut Ebpf, generation: usize) -> Result<(), ChangeError> {
-        let settings = policy::settings(
+    fn write_settings(&mut self, generation: usize) -> Result<(), ChangeError> {
+        let settings = settings::settings(
             &self.policy,
-            self.allow_counts.shape(ListKind::Allow.name())?,
-            self.block_counts.shape(ListKind::Block.name())?,
+            self.allow_counts.shape(ListKind::Allow)?,
+            self.block_counts.shape(ListKind::Block)?,
         );
-        Ok(policy::write_settings(ebpf, generation, settings)?)
+        Ok(self.maps.settings.write(generation, settings)?)
     }
 }

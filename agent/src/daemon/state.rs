@@ -8,7 +8,6 @@ use std::{
     fs::{self, File, OpenOptions},
     io::BufWriter,
     io::Write as _,
-    net::IpAddr,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
@@ -17,7 +16,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Cidr, live::ListKind};
+use crate::{
+    config::{Cidr, ListKind},
+    program::limiter::ActiveBan,
+};
 
 /// The state file's name inside `state_dir`.
 const STATE_FILE: &str = "state.json";
@@ -130,13 +132,6 @@ impl Dynamic {
     }
 }
 
-/// A ban as saved: the source address (cut to the rate limiter's prefix) and its expiry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SavedBan {
-    pub source: IpAddr,
-    pub expires_at: SystemTime,
-}
-
 /// The file, as JSON.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -232,7 +227,7 @@ impl StateStore {
     }
 
     /// The saved state, without what expired by `now`; empty when nothing was saved yet.
-    pub fn load(&self, now: SystemTime) -> Result<(Dynamic, Vec<SavedBan>), StateError> {
+    pub fn load(&self, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), StateError> {
         let path = self.path();
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
@@ -243,7 +238,7 @@ impl StateStore {
     }
 
     /// Replaces the saved state: temporary file, fsync, rename, fsync of the directory.
-    pub fn save(&self, dynamic: &Dynamic, bans: &[SavedBan]) -> Result<(), StateError> {
+    pub fn save(&self, dynamic: &Dynamic, bans: &[ActiveBan]) -> Result<(), StateError> {
         let path = self.path();
         let temporary = self.dir.join(format!("{STATE_FILE}.tmp"));
         let file = OpenOptions::new()
@@ -270,7 +265,7 @@ impl StateStore {
     }
 }
 
-fn encode<'a>(dynamic: &'a Dynamic, bans: &[SavedBan]) -> StateFile<CidrText<'a>> {
+fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText<'a>> {
     let groups = |list: &'a DynamicList| {
         let mut groups: BTreeMap<(Option<SystemTime>, Option<&str>), Vec<CidrText<'a>>> =
             BTreeMap::new();
@@ -303,7 +298,7 @@ fn encode<'a>(dynamic: &'a Dynamic, bans: &[SavedBan]) -> StateFile<CidrText<'a>
     }
 }
 
-fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<SavedBan>), String> {
+fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), String> {
     let file: StateFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if file.version != STATE_VERSION {
         return Err(format!(
@@ -339,7 +334,7 @@ fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<SavedBan>), Strin
             .map_err(|_| format!("ban source {:?} is not an address", record.source))?;
         let expires_at = parse_time(&record.expires_at)?;
         if expires_at > now {
-            bans.push(SavedBan { source, expires_at });
+            bans.push(ActiveBan { source, expires_at });
         }
     }
     Ok((dynamic, bans))
@@ -385,11 +380,11 @@ mod tests {
             DynamicEntry::default(),
         );
         let bans = [
-            SavedBan {
+            ActiveBan {
                 source: "192.0.2.1".parse().expect("addr"),
                 expires_at: now + Duration::from_secs(60),
             },
-            SavedBan {
+            ActiveBan {
                 source: "192.0.2.2".parse().expect("addr"),
                 expires_at: now - Duration::from_secs(60),
             },

@@ -1,18 +1,19 @@
-//! Loading the embedded XDP program and attaching it to interfaces.
+//! Loading the embedded XDP program (maps sized for the policy, verifier included), resolving
+//! its maps, and attaching it to interfaces.
 
 use agent_common::maps::{self, LONG_PREFIXES_DEFAULT_CAPACITY, PROGRAM};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::Array,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
 use tracing::{info, warn};
 
-use crate::{
-    config::{Policy, RateLimit, XdpMode},
+use super::{
     lists::ListCounts,
+    maps::{ProgramMaps, ResolveError},
     pins::LinkMode,
 };
+use crate::config::{ListKind, Policy, RateLimit, XdpMode};
 
 /// The XDP object built from `agent-ebpf` by `build.rs`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-xdp"));
@@ -26,14 +27,8 @@ pub enum LoadError {
     NoObject,
     #[error("loading the XDP object into the kernel failed")]
     Object(#[source] aya::EbpfError),
-    #[error("map {0} is missing from the XDP object")]
-    MissingMap(&'static str),
-    #[error("writing map {map} failed")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    #[error(transparent)]
+    Maps(#[from] ResolveError),
     #[error("the object has no XDP program named {0:?}")]
     NoProgram(&'static str),
     #[error("the kernel rejected XDP program {PROGRAM:?}")]
@@ -62,8 +57,8 @@ impl Capacities {
     /// Room for the policy's entries plus `runtime_entries` added while running, never below
     /// the built-in default.
     pub fn for_policy(policy: &Policy, runtime_entries: u32) -> Self {
-        let allow = ListCounts::of(&policy.allowlist);
-        let block = ListCounts::of(&policy.blocklist);
+        let allow = ListCounts::of(policy.list(ListKind::Allow));
+        let block = ListCounts::of(policy.list(ListKind::Block));
         let fit = |n: usize| {
             u32::try_from(n)
                 .unwrap_or(u32::MAX)
@@ -118,8 +113,15 @@ impl Capacities {
     }
 }
 
+/// The program in the kernel, not attached: the object that holds the XDP program (dropping it
+/// detaches what it attached and did not pin), and its maps, resolved.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub maps: ProgramMaps,
+}
+
 /// Loads the program into the kernel (verifier included) without attaching it.
-pub fn load(capacities: Capacities) -> Result<Ebpf, LoadError> {
+pub fn load(capacities: Capacities) -> Result<Loaded, LoadError> {
     if PROGRAM_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -137,38 +139,14 @@ pub fn load(capacities: Capacities) -> Result<Ebpf, LoadError> {
     }
     let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Object)?;
     program(&mut ebpf)?.load().map_err(LoadError::Verify)?;
-    Ok(ebpf)
+    let maps = ProgramMaps::take(&mut ebpf)?;
+    Ok(Loaded { ebpf, maps })
 }
 
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     ebpf.program_mut(PROGRAM)
         .and_then(|p| p.try_into().ok())
         .ok_or(LoadError::NoProgram(PROGRAM))
-}
-
-/// Gives each interface its own counter slot, in order from 1; slot 0 stays for packets from
-/// interfaces not listed.
-pub fn register_interfaces(ebpf: &mut Ebpf, if_indexes: &[u32]) -> Result<(), LoadError> {
-    let map = ebpf
-        .map_mut(maps::INTERFACE_SLOTS)
-        .ok_or(LoadError::MissingMap(maps::INTERFACE_SLOTS))?;
-    let map_err = |source| LoadError::Map {
-        map: maps::INTERFACE_SLOTS,
-        source,
-    };
-    let mut slots: Array<_, u32> = Array::try_from(map).map_err(map_err)?;
-    for (slot, &if_index) in (1u32..).zip(if_indexes) {
-        if if_index >= maps::MAX_IF_INDEX {
-            warn!(
-                if_index,
-                "interface index beyond {}: its packets are counted as unregistered",
-                maps::MAX_IF_INDEX
-            );
-            continue;
-        }
-        slots.set(if_index, slot, 0).map_err(map_err)?;
-    }
-    Ok(())
 }
 
 /// An attachment made by [`attach`]: detached when the `Ebpf` that owns it is dropped, or

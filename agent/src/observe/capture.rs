@@ -1,35 +1,23 @@
-//! `moat capture`: sampled frames streamed from the daemon and written to a pcap file (in the
-//! spirit of cloudflare's xdpcap). While a capture runs, the daemon sets the program's
-//! `CAPTURE` override so that it samples at the rate the capture asked for, and passed
-//! packets at all; the override is lifted when the last capture ends, however it ends.
+//! `moat capture`, the daemon's side: sampled frames streamed to each client (in the spirit of
+//! cloudflare's xdpcap). While a capture runs, the program's sampling override is set so that it
+//! samples at the rate the capture asked for, and passed packets at all; the override is lifted
+//! when the last capture ends, however it ends.
 
 use std::{
-    io::Write,
     sync::{Arc, Mutex},
-    time::{Duration, UNIX_EPOCH},
+    time::UNIX_EPOCH,
 };
 
-use agent_common::{
-    events::CaptureSettings,
-    maps::CAPTURE,
-    stats::{Action, Reason},
-};
-use anyhow::{Context as _, anyhow};
-use aya::{
-    Ebpf,
-    maps::{Array, MapData},
-};
-use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+use agent_common::stats::{Action, Reason};
+use anyhow::Context as _;
 use tokio::{io::AsyncReadExt as _, net::UnixStream, sync::broadcast};
 use tracing::{info, warn};
 
 use crate::{
-    control::protocol::{self, FrameError, Reply, Response, SampleView},
-    events::Sample,
+    control::protocol::{self, FrameError, MAX_CAPTURE_COUNT, Reply, Response, SampleView},
+    program::{events::Sample, maps::MapAccessError, sampling::SamplingOverride},
 };
 
-/// The most frames one capture may ask for.
-pub const MAX_CAPTURE_COUNT: u64 = 1_000_000;
 /// Samples waiting for the slowest capture; beyond this, it misses some (and says how many).
 const CAPTURE_BACKLOG: usize = 4096;
 
@@ -83,7 +71,7 @@ pub struct CaptureHub {
 }
 
 struct Control {
-    map: Array<MapData, CaptureSettings>,
+    sampling: SamplingOverride,
     /// (id, passed, every) of each running capture.
     running: Vec<(u64, bool, u32)>,
     next_id: u64,
@@ -91,7 +79,7 @@ struct Control {
 
 impl Control {
     /// The finest interval any running capture asked for, per kind; 0: none.
-    fn write(&mut self) -> Result<(), aya::maps::MapError> {
+    fn write(&mut self) -> Result<(), MapAccessError> {
         let finest = |passed: bool| {
             self.running
                 .iter()
@@ -100,11 +88,8 @@ impl Control {
                 .min()
                 .unwrap_or(0)
         };
-        let settings = CaptureSettings {
-            dropped_every: finest(false),
-            passed_every: finest(true),
-        };
-        self.map.set(0, settings, 0)
+        let (dropped_every, passed_every) = (finest(false), finest(true));
+        self.sampling.set(dropped_every, passed_every)
     }
 }
 
@@ -127,21 +112,16 @@ impl Drop for Running<'_> {
 }
 
 impl CaptureHub {
-    /// Takes the `CAPTURE` map out of `ebpf`; `interfaces` names interfaces in frames.
-    pub fn new(ebpf: &mut Ebpf, interfaces: Vec<(u32, String)>) -> anyhow::Result<Self> {
-        let map = ebpf
-            .take_map(CAPTURE)
-            .ok_or_else(|| anyhow!("map {CAPTURE} is missing from the XDP object"))?;
-        let map = Array::try_from(map).with_context(|| format!("opening {CAPTURE}"))?;
+    /// Serves captures with the program's sampling override; `interfaces` names interfaces in
+    /// frames.
+    pub fn new(sampling: SamplingOverride, interfaces: Vec<(u32, String)>) -> anyhow::Result<Self> {
         let mut control = Control {
-            map,
+            sampling,
             running: Vec::new(),
             next_id: 0,
         };
         // No override until a capture asks for one.
-        control
-            .write()
-            .with_context(|| format!("writing {CAPTURE}"))?;
+        control.write().context("clearing the capture override")?;
         Ok(Self {
             samples: broadcast::channel(CAPTURE_BACKLOG).0,
             control: Mutex::new(control),
@@ -238,39 +218,6 @@ impl CaptureHub {
     }
 }
 
-/// Writes frames to a pcap file (nanosecond timestamps, Ethernet), each as soon as it comes,
-/// so that the file is complete up to the last frame whenever the capture stops.
-pub struct PcapOutput<W: Write> {
-    writer: PcapWriter<W>,
-}
-
-impl<W: Write> PcapOutput<W> {
-    pub fn new(output: W) -> anyhow::Result<Self> {
-        let header = PcapHeader {
-            ts_resolution: pcap_file::TsResolution::NanoSecond,
-            ..PcapHeader::default()
-        };
-        let writer = PcapWriter::with_header(output, header).context("writing the pcap header")?;
-        Ok(Self { writer })
-    }
-
-    pub fn write(&mut self, frame: &SampleView) -> anyhow::Result<()> {
-        let packet = PcapPacket::new(
-            Duration::from_nanos(frame.unix_ns),
-            frame.frame_len.max(frame.data.len() as u32),
-            &frame.data,
-        );
-        self.writer
-            .write_packet(&packet)
-            .context("writing a frame to the pcap file")?;
-        Ok(())
-    }
-
-    pub fn into_inner(self) -> W {
-        self.writer.into_writer()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,27 +233,5 @@ mod tests {
         assert!(CaptureFilter::new(false, None, 0, 1).is_err());
         assert!(CaptureFilter::new(false, None, MAX_CAPTURE_COUNT + 1, 1).is_err());
         assert!(CaptureFilter::new(true, None, 1, 0).is_err());
-    }
-
-    #[test]
-    fn pcap_output_is_readable_back() {
-        let frame = SampleView {
-            unix_ns: 1_700_000_000_123_456_789,
-            interface: "veth0".into(),
-            action: "drop".into(),
-            reason: "blocklist".into(),
-            source: "198.51.100.7".into(),
-            frame_len: 1000,
-            data: vec![0xab; 128],
-        };
-        let mut output = PcapOutput::new(Vec::new()).expect("header");
-        output.write(&frame).expect("frame");
-        let bytes = output.into_inner();
-        let mut reader = pcap_file::pcap::PcapReader::new(&bytes[..]).expect("a pcap");
-        let packet = reader.next_packet().expect("one packet").expect("valid");
-        assert_eq!(packet.orig_len, 1000);
-        assert_eq!(packet.data.len(), 128);
-        assert_eq!(packet.timestamp.as_nanos(), 1_700_000_000_123_456_789);
-        assert!(reader.next_packet().is_none());
     }
 }

@@ -10,13 +10,17 @@ use agent_common::{
     },
     maps,
 };
-use aya::{Ebpf, Pod, maps::MapError};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError},
+};
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::{
-    config::{Cidr, ListEntries},
-    map_access::{self, MapAccessError, named},
+use super::{
+    mapped_array::MmapArray,
+    maps::{MapAccessError, MapSource, Named, ResolveError, named},
 };
+use crate::config::{Cidr, ListEntries, ListKind};
 
 /// Bytes of the IPv4 /24 table: one per /24.
 const V4_TABLE_BYTES: usize = V4_TABLE_LEN as usize * 8;
@@ -35,37 +39,158 @@ pub enum ListError {
     Access(#[from] MapAccessError),
 }
 
-/// The map names of one list in one generation.
-#[derive(Clone, Copy, Debug)]
+/// One list's maps in one generation: the /24 table, the hash of longer IPv4 prefixes, the
+/// IPv6 hash. Only this module reads or writes them.
 pub struct ListMaps {
-    pub name: &'static str,
-    pub v4_table: &'static str,
-    pub v4_long: &'static str,
-    pub v6: &'static str,
+    kind: ListKind,
+    v4_table: MmapArray,
+    v4_long: PrefixHash<V4PrefixKey>,
+    v6: PrefixHash<V6PrefixKey>,
 }
 
-impl ListMaps {
-    pub const fn allowlist(generation: usize) -> Self {
-        Self {
-            name: "allowlist",
-            v4_table: maps::ALLOW_V4_TABLE[generation],
-            v4_long: maps::ALLOW_V4_LONG[generation],
-            v6: maps::ALLOW_V6[generation],
+/// A hash of prefixes.
+type PrefixHash<K> = Named<HashMap<MapData, K, ListEntry>>;
+
+impl<K: Pod> PrefixHash<K> {
+    fn insert_all(&mut self, entries: &[(K, ListEntry)]) -> Result<(), ListError> {
+        for (key, entry) in entries {
+            self.map.insert(key, entry, 0).map_err(named(self.name))?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), ListError> {
+        match self.map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(named(self.name)(source).into()),
         }
     }
 
-    pub const fn blocklist(generation: usize) -> Self {
-        Self {
-            name: "blocklist",
-            v4_table: maps::BLOCK_V4_TABLE[generation],
-            v4_long: maps::BLOCK_V4_LONG[generation],
-            v6: maps::BLOCK_V6[generation],
+    fn clear(&mut self) -> Result<(), ListError> {
+        let keys: Vec<K> = self
+            .map
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(named(self.name))?;
+        keys.iter().try_for_each(|key| self.remove(key))
+    }
+}
+
+impl ListMaps {
+    pub fn resolve(
+        source: &mut MapSource,
+        kind: ListKind,
+        generation: usize,
+    ) -> Result<Self, ResolveError> {
+        let (table, long, v6) = match kind {
+            ListKind::Allow => (
+                maps::ALLOW_V4_TABLE[generation],
+                maps::ALLOW_V4_LONG[generation],
+                maps::ALLOW_V6[generation],
+            ),
+            ListKind::Block => (
+                maps::BLOCK_V4_TABLE[generation],
+                maps::BLOCK_V4_LONG[generation],
+                maps::BLOCK_V6[generation],
+            ),
+        };
+        Ok(Self {
+            kind,
+            v4_table: MmapArray::resolve(source, table)?,
+            v4_long: PrefixHash::resolve(source, long)?,
+            v6: PrefixHash::resolve(source, v6)?,
+        })
+    }
+
+    /// Writes a compiled list into maps that are empty (a fresh load, or after [`Self::clear`]).
+    pub fn install(&mut self, list: &CompiledList) -> Result<(), ListError> {
+        debug_assert_eq!(list.kind, self.kind);
+        self.v4_table
+            .write(V4_TABLE_BYTES, |table| table.copy_from_slice(&list.table))?;
+        self.v4_long.insert_all(&list.v4_long)?;
+        self.v6.insert_all(&list.v6)
+    }
+
+    /// Empties the maps.
+    pub fn clear(&mut self) -> Result<(), ListError> {
+        self.v4_table.write(V4_TABLE_BYTES, |table| table.fill(0))?;
+        self.v4_long.clear()?;
+        self.v6.clear()
+    }
+
+    /// Writes `change` into maps that held the list before it; `entries` is the list with the
+    /// change applied. The caller checks capacity and shape first, so this does not fail
+    /// half-way for any reason but the kernel's.
+    pub fn write_change(
+        &mut self,
+        entries: &ListEntries,
+        change: &ListChange,
+    ) -> Result<(), ListError> {
+        for cidr in &change.removals {
+            if entries.contains_key(cidr) {
+                continue;
+            }
+            match cidr.net() {
+                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                    self.v4_long.remove(&v4_key(&net))?;
+                }
+                IpNet::V4(_) => {}
+                IpNet::V6(net) => self.v6.remove(&v6_key(&net))?,
+            }
         }
+        let mut v4_long = Vec::new();
+        let mut v6 = Vec::new();
+        for (cidr, _) in &change.upserts {
+            // The final source: a CIDR may be upserted twice in one change.
+            let Some(&source) = entries.get(cidr) else {
+                continue;
+            };
+            let entry = ListEntry { source };
+            match cidr.net() {
+                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                    v4_long.push((v4_key(&net), entry))
+                }
+                IpNet::V4(_) => {}
+                IpNet::V6(net) => v6.push((v6_key(&net), entry)),
+            }
+        }
+        self.v4_long.insert_all(&v4_long)?;
+        self.v6.insert_all(&v6)?;
+
+        let mut slash24s: Vec<std::ops::Range<u32>> = change
+            .removals
+            .iter()
+            .chain(change.upserts.iter().map(|(c, _)| c))
+            .map(slash24s_of)
+            .filter(|r| !r.is_empty())
+            .collect();
+        if slash24s.is_empty() {
+            return Ok(());
+        }
+        slash24s.sort_by_key(|r| r.start);
+        let touched: usize = slash24s.iter().map(|r| r.len()).sum();
+        if touched > TABLE_REBUILD_THRESHOLD {
+            let table = compile_table(entries);
+            self.v4_table
+                .write(V4_TABLE_BYTES, |mapped| mapped.copy_from_slice(&table))?;
+            return Ok(());
+        }
+        self.v4_table.write(V4_TABLE_BYTES, |table| {
+            let mut done = 0u32;
+            for range in slash24s {
+                for slash24 in range.start.max(done)..range.end {
+                    table[slash24 as usize] = table_byte(entries, slash24);
+                }
+                done = done.max(range.end);
+            }
+        })?;
+        Ok(())
     }
 }
 
 /// A list compiled to what the maps hold.
 pub struct CompiledList {
+    kind: ListKind,
     /// One byte per /24 (see `agent_common::lists`).
     pub table: Vec<u8>,
     pub v4_long: Vec<(V4PrefixKey, ListEntry)>,
@@ -74,7 +199,7 @@ pub struct CompiledList {
 }
 
 impl CompiledList {
-    pub fn compile(maps: &ListMaps, entries: &ListEntries) -> Result<Self, ListError> {
+    pub fn compile(kind: ListKind, entries: &ListEntries) -> Result<Self, ListError> {
         let mut v4_long = Vec::new();
         let mut v6 = Vec::new();
         for (cidr, &source) in entries {
@@ -88,20 +213,12 @@ impl CompiledList {
             }
         }
         Ok(Self {
-            shape: ListCounts::of(entries).shape(maps.name)?,
+            kind,
+            shape: ListCounts::of(entries).shape(kind)?,
             table: compile_table(entries),
             v4_long,
             v6,
         })
-    }
-
-    /// Writes the list into one generation's maps, which must be empty (a fresh load).
-    pub fn install(&self, ebpf: &mut Ebpf, maps: &ListMaps) -> Result<(), ListError> {
-        with_table(ebpf, maps.v4_table, |table| {
-            table.copy_from_slice(&self.table)
-        })?;
-        insert_all(ebpf, maps.v4_long, &self.v4_long)?;
-        insert_all(ebpf, maps.v6, &self.v6)
     }
 }
 
@@ -288,7 +405,7 @@ impl ListCounts {
     }
 
     /// The shape the program probes; an error when IPv6 needs more probes than allowed.
-    pub fn shape(&self, list: &'static str) -> Result<ListShape, ListError> {
+    pub fn shape(&self, list: ListKind) -> Result<ListShape, ListError> {
         let mut shape = ListShape::default();
         for (bit, count) in self.v4_long.iter().enumerate() {
             if *count != 0 {
@@ -297,7 +414,7 @@ impl ListCounts {
         }
         if self.v6.len() > MAX_V6_LENGTHS {
             return Err(ListError::TooManyV6Lengths {
-                list,
+                list: list.name(),
                 count: self.v6.len(),
                 lengths: self
                     .v6
@@ -320,92 +437,6 @@ impl ListCounts {
 /// rather than /24 by /24.
 const TABLE_REBUILD_THRESHOLD: usize = 1 << 16;
 
-/// Writes `change` into one generation's maps of a list that held the list before it;
-/// `entries` is the list with the change applied. The caller checks capacity and shape first,
-/// so this does not fail half-way for any reason but the kernel's.
-pub fn write_change(
-    ebpf: &mut Ebpf,
-    maps: &ListMaps,
-    entries: &ListEntries,
-    change: &ListChange,
-) -> Result<(), ListError> {
-    for cidr in &change.removals {
-        if entries.contains_key(cidr) {
-            continue;
-        }
-        match cidr.net() {
-            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                remove_key(ebpf, maps.v4_long, &v4_key(&net))?;
-            }
-            IpNet::V4(_) => {}
-            IpNet::V6(net) => remove_key(ebpf, maps.v6, &v6_key(&net))?,
-        }
-    }
-    let mut v4_long = Vec::new();
-    let mut v6 = Vec::new();
-    for (cidr, _) in &change.upserts {
-        // The final source: a CIDR may be upserted twice in one change.
-        let Some(&source) = entries.get(cidr) else {
-            continue;
-        };
-        let entry = ListEntry { source };
-        match cidr.net() {
-            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                v4_long.push((v4_key(&net), entry))
-            }
-            IpNet::V4(_) => {}
-            IpNet::V6(net) => v6.push((v6_key(&net), entry)),
-        }
-    }
-    insert_all(ebpf, maps.v4_long, &v4_long)?;
-    insert_all(ebpf, maps.v6, &v6)?;
-
-    let mut slash24s: Vec<std::ops::Range<u32>> = change
-        .removals
-        .iter()
-        .chain(change.upserts.iter().map(|(c, _)| c))
-        .map(slash24s_of)
-        .filter(|r| !r.is_empty())
-        .collect();
-    if slash24s.is_empty() {
-        return Ok(());
-    }
-    slash24s.sort_by_key(|r| r.start);
-    let touched: usize = slash24s.iter().map(|r| r.len()).sum();
-    if touched > TABLE_REBUILD_THRESHOLD {
-        let table = compile_table(entries);
-        return with_table(ebpf, maps.v4_table, |mapped| mapped.copy_from_slice(&table));
-    }
-    with_table(ebpf, maps.v4_table, |table| {
-        let mut done = 0u32;
-        for range in slash24s {
-            for slash24 in range.start.max(done)..range.end {
-                table[slash24 as usize] = table_byte(entries, slash24);
-            }
-            done = done.max(range.end);
-        }
-    })
-}
-
-/// Empties one generation's maps of a list.
-pub fn clear(ebpf: &mut Ebpf, maps: &ListMaps) -> Result<(), ListError> {
-    with_table(ebpf, maps.v4_table, |table| table.fill(0))?;
-    clear_hash::<V4PrefixKey>(ebpf, maps.v4_long)?;
-    clear_hash::<V6PrefixKey>(ebpf, maps.v6)
-}
-
-fn clear_hash<K: Pod>(ebpf: &mut Ebpf, map: &'static str) -> Result<(), ListError> {
-    let mut hash = map_access::hash::<K, ListEntry>(ebpf, map)?;
-    let keys: Vec<K> = hash.keys().collect::<Result<_, _>>().map_err(named(map))?;
-    for key in keys {
-        match hash.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(named(map)(source).into()),
-        }
-    }
-    Ok(())
-}
-
 fn v4_key(net: &Ipv4Net) -> V4PrefixKey {
     V4PrefixKey {
         prefix_len: u32::from(net.prefix_len()),
@@ -418,35 +449,6 @@ fn v6_key(net: &ipnet::Ipv6Net) -> V6PrefixKey {
         prefix_len: u32::from(net.prefix_len()),
         addr: net.network().octets(),
     }
-}
-
-/// Runs `f` on the bytes of a list's IPv4 table, mapped into memory.
-fn with_table(
-    ebpf: &mut Ebpf,
-    map: &'static str,
-    f: impl FnOnce(&mut [u8]),
-) -> Result<(), ListError> {
-    f(map_access::mapped(ebpf, map, V4_TABLE_BYTES)?.bytes_mut());
-    Ok(())
-}
-
-fn remove_key<K: Pod>(ebpf: &mut Ebpf, map: &'static str, key: &K) -> Result<(), ListError> {
-    match map_access::hash::<K, ListEntry>(ebpf, map)?.remove(key) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(source) => Err(named(map)(source).into()),
-    }
-}
-
-fn insert_all<K: Pod>(
-    ebpf: &mut Ebpf,
-    map: &'static str,
-    entries: &[(K, ListEntry)],
-) -> Result<(), ListError> {
-    let mut hash = map_access::hash::<K, ListEntry>(ebpf, map)?;
-    for (key, entry) in entries {
-        hash.insert(key, entry, 0).map_err(named(map))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -468,7 +470,7 @@ mod tests {
     #[test]
     fn short_prefixes_fill_the_table() {
         let list = CompiledList::compile(
-            &ListMaps::blocklist(0),
+            ListKind::Block,
             &entries(&[
                 ("10.0.0.0/8", SOURCE_FILE),
                 ("198.51.100.0/24", SOURCE_CONFIG),
@@ -497,7 +499,7 @@ mod tests {
     #[test]
     fn long_prefixes_go_to_the_hash_and_flag_their_slash24() {
         let list = CompiledList::compile(
-            &ListMaps::blocklist(0),
+            ListKind::Block,
             &entries(&[
                 ("203.0.113.9/32", SOURCE_CONFIG),
                 ("203.0.113.128/25", SOURCE_CONFIG),
@@ -512,7 +514,7 @@ mod tests {
     #[test]
     fn ipv6_lengths_are_listed_longest_first() {
         let list = CompiledList::compile(
-            &ListMaps::blocklist(0),
+            ListKind::Block,
             &entries(&[
                 ("2001:db8::/32", SOURCE_CONFIG),
                 ("2001:db8:bad::/48", SOURCE_CONFIG),
@@ -533,7 +535,7 @@ mod tests {
             .iter()
             .map(|(c, s)| (c.parse().expect("CIDR"), *s))
             .collect();
-        let e = CompiledList::compile(&ListMaps::allowlist(0), &list)
+        let e = CompiledList::compile(ListKind::Allow, &list)
             .err()
             .expect("too many lengths");
         assert!(
@@ -553,7 +555,7 @@ mod tests {
             ("198.51.100.64/26", SOURCE_FILE),
             ("0.0.0.0/7", SOURCE_CONFIG),
         ]);
-        let compiled = CompiledList::compile(&ListMaps::blocklist(0), &list).expect("compiles");
+        let compiled = CompiledList::compile(ListKind::Block, &list).expect("compiles");
         for addr in [
             [10, 1, 2, 9],
             [10, 1, 3, 0],

@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::stats::Snapshot;
+use crate::program::counters::Snapshot;
 
 /// A scrape waiting for the daemon to render the metrics.
 pub type Scrape = oneshot::Sender<String>;
@@ -144,7 +144,7 @@ mod tests {
     use agent_common::stats::{Action, Counter, Reason};
 
     use super::*;
-    use crate::stats::Row;
+    use crate::program::counters::Row;
 
     #[test]
     fn counters_and_gauges_are_rendered_with_their_labels() {

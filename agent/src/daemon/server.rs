@@ -15,8 +15,8 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::protocol::{self, FrameError, MAX_REQUEST_BYTES, Request, Response};
-use crate::capture::{CaptureFilter, CaptureHub};
+use crate::control::protocol::{self, FrameError, MAX_REQUEST_BYTES, Request, Response};
+use crate::observe::capture::{CaptureFilter, CaptureHub};
 
 /// Clients served at once; more wait for a free slot, so that no number of clients can make
 /// the daemon hold more than this many requests in memory.

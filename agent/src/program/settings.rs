@@ -1,32 +1,44 @@
-//! A [`Policy`] compiled and written into a loaded program's maps: lists, rules, settings.
+//! The settings record (mode, sampling, rule count, list shapes, rate limit) of each generation,
+//! and the switch that puts one generation in force: the `SETTINGS` and `ACTIVE_GEN` maps.
 
 use agent_common::{
     lists::ListShape,
     maps,
     settings::{MODE_ENFORCE, MODE_MONITOR, RateSettings, Settings},
 };
-use aya::Ebpf;
+use aya::maps::{Array, MapData};
 
-use crate::{
-    config::{Mode, Policy, RateLimit},
-    lists::{ListCounts, ListError},
-    map_access::{self, MapAccessError, named},
-};
+use super::maps::{MapAccessError, MapSource, Named, ResolveError, named};
+use crate::config::{Mode, Policy, RateLimit};
 
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
-    #[error(transparent)]
-    List(#[from] ListError),
-    #[error(transparent)]
-    Access(#[from] MapAccessError),
+/// The settings of both generations and the generation in force; only this module writes them.
+pub struct SettingsMaps {
+    settings: Named<Array<MapData, Settings>>,
+    active: Named<Array<MapData, u32>>,
 }
 
-/// Checks what only the program's layout limits (IPv6 prefix lengths per list), so that a
-/// policy it cannot enforce is refused before anything is loaded.
-pub fn check(policy: &Policy) -> Result<(), ListError> {
-    ListCounts::of(&policy.allowlist).shape("allowlist")?;
-    ListCounts::of(&policy.blocklist).shape("blocklist")?;
-    Ok(())
+impl SettingsMaps {
+    pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
+        Ok(Self {
+            settings: Named::resolve(source, maps::SETTINGS)?,
+            active: Named::resolve(source, maps::ACTIVE_GENERATION)?,
+        })
+    }
+
+    pub fn write(&mut self, generation: usize, settings: Settings) -> Result<(), MapAccessError> {
+        self.settings
+            .map
+            .set(generation as u32, settings, 0)
+            .map_err(named(self.settings.name))
+    }
+
+    /// Puts `generation` in force: one write, seen whole by the next packet.
+    pub fn activate(&mut self, generation: usize) -> Result<(), MapAccessError> {
+        self.active
+            .map
+            .set(0, generation as u32, 0)
+            .map_err(named(self.active.name))
+    }
 }
 
 /// The settings a policy gives the program, with its lists' shapes.
@@ -43,23 +55,6 @@ pub fn settings(policy: &Policy, allow: ListShape, block: ListShape) -> Settings
         block,
         rate: rate_settings(&policy.rate_limit),
     }
-}
-
-pub fn write_settings(
-    ebpf: &mut Ebpf,
-    generation: usize,
-    settings: Settings,
-) -> Result<(), PolicyError> {
-    map_access::array::<Settings>(ebpf, maps::SETTINGS)?
-        .set(generation as u32, settings, 0)
-        .map_err(|e| named(maps::SETTINGS)(e).into())
-}
-
-/// Puts `generation` in force: one write, seen whole by the next packet.
-pub fn activate(ebpf: &mut Ebpf, generation: usize) -> Result<(), PolicyError> {
-    map_access::array::<u32>(ebpf, maps::ACTIVE_GENERATION)?
-        .set(0, generation as u32, 0)
-        .map_err(|e| named(maps::ACTIVE_GENERATION)(e).into())
 }
 
 const NS_PER_SECOND: u64 = 1_000_000_000;

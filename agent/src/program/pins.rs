@@ -16,7 +16,6 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
     maps::{Map, MapData},
     programs::{
         Xdp,
@@ -202,20 +201,15 @@ impl PinDir {
         Map::from_map_data(data).ok()
     }
 
-    /// Pins every named map of `ebpf`, replacing what an earlier program pinned. The
-    /// compiler's data sections (`.rodata`, `.bss`) are not maps an operator inspects, and
-    /// bpffs refuses names starting with a dot.
-    pub fn pin_maps(&self, ebpf: &Ebpf) -> Result<(), PinError> {
-        for (name, map) in ebpf.maps().filter(|(name, _)| !name.starts_with('.')) {
-            let path = self.map_path(name);
-            remove_if_present(&path)?;
-            map.pin(&path).map_err(|source| PinError::Pin {
-                what: format!("map {name}"),
-                path: path.clone(),
-                source,
-            })?;
-        }
-        Ok(())
+    /// Pins map `name`, replacing what an earlier program pinned there.
+    pub fn pin_map(&self, name: &str, map: &MapData) -> Result<(), PinError> {
+        let path = self.map_path(name);
+        remove_if_present(&path)?;
+        map.pin(&path).map_err(|source| PinError::Pin {
+            what: format!("map {name}"),
+            path: path.clone(),
+            source,
+        })
     }
 
     /// Removes every pin and the directories; returns the interfaces whose links were removed

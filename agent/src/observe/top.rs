@@ -14,7 +14,7 @@ use agent_common::stats::{Counter, Reason};
 
 use crate::{
     control::protocol::{TopRow, TopView},
-    events::Sample,
+    program::events::Sample,
 };
 
 /// Sources the drop tally follows; when full, the half with the fewest packets is forgotten,

@@ -1,0 +1,159 @@
+//! `moat capture`: sampled frames streamed from the daemon, written to a pcap file that
+//! tcpdump and wireshark read.
+
+use std::{
+    fs::File,
+    io::Write,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+
+use agent_common::stats::Reason;
+
+use crate::control::{
+    client::stream,
+    protocol::{MAX_CAPTURE_COUNT, Reply, Request, SampleView},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct CaptureArgs {
+    /// Only frames with this reason.
+    #[arg(long, value_name = "REASON", value_parser = clap::builder::PossibleValuesParser::new(Reason::ALL.map(Reason::name)))]
+    pub reason: Option<String>,
+    /// Capture passed frames instead of dropped ones.
+    #[arg(long)]
+    pub passed: bool,
+    /// Stop after this many frames.
+    #[arg(short, long, default_value_t = 100, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_CAPTURE_COUNT))]
+    pub count: u64,
+    /// Sample one in this many packets while capturing (1: every packet; raise it under a
+    /// flood, since each sample costs the program a ring buffer write).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub every: u32,
+    /// The pcap file to write; `-` writes to standard output (e.g. for `tcpdump -r -`).
+    #[arg(short = 'w', long = "write", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// Runs `moat capture`.
+pub fn capture(socket: &Path, args: CaptureArgs) -> anyhow::Result<()> {
+    let to_stdout = args.file.as_os_str() == "-";
+    let output: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            File::create(&args.file)
+                .with_context(|| format!("creating {}", args.file.display()))?,
+        )
+    };
+    let mut pcap = PcapOutput::new(output)?;
+    let request = Request::Capture {
+        passed: args.passed,
+        reason: args.reason.clone(),
+        count: args.count,
+        every: args.every,
+    };
+    let mut summary = None;
+    let streamed = stream(socket, &request, |reply| match reply {
+        Reply::Sample(frame) => {
+            pcap.write(&frame)?;
+            if to_stdout {
+                std::io::stdout().flush()?;
+            }
+            Ok(true)
+        }
+        Reply::CaptureDone { captured, missed } => {
+            summary = Some((captured, missed));
+            Ok(false)
+        }
+        other => anyhow::bail!("the daemon answered with an unexpected reply: {other:?}"),
+    });
+    if let Err(e) = streamed {
+        // A refused capture leaves no file behind.
+        if !to_stdout && summary.is_none() {
+            let _ = std::fs::remove_file(&args.file);
+        }
+        return Err(e);
+    }
+    let (captured, missed) = summary.unwrap_or_default();
+    let mut output = pcap.into_inner();
+    output.flush()?;
+    eprintln!(
+        "moat: captured {captured} frames to {}{}",
+        if to_stdout {
+            "standard output".to_string()
+        } else {
+            args.file.display().to_string()
+        },
+        if missed > 0 {
+            format!(" ({missed} more matched but were missed: the capture fell behind)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// Writes frames to a pcap file (nanosecond timestamps, Ethernet), each as soon as it comes,
+/// so that the file is complete up to the last frame whenever the capture stops.
+pub struct PcapOutput<W: Write> {
+    writer: PcapWriter<W>,
+}
+
+impl<W: Write> PcapOutput<W> {
+    pub fn new(output: W) -> anyhow::Result<Self> {
+        let header = PcapHeader {
+            ts_resolution: pcap_file::TsResolution::NanoSecond,
+            ..PcapHeader::default()
+        };
+        let writer = PcapWriter::with_header(output, header).context("writing the pcap header")?;
+        Ok(Self { writer })
+    }
+
+    pub fn write(&mut self, frame: &SampleView) -> anyhow::Result<()> {
+        let packet = PcapPacket::new(
+            Duration::from_nanos(frame.unix_ns),
+            frame.frame_len.max(frame.data.len() as u32),
+            &frame.data,
+        );
+        self.writer
+            .write_packet(&packet)
+            .context("writing a frame to the pcap file")?;
+        Ok(())
+    }
+
+    pub fn into_inner(self) -> W {
+        self.writer.into_writer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcap_output_is_readable_back() {
+        let frame = SampleView {
+            unix_ns: 1_700_000_000_123_456_789,
+            interface: "veth0".into(),
+            action: "drop".into(),
+            reason: "blocklist".into(),
+            source: "198.51.100.7".into(),
+            frame_len: 1000,
+            data: vec![0xab; 128],
+        };
+        let mut output = PcapOutput::new(Vec::new()).expect("header");
+        output.write(&frame).expect("frame");
+        let bytes = output.into_inner();
+        let mut reader = pcap_file::pcap::PcapReader::new(&bytes[..]).expect("a pcap");
+        let packet = reader.next_packet().expect("one packet").expect("valid");
+        assert_eq!(packet.orig_len, 1000);
+        assert_eq!(packet.data.len(), 128);
+        assert_eq!(packet.timestamp.as_nanos(), 1_700_000_000_123_456_789);
+        assert!(reader.next_packet().is_none());
+    }
+}

@@ -1,0 +1,82 @@
+//! `moat status` and `moat reload`.
+
+use std::{path::Path, time::Duration};
+
+use super::{print_json, unexpected};
+use crate::control::{
+    client::call,
+    protocol::{Reply, Request, StatusView},
+};
+
+pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let reply = call(socket, &Request::Status)?;
+    let Reply::Status(status) = reply else {
+        return Err(unexpected(reply));
+    };
+    if json {
+        return print_json(&status);
+    }
+    let StatusView {
+        version,
+        pid,
+        uptime_seconds,
+        mode,
+        program_id,
+        program_tag,
+        interfaces,
+        maps,
+        bpffs,
+        state_dir,
+        config,
+    } = status;
+    println!(
+        "moat {version}, pid {pid}, up {}",
+        humantime::format_duration(Duration::from_secs(uptime_seconds))
+    );
+    println!("mode       {mode}");
+    println!(
+        "program    id {} tag {}",
+        program_id.map_or("-".into(), |i| i.to_string()),
+        program_tag.as_deref().unwrap_or("-")
+    );
+    println!(
+        "config     {}",
+        config.as_deref().unwrap_or("(embedded default)")
+    );
+    println!(
+        "pinned at  {}",
+        bpffs.as_deref().unwrap_or("(not pinned: --no-pin)")
+    );
+    println!("state in   {state_dir}");
+    for i in interfaces {
+        println!(
+            "interface  {} (index {}): {} mode, {}",
+            i.name,
+            i.if_index,
+            i.xdp_mode,
+            if i.pinned {
+                "pinned"
+            } else {
+                "detached on exit"
+            }
+        );
+    }
+    for m in maps {
+        if m.capacity >= u64::from(u32::MAX) {
+            println!("map        {}: {}", m.map, m.entries);
+        } else {
+            println!("map        {}: {} of {}", m.map, m.entries, m.capacity);
+        }
+    }
+    Ok(())
+}
+
+pub fn reload(socket: &Path) -> anyhow::Result<()> {
+    match call(socket, &Request::Reload)? {
+        Reply::Reloaded => {
+            println!("reloaded");
+            Ok(())
+        }
+        reply => Err(unexpected(reply)),
+    }
+}

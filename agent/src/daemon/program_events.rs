@@ -1,0 +1,113 @@
+//! What the daemon does with each event of the program: a ban is logged once and queued for
+//! saving and for its expiry; a sample of a dropped packet is logged at a bounded rate (so that
+//! a flood cannot flood the journal) and tallied for `moat top`; every sample goes to running
+//! captures.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use agent_common::stats::Action;
+use tokio::sync::{broadcast, mpsc};
+use tracing::info;
+
+use crate::{
+    observe::top::DropTally,
+    program::events::{Decoded, EventHandler, Sample},
+};
+
+/// At most this many sample lines per second; the rest are counted and summarised.
+const SAMPLE_LINES_PER_SECOND: u32 = 10;
+
+/// Where events go.
+pub struct EventSinks {
+    /// Running captures subscribe here.
+    pub captures: broadcast::Sender<Arc<Sample>>,
+    /// Dropped packets per source, for `moat top`.
+    pub drops: Arc<Mutex<DropTally>>,
+    /// New bans with their length, so that the daemon saves them and logs their expiry.
+    pub bans: mpsc::Sender<(IpAddr, Duration)>,
+    pub lines: LineLimiter,
+}
+
+impl EventHandler for EventSinks {
+    fn event(&mut self, event: Decoded) {
+        match event {
+            Decoded::Ban { source, ttl } => {
+                info!(source = %source, ttl = %humantime::format_duration(ttl), cause = "rate_limit", "banned");
+                // A full queue only delays the save to the next periodic one.
+                let _ = self.bans.try_send((source, ttl));
+            }
+            Decoded::Sample(sample) => {
+                if sample.action != Action::Pass {
+                    if let Ok(mut drops) = self.drops.lock() {
+                        drops.add(&sample);
+                    }
+                    if self.lines.allow() {
+                        info!(
+                            source = %sample.source,
+                            action = sample.action.name(),
+                            reason = sample.reason.name(),
+                            if_index = sample.if_index,
+                            frame_len = sample.frame_len,
+                            "dropped packet sample"
+                        );
+                    }
+                }
+                if self.captures.receiver_count() > 0 {
+                    // No receiver keeping up is not an error: each capture counts what it missed.
+                    let _ = self.captures.send(Arc::new(sample));
+                }
+            }
+        }
+    }
+
+    /// The summary of held-back lines is due even when the flood stops.
+    fn tick(&mut self) {
+        self.lines.roll(Instant::now());
+    }
+}
+
+/// Lets through at most `SAMPLE_LINES_PER_SECOND` lines a second and reports what it held back.
+#[derive(Default)]
+pub struct LineLimiter {
+    window: Option<Instant>,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl LineLimiter {
+    /// Starts a new window when the current one is a second old, reporting what it held back.
+    fn roll(&mut self, now: Instant) {
+        let Some(window) = self.window else {
+            return;
+        };
+        if now.duration_since(window) < Duration::from_secs(1) {
+            return;
+        }
+        if self.suppressed > 0 {
+            info!(
+                suppressed = self.suppressed,
+                "dropped packet samples not logged (rate limit on log lines)"
+            );
+        }
+        self.window = None;
+        self.lines = 0;
+        self.suppressed = 0;
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.roll(now);
+        self.window.get_or_insert(now);
+        if self.lines < SAMPLE_LINES_PER_SECOND {
+            self.lines += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The daemon's reports: counters (`moat stats`), its state (`moat status`), the top sources
+//! (`moat top`) and the Prometheus metrics.
+
+use std::{net::IpAddr, time::Duration};
+
+use agent_common::stats::{Action, Counter};
+use tracing::warn;
+
+use super::{Daemon, interfaces::interface_name};
+use crate::{
+    config::{ListKind, Mode},
+    control::protocol::{CounterView, InterfaceView, MapFill, Reply, StatusView},
+    observe::{
+        metrics,
+        top::{Reading, ViewOptions},
+    },
+    program::loader,
+};
+
+/// Bounds of `moat top`'s interval and rows.
+const MIN_TOP_INTERVAL_MS: u64 = 100;
+const MAX_TOP_INTERVAL_MS: u64 = 3_600_000;
+const MAX_TOP_ROWS: u32 = 1000;
+
+/// A rate limiter source as `moat top` prints it: the address, or the prefix it stands for.
+fn source_name(address: IpAddr, (v4_prefix, v6_prefix): (u8, u8)) -> String {
+    let (prefix, full) = match address {
+        IpAddr::V4(_) => (v4_prefix, 32),
+        IpAddr::V6(_) => (v6_prefix, 128),
+    };
+    if prefix >= full {
+        address.to_string()
+    } else {
+        format!("{address}/{prefix}")
+    }
+}
+
+impl Daemon {
+    /// The kernel's information about the running program.
+    fn program_info(&mut self) -> Option<aya::programs::ProgramInfo> {
+        loader::program(&mut self.ebpf)
+            .ok()
+            .and_then(|p| p.info().ok())
+    }
+
+    pub(super) fn stats(&self) -> Result<Reply, String> {
+        let snapshot = self
+            .counters
+            .snapshot()
+            .map_err(|e| crate::error_chain(&e))?;
+        let counters = snapshot
+            .rows
+            .iter()
+            .map(|row| CounterView {
+                interface: interface_name(&self.interfaces, row.if_index),
+                action: row.action.name().into(),
+                reason: row.reason.name().into(),
+                packets: row.counter.packets,
+                bytes: row.counter.bytes,
+            })
+            .collect();
+        Ok(Reply::Stats { counters })
+    }
+
+    pub(super) fn status(&mut self) -> Reply {
+        let info = self.program_info();
+        let capacities = self.live.capacities();
+        let mut fills = Vec::new();
+        for kind in ListKind::ALL {
+            let counts = self.live.counts(kind);
+            let name = kind.name();
+            fills.push(MapFill {
+                map: format!("{name} (IPv4 /24 and shorter, in the /24 table)"),
+                entries: counts.total() as u64 - counts.v4_long() as u64 - counts.v6() as u64,
+                capacity: u64::from(u32::MAX),
+            });
+            let (v4_capacity, v6_capacity) = match kind {
+                ListKind::Allow => (capacities.allow_v4_long, capacities.allow_v6),
+                ListKind::Block => (capacities.block_v4_long, capacities.block_v6),
+            };
+            fills.push(MapFill {
+                map: format!("{name} (IPv4 longer than /24)"),
+                entries: counts.v4_long() as u64,
+                capacity: u64::from(v4_capacity),
+            });
+            fills.push(MapFill {
+                map: format!("{name} (IPv6)"),
+                entries: counts.v6() as u64,
+                capacity: u64::from(v6_capacity),
+            });
+        }
+        let bans = self.limiter.ban_entries();
+        let sources = self.limiter.tracked_sources();
+        for (map, entries) in [("bans", bans), ("rate-limited sources", sources)] {
+            fills.push(MapFill {
+                map: map.into(),
+                entries,
+                capacity: u64::from(capacities.rate_sources),
+            });
+        }
+        Reply::Status(StatusView {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            mode: match self.live.policy().mode {
+                Mode::Enforce => "enforce",
+                Mode::Monitor => "monitor",
+            }
+            .into(),
+            program_id: info.as_ref().map(|i| i.id()),
+            program_tag: info.as_ref().map(|i| format!("{:016x}", i.tag())),
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(|i| InterfaceView {
+                    name: i.name.clone(),
+                    if_index: i.if_index,
+                    xdp_mode: i.mode.name().into(),
+                    pinned: i.pinned(),
+                })
+                .collect(),
+            maps: fills,
+            bpffs: self.pins.as_ref().map(|p| p.root().display().to_string()),
+            state_dir: self.store.dir().display().to_string(),
+            config: self.source.path.as_ref().map(|p| p.display().to_string()),
+        })
+    }
+
+    pub(super) fn top(&mut self, interval_ms: u64, limit: u32) -> Result<Reply, String> {
+        if !(MIN_TOP_INTERVAL_MS..=MAX_TOP_INTERVAL_MS).contains(&interval_ms) {
+            return Err(format!(
+                "interval_ms must be in {MIN_TOP_INTERVAL_MS}..={MAX_TOP_INTERVAL_MS}"
+            ));
+        }
+        if !(1..=MAX_TOP_ROWS).contains(&limit) {
+            return Err(format!("limit must be in 1..={MAX_TOP_ROWS}"));
+        }
+        let counters = self
+            .counters
+            .snapshot()
+            .map_err(|e| crate::error_chain(&e))?;
+        let (mut dropped_total, mut passed_total) = (Counter::default(), Counter::default());
+        for row in &counters.rows {
+            match row.action {
+                Action::Pass => passed_total = passed_total.plus(row.counter),
+                Action::Drop | Action::WouldDrop => dropped_total = dropped_total.plus(row.counter),
+            }
+        }
+        let policy = self.live.policy();
+        let rate = &policy.rate_limit;
+        let (passed_by_source, sample_every) = (rate.is_on(), policy.sample_every);
+        let prefixes = (rate.ipv4_prefix, rate.ipv6_prefix);
+        let passed = if passed_by_source {
+            self.limiter
+                .passed_by_source()
+                .into_iter()
+                .map(|(address, counter)| (source_name(address, prefixes), counter))
+                .collect()
+        } else {
+            std::collections::HashMap::new()
+        };
+        let dropped = self
+            .drops
+            .lock()
+            .map_err(|_| "the drop tally is poisoned".to_string())?
+            .counts();
+        let reading = Reading {
+            at: std::time::Instant::now(),
+            dropped,
+            passed,
+            dropped_total,
+            passed_total,
+        };
+        let options = ViewOptions {
+            interval: Duration::from_millis(interval_ms),
+            limit: limit as usize,
+            passed_by_source,
+            sample_every,
+        };
+        Ok(Reply::Top(self.top.view(reading, &options)))
+    }
+
+    /// The Prometheus metrics, read now.
+    pub(super) fn metrics(&mut self) -> String {
+        let counters = match self.counters.snapshot() {
+            Ok(counters) => counters,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "could not read the counters for metrics");
+                return String::new();
+            }
+        };
+        let mut list_entries = Vec::new();
+        for kind in ListKind::ALL {
+            let counts = self.live.counts(kind);
+            let v6 = counts.v6() as u64;
+            let name = kind.name();
+            list_entries.push((name, "ipv4", counts.total() as u64 - v6));
+            list_entries.push((name, "ipv6", v6));
+        }
+        let bans_active = self.limiter.active().map_or(0, |b| b.len() as u64);
+        let rate_limited_sources = self.limiter.tracked_sources();
+        let program_tag = self
+            .program_info()
+            .map(|info| format!("{:016x}", info.tag()));
+        let interfaces = &self.interfaces;
+        let interface_name = |if_index| interface_name(interfaces, if_index);
+        let reading = metrics::Reading {
+            counters: &counters,
+            interface_name: &interface_name,
+            list_entries,
+            bans_active,
+            rate_limited_sources,
+            program_tag,
+        };
+        metrics::render(&reading).unwrap_or_else(|e| {
+            warn!(error = %e, "could not render the metrics");
+            String::new()
+        })
+    }
+}

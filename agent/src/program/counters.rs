@@ -1,0 +1,190 @@
+//! Reading the per-CPU counters back: summed over CPUs, mapped from slots to interfaces.
+
+use std::collections::BTreeMap;
+
+use agent_common::{
+    maps::{self, MAX_IF_INDEX},
+    stats::{Action, Counter, PER_INTERFACE, Reason, index},
+};
+use aya::maps::{Array, MapData, PerCpuArray};
+use tracing::warn;
+
+use super::maps::{MapAccessError, MapSource, Named, ProgramMaps, ResolveError, named};
+
+/// The counters and the interface slots that index them; only this module reads or writes
+/// them.
+pub struct CounterMaps {
+    stats: Named<PerCpuArray<MapData, Counter>>,
+    rule_hits: Named<PerCpuArray<MapData, Counter>>,
+    list_hits: Named<PerCpuArray<MapData, Counter>>,
+    events_lost: Named<PerCpuArray<MapData, u64>>,
+    interface_slots: Named<Array<MapData, u32>>,
+}
+
+impl CounterMaps {
+    pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
+        Ok(Self {
+            stats: Named::resolve(source, maps::STATS)?,
+            rule_hits: Named::resolve(source, maps::RULE_HITS)?,
+            list_hits: Named::resolve(source, maps::LIST_HITS)?,
+            events_lost: Named::resolve(source, maps::EVENTS_LOST)?,
+            interface_slots: Named::resolve(source, maps::INTERFACE_SLOTS)?,
+        })
+    }
+
+    /// Gives each interface its own counter slot, in order from 1; slot 0 stays for packets
+    /// from interfaces not listed.
+    pub fn register_interfaces(&mut self, if_indexes: &[u32]) -> Result<(), MapAccessError> {
+        for (slot, &if_index) in (1u32..).zip(if_indexes) {
+            if if_index >= MAX_IF_INDEX {
+                warn!(
+                    if_index,
+                    "interface index beyond {MAX_IF_INDEX}: its packets are counted as unregistered"
+                );
+                continue;
+            }
+            self.interface_slots
+                .map
+                .set(if_index, slot, 0)
+                .map_err(named(self.interface_slots.name))?;
+        }
+        Ok(())
+    }
+
+    /// The packets counted for (interface, action, reason), summed over CPUs: one counter,
+    /// read cheaply enough to poll.
+    pub fn packets(
+        &self,
+        if_index: u32,
+        action: Action,
+        reason: Reason,
+    ) -> Result<u64, MapAccessError> {
+        let slot = self
+            .interface_slots
+            .map
+            .get(&if_index, 0)
+            .map_err(named(self.interface_slots.name))?;
+        let per_cpu = self
+            .stats
+            .map
+            .get(&index(slot, action, reason), 0)
+            .map_err(named(self.stats.name))?;
+        Ok(per_cpu.iter().map(|c| c.packets).sum())
+    }
+
+    /// Every counter now, each summed over CPUs.
+    pub fn snapshot(&self) -> Result<Snapshot, MapAccessError> {
+        let mut interface_of_slot = BTreeMap::new();
+        for (if_index, slot) in (0u32..).zip(self.interface_slots.map.iter()) {
+            let slot = slot.map_err(named(self.interface_slots.name))?;
+            if slot != 0 {
+                interface_of_slot.insert(slot, if_index);
+            }
+        }
+        let counters = sums(&self.stats)?;
+        let mut rows = Vec::new();
+        for slot in 0..counters.len() as u32 / PER_INTERFACE {
+            let if_index = interface_of_slot.get(&slot).copied();
+            if slot != 0 && if_index.is_none() {
+                continue;
+            }
+            for action in Action::ALL {
+                for reason in Reason::ALL {
+                    let counter = counters[index(slot, action, reason) as usize];
+                    if counter != Counter::default() {
+                        rows.push(Row {
+                            if_index,
+                            action,
+                            reason,
+                            counter,
+                        });
+                    }
+                }
+            }
+        }
+        let events_lost = self
+            .events_lost
+            .map
+            .get(&0, 0)
+            .map_err(named(self.events_lost.name))?
+            .iter()
+            .sum();
+        Ok(Snapshot {
+            rows,
+            rule_hits: sums(&self.rule_hits)?,
+            list_hits: sums(&self.list_hits)?,
+            events_lost,
+        })
+    }
+}
+
+/// Each counter of a per-CPU array, summed over CPUs.
+fn sums(array: &Named<PerCpuArray<MapData, Counter>>) -> Result<Vec<Counter>, MapAccessError> {
+    (0..array.map.len())
+        .map(|i| {
+            array
+                .map
+                .get(&i, 0)
+                .map(|per_cpu| {
+                    per_cpu
+                        .iter()
+                        .fold(Counter::default(), |sum, c| sum.plus(*c))
+                })
+                .map_err(named(array.name))
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Read(#[from] MapAccessError),
+}
+
+/// One non-zero counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row {
+    /// `None` for packets from an interface the agent did not register.
+    pub if_index: Option<u32>,
+    pub action: Action,
+    pub reason: Reason,
+    pub counter: Counter,
+}
+
+/// All counters at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub rows: Vec<Row>,
+    /// Hits per rule, in config order.
+    pub rule_hits: Vec<Counter>,
+    /// Hits per (list, entry source), indexed by `agent_common::lists::hit_index`.
+    pub list_hits: Vec<Counter>,
+    /// Events (bans, samples) the ring buffer had no room for.
+    pub events_lost: u64,
+}
+
+impl Snapshot {
+    /// Reads the counters of a loaded program by its kernel id (as `ip link` or `bpftool`
+    /// show it), without owning the program.
+    pub fn of_program(program_id: u32) -> Result<Self, SnapshotError> {
+        Ok(ProgramMaps::of_program(program_id)?.counters.snapshot()?)
+    }
+
+    /// The counter for (interface, action, reason); zero when nothing was counted.
+    pub fn get(&self, if_index: u32, action: Action, reason: Reason) -> Counter {
+        self.rows
+            .iter()
+            .find(|r| r.if_index == Some(if_index) && r.action == action && r.reason == reason)
+            .map(|r| r.counter)
+            .unwrap_or_default()
+    }
+
+    /// The sum of every counter.
+    pub fn total(&self) -> Counter {
+        self.rows
+            .iter()
+            .fold(Counter::default(), |sum, r| sum.plus(r.counter))
+    }
+}
