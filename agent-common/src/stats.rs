@@ -31,13 +31,13 @@ pub enum Action {
 
 impl Action {
     pub const COUNT: u32 = 3;
-    pub const ALL: [Action; Self::COUNT as usize] = [Action::Pass, Action::Drop, Action::WouldDrop];
+    pub const ALL: [Self; Self::COUNT as usize] = [Self::Pass, Self::Drop, Self::WouldDrop];
 
     pub const fn name(self) -> &'static str {
         match self {
-            Action::Pass => "pass",
-            Action::Drop => "drop",
-            Action::WouldDrop => "would_drop",
+            Self::Pass => "pass",
+            Self::Drop => "drop",
+            Self::WouldDrop => "would_drop",
         }
     }
 }
@@ -67,27 +67,27 @@ pub enum Reason {
 
 impl Reason {
     pub const COUNT: u32 = 8;
-    pub const ALL: [Reason; Self::COUNT as usize] = [
-        Reason::NoMatch,
-        Reason::NotIp,
-        Reason::Malformed,
-        Reason::Blocklist,
-        Reason::Allowlist,
-        Reason::Ban,
-        Reason::Rule,
-        Reason::RateLimit,
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::NoMatch,
+        Self::NotIp,
+        Self::Malformed,
+        Self::Blocklist,
+        Self::Allowlist,
+        Self::Ban,
+        Self::Rule,
+        Self::RateLimit,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
-            Reason::NoMatch => "no_match",
-            Reason::NotIp => "not_ip",
-            Reason::Malformed => "malformed",
-            Reason::Blocklist => "blocklist",
-            Reason::Allowlist => "allowlist",
-            Reason::Ban => "ban",
-            Reason::Rule => "rule",
-            Reason::RateLimit => "rate_limit",
+            Self::NoMatch => "no_match",
+            Self::NotIp => "not_ip",
+            Self::Malformed => "malformed",
+            Self::Blocklist => "blocklist",
+            Self::Allowlist => "allowlist",
+            Self::Ban => "ban",
+            Self::Rule => "rule",
+            Self::RateLimit => "rate_limit",
         }
     }
 

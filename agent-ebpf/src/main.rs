@@ -1,8 +1,10 @@
 //! moat's XDP program: parse the packet, decide, count, act.
 #![no_std]
 #![no_main]
-// BPF_CMPXCHG for the rate limiter (see rate_limit.rs).
-#![allow(internal_features)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics gives BPF_CMPXCHG for the rate limiter (see rate_limit.rs)"
+)]
 #![feature(core_intrinsics)]
 
 mod events;

@@ -118,7 +118,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Malformed> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY (every dereference below): ptr_at checked that the header lies inside the frame.
+    // SAFETY: ptr_at checked that the header lies inside the frame.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = size_of::<EthHdr>();
 
@@ -127,6 +127,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Malformed> {
             break;
         }
         let vlan: *const VlanHdr = ptr_at(ctx, offset)?;
+        // SAFETY: ptr_at checked that the header lies inside the frame.
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         offset += size_of::<VlanHdr>();
     }
@@ -143,6 +144,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Malformed> {
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: ptr_at checked that the header lies inside the frame.
     let (vihl, total_len, frags, protocol, src) = unsafe {
         (
             (*ip).vihl,
@@ -177,6 +179,7 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: ptr_at checked that the header lies inside the frame.
     let (version, payload_len, mut next_header, src) = unsafe {
         (
             (*ip).vcf[0] >> 4,
@@ -198,12 +201,14 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
         match next_header {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let ext: *const Ipv6ExtensionStart = ptr_at(ctx, offset)?;
+                // SAFETY: ptr_at checked that the header lies inside the frame.
                 let (next, len) = unsafe { ((*ext).next_header, (*ext).len) };
                 next_header = next;
                 offset += (usize::from(len) + 1) * 8;
             }
             IPPROTO_FRAGMENT => {
                 let fragment: *const Ipv6Fragment = ptr_at(ctx, offset)?;
+                // SAFETY: ptr_at checked that the header lies inside the frame.
                 let (next, offset_flags) =
                     unsafe { ((*fragment).next_header, (*fragment).offset_flags) };
                 next_header = next;
@@ -212,6 +217,7 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
             }
             IPPROTO_AH => {
                 let ah: *const AuthenticationHeaderStart = ptr_at(ctx, offset)?;
+                // SAFETY: ptr_at checked that the header lies inside the frame.
                 let (next, len) = unsafe { ((*ah).next_header, (*ah).len) };
                 next_header = next;
                 offset += (usize::from(len) + 2) * 4;
@@ -244,6 +250,7 @@ fn transport(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(),
     match packet.protocol {
         IPPROTO_TCP => {
             let tcp: *const TcpStart = ptr_at(ctx, offset)?;
+            // SAFETY: ptr_at checked that the header lies inside the frame.
             let (source, dest, data_offset, flags) =
                 unsafe { ((*tcp).source, (*tcp).dest, (*tcp).data_offset, (*tcp).flags) };
             let header_len = usize::from(data_offset >> 4) * 4;
@@ -255,6 +262,7 @@ fn transport(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(),
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, offset)?;
+            // SAFETY: ptr_at checked that the header lies inside the frame.
             let (source, dest) = unsafe { ((*udp).src, (*udp).dst) };
             packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
         }

@@ -16,9 +16,9 @@ pub enum LogFormat {
 impl LogFormat {
     fn is_json(self) -> bool {
         match self {
-            LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
-            LogFormat::Human => false,
-            LogFormat::Json => true,
+            Self::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+            Self::Human => false,
+            Self::Json => true,
         }
     }
 }

@@ -44,7 +44,7 @@ impl MoatProcess {
     /// Starts `moat <args…>` inside the lab's protected namespace, output to a log file. A
     /// `run` gets the lab's socket, state directory and pin directory unless `args` name them.
     pub fn spawn(lab: &Lab, args: &[&str]) -> Self {
-        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut args: Vec<String> = args.iter().map(ToString::to_string).collect();
         if args.first().is_some_and(|a| a == "run") {
             for (option, value) in [
                 ("--socket", lab.socket()),

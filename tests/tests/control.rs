@@ -75,15 +75,57 @@ fn stat_packets(lab: &Lab, action: &str, reason: &str) -> u64 {
         .map_or(0, |c| c["packets"].as_u64().expect("packets is a number"))
 }
 
+/// One daemon in one lab, shared by the CLI cases: starting a lab and a daemon per case would
+/// multiply the suite's time (in the 6.1 VM above all). The cases run in order; each leaves the
+/// lists as it found them unless its name says otherwise.
+struct Session {
+    lab: Lab,
+    config: std::path::PathBuf,
+    moat: MoatProcess,
+    program_id: u32,
+    iface: String,
+    /// Echo requests the blocklist dropped so far, for the stats case.
+    blocked_pings: u64,
+}
+
+/// A named step of the shared session.
+type Case = fn(&mut Session);
+
 #[test]
 fn every_cli_command_works_end_to_end() {
     let lab = Lab::new();
-    let iface = lab.interface(Side::Protected).to_string();
     let config = lab.write_config(&format!("[blocklist]\ncidrs = [\"{ATTACKER_NET_V6}\"]\n"));
-    let config_text = config.to_string_lossy().into_owned();
+    config_check_names_file_line_and_column(&lab, &config);
+    a_client_without_a_daemon_says_where_it_looked(&lab);
+    let (moat, program_id) = start(&lab, &config);
+    let iface = lab.interface(Side::Protected).to_string();
+    let mut session = Session {
+        lab,
+        config,
+        moat,
+        program_id,
+        iface,
+        blocked_pings: 0,
+    };
+    let cases: [(&str, Case); 7] = [
+        ("status", status_describes_the_daemon),
+        ("block add, list, del", block_add_list_and_del),
+        ("allow add, list, del", allow_wins_over_block),
+        ("block and allow import", lists_are_imported_from_files),
+        ("stats", stats_count_every_blocked_packet),
+        ("reload", reload_applies_the_file_or_keeps_the_policy),
+        ("log", every_change_is_logged),
+    ];
+    for (name, case) in cases {
+        eprintln!("== case: {name}");
+        case(&mut session);
+    }
+}
 
-    // config check: no daemon needed; errors name file:line:col.
-    let out = MoatProcess::cli(&lab, &["config", "check", &config_text]).ok("config check");
+/// No daemon needed; errors name file:line:col.
+fn config_check_names_file_line_and_column(lab: &Lab, config: &Path) {
+    let out =
+        MoatProcess::cli(lab, &["config", "check", &config.to_string_lossy()]).ok("config check");
     assert!(out.contains("OK") && out.contains("1 blocklist"), "{out}");
     let bad = lab.dir().join("bad.toml");
     std::fs::write(
@@ -91,55 +133,58 @@ fn every_cli_command_works_end_to_end() {
         "interfaces = [\"x\"]\n[blocklist]\ncidrs = [\"10.0.0.0/40\"]\n",
     )
     .expect("write bad config");
-    let reason = MoatProcess::cli(&lab, &["config", "check", &bad.to_string_lossy()])
+    let reason = MoatProcess::cli(lab, &["config", "check", &bad.to_string_lossy()])
         .refused("config check of a bad file");
     assert!(reason.contains("bad.toml:3:10"), "{reason}");
+}
 
-    // Without a daemon, a client says where it looked.
-    let reason = MoatProcess::cli(&lab, &["status"]).refused("status without a daemon");
+fn a_client_without_a_daemon_says_where_it_looked(lab: &Lab) {
+    let reason = MoatProcess::cli(lab, &["status"]).refused("status without a daemon");
     assert!(
         reason.contains(&lab.socket().to_string_lossy().into_owned()),
         "{reason}"
     );
+}
 
-    let (moat, program_id) = start(&lab, &config);
-    let mut blocked_pings = 0;
-
-    // status, with the socket given after the subcommand this time.
-    let output = lab
+/// `status`, with the socket given after the subcommand this time, as JSON and as text.
+fn status_describes_the_daemon(s: &mut Session) {
+    let output = s
+        .lab
         .netns(Side::Protected)
         .command(&moat_bin().to_string_lossy())
         .args(["status", "--json", "--socket"])
-        .arg(lab.socket())
+        .arg(s.lab.socket())
         .output()
         .expect("run moat status");
     assert!(output.status.success(), "{output:?}");
     let status: Value = serde_json::from_slice(&output.stdout).expect("status --json is JSON");
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(status["pid"], moat.pid());
-    assert_eq!(status["program_id"], program_id);
+    assert_eq!(status["pid"], s.moat.pid());
+    assert_eq!(status["program_id"], s.program_id);
     assert_eq!(status["mode"], "enforce");
-    assert_eq!(status["interfaces"][0]["name"], iface.as_str());
+    assert_eq!(status["interfaces"][0]["name"], s.iface.as_str());
     assert_eq!(status["interfaces"][0]["xdp_mode"], "native");
     assert_eq!(status["interfaces"][0]["pinned"], true);
-    let text = MoatProcess::cli(&lab, &["status"]).ok("status");
+    let text = MoatProcess::cli(&s.lab, &["status"]).ok("status");
     assert!(
-        text.contains(&iface) && text.contains(&format!("id {program_id}")),
+        text.contains(&s.iface) && text.contains(&format!("id {}", s.program_id)),
         "{text}"
     );
+}
 
-    // block add / list / del.
+fn block_add_list_and_del(s: &mut Session) {
+    let lab = &s.lab;
     let out = MoatProcess::cli(
-        &lab,
+        lab,
         &["block", "add", ATTACKER_V4, "--comment", "seen scanning"],
     )
     .ok("block add");
     assert!(out.contains("added 1"), "{out}");
-    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
-    assert_unanswered(&lab, ATTACKER_V6, PROTECTED_V6);
-    blocked_pings += 2;
-    assert_answered(&lab, LEGIT_V4, PROTECTED_V4);
-    let list = entries(&lab, "block");
+    assert_unanswered(lab, ATTACKER_V4, PROTECTED_V4);
+    assert_unanswered(lab, ATTACKER_V6, PROTECTED_V6);
+    s.blocked_pings += 2;
+    assert_answered(lab, LEGIT_V4, PROTECTED_V4);
+    let list = entries(lab, "block");
     let added = entry(&list, "198.51.100.7/32").expect("the CLI entry is listed");
     assert_eq!(added["source"], "cli");
     assert_eq!(added["comment"], "seen scanning");
@@ -148,52 +193,59 @@ fn every_cli_command_works_end_to_end() {
         entry(&list, ATTACKER_NET_V6).expect("the config entry")["source"],
         "config"
     );
-    let text = MoatProcess::cli(&lab, &["block", "list"]).ok("block list");
+    let text = MoatProcess::cli(lab, &["block", "list"]).ok("block list");
     assert!(
         text.contains("198.51.100.7/32") && text.contains("seen scanning"),
         "{text}"
     );
 
-    let reason = MoatProcess::cli(&lab, &["block", "del", ATTACKER_NET_V6])
+    let reason = MoatProcess::cli(lab, &["block", "del", ATTACKER_NET_V6])
         .refused("block del of a config entry");
     assert!(reason.contains("configuration"), "{reason}");
-    let reason = MoatProcess::cli(&lab, &["block", "add", "198.51.100.9", "not-a-cidr"])
+    let reason = MoatProcess::cli(lab, &["block", "add", "198.51.100.9", "not-a-cidr"])
         .refused("block add with one bad entry");
     assert!(reason.contains("not-a-cidr"), "{reason}");
     assert!(
-        entry(&entries(&lab, "block"), "198.51.100.9/32").is_none(),
+        entry(&entries(lab, "block"), "198.51.100.9/32").is_none(),
         "a refused add must add nothing"
     );
-    MoatProcess::cli(&lab, &["block", "del", ATTACKER_V4]).ok("block del");
-    assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
+    MoatProcess::cli(lab, &["block", "del", ATTACKER_V4]).ok("block del");
+    assert_answered(lab, ATTACKER_V4, PROTECTED_V4);
     let reason =
-        MoatProcess::cli(&lab, &["block", "del", ATTACKER_V4]).refused("block del of nothing");
+        MoatProcess::cli(lab, &["block", "del", ATTACKER_V4]).refused("block del of nothing");
     assert!(reason.contains("not in the blocklist"), "{reason}");
-    MoatProcess::cli(&lab, &["block", "add", "--ttl", "0s", ATTACKER_V4]).refused("ttl 0");
+    MoatProcess::cli(lab, &["block", "add", "--ttl", "0s", ATTACKER_V4]).refused("ttl 0");
+}
 
-    // allow add / list / del: the allowlist wins over the blocklist.
-    MoatProcess::cli(&lab, &["block", "add", "203.0.113.0/24"]).ok("block add /24");
-    assert_unanswered(&lab, LEGIT_V4, PROTECTED_V4);
-    blocked_pings += 1;
-    MoatProcess::cli(&lab, &["allow", "add", LEGIT_V4, "--comment", "monitoring"]).ok("allow add");
-    assert_answered(&lab, LEGIT_V4, PROTECTED_V4);
-    let allowed = entries(&lab, "allow");
+/// The allowlist wins over the blocklist.
+fn allow_wins_over_block(s: &mut Session) {
+    let lab = &s.lab;
+    MoatProcess::cli(lab, &["block", "add", "203.0.113.0/24"]).ok("block add /24");
+    assert_unanswered(lab, LEGIT_V4, PROTECTED_V4);
+    s.blocked_pings += 1;
+    MoatProcess::cli(lab, &["allow", "add", LEGIT_V4, "--comment", "monitoring"]).ok("allow add");
+    assert_answered(lab, LEGIT_V4, PROTECTED_V4);
+    let allowed = entries(lab, "allow");
     assert_eq!(
         entry(&allowed, "203.0.113.2/32").expect("allow entry")["comment"],
         "monitoring"
     );
     assert!(
-        MoatProcess::cli(&lab, &["allow", "list"])
+        MoatProcess::cli(lab, &["allow", "list"])
             .ok("allow list")
             .contains("203.0.113.2/32")
     );
-    MoatProcess::cli(&lab, &["allow", "del", LEGIT_V4]).ok("allow del");
-    assert_unanswered(&lab, LEGIT_V4, PROTECTED_V4);
-    blocked_pings += 1;
-    MoatProcess::cli(&lab, &["block", "del", "203.0.113.0/24"]).ok("block del /24");
-    assert_answered(&lab, LEGIT_V4, PROTECTED_V4);
+    MoatProcess::cli(lab, &["allow", "del", LEGIT_V4]).ok("allow del");
+    assert_unanswered(lab, LEGIT_V4, PROTECTED_V4);
+    s.blocked_pings += 1;
+    MoatProcess::cli(lab, &["block", "del", "203.0.113.0/24"]).ok("block del /24");
+    assert_answered(lab, LEGIT_V4, PROTECTED_V4);
+}
 
-    // import: a FireHOL/Spamhaus-style file.
+/// FireHOL/Spamhaus-style files; leaves the attacker's network blocked and the legitimate
+/// IPv6 host allowed.
+fn lists_are_imported_from_files(s: &mut Session) {
+    let lab = &s.lab;
     let list_file = lab.dir().join("drop.txt");
     std::fs::write(
         &list_file,
@@ -203,7 +255,7 @@ fn every_cli_command_works_end_to_end() {
     )
     .expect("write list file");
     let out = MoatProcess::cli(
-        &lab,
+        lab,
         &[
             "block",
             "import",
@@ -214,12 +266,12 @@ fn every_cli_command_works_end_to_end() {
     )
     .ok("block import");
     assert!(out.contains("added 3"), "{out}");
-    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
-    blocked_pings += 1;
+    assert_unanswered(lab, ATTACKER_V4, PROTECTED_V4);
+    s.blocked_pings += 1;
     let mut allow_file = std::fs::File::create(lab.dir().join("allow.txt")).expect("create");
     writeln!(allow_file, "{LEGIT_V6}").expect("write");
     MoatProcess::cli(
-        &lab,
+        lab,
         &[
             "allow",
             "import",
@@ -227,36 +279,44 @@ fn every_cli_command_works_end_to_end() {
         ],
     )
     .ok("allow import");
-    assert!(entry(&entries(&lab, "allow"), "2001:db8:1::2/128").is_some());
+    assert!(entry(&entries(lab, "allow"), "2001:db8:1::2/128").is_some());
+}
 
-    // stats: every blocked echo request counted, nothing else dropped.
+/// Every blocked echo request counted, nothing else dropped.
+fn stats_count_every_blocked_packet(s: &mut Session) {
     assert_eq!(
-        stat_packets(&lab, "drop", "blocklist"),
-        blocked_pings * u64::from(ASSERT_PINGS),
+        stat_packets(&s.lab, "drop", "blocklist"),
+        s.blocked_pings * u64::from(ASSERT_PINGS),
         "stats --json should count each blocked echo request"
     );
-    let text = MoatProcess::cli(&lab, &["stats"]).ok("stats");
+    let text = MoatProcess::cli(&s.lab, &["stats"]).ok("stats");
     assert!(
-        text.contains("blocklist") && text.contains(&iface),
+        text.contains("blocklist") && text.contains(&s.iface),
         "{text}"
     );
+}
 
-    // reload: the file's new entries apply; a broken file is refused and the policy stays.
-    lab.write_config(&format!("[blocklist]\ncidrs = [\"{LEGIT_V4}\"]\n"));
-    MoatProcess::cli(&lab, &["reload"]).ok("reload");
-    assert_unanswered(&lab, LEGIT_V4, PROTECTED_V4);
-    assert_answered(&lab, ATTACKER_V6, PROTECTED_V6);
+/// The file's new entries apply; a broken file is refused and the policy stays.
+fn reload_applies_the_file_or_keeps_the_policy(s: &mut Session) {
+    let lab = &s.lab;
+    let written = lab.write_config(&format!("[blocklist]\ncidrs = [\"{LEGIT_V4}\"]\n"));
+    assert_eq!(written, s.config, "the daemon's config file is rewritten");
+    MoatProcess::cli(lab, &["reload"]).ok("reload");
+    assert_unanswered(lab, LEGIT_V4, PROTECTED_V4);
+    assert_answered(lab, ATTACKER_V6, PROTECTED_V6);
     lab.write_config("[blocklist]\ncidrs = [\"not-a-cidr\"]\n");
-    let reason = MoatProcess::cli(&lab, &["reload"]).refused("reload of a broken config");
+    let reason = MoatProcess::cli(lab, &["reload"]).refused("reload of a broken config");
     assert!(
         reason.contains("not-a-cidr") && reason.contains("running policy stays"),
         "{reason}"
     );
-    assert_unanswered(&lab, LEGIT_V4, PROTECTED_V4);
-    assert_answered(&lab, ATTACKER_V6, PROTECTED_V6);
-    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    assert_unanswered(lab, LEGIT_V4, PROTECTED_V4);
+    assert_answered(lab, ATTACKER_V6, PROTECTED_V6);
+    assert_unanswered(lab, ATTACKER_V4, PROTECTED_V4);
+}
 
-    let log = moat.wait_for_log("reload rejected", 1);
+fn every_change_is_logged(s: &mut Session) {
+    let log = s.moat.wait_for_log("reload rejected", 1);
     for logged in ["list entries added", "list entries deleted", "reloaded"] {
         assert!(
             log.contains(logged),

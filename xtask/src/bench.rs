@@ -50,7 +50,7 @@ pub fn run_bench(options: Options) -> anyhow::Result<()> {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let kernel = output(std::process::Command::new("uname").arg("-r"))?;
     let rustc = output(std::process::Command::new("rustc").arg("-V"))?;
     let date = output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d"]))?;

@@ -63,7 +63,7 @@ pub enum Target {
 impl Target {
     fn label(&self) -> String {
         match self {
-            Target::Image(path) => path
+            Self::Image(path) => path
                 .file_name()
                 .map(|n| {
                     n.to_string_lossy()
@@ -71,7 +71,7 @@ impl Target {
                         .to_string()
                 })
                 .unwrap_or_else(|| path.display().to_string()),
-            Target::Host => host_release(),
+            Self::Host => host_release(),
         }
     }
 }

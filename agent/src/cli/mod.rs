@@ -108,18 +108,18 @@ impl Command {
         socket_flag: Option<PathBuf>,
     ) -> anyhow::Result<()> {
         match self {
-            Command::Run(_) => anyhow::bail!("`moat run` is the daemon, not a client command"),
-            Command::Block { command } => lists::block(socket, command),
-            Command::Allow { command } => lists::allow(socket, command),
-            Command::Stats(args) => stats::stats(socket, args),
-            Command::Status { json } => status::status(socket, json),
-            Command::Reload => status::reload(socket),
-            Command::Top(args) => top::top(socket, &args),
-            Command::Capture(args) => capture::capture(socket, args),
-            Command::Config {
+            Self::Run(_) => anyhow::bail!("`moat run` is the daemon, not a client command"),
+            Self::Block { command } => lists::block(socket, command),
+            Self::Allow { command } => lists::allow(socket, command),
+            Self::Stats(args) => stats::stats(socket, args),
+            Self::Status { json } => status::status(socket, json),
+            Self::Reload => status::reload(socket),
+            Self::Top(args) => top::top(socket, &args),
+            Self::Capture(args) => capture::capture(socket, args),
+            Self::Config {
                 command: ConfigCommand::Check { file },
             } => config::check(&file),
-            Command::Down(args) => down::down(socket_flag, args),
+            Self::Down(args) => down::down(socket_flag, args),
         }
     }
 }

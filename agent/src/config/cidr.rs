@@ -31,7 +31,7 @@ impl FromStr for Cidr {
                 net.trunc()
             ));
         }
-        Ok(Cidr(net))
+        Ok(Self(net))
     }
 }
 
@@ -44,6 +44,6 @@ impl fmt::Display for Cidr {
 impl From<IpNet> for Cidr {
     /// The network of `net` (host bits cleared).
     fn from(net: IpNet) -> Self {
-        Cidr(net.trunc())
+        Self(net.trunc())
     }
 }

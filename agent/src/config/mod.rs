@@ -86,9 +86,9 @@ pub enum XdpMode {
 impl fmt::Display for XdpMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            XdpMode::Auto => "auto",
-            XdpMode::Native => "native",
-            XdpMode::Generic => "generic",
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
         })
     }
 }
@@ -116,12 +116,12 @@ pub enum ListKind {
 }
 
 impl ListKind {
-    pub const ALL: [ListKind; 2] = [ListKind::Allow, ListKind::Block];
+    pub const ALL: [Self; 2] = [Self::Allow, Self::Block];
 
     pub fn name(self) -> &'static str {
         match self {
-            ListKind::Allow => "allowlist",
-            ListKind::Block => "blocklist",
+            Self::Allow => "allowlist",
+            Self::Block => "blocklist",
         }
     }
 }
@@ -200,14 +200,14 @@ enum Origin {
 impl Origin {
     fn name(&self) -> String {
         match self {
-            Origin::Embedded => "<embedded default config>".to_string(),
-            Origin::File { path, .. } => path.display().to_string(),
+            Self::Embedded => "<embedded default config>".to_string(),
+            Self::File { path, .. } => path.display().to_string(),
         }
     }
 
     /// 1-based line and column of a byte offset in the file.
     fn position(&self, span: &Range<usize>) -> (usize, usize) {
-        let Origin::File { text, .. } = self else {
+        let Self::File { text, .. } = self else {
             return (0, 0);
         };
         let before = &text[..span.start.min(text.len())];
@@ -219,8 +219,8 @@ impl Origin {
     /// Where relative list file paths start.
     fn base_dir(&self) -> PathBuf {
         match self {
-            Origin::File { path, .. } => path.parent().map(Path::to_path_buf).unwrap_or_default(),
-            Origin::Embedded => PathBuf::new(),
+            Self::File { path, .. } => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Self::Embedded => PathBuf::new(),
         }
     }
 }
@@ -302,7 +302,7 @@ impl Config {
     }
 
     pub fn from_str_at(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: path.display().to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;

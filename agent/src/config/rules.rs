@@ -33,16 +33,16 @@ impl Protocol {
     /// IP protocol numbers the rule applies to; `None` for any.
     pub fn number(self) -> Option<u8> {
         match self {
-            Protocol::Tcp => Some(6),
-            Protocol::Udp => Some(17),
-            Protocol::Icmp => Some(1),
-            Protocol::Icmpv6 => Some(58),
-            Protocol::Any => None,
+            Self::Tcp => Some(6),
+            Self::Udp => Some(17),
+            Self::Icmp => Some(1),
+            Self::Icmpv6 => Some(58),
+            Self::Any => None,
         }
     }
 
     fn has_ports(self) -> bool {
-        matches!(self, Protocol::Tcp | Protocol::Udp | Protocol::Any)
+        matches!(self, Self::Tcp | Self::Udp | Self::Any)
     }
 }
 

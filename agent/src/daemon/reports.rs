@@ -107,7 +107,7 @@ impl Daemon {
                 Mode::Monitor => "monitor",
             }
             .into(),
-            program_id: info.as_ref().map(|i| i.id()),
+            program_id: info.as_ref().map(aya::programs::ProgramInfo::id),
             program_tag: info.as_ref().map(|i| format!("{:016x}", i.tag())),
             interfaces: self
                 .interfaces

@@ -87,6 +87,7 @@ fn supplementary_groups(pid: i32) -> Vec<libc::gid_t> {
 
 fn group_id(name: &str) -> Result<libc::gid_t, SocketError> {
     let c_name = CString::new(name).map_err(|_| SocketError::NoGroup(name.to_string()))?;
+    // SAFETY: `group` is plain C data; all zeroes is a valid value (null pointers, zero id).
     let mut group: libc::group = unsafe { std::mem::zeroed() };
     let mut buffer = vec![0 as libc::c_char; 16 * 1024];
     let mut result: *mut libc::group = std::ptr::null_mut();

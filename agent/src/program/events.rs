@@ -153,7 +153,10 @@ mod tests {
     fn record(event: &Event) -> Vec<u8> {
         // SAFETY: Event is plain old data.
         unsafe {
-            std::slice::from_raw_parts((event as *const Event).cast::<u8>(), size_of::<Event>())
+            std::slice::from_raw_parts(
+                std::ptr::from_ref::<Event>(event).cast::<u8>(),
+                size_of::<Event>(),
+            )
         }
         .to_vec()
     }

@@ -168,7 +168,7 @@ impl ListMaps {
             return Ok(());
         }
         slash24s.sort_by_key(|r| r.start);
-        let touched: usize = slash24s.iter().map(|r| r.len()).sum();
+        let touched: usize = slash24s.iter().map(ExactSizeIterator::len).sum();
         if touched > TABLE_REBUILD_THRESHOLD {
             let table = compile_table(entries);
             self.v4_table
@@ -316,8 +316,8 @@ impl ListChange {
     }
 
     /// Applies the change to `entries` and returns the change that undoes it.
-    pub fn apply_to(&self, entries: &mut ListEntries) -> ListChange {
-        let mut undo = ListChange::default();
+    pub fn apply_to(&self, entries: &mut ListEntries) -> Self {
+        let mut undo = Self::default();
         for cidr in &self.removals {
             if let Some(source) = entries.remove(cidr) {
                 undo.upserts.push((*cidr, source));

@@ -25,6 +25,8 @@ pub enum LoadError {
          `cargo build -p moat` after `cargo xtask setup`"
     )]
     NoObject,
+    #[error("the embedded XDP object cannot be parsed")]
+    Parse(#[source] aya_obj::ParseError),
     #[error("loading the XDP object into the kernel failed")]
     Object(#[source] aya::EbpfError),
     #[error(transparent)]
@@ -111,6 +113,20 @@ impl Capacities {
         }
         Ok(())
     }
+}
+
+/// The names of the maps the embedded object declares (its data sections left out), read from
+/// the object file itself.
+pub fn object_map_names() -> Result<std::collections::BTreeSet<String>, LoadError> {
+    if PROGRAM_OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let object = aya_obj::Object::parse(PROGRAM_OBJECT).map_err(LoadError::Parse)?;
+    Ok(object
+        .maps
+        .into_keys()
+        .filter(|name| !super::maps::is_data_section(name))
+        .collect())
 }
 
 /// The program in the kernel, not attached: the object that holds the XDP program (dropping it

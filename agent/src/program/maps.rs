@@ -181,7 +181,7 @@ impl ProgramMaps {
 }
 
 /// The compiler's data sections (`.rodata`, `.bss`) are maps in the object, not maps of moat's.
-fn is_data_section(name: &str) -> bool {
+pub(super) fn is_data_section(name: &str) -> bool {
     name.starts_with('.')
 }
 

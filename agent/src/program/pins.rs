@@ -80,12 +80,12 @@ pub enum LinkMode {
 }
 
 impl LinkMode {
-    pub const ALL: [LinkMode; 2] = [LinkMode::Native, LinkMode::Generic];
+    pub const ALL: [Self; 2] = [Self::Native, Self::Generic];
 
     pub fn name(self) -> &'static str {
         match self {
-            LinkMode::Native => "native",
-            LinkMode::Generic => "generic",
+            Self::Native => "native",
+            Self::Generic => "generic",
         }
     }
 
@@ -98,8 +98,8 @@ impl LinkMode {
         matches!(
             (self, wanted),
             (_, XdpMode::Auto)
-                | (LinkMode::Native, XdpMode::Native)
-                | (LinkMode::Generic, XdpMode::Generic)
+                | (Self::Native, XdpMode::Native)
+                | (Self::Generic, XdpMode::Generic)
         )
     }
 }
@@ -259,8 +259,9 @@ fn remove_if_present(path: &Path) -> Result<(), PinError> {
 fn is_bpffs(path: &Path) -> Result<bool, PinError> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io(path)(std::io::Error::other(e)))?;
-    // SAFETY: statfs writes into a zeroed struct we own.
+    // SAFETY: `statfs` is plain C data; all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct we own for statfs to write into.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
         return Err(io(path)(std::io::Error::last_os_error()));
     }

@@ -45,24 +45,24 @@ enum Contender {
 }
 
 impl Contender {
-    const ALL: [Contender; 4] = [
-        Contender::MoatNative,
-        Contender::MoatGeneric,
-        Contender::NftIngress,
-        Contender::NftRaw,
+    const ALL: [Self; 4] = [
+        Self::MoatNative,
+        Self::MoatGeneric,
+        Self::NftIngress,
+        Self::NftRaw,
     ];
 
     fn name(self) -> &'static str {
         match self {
-            Contender::MoatNative => "moat, XDP native",
-            Contender::MoatGeneric => "moat, XDP generic",
-            Contender::NftIngress => "nftables, netdev ingress",
-            Contender::NftRaw => "nftables, prerouting (raw)",
+            Self::MoatNative => "moat, XDP native",
+            Self::MoatGeneric => "moat, XDP generic",
+            Self::NftIngress => "nftables, netdev ingress",
+            Self::NftRaw => "nftables, prerouting (raw)",
         }
     }
 
     fn is_nft(self) -> bool {
-        matches!(self, Contender::NftIngress | Contender::NftRaw)
+        matches!(self, Self::NftIngress | Self::NftRaw)
     }
 }
 
@@ -81,7 +81,7 @@ enum Filter {
 impl Filter {
     fn dropped(&self, lab: &Lab) -> u64 {
         match self {
-            Filter::Moat {
+            Self::Moat {
                 program_id,
                 if_index,
                 ..
@@ -91,20 +91,20 @@ impl Filter {
                     .get(*if_index, Action::Drop, Reason::Blocklist)
                     .packets
             }
-            Filter::Nft { family } => nft_counter(lab, family),
+            Self::Nft { family } => nft_counter(lab, family),
         }
     }
 
     fn remove(self, lab: &Lab) {
         match self {
-            Filter::Moat { daemon, .. } => {
+            Self::Moat { daemon, .. } => {
                 let (status, log) = daemon.stop(libc::SIGTERM);
                 assert!(status.success(), "moat failed:\n{log}");
                 let bpffs = lab.bpffs().to_string_lossy().into_owned();
                 MoatProcess::cli(lab, &["down", "--bpffs", &bpffs]).ok("moat down");
                 let _ = std::fs::remove_dir_all(lab.state_dir());
             }
-            Filter::Nft { family } => {
+            Self::Nft { family } => {
                 nft(lab, &["delete", "table", family, "moat_bench"]);
             }
         }
