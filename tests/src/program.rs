@@ -8,11 +8,13 @@ use aya::{
 use moat::{
     config::Policy,
     program::{
+        capacities::Capacities,
         counters::{CounterMaps, Snapshot},
         limiter::LimiterMaps,
         live::LivePolicy,
-        loader::{self, Capacities, Loaded},
-        maps::{MapIds, ProgramMaps},
+        loader::{self, Loaded},
+        map_source::MapIds,
+        maps::ProgramMaps,
         sampling::SamplingOverride,
     },
 };

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     control::protocol::{self, FrameError, MAX_CAPTURE_COUNT, Reply, Response, SampleView},
-    program::{events::Sample, maps::MapAccessError, sampling::SamplingOverride},
+    program::{events::Sample, map_source::MapAccessError, sampling::SamplingOverride},
 };
 
 /// Samples waiting for the slowest capture; beyond this, it misses some (and says how many).

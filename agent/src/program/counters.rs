@@ -9,7 +9,7 @@ use agent_common::{
 use aya::maps::{Array, MapData, PerCpuArray};
 use tracing::warn;
 
-use super::maps::{MapAccessError, MapSource, Named, ProgramMaps, ResolveError, named};
+use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
 
 /// The counters and the interface slots that index them; only this module reads or writes
 /// them.
@@ -135,14 +135,6 @@ fn sums(array: &Named<PerCpuArray<MapData, Counter>>) -> Result<Vec<Counter>, Ma
         .collect()
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error(transparent)]
-    Resolve(#[from] ResolveError),
-    #[error(transparent)]
-    Read(#[from] MapAccessError),
-}
-
 /// One non-zero counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Row {
@@ -166,12 +158,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Reads the counters of a loaded program by its kernel id (as `ip link` or `bpftool`
-    /// show it), without owning the program.
-    pub fn of_program(program_id: u32) -> Result<Self, SnapshotError> {
-        Ok(ProgramMaps::of_program(program_id)?.counters.snapshot()?)
-    }
-
     /// The counter for (interface, action, reason); zero when nothing was counted.
     pub fn get(&self, if_index: u32, action: Action, reason: Reason) -> Counter {
         self.rows

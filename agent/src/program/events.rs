@@ -18,7 +18,7 @@ use tracing::warn;
 
 use super::{
     limiter::{address_of, monotonic_now_ns},
-    maps::{MapSource, Named, ResolveError},
+    map_source::{MapSource, Named, ResolveError},
 };
 
 /// How often [`EventHandler::tick`] is called when no event comes.

@@ -17,7 +17,7 @@ use agent_common::{
 };
 use aya::maps::{HashMap, Map, MapData, MapError};
 
-use super::maps::{MapAccessError, MapSource, Named, ResolveError, named};
+use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
 
 /// A ban in force: the source address (cut to the rate limiter's prefix) and its expiry.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,8 +17,8 @@ use aya::{
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{
+    map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
-    maps::{MapAccessError, MapSource, Named, ResolveError, named},
 };
 use crate::config::{Cidr, ListEntries, ListKind};
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 use agent_common::maps::GENERATIONS;
 
 use super::{
+    capacities::Capacities,
     lists::{CompiledList, ListChange, ListCounts, ListError, ListMaps},
-    loader::Capacities,
-    maps::{MapAccessError, MapSource, ResolveError},
+    map_source::{MapAccessError, MapSource, ResolveError},
     rule_tables::{RuleMaps, RuleTables},
     settings::{self, SettingsMaps},
 };

@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::MapData;
 
-use super::maps::{MapAccessError, MapSource, ResolveError};
+use super::map_source::{MapAccessError, MapSource, ResolveError};
 
 /// An mmapable array, mapped only while it is written (a mapping kept open would count its
 /// touched pages in the agent's memory for as long as it runs).

@@ -1,88 +1,19 @@
 //! Every map of the XDP program, resolved once into typed handles (the idea of cilium/ebpf's
 //! generated objects): a map that is missing, of the wrong type or of the wrong key or value
-//! size is one error, at load, naming it. Each handle is a private field of its owning module
-//! (lists, rule tables, settings, limiter, counters, events, sampling); only that module reads
-//! or writes the map.
+//! size is one error, at load, naming it, and so is a map of the object that no part of the
+//! agent owns. Each handle is a private field of its owning module (lists, rule tables,
+//! settings, limiter, counters, events, sampling); only that module reads or writes the map.
 
-use std::collections::BTreeSet;
-
-use aya::{
-    Ebpf,
-    maps::{Map, MapData, MapError, MapInfo},
-};
+use aya::Ebpf;
 
 use super::{
-    counters::CounterMaps, events::EventRing, limiter::LimiterMaps, live::PolicyMaps, pins::PinDir,
+    counters::{CounterMaps, Snapshot},
+    events::EventRing,
+    limiter::LimiterMaps,
+    live::PolicyMaps,
+    map_source::{MapAccessError, MapIds, MapSource, ProgramMapIds, ResolveError},
     sampling::SamplingOverride,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error("map {0} is missing from the XDP object")]
-    Missing(&'static str),
-    #[error("map {map} of the XDP object is not what moat expects")]
-    WrongType {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error(
-        "the XDP object has maps no part of the agent owns ({0}); the agent and the program are \
-         out of step"
-    )]
-    Unclaimed(String),
-    #[error("reading the kernel's information about map {map}")]
-    Info {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error(transparent)]
-    Program(#[from] ProgramMapsError),
-    #[error("pinning map {map}")]
-    Pin {
-        map: &'static str,
-        #[source]
-        source: Box<super::pins::PinError>,
-    },
-}
-
-/// A map read or written at run time failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MapAccessError {
-    #[error("map {map}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("mapping {map} into memory failed")]
-    Mmap {
-        map: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Wraps a map error with the map's name.
-pub fn named(map: &'static str) -> impl Fn(MapError) -> MapAccessError {
-    move |source| MapAccessError::Map { map, source }
-}
-
-/// A typed map and the name it has in the program, so that every error names it.
-pub struct Named<M> {
-    pub name: &'static str,
-    pub map: M,
-}
-
-impl<M: TryFrom<Map, Error = MapError>> Named<M> {
-    pub fn resolve(source: &mut MapSource, name: &'static str) -> Result<Self, ResolveError> {
-        Ok(Self {
-            name,
-            map: source.take(name)?,
-        })
-    }
-}
 
 /// Every map of the program, each held by the part of the agent that owns it.
 pub struct ProgramMaps {
@@ -100,235 +31,54 @@ pub struct ProgramMaps {
     pub ids: MapIds,
 }
 
-/// (name, kernel id) of every map of the program, in the order resolved.
-#[derive(Clone, Debug)]
-pub struct MapIds(Vec<(&'static str, u32)>);
-
-impl MapIds {
-    /// The name of every map, as the agent resolved them.
-    pub fn names(&self) -> BTreeSet<&'static str> {
-        self.0.iter().map(|(name, _)| *name).collect()
-    }
-
-    /// Pins every map under `pins`, replacing what an earlier program pinned.
-    pub fn pin(&self, pins: &PinDir) -> Result<(), ResolveError> {
-        for &(map, id) in &self.0 {
-            let data = MapData::from_id(id).map_err(|source| ResolveError::Info { map, source })?;
-            pins.pin_map(map, &data)
-                .map_err(|source| ResolveError::Pin {
-                    map,
-                    source: Box::new(source),
-                })?;
-        }
-        Ok(())
-    }
-}
-
 impl ProgramMaps {
     /// Takes every map out of a program this process just loaded.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, ResolveError> {
-        let mut source = MapSource {
-            from: Origin::Object(ebpf),
-            ids: Vec::new(),
-        };
-        let maps = Self::resolve(&mut source)?;
-        let Origin::Object(ebpf) = source.from else {
-            unreachable!("the source is an object");
-        };
-        let left: Vec<&str> = ebpf
-            .maps()
-            .map(|(name, _)| name)
-            .filter(|name| !is_data_section(name))
-            .collect();
-        if !left.is_empty() {
-            return Err(ResolveError::Unclaimed(left.join(", ")));
-        }
-        Ok(maps)
+        Self::resolve(MapSource::object(ebpf))
     }
 
     /// Opens every map of a program already in the kernel, found by its id (as `ip link` or
     /// `bpftool` show it): for readers outside the process that loaded it.
     pub fn of_program(program_id: u32) -> Result<Self, ResolveError> {
         let ids = ProgramMapIds::of(program_id)?;
-        let mut source = MapSource {
-            from: Origin::Program(&ids),
-            ids: Vec::new(),
-        };
-        let maps = Self::resolve(&mut source)?;
-        let claimed = maps.ids.names();
-        let left: Vec<&str> = ids
-            .maps
-            .iter()
-            .map(|(_, name)| name.as_str())
-            .filter(|name| !is_data_section(name) && !claimed.contains(name))
-            .collect();
+        Self::resolve(MapSource::program(&ids))
+    }
+
+    /// Each owner takes its maps; then nothing may be left over.
+    fn resolve(mut source: MapSource) -> Result<Self, ResolveError> {
+        let policy = PolicyMaps::resolve(&mut source)?;
+        let limiter = LimiterMaps::resolve(&mut source)?;
+        let counters = CounterMaps::resolve(&mut source)?;
+        let events = EventRing::resolve(&mut source)?;
+        let sampling = SamplingOverride::resolve(&mut source)?;
+        let left = source.left();
         if !left.is_empty() {
             return Err(ResolveError::Unclaimed(left.join(", ")));
         }
-        Ok(maps)
-    }
-
-    fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
         Ok(Self {
-            policy: PolicyMaps::resolve(source)?,
-            limiter: LimiterMaps::resolve(source)?,
-            counters: CounterMaps::resolve(source)?,
-            events: EventRing::resolve(source)?,
-            sampling: SamplingOverride::resolve(source)?,
-            ids: MapIds(std::mem::take(&mut source.ids)),
+            policy,
+            limiter,
+            counters,
+            events,
+            sampling,
+            ids: source.into_ids(),
         })
     }
 }
 
-/// The compiler's data sections (`.rodata`, `.bss`) are maps in the object, not maps of moat's.
-pub(super) fn is_data_section(name: &str) -> bool {
-    name.starts_with('.')
-}
-
-/// Where the owners take their maps from while the program's maps are resolved.
-pub struct MapSource<'a> {
-    from: Origin<'a>,
-    ids: Vec<(&'static str, u32)>,
-}
-
-enum Origin<'a> {
-    Object(&'a mut Ebpf),
-    Program(&'a ProgramMapIds),
-}
-
-impl MapSource<'_> {
-    fn map(&mut self, name: &'static str) -> Result<Map, ResolveError> {
-        let info_err = |source| ResolveError::Info { map: name, source };
-        let (map, id) = match &mut self.from {
-            Origin::Object(ebpf) => {
-                let map = ebpf.take_map(name).ok_or(ResolveError::Missing(name))?;
-                let id = data_of(&map)
-                    .ok_or_else(|| ResolveError::WrongType {
-                        map: name,
-                        source: MapError::InvalidName {
-                            name: name.to_string(),
-                        },
-                    })?
-                    .info()
-                    .map_err(info_err)?
-                    .id();
-                (map, id)
-            }
-            Origin::Program(ids) => {
-                let id = ids.id(name).map_err(|_| ResolveError::Missing(name))?;
-                (ids.open(name)?, id)
-            }
-        };
-        self.ids.push((name, id));
-        Ok(map)
-    }
-
-    /// The map called `name`, as the typed handle `M` (which checks its type and sizes).
-    pub fn take<M>(&mut self, name: &'static str) -> Result<M, ResolveError>
-    where
-        M: TryFrom<Map, Error = MapError>,
-    {
-        M::try_from(self.map(name)?).map_err(|source| ResolveError::WrongType { map: name, source })
-    }
-
-    /// The array called `name`, untyped: for arrays written through a memory mapping.
-    pub fn array_data(&mut self, name: &'static str) -> Result<MapData, ResolveError> {
-        match self.map(name)? {
-            Map::Array(data) => Ok(data),
-            _ => Err(ResolveError::WrongType {
-                map: name,
-                source: MapError::InvalidName {
-                    name: name.to_string(),
-                },
-            }),
-        }
-    }
-}
-
-/// The map data of the kinds of map moat's program declares.
-fn data_of(map: &Map) -> Option<&MapData> {
-    match map {
-        Map::Array(data)
-        | Map::PerCpuArray(data)
-        | Map::HashMap(data)
-        | Map::LruHashMap(data)
-        | Map::RingBuf(data) => Some(data),
-        _ => None,
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
-pub enum ProgramMapsError {
-    #[error("no loaded program has id {0}")]
-    NoProgram(u32),
-    #[error("listing the maps of program {id} failed")]
-    List {
-        id: u32,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
-    #[error("program {id} has no map named {name}")]
-    NoMap { id: u32, name: String },
-    #[error("opening map {name} of program {id}")]
-    Open {
-        id: u32,
-        name: String,
-        #[source]
-        source: MapError,
-    },
+pub enum SnapshotError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Read(#[from] MapAccessError),
 }
 
-/// The maps of any loaded program (moat's or a peer's), found by the program's kernel id:
-/// their names and ids, each read once.
-pub struct ProgramMapIds {
-    program_id: u32,
-    /// (map id, map name).
-    maps: Vec<(u32, String)>,
-}
-
-impl ProgramMapIds {
-    pub fn of(program_id: u32) -> Result<Self, ProgramMapsError> {
-        let info = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.id() == program_id)
-            .ok_or(ProgramMapsError::NoProgram(program_id))?;
-        let ids = info
-            .map_ids()
-            .map_err(|source| ProgramMapsError::List {
-                id: program_id,
-                source,
-            })?
-            .unwrap_or_default();
-        let maps = ids
-            .into_iter()
-            .filter_map(|id| {
-                let info = MapInfo::from_id(id).ok()?;
-                Some((id, info.name_as_str()?.to_string()))
-            })
-            .collect();
-        Ok(Self { program_id, maps })
-    }
-
-    /// The kernel id of the map called `name`.
-    pub fn id(&self, name: &str) -> Result<u32, ProgramMapsError> {
-        self.maps
-            .iter()
-            .find(|(_, n)| n == name)
-            .map(|(id, _)| *id)
-            .ok_or_else(|| ProgramMapsError::NoMap {
-                id: self.program_id,
-                name: name.to_string(),
-            })
-    }
-
-    /// The map called `name`, opened.
-    pub fn open(&self, name: &str) -> Result<Map, ProgramMapsError> {
-        let open_err = |source| ProgramMapsError::Open {
-            id: self.program_id,
-            name: name.to_string(),
-            source,
-        };
-        let data = MapData::from_id(self.id(name)?).map_err(open_err)?;
-        Map::from_map_data(data).map_err(open_err)
+impl Snapshot {
+    /// Reads the counters of a loaded program by its kernel id (as `ip link` or `bpftool`
+    /// show it), without owning the program. (Here rather than beside `Snapshot`: opening a
+    /// program's maps by id resolves all of them.)
+    pub fn of_program(program_id: u32) -> Result<Self, SnapshotError> {
+        Ok(ProgramMaps::of_program(program_id)?.counters.snapshot()?)
     }
 }

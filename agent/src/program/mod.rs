@@ -5,12 +5,14 @@
 //! buffer and the capture override. Nothing here knows the daemon, the CLI or the observers; they
 //! call in.
 
+pub mod capacities;
 pub mod counters;
 pub mod events;
 pub mod limiter;
 pub mod lists;
 pub mod live;
 pub mod loader;
+pub mod map_source;
 mod mapped_array;
 pub mod maps;
 pub mod pins;

@@ -14,8 +14,8 @@ use aya::{
 };
 
 use super::{
+    map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
-    maps::{MapAccessError, MapSource, Named, ResolveError, named},
 };
 use crate::config::{PortRange, Rule, RuleAction};
 

@@ -8,7 +8,7 @@ use agent_common::{
 };
 use aya::maps::{Array, MapData};
 
-use super::maps::{MapAccessError, MapSource, Named, ResolveError, named};
+use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
 use crate::config::{Mode, Policy, RateLimit};
 
 /// The settings of both generations and the generation in force; only this module writes them.

@@ -6,7 +6,10 @@ use std::{path::Path, time::Instant};
 
 use moat::{
     config::{Config, Overrides},
-    program::loader::{self, Capacities, LoadError, Loaded},
+    program::{
+        capacities::Capacities,
+        loader::{self, LoadError, Loaded},
+    },
 };
 
 const POLICY: &str = r#"

@@ -25,7 +25,7 @@ use moat::{
     config::{Config, Overrides, Policy},
     program::{
         limiter::{self, ActiveBan},
-        maps::ProgramMapIds,
+        map_source::ProgramMapIds,
     },
 };
 use moat_tests::{
