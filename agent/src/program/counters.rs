@@ -1,4 +1,6 @@
-//! Reading the per-CPU counters back: summed over CPUs, mapped from slots to interfaces.
+//! The program's counters (`STATS`, `RULE_HITS`, `LIST_HITS`, `EVENTS_LOST`) and the interface
+//! slots that index them: interfaces registered to their slots at start, and every counter read
+//! back summed over CPUs, mapped from slots to interfaces.
 
 use std::collections::BTreeMap;
 
