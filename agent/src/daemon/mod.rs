@@ -101,32 +101,23 @@ pub fn effective_policy(mut policy: Policy, dynamic: &Dynamic) -> Policy {
 
 pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
     let mut prepared = prepare(source, pin).await?;
-    let filled = load_and_fill(&mut prepared)?;
-    let Filled {
-        mut ebpf,
-        live,
-        limiter,
-        counters,
-        events,
-        sampling,
-        map_ids,
-    } = filled;
-    let observers = start_observers(&prepared, events, sampling)?;
-    let interfaces = attach(&mut ebpf, &prepared, &map_ids)?;
+    let mut program = load_and_fill(&mut prepared)?;
+    let observers = start_observers(&prepared, program.events, program.sampling)?;
+    let interfaces = attach(&mut program.ebpf, &prepared, &program.map_ids)?;
     let metrics = prepared.metrics.take();
     announce(
-        &mut ebpf,
+        &mut program.ebpf,
         &prepared,
         metrics,
-        &live,
+        &program.live,
         &interfaces,
         observers.scrapes,
     )?;
     let daemon = Daemon {
-        ebpf,
-        live,
-        limiter,
-        counters,
+        ebpf: program.ebpf,
+        live: program.live,
+        limiter: program.limiter,
+        counters: program.counters,
         dynamic: prepared.dynamic,
         store: prepared.store,
         source: prepared.source,

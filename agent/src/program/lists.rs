@@ -138,22 +138,13 @@ impl ListMaps {
                 IpNet::V6(net) => self.v6.remove(&v6_key(&net))?,
             }
         }
-        let mut v4_long = Vec::new();
-        let mut v6 = Vec::new();
-        for (cidr, _) in &change.upserts {
-            // The final source: a CIDR may be upserted twice in one change.
-            let Some(&source) = entries.get(cidr) else {
-                continue;
-            };
-            let entry = ListEntry { source };
-            match cidr.net() {
-                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                    v4_long.push((v4_key(&net), entry))
-                }
-                IpNet::V4(_) => {}
-                IpNet::V6(net) => v6.push((v6_key(&net), entry)),
-            }
-        }
+        // The final source: a CIDR may be upserted twice in one change.
+        let (v4_long, v6) = hash_entries(
+            change
+                .upserts
+                .iter()
+                .filter_map(|(cidr, _)| Some((cidr, *entries.get(cidr)?))),
+        );
         self.v4_long.insert_all(&v4_long)?;
         self.v6.insert_all(&v6)?;
 
@@ -193,25 +184,14 @@ pub struct CompiledList {
     kind: ListKind,
     /// One byte per /24 (see `agent_common::lists`).
     pub table: Vec<u8>,
-    pub v4_long: Vec<(V4PrefixKey, ListEntry)>,
-    pub v6: Vec<(V6PrefixKey, ListEntry)>,
+    pub v4_long: HashEntries<V4PrefixKey>,
+    pub v6: HashEntries<V6PrefixKey>,
     pub shape: ListShape,
 }
 
 impl CompiledList {
     pub fn compile(kind: ListKind, entries: &ListEntries) -> Result<Self, ListError> {
-        let mut v4_long = Vec::new();
-        let mut v6 = Vec::new();
-        for (cidr, &source) in entries {
-            let entry = ListEntry { source };
-            match cidr.net() {
-                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                    v4_long.push((v4_key(&net), entry))
-                }
-                IpNet::V4(_) => {}
-                IpNet::V6(net) => v6.push((v6_key(&net), entry)),
-            }
-        }
+        let (v4_long, v6) = hash_entries(entries.iter().map(|(cidr, &source)| (cidr, source)));
         Ok(Self {
             kind,
             shape: ListCounts::of(entries).shape(kind)?,
@@ -220,6 +200,28 @@ impl CompiledList {
             v6,
         })
     }
+}
+
+/// Entries of a prefix hash, as the map holds them.
+type HashEntries<K> = Vec<(K, ListEntry)>;
+
+/// The hash entries of (CIDR, source) pairs: IPv4 prefixes longer than /24, and IPv6 prefixes
+/// (shorter IPv4 prefixes live in the /24 table).
+fn hash_entries<'a>(
+    entries: impl Iterator<Item = (&'a Cidr, u32)>,
+) -> (HashEntries<V4PrefixKey>, HashEntries<V6PrefixKey>) {
+    let (mut v4_long, mut v6) = (Vec::new(), Vec::new());
+    for (cidr, source) in entries {
+        let entry = ListEntry { source };
+        match cidr.net() {
+            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                v4_long.push((v4_key(&net), entry))
+            }
+            IpNet::V4(_) => {}
+            IpNet::V6(net) => v6.push((v6_key(&net), entry)),
+        }
+    }
+    (v4_long, v6)
 }
 
 /// The IPv4 /24 table of `entries`: one byte per /24 (see `agent_common::lists`).

@@ -4,7 +4,7 @@
 use agent_common::{events::CaptureSettings, maps};
 use aya::maps::{Array, MapData};
 
-use super::maps::{MapAccessError, MapSource, Named, ResolveError, named};
+use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
 
 /// The override; only this module reads or writes it.
 pub struct SamplingOverride {
