@@ -2,7 +2,6 @@
 //! tcpdump and wireshark read.
 
 use std::{
-    fs::File,
     io::Write,
     path::{Path, PathBuf},
     time::Duration,
@@ -14,7 +13,7 @@ use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
 use agent_common::stats::Reason;
 
 use crate::control::{
-    client::stream,
+    client::{StreamEnd, stream_until_interrupted},
     protocol::{MAX_CAPTURE_COUNT, Reply, Request, SampleView},
 };
 
@@ -39,31 +38,66 @@ pub struct CaptureArgs {
     pub file: PathBuf,
 }
 
-/// Runs `moat capture`.
+/// Runs `moat capture`. A file is written beside its final name and renamed over it only when
+/// the capture ends well (or is interrupted with frames in it): a failed capture leaves any
+/// file already at that name as it was.
 pub fn capture(socket: &Path, args: CaptureArgs) -> anyhow::Result<()> {
-    let to_stdout = args.file.as_os_str() == "-";
-    let output: Box<dyn Write> = if to_stdout {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(
-            File::create(&args.file)
-                .with_context(|| format!("creating {}", args.file.display()))?,
-        )
+    if args.file.as_os_str() == "-" {
+        let mut pcap = PcapOutput::new(std::io::stdout())?;
+        let (captured, missed) = stream_frames(socket, &args, &mut pcap, true)?;
+        report(captured, missed, "standard output");
+        return Ok(());
+    }
+    let dir = match args.file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     };
-    let mut pcap = PcapOutput::new(output)?;
+    let name = args
+        .file
+        .file_name()
+        .with_context(|| format!("{} names no file", args.file.display()))?;
+    let temporary = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    let mut pcap = PcapOutput::new(temporary)?;
+    // On error the temporary file is dropped, which removes it.
+    let (captured, missed) = stream_frames(socket, &args, &mut pcap, false)?;
+    let mut temporary = pcap.into_inner();
+    temporary
+        .flush()
+        .and_then(|()| temporary.as_file().sync_all())
+        .with_context(|| format!("writing {}", temporary.path().display()))?;
+    temporary
+        .persist(&args.file)
+        .with_context(|| format!("renaming the capture to {}", args.file.display()))?;
+    report(captured, missed, &args.file.display().to_string());
+    Ok(())
+}
+
+/// Streams the capture's frames into `pcap`; returns (captured, missed).
+fn stream_frames<W: Write>(
+    socket: &Path,
+    args: &CaptureArgs,
+    pcap: &mut PcapOutput<W>,
+    to_stdout: bool,
+) -> anyhow::Result<(u64, u64)> {
     let request = Request::Capture {
         passed: args.passed,
         reason: args.reason.clone(),
         count: args.count,
         every: args.every,
     };
-    let mut summary = None;
-    let streamed = stream(socket, &request, |reply| match reply {
+    let (mut captured, mut summary) = (0, None);
+    let end = stream_until_interrupted(socket, &request, |reply| match reply {
         Reply::Sample(frame) => {
             pcap.write(&frame)?;
             if to_stdout {
+                // Each frame as it comes, e.g. for `tcpdump -r -`.
                 std::io::stdout().flush()?;
             }
+            captured += 1;
             Ok(true)
         }
         Reply::CaptureDone { captured, missed } => {
@@ -71,31 +105,27 @@ pub fn capture(socket: &Path, args: CaptureArgs) -> anyhow::Result<()> {
             Ok(false)
         }
         other => anyhow::bail!("the daemon answered with an unexpected reply: {other:?}"),
-    });
-    if let Err(e) = streamed {
-        // A refused capture leaves no file behind.
-        if !to_stdout && summary.is_none() {
-            let _ = std::fs::remove_file(&args.file);
+    })?;
+    match (end, summary) {
+        (_, Some(summary)) => Ok(summary),
+        (StreamEnd::Interrupted, None) if captured > 0 => {
+            eprintln!("moat: interrupted");
+            Ok((captured, 0))
         }
-        return Err(e);
+        (StreamEnd::Interrupted, None) => anyhow::bail!("interrupted before any frame came"),
+        (StreamEnd::Done, None) => anyhow::bail!("the daemon ended the capture without a summary"),
     }
-    let (captured, missed) = summary.unwrap_or_default();
-    let mut output = pcap.into_inner();
-    output.flush()?;
+}
+
+fn report(captured: u64, missed: u64, output: &str) {
     eprintln!(
-        "moat: captured {captured} frames to {}{}",
-        if to_stdout {
-            "standard output".to_string()
-        } else {
-            args.file.display().to_string()
-        },
+        "moat: captured {captured} frames to {output}{}",
         if missed > 0 {
             format!(" ({missed} more matched but were missed: the capture fell behind)")
         } else {
             String::new()
         }
     );
-    Ok(())
 }
 
 /// Writes frames to a pcap file (nanosecond timestamps, Ethernet), each as soon as it comes,

@@ -50,14 +50,19 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     println!("state in   {state_dir}");
     for i in interfaces {
         println!(
-            "interface  {} (index {}): {} mode, {}",
+            "interface  {} (index {}): {} mode, {}, {}",
             i.name,
             i.if_index,
             i.xdp_mode,
-            if i.pinned {
-                "pinned"
+            if i.attached {
+                "attached"
             } else {
-                "detached on exit"
+                "NOT ATTACHED (the kernel's link holds another program or interface)"
+            },
+            match (i.pinned, bpffs.is_some()) {
+                (true, _) => "pinned",
+                (false, true) => "PIN MISSING: the program detaches when the daemon stops",
+                (false, false) => "detached on exit",
             }
         );
     }
@@ -73,8 +78,11 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
 
 pub fn reload(socket: &Path) -> anyhow::Result<()> {
     match call(socket, &Request::Reload)? {
-        Reply::Reloaded => {
+        Reply::Reloaded { needs_restart } => {
             println!("reloaded");
+            if !needs_restart.is_empty() {
+                println!("not applied, needs a restart: {}", needs_restart.join(", "));
+            }
             Ok(())
         }
         reply => Err(unexpected(reply)),

@@ -98,6 +98,11 @@ impl RateLimit {
     pub fn is_on(&self) -> bool {
         self.pps != 0 || self.bps != 0
     }
+
+    /// Whether sources over their limit are banned (and bans are checked).
+    pub fn bans(&self) -> bool {
+        self.is_on() && self.ban_ttl.is_some()
+    }
 }
 
 type Located = super::rules::Located;

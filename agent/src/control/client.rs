@@ -17,13 +17,41 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
     reply.ok_or_else(|| anyhow!("the daemon sent no reply"))
 }
 
+/// How a stream of replies ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// `on_reply` asked for no more.
+    Done,
+    /// SIGINT (Ctrl-C) came first.
+    Interrupted,
+}
+
 /// Sends one request and hands each reply to `on_reply` until it returns `false` (a capture
 /// is answered with many); an error from the daemon ends it as an error.
 pub fn stream(
     socket: &Path,
     request: &Request,
-    mut on_reply: impl FnMut(Reply) -> anyhow::Result<bool>,
+    on_reply: impl FnMut(Reply) -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
+    exchange(socket, request, on_reply, false).map(|_| ())
+}
+
+/// As [`stream`], but SIGINT ends the stream instead of the process, so that the caller can
+/// keep what it received.
+pub fn stream_until_interrupted(
+    socket: &Path,
+    request: &Request,
+    on_reply: impl FnMut(Reply) -> anyhow::Result<bool>,
+) -> anyhow::Result<StreamEnd> {
+    exchange(socket, request, on_reply, true)
+}
+
+fn exchange(
+    socket: &Path,
+    request: &Request,
+    mut on_reply: impl FnMut(Reply) -> anyhow::Result<bool>,
+    interruptible: bool,
+) -> anyhow::Result<StreamEnd> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -39,19 +67,28 @@ pub fn stream(
         // A daemon that refuses the peer answers without reading the request: its answer
         // says more than the broken pipe the write then meets.
         let sent = protocol::write_frame(&mut stream, request).await;
+        let interrupt = async {
+            if !interruptible || tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(interrupt);
         loop {
-            let response: Response =
-                match protocol::read_frame(&mut stream, MAX_RESPONSE_BYTES).await {
-                    Ok(response) => response,
-                    Err(e) => {
-                        sent.context("sending the request")?;
-                        return Err(e).context("reading the daemon's response");
-                    }
-                };
+            let frame = tokio::select! {
+                frame = protocol::read_frame(&mut stream, MAX_RESPONSE_BYTES) => frame,
+                () = &mut interrupt => return Ok(StreamEnd::Interrupted),
+            };
+            let response: Response = match frame {
+                Ok(response) => response,
+                Err(e) => {
+                    sent.context("sending the request")?;
+                    return Err(e).context("reading the daemon's response");
+                }
+            };
             match response {
                 Response::Ok(reply) => {
                     if !on_reply(reply)? {
-                        return Ok(());
+                        return Ok(StreamEnd::Done);
                     }
                 }
                 Response::Error(message) => bail!("{message}"),

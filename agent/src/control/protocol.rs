@@ -104,8 +104,14 @@ pub struct InterfaceView {
     pub if_index: u32,
     /// `native`, `generic`, or `unknown` for a link adopted without a record of its mode.
     pub xdp_mode: String,
-    /// Whether the link is pinned (it outlives the daemon).
+    /// Whether the link's pin holds it (so it outlives the daemon), as the kernel says.
     pub pinned: bool,
+    /// Whether the kernel has the link attached to this interface with this daemon's program.
+    #[serde(default)]
+    pub attached: bool,
+    /// The link's kernel id, when it has one.
+    #[serde(default)]
+    pub link_id: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,7 +202,11 @@ pub enum Reply {
         counters: Vec<CounterView>,
     },
     Status(StatusView),
-    Reloaded,
+    Reloaded {
+        /// Keys the new configuration changes that only a restart applies.
+        #[serde(default)]
+        needs_restart: Vec<String>,
+    },
     Top(TopView),
     Sample(SampleView),
     /// The end of a capture: frames sent, and frames that matched but were missed because the

@@ -59,7 +59,7 @@ impl Daemon {
             Request::Capture { .. } => Err("a capture needs a connection of its own".into()),
             Request::Reload => self
                 .reload("moat reload")
-                .map(|()| Reply::Reloaded)
+                .map(|needs_restart| Reply::Reloaded { needs_restart })
                 .map_err(|e| {
                     let message = format!("reload rejected; the running policy stays: {e:#}");
                     warn!(cause = "moat reload", "{message}");

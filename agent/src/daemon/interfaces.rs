@@ -4,14 +4,15 @@
 use std::ffi::CString;
 
 use anyhow::anyhow;
-use aya::{Ebpf, programs::xdp::XdpLinkId};
+use aya::{Ebpf, programs::links::FdLink};
 use tracing::info;
 
 use crate::{
     config::{Config, XdpMode},
     program::{
         loader,
-        pins::{self, LinkMode, PinDir},
+        pins::{self, HeldLink, LinkMode, PinDir},
+        xdp_link,
     },
 };
 
@@ -20,15 +21,43 @@ pub struct Interface {
     pub name: String,
     pub if_index: u32,
     pub mode: LinkMode,
-    /// `Some`: attached by this process and detached on exit (`--no-pin`); `None`: the link is
-    /// pinned and outlives the daemon.
-    pub link: Option<XdpLinkId>,
+    pub link: Attachment,
+}
+
+/// How the program is attached to an interface. Either way the daemon holds the link's fd while
+/// it runs, so that nothing but the daemon can detach it meanwhile.
+pub enum Attachment {
+    /// Attached by this process and detached on exit (`--no-pin`).
+    Owned(FdLink),
+    /// Pinned, so that it outlives the daemon.
+    Pinned(HeldLink),
+}
+
+/// What the kernel says of an interface's attachment.
+pub struct KernelView {
+    pub link_id: Option<u32>,
+    /// The link is attached to the interface, with `program_id` in it.
+    pub attached: bool,
+    /// The pin holds this link.
+    pub pinned: bool,
 }
 
 impl Interface {
-    /// Whether the link is pinned (it outlives the daemon).
-    pub fn pinned(&self) -> bool {
-        self.link.is_none()
+    /// The attachment as the kernel sees it (not as the pin's file name says).
+    pub fn kernel_view(&self, program_id: Option<u32>) -> KernelView {
+        let (info, pinned) = match &self.link {
+            Attachment::Owned(link) => (xdp_link::info(link).ok(), false),
+            Attachment::Pinned(held) => match held.inspect() {
+                Ok((info, pinned)) => (Some(info), pinned),
+                Err(_) => (None, false),
+            },
+        };
+        KernelView {
+            link_id: info.map(|i| i.link_id),
+            attached: info
+                .is_some_and(|i| i.if_index == self.if_index && Some(i.program_id) == program_id),
+            pinned,
+        }
     }
 }
 
@@ -66,35 +95,43 @@ pub fn attach_all(
     let mut interfaces = Vec::with_capacity(resolved.len());
     for (name, if_index) in resolved {
         if let Some(pins) = pins
-            && let Some(link_mode) = pins::adopt(pins, program, name, mode)?
+            && let Some(held) = pins::adopt(pins, program, name, *if_index, mode)?
         {
             info!(
                 interface = name,
-                mode = link_mode.name(),
+                mode = held.mode.name(),
                 "took over the pinned link: the new program replaced the old in one step"
             );
             interfaces.push(Interface {
                 name: name.clone(),
                 if_index: *if_index,
-                mode: link_mode,
-                link: None,
+                mode: held.mode,
+                link: Attachment::Pinned(held),
             });
             continue;
         }
         // On error, `ebpf` is dropped by the caller and detaches what was attached so far.
         let attachment = loader::attach(program, name, *if_index, mode)?;
         let link = match pins {
-            Some(pins) => {
-                pins::pin_link(pins, program, attachment.link, name, attachment.mode)?;
-                None
+            Some(pins) => Attachment::Pinned(pins::pin_link(
+                pins,
+                program,
+                attachment.link,
+                name,
+                attachment.mode,
+            )?),
+            None => {
+                let link = program.take_link(attachment.link)?;
+                Attachment::Owned(FdLink::try_from(link).map_err(|_| {
+                    anyhow!("{name}: the kernel attached XDP without a BPF link (before 5.9)")
+                })?)
             }
-            None => Some(attachment.link),
         };
         info!(
             interface = name,
             if_index,
             mode = attachment.mode.name(),
-            pinned = link.is_none(),
+            pinned = matches!(link, Attachment::Pinned(_)),
             "attached"
         );
         interfaces.push(Interface {

@@ -32,13 +32,13 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use self::{
-    interfaces::{Interface, interface_name},
-    program_events::{EventSinks, LineLimiter},
+    interfaces::{Attachment, Interface, interface_name},
+    program_events::EventSinks,
     server::ControlSocket,
     state::{Dynamic, StateStore},
 };
 use crate::{
-    config::{Config, ListKind, Mode, Overrides, Policy, Resolved, XdpMode},
+    config::{Config, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode},
     observe::{
         capture::CaptureHub,
         metrics,
@@ -125,6 +125,8 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
             interfaces: prepared.config.interfaces,
             xdp_mode: prepared.config.xdp_mode,
             metrics_listen: prepared.config.metrics_listen,
+            paths: prepared.config.paths.clone(),
+            runtime_entries: prepared.config.runtime_entries,
         },
         interfaces,
         pins: prepared.pins,
@@ -226,7 +228,15 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
     let live = LivePolicy::install(policy_maps, policy, capacities)
         .context("writing the policy into the program's maps")?;
     log_policy(live.policy());
-    restore_bans(&mut limiter, prepared.pins.as_ref(), &prepared.saved_bans);
+    if live.policy().rate_limit.bans() {
+        restore_bans(&mut limiter, prepared.pins.as_ref(), &prepared.saved_bans);
+    } else if !prepared.saved_bans.is_empty() {
+        info!(
+            bans = prepared.saved_bans.len(),
+            "saved bans not restored: the configuration bans no more"
+        );
+        prepared.saved_bans.clear();
+    }
     let if_indexes: Vec<u32> = prepared.interfaces.iter().map(|(_, i)| *i).collect();
     counters
         .register_interfaces(&if_indexes)
@@ -269,12 +279,7 @@ fn start_observers(
     let drops = Arc::new(Mutex::new(DropTally::default()));
     let (bans, new_bans) = mpsc::channel(BAN_QUEUE);
     let reader = events
-        .spawn_reader(EventSinks {
-            captures: captures.sender(),
-            drops: drops.clone(),
-            bans,
-            lines: LineLimiter::default(),
-        })
+        .spawn_reader(EventSinks::new(captures.sender(), drops.clone(), bans))
         .context("polling the program's events")?;
     let (scrapes, scrape_requests) = mpsc::channel(4);
     Ok(Observers {
@@ -300,8 +305,14 @@ fn attach(
         interfaces::attach_all(ebpf, &prepared.interfaces, prepared.config.xdp_mode, pins)?;
     if let Some(pins) = pins {
         map_ids.pin(pins).context("pinning the maps")?;
+        // Every link moat attaches is pinned at its interface's path; any other pin holds a
+        // link of an interface no longer configured (or renamed away).
         for stale in pins.pinned_links() {
-            if !interfaces.iter().any(|i| i.name == stale.interface) {
+            let held = interfaces.iter().any(|i| match &i.link {
+                Attachment::Pinned(held) => held.path == stale.path,
+                Attachment::Owned(_) => false,
+            });
+            if !held {
                 info!(
                     interface = stale.interface,
                     "no longer configured; detaching"
@@ -368,11 +379,36 @@ pub struct Daemon {
     ban_expiries: BinaryHeap<Reverse<(SystemTime, IpAddr)>>,
 }
 
-/// What a reload may not change.
+/// What a reload does not change: refused (the first three), or applied at the next restart.
 struct RunningSettings {
     interfaces: Vec<String>,
     xdp_mode: XdpMode,
     metrics_listen: Option<std::net::SocketAddr>,
+    paths: Paths,
+    runtime_entries: u32,
+}
+
+impl RunningSettings {
+    /// The keys `resolved` changes that take effect only at a restart.
+    fn needing_restart(&self, resolved: &Resolved) -> Vec<String> {
+        let paths = &resolved.paths;
+        [
+            ("socket", paths.socket != self.paths.socket),
+            (
+                "socket_group",
+                paths.socket_group != self.paths.socket_group,
+            ),
+            ("bpffs", paths.bpffs != self.paths.bpffs),
+            (
+                "runtime_entries",
+                resolved.runtime_entries != self.runtime_entries,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| key.to_string())
+        .collect()
+    }
 }
 
 impl Daemon {
@@ -417,7 +453,7 @@ impl Daemon {
                     let _ = reply_to.send(response);
                 }
                 Some((source, ttl)) = new_bans.recv() => {
-                    self.ban_expiries.push(Reverse((SystemTime::now() + ttl, source)));
+                    self.track_ban(SystemTime::now() + ttl, source);
                     self.state_changed();
                 }
                 Some(reply_to) = scrapes.recv() => {
@@ -435,6 +471,14 @@ impl Daemon {
         }
         self.stop();
         Ok(())
+    }
+
+    /// Remembers a ban's expiry, to log it; no more than the ban map holds, so that a flood of
+    /// bans costs bounded memory (beyond that, an expiry goes unlogged).
+    fn track_ban(&mut self, expires_at: SystemTime, source: IpAddr) {
+        if self.ban_expiries.len() < self.live.capacities().rate_sources as usize {
+            self.ban_expiries.push(Reverse((expires_at, source)));
+        }
     }
 
     /// How long until the next entry expires (at most [`EXPIRY_CHECK_INTERVAL`]).
@@ -484,7 +528,8 @@ impl Daemon {
     }
 
     /// Re-reads the configuration and applies its policy; an error leaves the running one.
-    fn reload(&mut self, cause: &str) -> anyhow::Result<()> {
+    /// Returns the keys that changed but take effect only at a restart.
+    fn reload(&mut self, cause: &str) -> anyhow::Result<Vec<String>> {
         let (_, resolved) = self.source.load()?;
         if resolved.interfaces != self.settings.interfaces
             || resolved.xdp_mode != self.settings.xdp_mode
@@ -496,24 +541,54 @@ impl Daemon {
                  restart moat to change them"
             );
         }
+        let needs_restart = self.settings.needing_restart(&resolved);
         let policy = effective_policy(resolved.policy, &self.dynamic);
         self.live.replace(policy)?;
-        info!(cause, "reloaded the configuration");
+        if needs_restart.is_empty() {
+            info!(cause, "reloaded the configuration");
+        } else {
+            warn!(
+                cause,
+                not_applied = needs_restart.join(", "),
+                "reloaded the configuration; not applied: needs restart"
+            );
+        }
         log_policy(self.live.policy());
-        Ok(())
+        if !self.live.policy().rate_limit.bans() {
+            self.lift_bans(cause);
+        }
+        Ok(needs_restart)
+    }
+
+    /// Lifts every ban, logging each: the policy bans no more, and a ban the program no longer
+    /// checks must not be listed as in force.
+    fn lift_bans(&mut self, cause: &str) {
+        match self.limiter.lift_all() {
+            Ok(lifted) => {
+                for source in &lifted {
+                    info!(source = %source, cause, "unbanned: the policy no longer bans");
+                }
+                if !lifted.is_empty() {
+                    self.ban_expiries.clear();
+                    self.state_changed();
+                }
+            }
+            Err(e) => warn!(error = %crate::error_chain(&e), "could not lift the bans"),
+        }
     }
 
     /// Leaves the pinned program enforcing, or detaches what this process attached.
     fn stop(mut self) {
         self.save_state();
         log_counters(&self.counters, &self.interfaces);
-        let Ok(program) = loader::program(&mut self.ebpf) else {
-            return;
-        };
         for interface in self.interfaces.drain(..) {
             match interface.link {
-                Some(link) => loader::detach(program, &interface.name, link),
-                None => info!(
+                // Closing the only fd of an unpinned link detaches it.
+                Attachment::Owned(link) => {
+                    drop(link);
+                    info!(interface = interface.name, "detached");
+                }
+                Attachment::Pinned(_) => info!(
                     interface = interface.name,
                     "the pinned program keeps enforcing; `moat down` detaches it"
                 ),

@@ -18,8 +18,10 @@ use crate::{
     program::events::{Decoded, EventHandler, Sample},
 };
 
-/// At most this many sample lines per second; the rest are counted and summarised.
+/// At most this many sample lines, and this many ban lines, per second; the rest are counted and
+/// summarised.
 const SAMPLE_LINES_PER_SECOND: u32 = 10;
+const BAN_LINES_PER_SECOND: u32 = 10;
 
 /// Where events go.
 pub struct EventSinks {
@@ -29,15 +31,37 @@ pub struct EventSinks {
     pub drops: Arc<Mutex<DropTally>>,
     /// New bans with their length, so that the daemon saves them and logs their expiry.
     pub bans: mpsc::Sender<(IpAddr, Duration)>,
-    pub lines: LineLimiter,
+    /// Log lines of samples.
+    pub sample_lines: LineLimiter,
+    /// Log lines of bans: a flood of spoofed sources can ban thousands a second.
+    pub ban_lines: LineLimiter,
+}
+
+impl EventSinks {
+    pub fn new(
+        captures: broadcast::Sender<Arc<Sample>>,
+        drops: Arc<Mutex<DropTally>>,
+        bans: mpsc::Sender<(IpAddr, Duration)>,
+    ) -> Self {
+        Self {
+            captures,
+            drops,
+            bans,
+            sample_lines: LineLimiter::new("dropped packet samples", SAMPLE_LINES_PER_SECOND),
+            ban_lines: LineLimiter::new("bans", BAN_LINES_PER_SECOND),
+        }
+    }
 }
 
 impl EventHandler for EventSinks {
     fn event(&mut self, event: Decoded) {
         match event {
             Decoded::Ban { source, ttl } => {
-                info!(source = %source, ttl = %humantime::format_duration(ttl), cause = "rate_limit", "banned");
-                // A full queue only delays the save to the next periodic one.
+                if self.ban_lines.allow() {
+                    info!(source = %source, ttl = %humantime::format_duration(ttl), cause = "rate_limit", "banned");
+                }
+                // Bounded: a full queue only delays the save to the next periodic one (and the
+                // ban's expiry goes unlogged).
                 let _ = self.bans.try_send((source, ttl));
             }
             Decoded::Sample(sample) => {
@@ -45,7 +69,7 @@ impl EventHandler for EventSinks {
                     if let Ok(mut drops) = self.drops.lock() {
                         drops.add(&sample);
                     }
-                    if self.lines.allow() {
+                    if self.sample_lines.allow() {
                         info!(
                             source = %sample.source,
                             action = sample.action.name(),
@@ -66,19 +90,33 @@ impl EventHandler for EventSinks {
 
     /// The summary of held-back lines is due even when the flood stops.
     fn tick(&mut self) {
-        self.lines.roll(Instant::now());
+        let now = Instant::now();
+        self.sample_lines.roll(now);
+        self.ban_lines.roll(now);
     }
 }
 
-/// Lets through at most `SAMPLE_LINES_PER_SECOND` lines a second and reports what it held back.
-#[derive(Default)]
+/// Lets through at most `per_second` lines a second and reports what it held back.
 pub struct LineLimiter {
+    /// What the lines are about, for the summary.
+    what: &'static str,
+    per_second: u32,
     window: Option<Instant>,
     lines: u32,
     suppressed: u64,
 }
 
 impl LineLimiter {
+    pub fn new(what: &'static str, per_second: u32) -> Self {
+        Self {
+            what,
+            per_second,
+            window: None,
+            lines: 0,
+            suppressed: 0,
+        }
+    }
+
     /// Starts a new window when the current one is a second old, reporting what it held back.
     fn roll(&mut self, now: Instant) {
         let Some(window) = self.window else {
@@ -90,7 +128,7 @@ impl LineLimiter {
         if self.suppressed > 0 {
             info!(
                 suppressed = self.suppressed,
-                "dropped packet samples not logged (rate limit on log lines)"
+                "{} not logged (rate limit on log lines)", self.what
             );
         }
         self.window = None;
@@ -102,7 +140,7 @@ impl LineLimiter {
         let now = Instant::now();
         self.roll(now);
         self.window.get_or_insert(now);
-        if self.lines < SAMPLE_LINES_PER_SECOND {
+        if self.lines < self.per_second {
             self.lines += 1;
             true
         } else {

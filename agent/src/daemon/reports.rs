@@ -112,11 +112,16 @@ impl Daemon {
             interfaces: self
                 .interfaces
                 .iter()
-                .map(|i| InterfaceView {
-                    name: i.name.clone(),
-                    if_index: i.if_index,
-                    xdp_mode: i.mode.name().into(),
-                    pinned: i.pinned(),
+                .map(|i| {
+                    let kernel = i.kernel_view(info.as_ref().map(aya::programs::ProgramInfo::id));
+                    InterfaceView {
+                        name: i.name.clone(),
+                        if_index: i.if_index,
+                        xdp_mode: i.mode.name().into(),
+                        pinned: kernel.pinned,
+                        attached: kernel.attached,
+                        link_id: kernel.link_id,
+                    }
                 })
                 .collect(),
             maps: fills,

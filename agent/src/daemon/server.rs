@@ -3,7 +3,7 @@
 
 use std::{
     ffi::CString,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -33,6 +33,8 @@ pub enum SocketError {
     },
     #[error("another moat daemon is serving {0}")]
     InUse(PathBuf),
+    #[error("{0} exists and is not a socket; moat replaces only a stale socket of its own")]
+    NotASocket(PathBuf),
     #[error("socket_group {0:?} does not exist")]
     NoGroup(String),
 }
@@ -111,12 +113,15 @@ fn group_id(name: &str) -> Result<libc::gid_t, SocketError> {
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// (device, inode) of the socket bound: only that file is removed at the end.
+    inode: (u64, u64),
     access: Access,
 }
 
 impl ControlSocket {
     /// Binds `path`: mode 0600 (root only), or 0660 with group `group`. A stale socket left by
-    /// a daemon that died is replaced; a live one is an error.
+    /// a daemon that died is replaced; a live one is an error, and so is anything at `path`
+    /// that is not a socket (a file, a directory, a symlink: nothing is followed or deleted).
     pub fn bind(path: &Path, group: Option<&str>) -> Result<Self, SocketError> {
         let io = |source| SocketError::Io {
             path: path.to_path_buf(),
@@ -126,21 +131,35 @@ impl ControlSocket {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(SocketError::InUse(path.to_path_buf()));
+        match std::fs::symlink_metadata(path) {
+            Ok(found) if found.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(SocketError::InUse(path.to_path_buf()));
+                }
+                std::fs::remove_file(path).map_err(io)?;
             }
-            std::fs::remove_file(path).map_err(io)?;
+            Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
         }
-        let listener = UnixListener::bind(path).map_err(io)?;
-        let mode = if gid.is_some() { 0o660 } else { 0o600 };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+        // The socket is created with its final mode (the umask masks bind's 0777), so that no
+        // chmod has to follow a path someone could have swapped meanwhile.
+        let mode: libc::mode_t = if gid.is_some() { 0o660 } else { 0o600 };
+        // SAFETY: umask only swaps the process's file mode mask; it cannot fail.
+        let previous = unsafe { libc::umask(0o777 & !mode) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the mask.
+        unsafe { libc::umask(previous) };
+        let listener = bound.map_err(io)?;
         if let Some(gid) = gid {
-            std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(io)?;
+            // lchown: a symlink put in the socket's place is not followed.
+            std::os::unix::fs::lchown(path, Some(0), Some(gid)).map_err(io)?;
         }
+        let bound = std::fs::symlink_metadata(path).map_err(io)?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),
+            inode: (bound.dev(), bound.ino()),
             access: Access { group: gid },
         })
     }
@@ -177,7 +196,11 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|found| (found.dev(), found.ino()) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use tracing::error;
 
 use crate::{
     config::{Cidr, ListKind},
@@ -226,15 +227,102 @@ impl StateStore {
         self.dir.join(STATE_FILE)
     }
 
-    /// The saved state, without what expired by `now`; empty when nothing was saved yet.
+    /// The state saved before the last save, kept so that a damaged state file costs only the
+    /// last change.
+    fn previous_path(&self) -> PathBuf {
+        self.dir.join(format!("{STATE_FILE}.prev"))
+    }
+
+    /// The saved state, without what expired by `now`; empty when nothing was saved yet. A
+    /// state file that cannot be read as one (truncated, edited, from another version) is kept
+    /// aside under a new name, never deleted, and the previous state is used instead, with an
+    /// error in the log.
     pub fn load(&self, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), StateError> {
-        let path = self.path();
-        let text = match fs::read_to_string(&path) {
+        let current = self.path();
+        match self.read(&current, now) {
+            Ok(Some(state)) => return Ok(state),
+            Ok(None) => {}
+            Err(StateError::Corrupt { path, message }) => {
+                let aside = self.set_aside(&path)?;
+                error!(
+                    path = %path.display(),
+                    kept_as = %aside.display(),
+                    problem = message,
+                    "the state file is damaged; it is kept aside and the previous state is used"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        let previous = self.previous_path();
+        match self.read(&previous, now) {
+            Ok(Some(state)) => {
+                error!(
+                    path = %previous.display(),
+                    "restored the state saved before the last save: the last change may be lost"
+                );
+                Ok(state)
+            }
+            Ok(None) => Ok(Default::default()),
+            Err(StateError::Corrupt { path, message }) => {
+                let aside = self.set_aside(&path)?;
+                error!(
+                    path = %path.display(),
+                    kept_as = %aside.display(),
+                    problem = message,
+                    "the previous state file is damaged too; starting without saved entries"
+                );
+                Ok(Default::default())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The state in `path`; `None` when there is no such file.
+    fn read(
+        &self,
+        path: &Path,
+        now: SystemTime,
+    ) -> Result<Option<(Dynamic, Vec<ActiveBan>)>, StateError> {
+        let text = match fs::read_to_string(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
-            Err(e) => return Err(io(&path)(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(StateError::Corrupt {
+                    path: path.to_path_buf(),
+                    message: "not UTF-8".into(),
+                });
+            }
+            Err(e) => return Err(io(path)(e)),
         };
-        decode(&text, now).map_err(|message| StateError::Corrupt { path, message })
+        decode(&text, now)
+            .map(Some)
+            .map_err(|message| StateError::Corrupt {
+                path: path.to_path_buf(),
+                message,
+            })
+    }
+
+    /// Renames a damaged file to `<name>.damaged-<unix seconds>` beside it; returns the new name.
+    fn set_aside(&self, path: &Path) -> Result<PathBuf, StateError> {
+        let seconds = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let name = path
+            .file_name()
+            .map_or_else(|| STATE_FILE.into(), |n| n.to_string_lossy().into_owned());
+        let aside = (0..)
+            .map(|n| {
+                let suffix = if n == 0 {
+                    String::new()
+                } else {
+                    format!(".{n}")
+                };
+                self.dir.join(format!("{name}.damaged-{seconds}{suffix}"))
+            })
+            .find(|candidate| !candidate.exists())
+            .unwrap_or_else(|| unreachable!("an unbounded range yields a free name"));
+        fs::rename(path, &aside).map_err(io(path))?;
+        Ok(aside)
     }
 
     /// Replaces the saved state: temporary file, fsync, rename, fsync of the directory.
@@ -258,6 +346,13 @@ impl StateStore {
             .map_err(|e| io(&temporary)(e.into_error()))?;
         file.sync_all().map_err(io(&temporary))?;
         drop(file);
+        // The state being replaced becomes the previous one (a crash between the two renames
+        // leaves it there, and `load` finds it).
+        match fs::rename(&path, self.previous_path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
         fs::rename(&temporary, &path).map_err(io(&path))?;
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
@@ -423,9 +518,30 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_file_is_an_error_that_names_it() {
-        let dir = temp_dir("corrupt");
+    fn a_damaged_file_is_kept_aside_and_the_previous_state_is_used() {
+        let dir = temp_dir("damaged");
         let store = StateStore::open(&dir).expect("open");
+        // Whole seconds: the file keeps RFC 3339 seconds.
+        let later = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_secs()
+                    + 3600,
+            );
+        let mut first = Dynamic::default();
+        let entry = DynamicEntry {
+            expires_at: Some(later),
+            comment: None,
+        };
+        first.insert(
+            ListKind::Block,
+            "192.0.2.1".parse().expect("cidr"),
+            entry.clone(),
+        );
+        let mut second = first.clone();
+        second.insert(ListKind::Block, "192.0.2.2".parse().expect("cidr"), entry);
         for text in [
             "{",
             "{\"version\": 9}",
@@ -433,10 +549,31 @@ mod tests {
             "{\"version\": 1, \"blocklist\": [{\"cidrs\": [], \"expires_at\": \"tomorrow\", \"comment\": null}]}",
             "{\"version\": 1, \"surprise\": 1}",
         ] {
+            store.save(&first, &[]).expect("save");
+            store.save(&second, &[]).expect("save");
+            // Damaged: truncated mid-way, or anything that is not a state file.
             fs::write(store.path(), text).expect("write");
-            let e = store.load(SystemTime::now()).expect_err(text).to_string();
-            assert!(e.contains("state.json"), "{e}");
+            let (loaded, _) = store.load(SystemTime::now()).expect(text);
+            assert_eq!(loaded, first, "the previous state, for {text}");
+            let aside: Vec<_> = fs::read_dir(&dir)
+                .expect("list")
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
+                .collect();
+            assert_eq!(aside.len(), 1, "{text}");
+            assert_eq!(
+                fs::read_to_string(aside[0].path()).expect("read"),
+                text,
+                "kept as it was"
+            );
+            fs::remove_file(aside[0].path()).expect("remove");
         }
+        // A crash between the two renames of a save leaves only the previous state.
+        store.save(&first, &[]).expect("save");
+        store.save(&second, &[]).expect("save");
+        fs::remove_file(store.path()).expect("remove");
+        let (loaded, _) = store.load(SystemTime::now()).expect("load");
+        assert_eq!(loaded, first);
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

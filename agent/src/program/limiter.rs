@@ -120,6 +120,19 @@ impl LimiterMaps {
         }
     }
 
+    /// Lifts every ban; returns the sources that were banned then.
+    pub fn lift_all(&mut self) -> Result<Vec<IpAddr>, MapAccessError> {
+        let lifted: Vec<IpAddr> = self.active()?.into_iter().map(|ban| ban.source).collect();
+        let keys: Vec<SourceKey> = self.bans.map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            match self.bans.map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(named(self.bans.name)(e)),
+            }
+        }
+        Ok(lifted)
+    }
+
     /// Entries in the ban map, expired or not (what fills it).
     pub fn ban_entries(&self) -> u64 {
         self.bans.map.keys().filter(Result::is_ok).count() as u64

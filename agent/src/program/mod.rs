@@ -19,3 +19,4 @@ pub mod pins;
 pub mod rule_tables;
 pub mod sampling;
 pub mod settings;
+pub mod xdp_link;

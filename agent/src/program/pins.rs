@@ -12,6 +12,7 @@
 
 use std::{
     ffi::CString,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -25,6 +26,7 @@ use aya::{
 };
 use tracing::{info, warn};
 
+use super::xdp_link::{self, XdpLinkInfo};
 use crate::config::XdpMode;
 
 /// `statfs` magic of bpffs.
@@ -49,6 +51,13 @@ pub enum PinError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error(
+        "{path} is owned by uid {uid}, not root: moat pins only into directories no other user \
+         controls (remove it, or let moat create it)"
+    )]
+    NotOwned { path: PathBuf, uid: u32 },
+    #[error("{path} is not a directory (a symlink is not followed)")]
+    NotADirectory { path: PathBuf },
     #[error("the link pinned at {path} is not usable")]
     Link {
         path: PathBuf,
@@ -145,8 +154,10 @@ impl PinDir {
         self.maps().join(map)
     }
 
-    /// Makes sure the directory exists on bpffs, mounting bpffs on the directory's parent
-    /// (normally `/sys/fs/bpf`) when nothing is mounted there.
+    /// Makes sure the directory exists on bpffs, mounting bpffs (mode 0700) on the directory's
+    /// parent (normally `/sys/fs/bpf`) when nothing is mounted there. Every directory of the pin
+    /// tree is root's and 0700: one owned by another user is refused (whoever controls it could
+    /// delete a pin and detach moat), and one of root's with looser modes is tightened.
     pub fn prepare(&self) -> Result<(), PinError> {
         let mut existing = self.root.as_path();
         while !existing.exists() {
@@ -162,14 +173,16 @@ impl PinDir {
                 return Err(PinError::NoBpffs(self.root.clone()));
             }
             mount_bpffs(parent)?;
-            info!(path = %parent.display(), "mounted bpffs");
+            info!(path = %parent.display(), "mounted bpffs (mode 0700)");
         }
         for dir in [
+            self.root.clone(),
+            self.root.join("links"),
             self.links(LinkMode::Native),
             self.links(LinkMode::Generic),
             self.maps(),
         ] {
-            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            private_dir(&dir)?;
         }
         Ok(())
     }
@@ -268,6 +281,36 @@ fn is_bpffs(path: &Path) -> Result<bool, PinError> {
     Ok(stat.f_type as i64 == BPF_FS_MAGIC)
 }
 
+/// Creates `dir` (mode 0700) or checks the one there: a directory, not a symlink, root's.
+fn private_dir(dir: &Path) -> Result<(), PinError> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(dir)(e)),
+    }
+    let found = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+    if !found.file_type().is_dir() {
+        return Err(PinError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    if found.uid() != 0 {
+        return Err(PinError::NotOwned {
+            path: dir.to_path_buf(),
+            uid: found.uid(),
+        });
+    }
+    if found.mode() & 0o7777 != 0o700 {
+        warn!(
+            path = %dir.display(),
+            mode = format!("{:o}", found.mode() & 0o7777),
+            "tightening the pin directory to 0700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
 fn mount_bpffs(target: &Path) -> Result<(), PinError> {
     let c_target = CString::new(target.as_os_str().as_encoded_bytes())
         .map_err(|e| io(target)(std::io::Error::other(e)))?;
@@ -278,7 +321,8 @@ fn mount_bpffs(target: &Path) -> Result<(), PinError> {
             c_target.as_ptr(),
             c"bpf".as_ptr(),
             0,
-            std::ptr::null(),
+            // The kernel's default is 1777: any user could remove moat's pins.
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -287,19 +331,65 @@ fn mount_bpffs(target: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
-/// Puts `program` on the pinned link of `interface` when one serves `wanted`, with one atomic
-/// update; otherwise removes stale pins and returns `None` so the caller attaches anew.
+/// A link this process holds (its fd, for as long as the daemon runs) and has pinned (so that
+/// it outlives the daemon): deleting the pin does not detach moat while it runs.
+#[derive(Debug)]
+pub struct HeldLink {
+    pub mode: LinkMode,
+    pub path: PathBuf,
+    pub link: FdLink,
+}
+
+impl HeldLink {
+    /// What the kernel says of the link, and whether the pin still holds this very link.
+    pub fn inspect(&self) -> Result<(XdpLinkInfo, bool), std::io::Error> {
+        let info = xdp_link::info(&self.link)?;
+        let pinned = PinnedLink::from_pin(&self.path)
+            .ok()
+            .map(FdLink::from)
+            .and_then(|pinned| xdp_link::info(&pinned).ok())
+            .is_some_and(|pinned| pinned.link_id == info.link_id);
+        Ok((info, pinned))
+    }
+}
+
+/// Puts `program` into the pinned link attached to `if_index` (`interface`), when one serves
+/// `wanted`, with one atomic update. The kernel's word on which interface a link is attached to
+/// decides, not the pin's file name: a link pinned under another name (the interface was
+/// renamed) is re-pinned under this one. `None`: the caller attaches anew.
 pub fn adopt(
     dir: &PinDir,
     program: &mut Xdp,
     interface: &str,
+    if_index: u32,
     wanted: XdpMode,
-) -> Result<Option<LinkMode>, PinError> {
-    for pinned in dir
-        .pinned_links()
-        .into_iter()
-        .filter(|p| p.interface == interface)
-    {
+) -> Result<Option<HeldLink>, PinError> {
+    for pinned in dir.pinned_links() {
+        let link = match PinnedLink::from_pin(&pinned.path) {
+            Ok(link) => FdLink::from(link),
+            Err(source) => {
+                let e = PinError::Link {
+                    path: pinned.path.clone(),
+                    source,
+                };
+                warn!(error = %crate::error_chain(&e), "an unusable pin; removing it");
+                remove_if_present(&pinned.path)?;
+                continue;
+            }
+        };
+        let info = match xdp_link::info(&link) {
+            Ok(info) if info.if_index == if_index => info,
+            // Another interface's link (or a defunct one): not this interface's business.
+            _ => continue,
+        };
+        if pinned.interface != interface {
+            warn!(
+                interface,
+                pinned_as = pinned.interface,
+                link_id = info.link_id,
+                "the link pinned under another name is attached to this interface (renamed?)"
+            );
+        }
         if !pinned.mode.satisfies(wanted) {
             warn!(
                 interface,
@@ -310,56 +400,71 @@ pub fn adopt(
             remove_if_present(&pinned.path)?;
             continue;
         }
-        let updated = PinnedLink::from_pin(&pinned.path)
-            .map_err(|source| PinError::Link {
-                path: pinned.path.clone(),
-                source,
-            })
-            .and_then(|link| {
-                XdpLink::try_from(FdLink::from(link)).map_err(|_| PinError::NotXdp {
-                    path: pinned.path.clone(),
-                })
-            })
-            .and_then(|link| {
-                let id = program
-                    .attach_to_link(link)
-                    .map_err(take_failed(interface))?;
-                // The pin keeps the link; the program must not detach it when dropped.
-                program.take_link(id).map_err(take_failed(interface))
-            });
-        match updated {
-            Ok(_link) => return Ok(Some(pinned.mode)),
+        let xdp = XdpLink::try_from(link).map_err(|_| PinError::NotXdp {
+            path: pinned.path.clone(),
+        })?;
+        let held = program
+            .attach_to_link(xdp)
+            .and_then(|id| program.take_link(id))
+            .map_err(take_failed(interface));
+        let xdp = match held {
+            Ok(xdp) => xdp,
             Err(e) => {
-                // E.g. the interface was deleted and re-created: the old link is defunct.
                 warn!(
                     interface,
                     error = %crate::error_chain(&e),
                     "the pinned link cannot be updated; attaching anew"
                 );
                 remove_if_present(&pinned.path)?;
+                continue;
             }
+        };
+        let path = dir.link_path(interface, pinned.mode);
+        let link = FdLink::try_from(xdp).map_err(|_| PinError::NotXdp { path: path.clone() })?;
+        if pinned.path == path {
+            return Ok(Some(HeldLink {
+                mode: pinned.mode,
+                path,
+                link,
+            }));
         }
+        let held = pin_at(link, &path, interface, pinned.mode)?;
+        remove_if_present(&pinned.path)?;
+        return Ok(Some(held));
     }
     Ok(None)
 }
 
 /// Pins the link `link_id` of `program` (just attached to `interface`), so that it outlives
-/// this process.
+/// this process, and keeps its fd.
 pub fn pin_link(
     dir: &PinDir,
     program: &mut Xdp,
     link_id: aya::programs::xdp::XdpLinkId,
     interface: &str,
     mode: LinkMode,
-) -> Result<(), PinError> {
+) -> Result<HeldLink, PinError> {
     let link = program.take_link(link_id).map_err(take_failed(interface))?;
     let path = dir.link_path(interface, mode);
-    let fd_link = FdLink::try_from(link).map_err(|_| PinError::NotXdp { path: path.clone() })?;
-    remove_if_present(&path)?;
-    fd_link.pin(&path).map_err(|source| PinError::Pin {
+    let link = FdLink::try_from(link).map_err(|_| PinError::NotXdp { path: path.clone() })?;
+    pin_at(link, &path, interface, mode)
+}
+
+fn pin_at(
+    link: FdLink,
+    path: &Path,
+    interface: &str,
+    mode: LinkMode,
+) -> Result<HeldLink, PinError> {
+    remove_if_present(path)?;
+    let pinned = link.pin(path).map_err(|source| PinError::Pin {
         what: format!("the XDP link of {interface}"),
-        path,
+        path: path.to_path_buf(),
         source,
     })?;
-    Ok(())
+    Ok(HeldLink {
+        mode,
+        path: path.to_path_buf(),
+        link: FdLink::from(pinned),
+    })
 }

@@ -50,7 +50,7 @@ pub fn settings(policy: &Policy, allow: ListShape, block: ListShape) -> Settings
         },
         sample_every: policy.sample_every,
         rule_count: policy.rules.len() as u32,
-        check_bans: u32::from(policy.rate_limit.is_on() && policy.rate_limit.ban_ttl.is_some()),
+        check_bans: u32::from(policy.rate_limit.bans()),
         allow,
         block,
         rate: rate_settings(&policy.rate_limit),
