@@ -588,10 +588,24 @@ impl Daemon {
                     drop(link);
                     info!(interface = interface.name, "detached");
                 }
-                Attachment::Pinned(_) => info!(
-                    interface = interface.name,
-                    "the pinned program keeps enforcing; `moat down` detaches it"
-                ),
+                Attachment::Pinned(held) => {
+                    match held.restore_pin(&interface.name) {
+                        Ok(true) => warn!(
+                            interface = interface.name,
+                            "the link's pin had been removed; pinned it again"
+                        ),
+                        Ok(false) => {}
+                        Err(e) => error!(
+                            interface = interface.name,
+                            error = %crate::error_chain(&e),
+                            "the link's pin is gone and cannot be restored: the program detaches now"
+                        ),
+                    }
+                    info!(
+                        interface = interface.name,
+                        "the pinned program keeps enforcing; `moat down` detaches it"
+                    );
+                }
             }
         }
     }

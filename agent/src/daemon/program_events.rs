@@ -149,3 +149,33 @@ impl LineLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_bans_gets_a_bounded_number_of_lines() {
+        let (captures, _) = broadcast::channel(1);
+        let (bans, mut queued) = mpsc::channel(4);
+        let mut sinks = EventSinks::new(captures, Arc::default(), bans);
+        for i in 0..1000u32 {
+            let source = IpAddr::from(i.to_be_bytes());
+            sinks.event(Decoded::Ban {
+                source,
+                ttl: Duration::from_secs(60),
+            });
+        }
+        assert_eq!(sinks.ban_lines.lines, BAN_LINES_PER_SECOND);
+        assert_eq!(
+            sinks.ban_lines.suppressed,
+            1000 - u64::from(BAN_LINES_PER_SECOND)
+        );
+        // The queue to the daemon is bounded too: the rest wait for the periodic save.
+        let mut delivered = 0;
+        while queued.try_recv().is_ok() {
+            delivered += 1;
+        }
+        assert_eq!(delivered, 4);
+    }
+}

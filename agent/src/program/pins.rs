@@ -351,6 +351,16 @@ impl HeldLink {
             .is_some_and(|pinned| pinned.link_id == info.link_id);
         Ok((info, pinned))
     }
+
+    /// Pins the link again where its pin should be, when that pin is gone or holds another
+    /// link; returns whether it had to.
+    pub fn restore_pin(self, interface: &str) -> Result<bool, PinError> {
+        if self.inspect().is_ok_and(|(_, pinned)| pinned) {
+            return Ok(false);
+        }
+        pin_at(self.link, &self.path, interface, self.mode)?;
+        Ok(true)
+    }
 }
 
 /// Puts `program` into the pinned link attached to `if_index` (`interface`), when one serves

@@ -1,0 +1,265 @@
+//! End to end: moat as a privileged service that holds against a local user and an operator's
+//! mistakes (issue 13's review). Each test reproduces one finding with the real daemon.
+
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+    time::Duration,
+};
+
+use moat_tests::{
+    Lab, MoatProcess, Side,
+    lab::{ATTACKER_NET_V4, ATTACKER_V4, PROTECTED_V4},
+    netns,
+    traffic::{assert_answered, assert_unanswered, udp_flood},
+};
+use serde_json::Value;
+
+/// The uid and gid of `nobody`: an unprivileged local user.
+const NOBODY: u32 = 65534;
+
+fn status(lab: &Lab) -> Value {
+    let out = MoatProcess::cli(lab, &["status", "--json"]).ok("status --json");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+fn block_attacker(lab: &Lab) -> std::path::PathBuf {
+    lab.write_config(&format!("[blocklist]\ncidrs = [\"{ATTACKER_NET_V4}\"]\n"))
+}
+
+/// Finding 1: bpffs mounted 1777, pin directories accepted whoever owned them, no link fd held:
+/// deleting the link pin detached moat while `status` said "pinned".
+#[test]
+fn a_deleted_link_pin_does_not_detach_moat_and_status_says_so() {
+    let lab = Lab::new();
+    let config = block_attacker(&lab);
+    let (moat, program_id) =
+        MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
+
+    // The kernel adds the sticky bit to a bpffs root whatever the mode asked for.
+    assert_eq!(
+        mode_of(&lab.bpffs_mount()),
+        0o1700,
+        "the bpffs moat mounted (the kernel's default is 1777)"
+    );
+    for dir in ["", "links", "links/native", "links/generic", "maps"] {
+        let path = lab.bpffs().join(dir);
+        assert_eq!(mode_of(&path), 0o700, "{}", path.display());
+        assert_eq!(std::fs::metadata(&path).expect("stat").uid(), 0);
+    }
+
+    let pin = lab
+        .bpffs()
+        .join("links/native")
+        .join(lab.interface(Side::Protected));
+    let before = status(&lab);
+    assert_eq!(before["interfaces"][0]["attached"], true, "{before}");
+    assert_eq!(before["interfaces"][0]["pinned"], true, "{before}");
+    std::fs::remove_file(&pin).expect("delete the link pin");
+
+    assert_eq!(
+        lab.xdp(Side::Protected).map(|(id, _)| id),
+        Some(program_id),
+        "the daemon's fd keeps the link attached"
+    );
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    let after = status(&lab);
+    assert_eq!(after["interfaces"][0]["attached"], true, "{after}");
+    assert_eq!(
+        after["interfaces"][0]["pinned"], false,
+        "status reads the pin from the kernel: {after}"
+    );
+    let text = MoatProcess::cli(&lab, &["status"]).ok("status");
+    assert!(text.contains("PIN MISSING"), "{text}");
+
+    // Stopping pins the link again: the program keeps enforcing without the daemon.
+    let (exit, log) = moat.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+    assert!(log.contains("pinned it again"), "{log}");
+    assert!(pin.exists(), "the pin is back");
+    assert_eq!(lab.xdp(Side::Protected).map(|(id, _)| id), Some(program_id));
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    let bpffs = lab.bpffs().to_string_lossy().into_owned();
+    MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("moat down");
+}
+
+/// Finding 1: a pin directory another user made (on a bpffs anyone may write to) is refused
+/// before anything is attached.
+#[test]
+fn a_pin_directory_another_user_made_is_refused() {
+    let lab = Lab::new();
+    let config = block_attacker(&lab);
+    let mount = lab.bpffs_mount().to_string_lossy().into_owned();
+    let mounted = netns::run("mount", &["-t", "bpf", "bpf", &mount]);
+    assert!(mounted.status.success(), "mount bpffs: {mounted:?}");
+    let planted = lab.bpffs().join("links/generic");
+    std::fs::create_dir_all(&planted).expect("create the directories");
+    for dir in [lab.bpffs(), lab.bpffs().join("links"), planted.clone()] {
+        std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
+    }
+
+    let (exit, log) =
+        MoatProcess::run_to_exit(&lab, &["run", "--config", &config.to_string_lossy()]);
+    assert!(!exit.success(), "moat must refuse: {log}");
+    assert!(
+        log.contains(&lab.bpffs().to_string_lossy().into_owned())
+            && log.contains("owned by uid 65534"),
+        "the error names the directory and its owner: {log}"
+    );
+    assert_eq!(lab.xdp(Side::Protected), None, "nothing attached");
+}
+
+/// Finding 7: the link's interface index decides, not the pin's file name. After a rename, the
+/// new daemon takes over the link under the interface's new name.
+#[test]
+fn after_an_interface_rename_the_link_is_taken_over_by_its_index() {
+    let lab = Lab::new();
+    let config = block_attacker(&lab);
+    let (first, old_id) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
+    let (exit, log) = first.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+
+    let old_name = lab.interface(Side::Protected).to_string();
+    let new_name = format!("{old_name}r");
+    let protected = lab.netns(Side::Protected);
+    for args in [
+        &["link", "set", "dev", &old_name, "down"][..],
+        &["link", "set", "dev", &old_name, "name", &new_name],
+        &["link", "set", "dev", &new_name, "up"],
+    ] {
+        let out = protected.ip(args);
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    let renamed = lab.dir().join("renamed.toml");
+    std::fs::write(
+        &renamed,
+        format!("interfaces = [\"{new_name}\"]\n[blocklist]\ncidrs = [\"{ATTACKER_NET_V4}\"]\n"),
+    )
+    .expect("write config");
+    let second = MoatProcess::spawn(&lab, &["run", "--config", &renamed.to_string_lossy()]);
+    let log = second.wait_for_log("moat is enforcing", 1);
+    assert!(log.contains("renamed?"), "the rename is noticed: {log}");
+    assert!(log.contains("took over the pinned link"), "{log}");
+
+    let status = status(&lab);
+    let interface = &status["interfaces"][0];
+    assert_eq!(interface["name"], new_name.as_str(), "{status}");
+    assert_eq!(interface["attached"], true, "{status}");
+    assert_eq!(interface["pinned"], true, "{status}");
+    let links = lab.bpffs().join("links/native");
+    assert!(links.join(&new_name).exists(), "pinned under the new name");
+    assert!(!links.join(&old_name).exists(), "not under the old one");
+    assert_ne!(
+        status["program_id"], old_id,
+        "the new program is in the link"
+    );
+    let (exit, log) = second.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+    let bpffs = lab.bpffs().to_string_lossy().into_owned();
+    MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("moat down");
+}
+
+/// Findings 6 and 8: a reload names what needs a restart, and bans the new policy no longer
+/// checks are lifted (and logged), never listed as in force while ignored.
+#[test]
+fn a_reload_names_what_needs_a_restart_and_lifts_bans_it_no_longer_enforces() {
+    let lab = Lab::new();
+    let config = lab.write_config(
+        "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"\n",
+    );
+    let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
+    // Over the limit for longer than ban_after.
+    udp_flood(
+        &lab,
+        Lab::addr(ATTACKER_V4),
+        Lab::addr(PROTECTED_V4),
+        5_000_000,
+        64,
+        Duration::from_millis(2500),
+    );
+    moat.wait_for_log("banned source=", 1);
+    let banned = MoatProcess::cli(&lab, &["block", "list"]).ok("block list");
+    assert!(banned.contains("rate_limit"), "{banned}");
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+
+    lab.write_config("runtime_entries = 1000\nsocket_group = \"root\"\n");
+    let out = MoatProcess::cli(&lab, &["reload"]).ok("reload");
+    assert!(
+        out.contains("needs a restart: socket_group, runtime_entries"),
+        "{out}"
+    );
+    let listed = MoatProcess::cli(&lab, &["block", "list"]).ok("block list");
+    assert!(!listed.contains("rate_limit"), "no ban listed: {listed}");
+    assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
+    let log = moat.wait_for_log("the policy no longer bans", 1);
+    assert!(log.contains("not applied: needs restart"), "{log}");
+}
+
+/// Finding 11: only a stale socket is replaced; a file or a symlink at the socket's path is
+/// refused and left as it was.
+#[test]
+fn nothing_but_a_stale_socket_is_replaced_at_the_socket_path() {
+    let lab = Lab::new();
+    let config = block_attacker(&lab);
+    let precious = lab.dir().join("precious");
+    std::fs::write(&precious, "keep me").expect("write");
+    std::fs::set_permissions(&precious, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let link = lab.dir().join("link.sock");
+    std::os::unix::fs::symlink(&precious, &link).expect("symlink");
+    for path in [&precious, &link] {
+        let socket = path.to_string_lossy().into_owned();
+        let (exit, log) = MoatProcess::run_to_exit(
+            &lab,
+            &[
+                "run",
+                "--config",
+                &config.to_string_lossy(),
+                "--socket",
+                &socket,
+            ],
+        );
+        assert!(!exit.success(), "{log}");
+        assert!(log.contains("is not a socket"), "{log}");
+        assert_eq!(lab.xdp(Side::Protected), None, "nothing attached");
+    }
+    assert_eq!(std::fs::read_to_string(&precious).expect("read"), "keep me");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("the symlink")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(mode_of(&precious), 0o640, "no chmod through the symlink");
+}
+
+/// Finding 12: a capture that fails leaves a file already at its path as it was, and no
+/// temporary file behind.
+#[test]
+fn a_failed_capture_leaves_the_file_it_would_replace() {
+    let lab = Lab::new();
+    let out = lab.dir().join("capture.pcap");
+    std::fs::write(&out, "an earlier capture").expect("write");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    // No daemon is running: the capture fails.
+    let reason = MoatProcess::cli(&lab, &["capture", "-c", "1", "-w", &out.to_string_lossy()])
+        .refused("a capture without a daemon");
+    assert!(reason.contains("cannot reach the moat daemon"), "{reason}");
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("read"),
+        "an earlier capture"
+    );
+    let left: Vec<String> = std::fs::read_dir(lab.dir())
+        .expect("list")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}
