@@ -3,7 +3,9 @@
 //! ICMPv6 header. Every read goes through one bounds-checked accessor.
 //!
 //! A packet that claims more than it carries is `Malformed`: moat never guesses past a header it
-//! could not read.
+//! could not read. Every header past IP must lie inside the IP packet (IPv4 total length, IPv6
+//! payload length) as well as the frame: bytes after the IP packet are padding the receiving
+//! stack ignores, and a header read from them would be judged by junk (RFC 1858).
 
 use core::mem::size_of;
 
@@ -40,6 +42,10 @@ pub const IPPROTO_DSTOPTS: u8 = 60;
 
 const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 const IPV6_FRAGMENT_OFFSET_MASK: u16 = 0xfff8;
+/// A fragment at offset 1 (8 bytes) can overwrite the TCP flags of the first fragment when the
+/// stack reassembles it (RFC 1858's overlapping-fragment attack); no honest sender makes one.
+const OVERLAPPING_FRAGMENT_OFFSET: u16 = 1;
+const UDP_HEADER_LEN: usize = 8;
 const TCP_MIN_HEADER_LEN: usize = 20;
 const ICMP_HEADER_LEN: usize = 4;
 
@@ -163,15 +169,18 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     {
         return Err(Malformed);
     }
-    let first_fragment = u16::from_be_bytes(frags) & IPV4_FRAGMENT_OFFSET_MASK == 0;
+    let fragment_offset = u16::from_be_bytes(frags) & IPV4_FRAGMENT_OFFSET_MASK;
+    if fragment_offset == OVERLAPPING_FRAGMENT_OFFSET {
+        return Err(Malformed);
+    }
     let mut packet = Packet {
         source: Source::V4(src),
         protocol,
         ports: None,
         tcp_flags: None,
     };
-    if first_fragment {
-        transport(ctx, offset + header_len, &mut packet)?;
+    if fragment_offset == 0 {
+        transport(ctx, offset + header_len, offset + total_len, &mut packet)?;
     }
     Ok(packet)
 }
@@ -190,7 +199,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     };
     let payload_len = usize::from(u16::from_be_bytes(payload_len));
     let mut offset = offset + size_of::<Ipv6Hdr>();
-    if version != 6 || offset + payload_len > frame_len(ctx) {
+    let ip_end = offset + payload_len;
+    if version != 6 || ip_end > frame_len(ctx) {
         return Err(Malformed);
     }
 
@@ -212,7 +222,13 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
                 let (next, offset_flags) =
                     unsafe { ((*fragment).next_header, (*fragment).offset_flags) };
                 next_header = next;
-                first_fragment &= u16::from_be_bytes(offset_flags) & IPV6_FRAGMENT_OFFSET_MASK == 0;
+                // In 8-octet units, as IPv4's.
+                let fragment_offset =
+                    (u16::from_be_bytes(offset_flags) & IPV6_FRAGMENT_OFFSET_MASK) >> 3;
+                if fragment_offset == OVERLAPPING_FRAGMENT_OFFSET {
+                    return Err(Malformed);
+                }
+                first_fragment &= fragment_offset == 0;
                 offset += size_of::<Ipv6Fragment>();
             }
             IPPROTO_AH => {
@@ -227,6 +243,10 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
                 break;
             }
         }
+        // Each extension header ends inside the IPv6 packet.
+        if offset > ip_end {
+            return Err(Malformed);
+        }
     }
     // A chain longer than we walk hides its upper layer: refuse it rather than pass it blind.
     let protocol = upper_layer.ok_or(Malformed)?;
@@ -237,16 +257,22 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
         tcp_flags: None,
     };
     if first_fragment {
-        transport(ctx, offset, &mut packet)?;
+        transport(ctx, offset, ip_end, &mut packet)?;
     }
     Ok(packet)
 }
 
-/// Reads the transport header at `offset` into `packet`. Called only where the header must be
-/// present (unfragmented packets and first fragments); a first fragment too short to hold it
-/// is the tiny-fragment attack (RFC 1858) and is malformed.
+/// Reads the transport header at `offset` into `packet`; the IP packet ends at `ip_end`. Called
+/// only where the header must be present (unfragmented packets and first fragments); a header
+/// that does not fit in the IP packet — a first fragment too short to hold it is RFC 1858's
+/// tiny-fragment attack — is malformed, whatever bytes follow in the frame.
 #[inline(always)]
-fn transport(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(), Malformed> {
+fn transport(
+    ctx: &XdpContext,
+    offset: usize,
+    ip_end: usize,
+    packet: &mut Packet,
+) -> Result<(), Malformed> {
     match packet.protocol {
         IPPROTO_TCP => {
             let tcp: *const TcpStart = ptr_at(ctx, offset)?;
@@ -254,19 +280,24 @@ fn transport(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(),
             let (source, dest, data_offset, flags) =
                 unsafe { ((*tcp).source, (*tcp).dest, (*tcp).data_offset, (*tcp).flags) };
             let header_len = usize::from(data_offset >> 4) * 4;
-            if header_len < TCP_MIN_HEADER_LEN || offset + header_len > frame_len(ctx) {
+            if header_len < TCP_MIN_HEADER_LEN || offset + header_len > ip_end {
                 return Err(Malformed);
             }
             packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
             packet.tcp_flags = Some(flags);
         }
         IPPROTO_UDP => {
+            // The frame first, then the IP packet: checked the other way round, the compiler
+            // drops the frame check as implied, and the verifier needs to see it.
             let udp: *const UdpHdr = ptr_at(ctx, offset)?;
+            if offset + UDP_HEADER_LEN > ip_end {
+                return Err(Malformed);
+            }
             // SAFETY: ptr_at checked that the header lies inside the frame.
             let (source, dest) = unsafe { ((*udp).src, (*udp).dst) };
             packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if offset + ICMP_HEADER_LEN > frame_len(ctx) => {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if offset + ICMP_HEADER_LEN > ip_end => {
             return Err(Malformed);
         }
         _ => {}

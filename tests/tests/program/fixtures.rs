@@ -79,6 +79,12 @@ fn patched(mut frame: Vec<u8>, bytes: &[(usize, u8)]) -> Vec<u8> {
     frame
 }
 
+/// `frame` with `bytes` zero bytes after it, as a NIC pads a short frame.
+fn padded(mut frame: Vec<u8>, bytes: usize) -> Vec<u8> {
+    frame.resize(frame.len() + bytes, 0);
+    frame
+}
+
 /// A frame behind a hop-by-hop and a destination options header.
 fn v6_exts(frame: Frame) -> Frame {
     frame
@@ -153,6 +159,22 @@ pub fn cases() -> Vec<Case> {
         case("truncated TCP header", Frame::tcp(LEGIT_V4, 1, 2, TCP_SYN).payload(0).bytes()[..L3_OFFSET + 30].to_vec(), Drop, Malformed),
         case("TCP data offset below 5", patched(Frame::tcp(LEGIT_V4, 1, 2, TCP_SYN).bytes(), &[(L3_OFFSET + 20 + 12, 0x40)]), Drop, Malformed),
         case("tiny first fragment (RFC 1858)", Frame::tcp(LEGIT_V4, 1, 2, TCP_SYN).payload(0).ipv4_fragment(0, true).bytes()[..L3_OFFSET + 28].to_vec(), Drop, Malformed),
+        // Every transport header inside the IP packet, not just the frame (RFC 1858): the junk
+        // after a short IP packet here looks like a harmless TCP header to port 80.
+        case("tiny first fragment padded with a harmless-looking header", patched(Frame::tcp(LEGIT_V4, 40000, 80, TCP_SYN).payload(0).bytes(), &[(L3_OFFSET + 2, 0), (L3_OFFSET + 3, 28), (L3_OFFSET + 6, 0x20)]), Drop, Malformed),
+        case("TCP header past the IPv4 total length", patched(Frame::tcp(LEGIT_V4, 40000, 80, TCP_SYN).payload(0).bytes(), &[(L3_OFFSET + 2, 0), (L3_OFFSET + 3, 36)]), Drop, Malformed),
+        case("UDP header past the IPv4 total length", patched(Frame::udp(LEGIT_V4, 40000, 443).payload(0).bytes(), &[(L3_OFFSET + 2, 0), (L3_OFFSET + 3, 24)]), Drop, Malformed),
+        case("ICMP header past the IPv4 total length", patched(Frame::ping(LEGIT_V4).payload(0).bytes(), &[(L3_OFFSET + 2, 0), (L3_OFFSET + 3, 22)]), Drop, Malformed),
+        case("IPv4 fragment at offset 1 (RFC 1858)", Frame::tcp(LEGIT_V4, 1, 2, TCP_SYN).ipv4_fragment(1, true).bytes(), Drop, Malformed),
+        case("IPv6 TCP header past the payload length", patched(Frame::tcp(LEGIT_V6, 40000, 80, TCP_SYN).payload(0).bytes(), &[(L3_OFFSET + 4, 0), (L3_OFFSET + 5, 8)]), Drop, Malformed),
+        case("IPv6 tiny first fragment padded", patched(Frame::tcp(LEGIT_V6, 40000, 80, TCP_SYN).payload(0).extension(Extension::Fragment { offset: 0, more: true }).bytes(), &[(L3_OFFSET + 4, 0), (L3_OFFSET + 5, 16)]), Drop, Malformed),
+        case("IPv6 fragment at offset 1", Frame::udp(LEGIT_V6, 1, 2).extension(Extension::Fragment { offset: 1, more: true }).bytes(), Drop, Malformed),
+        case("IPv6 extension header past the payload length", patched(v6_exts(Frame::udp(LEGIT_V6, 1, 2)).payload(0).bytes(), &[(L3_OFFSET + 4, 0), (L3_OFFSET + 5, 4)]), Drop, Malformed),
+        // What honest senders send still passes: a first fragment holding the whole header,
+        // and Ethernet padding after a short IP packet.
+        case("first fragment holding the whole TCP header", Frame::tcp(LEGIT_V4, 40000, 80, TCP_SYN).ipv4_fragment(0, true).bytes(), Pass, NoMatch),
+        case("IPv6 first fragment holding the whole UDP header", Frame::udp(LEGIT_V6, 40000, 443).extension(Extension::Fragment { offset: 0, more: true }).bytes(), Pass, NoMatch),
+        case("Ethernet padding after a short IP packet", padded(Frame::udp(LEGIT_V4, 40000, 443).payload(0).bytes(), 18), Pass, NoMatch),
         case("truncated IPv6 header", Frame::udp(LEGIT_V6, 1, 2).bytes()[..L3_OFFSET + 30].to_vec(), Drop, Malformed),
         case("IPv6 version 4", patched(Frame::udp(LEGIT_V6, 1, 2).bytes(), &[(L3_OFFSET, 0x40)]), Drop, Malformed),
         case("IPv6 payload beyond the frame", patched(Frame::udp(LEGIT_V6, 1, 2).bytes(), &[(L3_OFFSET + 4, 0x40)]), Drop, Malformed),
