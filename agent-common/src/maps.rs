@@ -1,5 +1,10 @@
 //! Names and capacities of the program and its maps: the one place both sides read them from.
 
+/// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
+/// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
+/// state directory instead). Version 1 pinned maps straight under `maps/`.
+pub const PINNED_LAYOUT_VERSION: u32 = 2;
+
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
 

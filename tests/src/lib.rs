@@ -5,6 +5,7 @@
 //! Every helper panics with a message that says what was expected and what happened: a failing
 //! end-to-end test should read like a bug report.
 
+pub mod bpf_syscall;
 pub mod frames;
 pub mod lab;
 pub mod moat_process;

@@ -2,13 +2,16 @@
 //! mistakes (issue 13's review). Each test reproduces one finding with the real daemon.
 
 use std::{
-    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    os::{
+        fd::AsFd as _,
+        unix::fs::{MetadataExt as _, PermissionsExt as _},
+    },
     path::Path,
     time::Duration,
 };
 
 use moat_tests::{
-    Lab, MoatProcess, Side,
+    Lab, MoatProcess, Side, bpf_syscall,
     lab::{ATTACKER_NET_V4, ATTACKER_V4, PROTECTED_V4},
     netns,
     traffic::{assert_answered, assert_unanswered, udp_flood},
@@ -171,20 +174,9 @@ fn after_an_interface_rename_the_link_is_taken_over_by_its_index() {
 #[test]
 fn a_reload_names_what_needs_a_restart_and_lifts_bans_it_no_longer_enforces() {
     let lab = Lab::new();
-    let config = lab.write_config(
-        "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"\n",
-    );
+    let config = lab.write_config(BANNING);
     let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
-    // Over the limit for longer than ban_after.
-    udp_flood(
-        &lab,
-        Lab::addr(ATTACKER_V4),
-        Lab::addr(PROTECTED_V4),
-        5_000_000,
-        64,
-        Duration::from_millis(2500),
-    );
-    moat.wait_for_log("banned source=", 1);
+    get_attacker_banned(&lab, &moat);
     let banned = MoatProcess::cli(&lab, &["block", "list"]).ok("block list");
     assert!(banned.contains("rate_limit"), "{banned}");
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
@@ -200,6 +192,77 @@ fn a_reload_names_what_needs_a_restart_and_lifts_bans_it_no_longer_enforces() {
     assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
     let log = moat.wait_for_log("the policy no longer bans", 1);
     assert!(log.contains("not applied: needs restart"), "{log}");
+}
+
+/// Bans `ATTACKER_V4` through the rate limiter of the lab's daemon (over its limit for longer
+/// than `ban_after`).
+fn get_attacker_banned(lab: &Lab, moat: &MoatProcess) {
+    udp_flood(
+        lab,
+        Lab::addr(ATTACKER_V4),
+        Lab::addr(PROTECTED_V4),
+        5_000_000,
+        64,
+        Duration::from_millis(2500),
+    );
+    moat.wait_for_log("banned source=", 1);
+    assert_unanswered(lab, ATTACKER_V4, PROTECTED_V4);
+}
+
+const BANNING: &str =
+    "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"\n";
+
+/// Finding 9: pinned maps of another layout (an upgrade) are never read as this moat's, and the
+/// bans come back from the state directory, which is never saved with less.
+#[test]
+fn bans_survive_a_pinned_map_of_another_layout() {
+    let lab = Lab::new();
+    let config = lab.write_config(BANNING);
+    let config_arg = config.to_string_lossy().into_owned();
+    let (first, _) = MoatProcess::start(&lab, &["run", "--config", &config_arg]);
+    get_attacker_banned(&lab, &first);
+    let (exit, log) = first.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+    let state = lab.state_dir().join("state.json");
+    assert!(
+        std::fs::read_to_string(&state)
+            .expect("state")
+            .contains(ATTACKER_V4),
+        "the ban is saved"
+    );
+
+    // An "older moat" left a map of another value size where this one looks, and a map of an
+    // old layout version beside it.
+    let layout = lab.bpffs().join(format!(
+        "maps/v{}",
+        agent_common::maps::PINNED_LAYOUT_VERSION
+    ));
+    let bans = layout.join(agent_common::maps::BANS);
+    std::fs::remove_file(&bans).expect("remove the pinned ban map");
+    let foreign = bpf_syscall::map_create(bpf_syscall::BPF_MAP_TYPE_HASH, 20, 8, 16)
+        .expect("create a map of another layout");
+    bpf_syscall::obj_pin(foreign.as_fd(), &bans).expect("pin it");
+    let old_layout = lab.bpffs().join("maps/v1");
+    std::fs::create_dir(&old_layout).expect("mkdir on bpffs");
+    bpf_syscall::obj_pin(foreign.as_fd(), &old_layout.join("BANS")).expect("pin it");
+
+    let (second, _) = MoatProcess::start(&lab, &["run", "--config", &config_arg]);
+    let log = second.wait_for_log("restored the bans in force from the state file", 1);
+    assert!(log.contains("does not fit this moat's layout"), "{log}");
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    assert!(!old_layout.exists(), "the old layout's pins are removed");
+    let listed = MoatProcess::cli(&lab, &["block", "list"]).ok("block list");
+    assert!(listed.contains("rate_limit"), "{listed}");
+    let (exit, log) = second.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+    assert!(
+        std::fs::read_to_string(&state)
+            .expect("state")
+            .contains(ATTACKER_V4),
+        "the state is not saved with less"
+    );
+    let bpffs = lab.bpffs().to_string_lossy().into_owned();
+    MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("moat down");
 }
 
 /// Finding 11: only a stale socket is replaced; a file or a symlink at the socket's path is

@@ -51,7 +51,7 @@ use crate::{
         limiter::{ActiveBan, LimiterMaps},
         live::{self, LivePolicy},
         loader::{self, Loaded},
-        map_source::MapIds,
+        map_source::{MapAccessError, MapIds},
         maps::ProgramMaps,
         pins::PinDir,
         sampling::SamplingOverride,
@@ -132,6 +132,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         pins: prepared.pins,
         started: Instant::now(),
         saved_bans: prepared.saved_bans,
+        unrestored_bans: program.unrestored_bans,
         unsaved_since: None,
         drops: observers.drops,
         top: TopHistory::default(),
@@ -209,6 +210,8 @@ struct Filled {
     events: EventRing,
     sampling: SamplingOverride,
     map_ids: MapIds,
+    /// Saved bans the program could not take back (kept in saves until they expire).
+    unrestored_bans: Vec<ActiveBan>,
 }
 
 /// Phase 2: load the program with maps sized for the policy and fill them, so that the policy
@@ -228,9 +231,12 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
     let live = LivePolicy::install(policy_maps, policy, capacities)
         .context("writing the policy into the program's maps")?;
     log_policy(live.policy());
-    if live.policy().rate_limit.bans() {
-        restore_bans(&mut limiter, prepared.pins.as_ref(), &prepared.saved_bans);
-    } else if !prepared.saved_bans.is_empty() {
+    let unrestored_bans = if live.policy().rate_limit.bans() {
+        restore_bans(&mut limiter, prepared.pins.as_ref(), &prepared.saved_bans)
+    } else {
+        Vec::new()
+    };
+    if !live.policy().rate_limit.bans() && !prepared.saved_bans.is_empty() {
         info!(
             bans = prepared.saved_bans.len(),
             "saved bans not restored: the configuration bans no more"
@@ -249,6 +255,7 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         events,
         sampling,
         map_ids,
+        unrestored_bans,
     })
 }
 
@@ -305,6 +312,8 @@ fn attach(
         interfaces::attach_all(ebpf, &prepared.interfaces, prepared.config.xdp_mode, pins)?;
     if let Some(pins) = pins {
         map_ids.pin(pins).context("pinning the maps")?;
+        pins.remove_other_layouts()
+            .context("removing maps pinned with another layout")?;
         // Every link moat attaches is pinned at its interface's path; any other pin holds a
         // link of an interface no longer configured (or renamed away).
         for stale in pins.pinned_links() {
@@ -370,6 +379,8 @@ pub struct Daemon {
     pins: Option<PinDir>,
     started: Instant,
     saved_bans: Vec<ActiveBan>,
+    /// Saved bans the program could not take back: saved again until they expire.
+    unrestored_bans: Vec<ActiveBan>,
     /// When the first change not yet saved was made.
     unsaved_since: Option<tokio::time::Instant>,
     /// Dropped packets per source, from the samples.
@@ -506,7 +517,7 @@ impl Daemon {
     /// program keeps enforcing whatever happens to the disk.
     fn save_state(&mut self) {
         self.unsaved_since = None;
-        let bans = match self.limiter.active() {
+        let bans = match self.bans_to_save() {
             Ok(bans) => bans,
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), "could not read the bans");
@@ -519,8 +530,22 @@ impl Daemon {
         }
     }
 
+    /// The bans in force, and those saved before that the program could not take back.
+    fn bans_to_save(&mut self) -> Result<Vec<ActiveBan>, MapAccessError> {
+        let mut bans = self.limiter.active()?;
+        let now = SystemTime::now();
+        self.unrestored_bans.retain(|ban| ban.expires_at > now);
+        for ban in &self.unrestored_bans {
+            if !bans.iter().any(|b| b.source == ban.source) {
+                bans.push(ban.clone());
+            }
+        }
+        bans.sort_by_key(|b| b.expires_at);
+        Ok(bans)
+    }
+
     fn save_bans_if_changed(&mut self) {
-        match self.limiter.active() {
+        match self.bans_to_save() {
             Ok(bans) if bans != self.saved_bans => self.save_state(),
             Ok(_) => {}
             Err(e) => warn!(error = %crate::error_chain(&e), "could not read the bans"),
@@ -611,17 +636,55 @@ impl Daemon {
     }
 }
 
-/// Bans of the program before this one (same boot) or, after a reboot, from the state file.
-fn restore_bans(limiter: &mut LimiterMaps, pins: Option<&PinDir>, saved: &[ActiveBan]) {
-    let previous = pins.and_then(|p| p.open_map(agent_common::maps::BANS));
-    let restored = match previous {
-        Some(map) => limiter.carry_over(map),
-        None => limiter.restore(saved),
-    };
-    match restored {
-        Ok(0) => {}
-        Ok(count) => info!(bans = count, "restored the bans in force"),
-        Err(e) => warn!(error = %crate::error_chain(&e), "could not restore the bans"),
+/// Bans of the program before this one (same boot, same layout) or else from the state file.
+/// Returns the saved bans that could not be written back: they stay in the state file until
+/// they expire, so that a failed restore never saves the state with less.
+fn restore_bans(
+    limiter: &mut LimiterMaps,
+    pins: Option<&PinDir>,
+    saved: &[ActiveBan],
+) -> Vec<ActiveBan> {
+    if let Some(pins) = pins {
+        match pins.open_map(agent_common::maps::BANS) {
+            Some(previous) => match limiter.carry_over(previous) {
+                Ok(count) => {
+                    if count > 0 {
+                        info!(bans = count, "carried over the bans of the program before");
+                    }
+                    return Vec::new();
+                }
+                Err(e) => warn!(
+                    error = %crate::error_chain(&e),
+                    "the pinned ban map does not fit this moat's layout; restoring from the state file"
+                ),
+            },
+            None => {
+                let others = pins.other_layouts();
+                if !others.is_empty() {
+                    warn!(
+                        layouts = others.join(", "),
+                        "the pinned maps have another layout; restoring the bans from the state file"
+                    );
+                }
+            }
+        }
+    }
+    match limiter.restore(saved) {
+        Ok(0) => Vec::new(),
+        Ok(count) => {
+            info!(
+                bans = count,
+                "restored the bans in force from the state file"
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            error!(
+                error = %crate::error_chain(&e),
+                "could not restore the bans; they stay in the state file until they expire"
+            );
+            saved.to_vec()
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <bpffs>/links/<native|generic>/<interface>   the XDP link (the program stays attached)
-//! <bpffs>/maps/<MAP>                           the maps the attached program uses
+//! <bpffs>/maps/v<N>/<MAP>                      the maps the attached program uses, by layout
 //! ```
 //!
 //! A new daemon loads its program, fills its own maps, and swaps the program inside each pinned
@@ -16,6 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use agent_common::maps::PINNED_LAYOUT_VERSION;
 use aya::{
     maps::{Map, MapData},
     programs::{
@@ -142,8 +143,14 @@ impl PinDir {
         self.root.join("links").join(mode.name())
     }
 
-    fn maps(&self) -> PathBuf {
+    /// Every layout's maps.
+    fn all_maps(&self) -> PathBuf {
         self.root.join("maps")
+    }
+
+    /// This layout's maps (see `agent_common::maps::PINNED_LAYOUT_VERSION`).
+    fn maps(&self) -> PathBuf {
+        self.all_maps().join(format!("v{PINNED_LAYOUT_VERSION}"))
     }
 
     pub fn link_path(&self, interface: &str, mode: LinkMode) -> PathBuf {
@@ -180,9 +187,37 @@ impl PinDir {
             self.root.join("links"),
             self.links(LinkMode::Native),
             self.links(LinkMode::Generic),
+            self.all_maps(),
             self.maps(),
         ] {
             private_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Whether maps of another layout are pinned (an older or newer moat's).
+    pub fn other_layouts(&self) -> Vec<String> {
+        let current = self.maps();
+        std::fs::read_dir(self.all_maps())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path() != current)
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Removes the maps of other layouts: once this layout's are pinned, nothing reads them.
+    pub fn remove_other_layouts(&self) -> Result<(), PinError> {
+        let current = self.maps();
+        let Ok(entries) = std::fs::read_dir(self.all_maps()) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path != current {
+                remove_tree(&path)?;
+            }
         }
         Ok(())
     }
@@ -232,16 +267,11 @@ impl PinDir {
         for link in &links {
             remove_if_present(&link.path)?;
         }
-        if let Ok(entries) = std::fs::read_dir(self.maps()) {
-            for entry in entries.flatten() {
-                remove_if_present(&entry.path())?;
-            }
-        }
+        remove_tree(&self.all_maps())?;
         for dir in [
             self.links(LinkMode::Native),
             self.links(LinkMode::Generic),
             self.root.join("links"),
-            self.maps(),
             self.root.clone(),
         ] {
             match std::fs::remove_dir(&dir) {
@@ -259,6 +289,22 @@ fn take_failed(interface: &str) -> impl Fn(aya::programs::ProgramError) -> PinEr
         interface: interface.to_string(),
         source,
     }
+}
+
+/// Removes pins and directories below `path`, and `path` (symlinks are removed, not followed).
+fn remove_tree(path: &Path) -> Result<(), PinError> {
+    let found = match std::fs::symlink_metadata(path) {
+        Ok(found) => found,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    if !found.file_type().is_dir() {
+        return remove_if_present(path);
+    }
+    for entry in std::fs::read_dir(path).map_err(io(path))?.flatten() {
+        remove_tree(&entry.path())?;
+    }
+    std::fs::remove_dir(path).map_err(io(path))
 }
 
 fn remove_if_present(path: &Path) -> Result<(), PinError> {

@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 
-use crate::bpf_syscall::{self, BPF_MAP_TYPE_HASH};
+use moat_tests::bpf_syscall::{self, BPF_MAP_TYPE_HASH};
 
 /// One eBPF instruction: opcode, registers (src << 4 | dst), offset, immediate.
 const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {

@@ -5,7 +5,6 @@
 //!
 //! Every measure is repeated; tables give the median and the min–max, and ratios of medians.
 
-mod bpf_syscall;
 mod control_plane;
 mod flood;
 mod floor;

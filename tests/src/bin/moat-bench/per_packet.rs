@@ -34,7 +34,9 @@ use moat_tests::{
     program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS},
 };
 
-use crate::{Measured, Options, Table, bpf_syscall, floor::Floor, list::PrefixList};
+use moat_tests::bpf_syscall;
+
+use crate::{Measured, Options, Table, floor::Floor, list::PrefixList};
 
 /// Sources of the scenarios, none in the list unless the scenario says so.
 const CLEAN_V4: &str = "192.0.2.10";

@@ -1,6 +1,7 @@
-//! The few bpf(2) commands the per-packet benchmark needs for programs moat did not load: the
-//! floor program (hand-assembled, loaded from here) and xdp-filter's (found by id). One
-//! `BPF_PROG_TEST_RUN` wrapper times every contender the same way.
+//! The few bpf(2) commands the tests and benchmarks need for objects moat did not make: the
+//! floor program (hand-assembled, loaded from here), xdp-filter's (found by id), and maps of a
+//! foreign layout pinned where moat looks. One `BPF_PROG_TEST_RUN` wrapper times every
+//! contender the same way.
 
 use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
@@ -8,6 +9,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
@@ -73,6 +75,16 @@ pub fn map_create(
         .put_u32(8, value)
         .put_u32(12, max_entries);
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// Pins `object` (a map or program fd) at `path` on bpffs.
+pub fn obj_pin(object: BorrowedFd, path: &std::path::Path) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64)
+        .put_u32(8, object.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 pub fn map_update(map: BorrowedFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
