@@ -8,6 +8,7 @@
 pub mod bpf_syscall;
 pub mod frames;
 pub mod lab;
+pub mod metrics;
 pub mod moat_process;
 pub mod netns;
 pub mod program;

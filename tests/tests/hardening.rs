@@ -265,6 +265,99 @@ fn bans_survive_a_pinned_map_of_another_layout() {
     MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("moat down");
 }
 
+/// A tmpfs mounted for a test, unmounted however the test ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).expect("mount point");
+        let options = format!("size={size},mode=0700");
+        let out = netns::run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &options,
+                "tmpfs",
+                &at.to_string_lossy(),
+            ],
+        );
+        assert!(out.status.success(), "mount tmpfs: {out:?}");
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = netns::run("umount", &["-l", &self.0.to_string_lossy()]);
+    }
+}
+
+/// Fills the filesystem of `dir` with one file; returns it.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).expect("create the filler");
+    let block = vec![0u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    filler
+}
+
+/// Finding 10: with the disk full, a change is in force but reported as not saved (exit status
+/// and message), `status` and a metric show it, the save is retried, and once there is room
+/// again everything is saved.
+#[test]
+fn a_change_that_cannot_be_saved_is_reported_and_saved_once_it_can() {
+    const METRICS: &str = "127.0.0.1:9977";
+    let lab = Lab::new();
+    let _state = Tmpfs::mount(&lab.state_dir(), "256k");
+    let config = lab.write_config(&format!("metrics_listen = \"{METRICS}\"\n"));
+    let config_arg = config.to_string_lossy().into_owned();
+    let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config_arg]);
+    let filler = fill(&lab.state_dir());
+
+    let reason =
+        MoatProcess::cli(&lab, &["block", "add", ATTACKER_V4]).refused("block add on a full disk");
+    assert!(reason.contains("in force but NOT saved"), "{reason}");
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    let failing = status(&lab);
+    assert!(
+        failing["persistence_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left")),
+        "{failing}"
+    );
+    let text = MoatProcess::cli(&lab, &["status"]).ok("status");
+    assert!(text.contains("NOT SAVED"), "{text}");
+    let metrics = moat_tests::metrics::scrape(&lab, METRICS);
+    assert!(
+        metrics.lines().any(|l| l == "moat_state_saved 0"),
+        "{metrics}"
+    );
+
+    std::fs::remove_file(&filler).expect("make room");
+    moat.wait_for_log("saved the state again", 1);
+    let saved = status(&lab);
+    assert_eq!(saved["persistence_error"], Value::Null, "{saved}");
+    let metrics = moat_tests::metrics::scrape(&lab, METRICS);
+    assert!(
+        metrics.lines().any(|l| l == "moat_state_saved 1"),
+        "{metrics}"
+    );
+
+    // A cold start (nothing pinned) finds the entry in the state directory.
+    let (exit, log) = moat.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+    let bpffs = lab.bpffs().to_string_lossy().into_owned();
+    MoatProcess::cli(&lab, &["down", "--bpffs", &bpffs]).ok("moat down");
+    assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
+    let (again, _) = MoatProcess::start(&lab, &["run", "--config", &config_arg]);
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    drop(again);
+}
+
 /// Finding 11: only a stale socket is replaced; a file or a symlink at the socket's path is
 /// refused and left as it was.
 #[test]

@@ -3,8 +3,7 @@
 //! (read back by tcpdump), and the JSON log with one line per change and rate-limited samples.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
+    io::Write as _,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -34,36 +33,8 @@ fn start(lab: &Lab, body: &str, extra: &[&str]) -> (MoatProcess, u32) {
     MoatProcess::start(lab, &args)
 }
 
-/// GET /metrics from inside the protected namespace; the body, after checking status and type.
 fn scrape(lab: &Lab) -> String {
-    let response = lab.netns(Side::Protected).enter(|| {
-        let mut stream = TcpStream::connect(METRICS)
-            .unwrap_or_else(|e| panic!("cannot connect to the metrics endpoint: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: moat\r\n\r\n")
-            .expect("send the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("read the response");
-        response
-    });
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    body.to_string()
+    moat_tests::metrics::scrape(lab, METRICS)
 }
 
 /// The value of the sample `name{labels…}` (labels in any order); `None` when absent.

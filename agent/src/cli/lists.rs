@@ -112,11 +112,11 @@ fn add(
     let Reply::Changed(view) = reply else {
         return Err(unexpected(reply));
     };
-    print_change(&view, count, started.elapsed());
-    Ok(())
+    print_change(&view, count, started.elapsed())
 }
 
-fn print_change(view: &ChangeView, requested: usize, took: Duration) {
+/// Prints what a change did; an error (after the line) when it is in force but not saved.
+fn print_change(view: &ChangeView, requested: usize, took: Duration) -> anyhow::Result<()> {
     let mut line = Vec::new();
     if view.added > 0 || view.updated > 0 || view.removed == 0 {
         line.push(format!("added {}", view.added));
@@ -135,6 +135,13 @@ fn print_change(view: &ChangeView, requested: usize, took: Duration) {
     for note in &view.notes {
         println!("note: {note}");
     }
+    if let Some(why) = &view.not_persisted {
+        bail!(
+            "the change is in force but NOT saved ({why}); the daemon retries saving, and \
+             `moat status` says when it succeeds"
+        );
+    }
+    Ok(())
 }
 
 fn del(socket: &Path, list: ListKind, cidrs: Vec<String>) -> anyhow::Result<()> {
@@ -144,8 +151,7 @@ fn del(socket: &Path, list: ListKind, cidrs: Vec<String>) -> anyhow::Result<()> 
     let Reply::Changed(view) = reply else {
         return Err(unexpected(reply));
     };
-    print_change(&view, count, started.elapsed());
-    Ok(())
+    print_change(&view, count, started.elapsed())
 }
 
 fn show(socket: &Path, list: ListKind, json: bool) -> anyhow::Result<()> {

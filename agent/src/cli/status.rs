@@ -28,7 +28,8 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         bpffs,
         state_dir,
         config,
-    } = status;
+        persistence_error,
+    } = *status;
     println!(
         "moat {version}, pid {pid}, up {}",
         humantime::format_duration(Duration::from_secs(uptime_seconds))
@@ -48,6 +49,9 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         bpffs.as_deref().unwrap_or("(not pinned: --no-pin)")
     );
     println!("state in   {state_dir}");
+    if let Some(why) = persistence_error {
+        println!("NOT SAVED  changes in force are not saved (retrying): {why}");
+    }
     for i in interfaces {
         println!(
             "interface  {} (index {}): {} mode, {}, {}",

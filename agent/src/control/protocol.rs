@@ -136,6 +136,9 @@ pub struct StatusView {
     pub bpffs: Option<String>,
     pub state_dir: String,
     pub config: Option<String>,
+    /// Why the state could not be saved, while it cannot; null when it is saved.
+    #[serde(default)]
+    pub persistence_error: Option<String>,
 }
 
 /// One row of `moat top`.
@@ -189,6 +192,10 @@ pub struct ChangeView {
     pub removed: u64,
     /// Things the operator should know (e.g. an entry that the config also holds).
     pub notes: Vec<String>,
+    /// Set when the change is in force but could not be saved (it is lost at a restart unless a
+    /// later save succeeds): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_persisted: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,7 +208,7 @@ pub enum Reply {
     Stats {
         counters: Vec<CounterView>,
     },
-    Status(StatusView),
+    Status(Box<StatusView>),
     Reloaded {
         /// Keys the new configuration changes that only a restart applies.
         #[serde(default)]

@@ -9,10 +9,11 @@ use std::{
 
 use agent_common::lists::SOURCE_CLI;
 use ipnet::IpNet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     Daemon,
+    journal::Record,
     state::{DynamicEntry, format_time},
 };
 use crate::{
@@ -145,6 +146,8 @@ impl Daemon {
             first = %cidrs[0],
             "list entries added"
         );
+        let record = Record::add(kind, &cidrs, expires_at, comment.as_deref());
+        view.not_persisted = self.persist(&record);
         self.state_changed();
         Ok(Reply::Changed(view))
     }
@@ -207,8 +210,19 @@ impl Daemon {
             ));
         }
         info!(list = kind.name(), removed = view.removed, cause = "cli", first = %cidrs[0], "list entries deleted");
+        view.not_persisted = self.persist(&Record::del(kind, &cidrs));
         self.state_changed();
         Ok(Reply::Changed(view))
+    }
+
+    /// Appends a change to the journal; `Some(why)` when it could not be (the change is in
+    /// force, but lost at a restart unless a later save succeeds).
+    fn persist(&mut self, record: &Record) -> Option<String> {
+        let error = self.store.record(record).err()?;
+        let why = crate::error_chain(&error);
+        error!(error = %why, "a change is in force but not saved");
+        self.persistence.failed(why.clone());
+        Some(why)
     }
 
     /// Bans in force, each with the CIDR it covers (its source cut to the limiter's prefix).

@@ -6,6 +6,7 @@
 
 mod handlers;
 mod interfaces;
+mod journal;
 mod program_events;
 mod reports;
 mod server;
@@ -65,8 +66,26 @@ const BAN_SAVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Expiries are checked at least this often, so that a wall-clock jump is noticed.
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// How long after a change the state is saved: the reply goes out first (a change is in force
-/// once its maps are written), and a burst of changes is saved once.
+/// once its maps are written, and in the journal), and a burst of changes is saved once.
 const STATE_SAVE_DELAY: Duration = Duration::from_millis(50);
+/// How soon a failed save is tried again.
+const STATE_SAVE_RETRY: Duration = Duration::from_secs(5);
+
+/// Whether what is in force is also saved.
+#[derive(Debug, Default)]
+pub struct Persistence {
+    /// Why the last save (or journal write) failed; `None` once a save succeeds.
+    pub error: Option<String>,
+    /// Saves and journal writes that failed since the daemon started.
+    pub failures: u64,
+}
+
+impl Persistence {
+    fn failed(&mut self, why: String) {
+        self.error = Some(why);
+        self.failures += 1;
+    }
+}
 
 /// Where the configuration comes from, so that a reload reads it the same way.
 #[derive(Clone, Debug)]
@@ -132,6 +151,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         pins: prepared.pins,
         started: Instant::now(),
         saved_bans: prepared.saved_bans,
+        persistence: Persistence::default(),
         unrestored_bans: program.unrestored_bans,
         unsaved_since: None,
         drops: observers.drops,
@@ -379,6 +399,7 @@ pub struct Daemon {
     pins: Option<PinDir>,
     started: Instant,
     saved_bans: Vec<ActiveBan>,
+    persistence: Persistence,
     /// Saved bans the program could not take back: saved again until they expire.
     unrestored_bans: Vec<ActiveBan>,
     /// When the first change not yet saved was made.
@@ -525,8 +546,23 @@ impl Daemon {
             }
         };
         match self.store.save(&self.dynamic, &bans) {
-            Ok(()) => self.saved_bans = bans,
-            Err(e) => error!(error = %crate::error_chain(&e), "could not save the state"),
+            Ok(()) => {
+                self.saved_bans = bans;
+                if self.persistence.error.take().is_some() {
+                    info!("saved the state again: everything in force is saved");
+                }
+            }
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                error!(
+                    error = %why,
+                    retry_in = %humantime::format_duration(STATE_SAVE_RETRY),
+                    "could not save the state; what is in force stays, and the save is retried"
+                );
+                self.persistence.failed(why);
+                self.unsaved_since =
+                    Some(tokio::time::Instant::now() + STATE_SAVE_RETRY - STATE_SAVE_DELAY);
+            }
         }
     }
 

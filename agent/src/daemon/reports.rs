@@ -98,7 +98,7 @@ impl Daemon {
                 capacity: u64::from(capacities.rate_sources),
             });
         }
-        Reply::Status(StatusView {
+        Reply::Status(Box::new(StatusView {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -128,7 +128,8 @@ impl Daemon {
             bpffs: self.pins.as_ref().map(|p| p.root().display().to_string()),
             state_dir: self.store.dir().display().to_string(),
             config: self.source.path.as_ref().map(|p| p.display().to_string()),
-        })
+            persistence_error: self.persistence.error.clone(),
+        }))
     }
 
     pub(super) fn top(&mut self, interval_ms: u64, limit: u32) -> Result<Reply, String> {
@@ -216,6 +217,8 @@ impl Daemon {
             bans_active,
             rate_limited_sources,
             program_tag,
+            state_saved: self.persistence.error.is_none(),
+            state_save_failures: self.persistence.failures,
         };
         metrics::render(&reading).unwrap_or_else(|e| {
             warn!(error = %e, "could not render the metrics");

@@ -1,7 +1,8 @@
 //! What outlives a daemon: entries added at run time (CLI blocks and allows with their expiry
 //! and comment) and the rate limiter's bans, saved in `state_dir` so that a restart, an upgrade
 //! or a reboot keeps them. Writes go to a temporary file that is synced and then renamed over
-//! the old one, so a crash leaves either the old state or the new, never half of one.
+//! the old one, so a crash leaves either the old state or the new, never half of one; each
+//! change is also appended to a journal before the CLI hears of it (see `journal`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,8 +16,9 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tracing::error;
+use tracing::{error, info};
 
+use super::journal::{Journal, Record};
 use crate::{
     config::{Cidr, ListKind},
     program::limiter::ActiveBan,
@@ -44,7 +46,7 @@ pub enum StateError {
     Locked(PathBuf),
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
+pub(super) fn io(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
     move |source| StateError::Io {
         path: path.to_path_buf(),
         source,
@@ -184,6 +186,7 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
 /// The state directory of one daemon, locked for as long as this value lives.
 pub struct StateStore {
     dir: PathBuf,
+    journal: Journal,
     _lock: File,
 }
 
@@ -215,6 +218,7 @@ impl StateStore {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            journal: Journal::open(dir)?,
             _lock: lock,
         })
     }
@@ -233,11 +237,37 @@ impl StateStore {
         self.dir.join(format!("{STATE_FILE}.prev"))
     }
 
-    /// The saved state, without what expired by `now`; empty when nothing was saved yet. A
-    /// state file that cannot be read as one (truncated, edited, from another version) is kept
-    /// aside under a new name, never deleted, and the previous state is used instead, with an
-    /// error in the log.
+    /// The saved state with the journal's changes applied, without what expired by `now`;
+    /// empty when nothing was saved yet.
     pub fn load(&self, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), StateError> {
+        let (mut dynamic, bans) = self.load_state_file(now)?;
+        match self.journal.replay(&mut dynamic, now) {
+            Ok(0) => {}
+            Ok(records) => info!(records, "applied the journal's changes to the saved state"),
+            Err(StateError::Corrupt { path, message }) => {
+                let aside = self.set_aside_copy(&path)?;
+                self.journal.clear()?;
+                error!(
+                    path = %path.display(),
+                    kept_as = %aside.display(),
+                    problem = message,
+                    "the journal is damaged; it is kept aside and the changes after the last save are lost"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        Ok((dynamic, bans))
+    }
+
+    /// Records a change in the journal, synced: once this returns, the change survives a crash.
+    pub fn record(&self, record: &Record) -> Result<(), StateError> {
+        self.journal.append(record)
+    }
+
+    /// The state file's state. A state file that cannot be read as one (truncated, edited, from
+    /// another version) is kept aside under a new name, never deleted, and the previous state is
+    /// used instead, with an error in the log.
+    fn load_state_file(&self, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), StateError> {
         let current = self.path();
         match self.read(&current, now) {
             Ok(Some(state)) => return Ok(state),
@@ -302,15 +332,29 @@ impl StateStore {
             })
     }
 
+    /// Copies a damaged file that stays open (the journal) beside it; returns the copy's name.
+    fn set_aside_copy(&self, path: &Path) -> Result<PathBuf, StateError> {
+        let aside = self.aside_name(path);
+        fs::copy(path, &aside).map_err(io(path))?;
+        Ok(aside)
+    }
+
     /// Renames a damaged file to `<name>.damaged-<unix seconds>` beside it; returns the new name.
     fn set_aside(&self, path: &Path) -> Result<PathBuf, StateError> {
+        let aside = self.aside_name(path);
+        fs::rename(path, &aside).map_err(io(path))?;
+        Ok(aside)
+    }
+
+    /// A free name `<name>.damaged-<unix seconds>[.n]` beside `path`.
+    fn aside_name(&self, path: &Path) -> PathBuf {
         let seconds = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let name = path
             .file_name()
             .map_or_else(|| STATE_FILE.into(), |n| n.to_string_lossy().into_owned());
-        let aside = (0..)
+        (0..)
             .map(|n| {
                 let suffix = if n == 0 {
                     String::new()
@@ -320,9 +364,7 @@ impl StateStore {
                 self.dir.join(format!("{name}.damaged-{seconds}{suffix}"))
             })
             .find(|candidate| !candidate.exists())
-            .unwrap_or_else(|| unreachable!("an unbounded range yields a free name"));
-        fs::rename(path, &aside).map_err(io(path))?;
-        Ok(aside)
+            .unwrap_or_else(|| unreachable!("an unbounded range yields a free name"))
     }
 
     /// Replaces the saved state: temporary file, fsync, rename, fsync of the directory.
@@ -356,7 +398,9 @@ impl StateStore {
         fs::rename(&temporary, &path).map_err(io(&path))?;
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
-            .map_err(io(&self.dir))
+            .map_err(io(&self.dir))?;
+        // Everything the journal held is in the state file now.
+        self.journal.clear()
     }
 }
 
@@ -440,6 +484,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::daemon::journal::Record;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("moat-state-{name}-{}", std::process::id()));
@@ -574,6 +619,51 @@ mod tests {
         fs::remove_file(store.path()).expect("remove");
         let (loaded, _) = store.load(SystemTime::now()).expect("load");
         assert_eq!(loaded, first);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn journalled_changes_survive_without_a_save_and_a_save_empties_the_journal() {
+        let dir = temp_dir("journal");
+        let store = StateStore::open(&dir).expect("open");
+        let cidrs: Vec<Cidr> = ["192.0.2.1", "192.0.2.2"]
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect();
+        store
+            .record(&Record::add(ListKind::Block, &cidrs, None, Some("scan")))
+            .expect("journal");
+        store
+            .record(&Record::del(ListKind::Block, &cidrs[..1]))
+            .expect("journal");
+        drop(store);
+        // A crash: no save; the journal alone brings the changes back.
+        let store = StateStore::open(&dir).expect("open");
+        let (loaded, _) = store.load(SystemTime::now()).expect("load");
+        let blocked: Vec<String> = loaded
+            .list(ListKind::Block)
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(blocked, ["192.0.2.2/32"]);
+
+        // A crash mid-append leaves a torn last line: skipped, the rest applied.
+        let journal = dir.join("state.journal");
+        let mut text = fs::read_to_string(&journal).expect("journal");
+        text.push_str("{\"add\": {\"list\": \"blockl");
+        fs::write(&journal, &text).expect("write");
+        let (loaded, _) = store.load(SystemTime::now()).expect("load");
+        assert_eq!(loaded.list(ListKind::Block).len(), 1);
+        assert!(
+            fs::read_to_string(&journal)
+                .expect("journal")
+                .ends_with('\n')
+        );
+
+        store.save(&loaded, &[]).expect("save");
+        assert_eq!(fs::metadata(&journal).expect("journal").len(), 0);
+        let (reloaded, _) = store.load(SystemTime::now()).expect("load");
+        assert_eq!(reloaded, loaded);
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

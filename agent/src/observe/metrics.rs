@@ -30,6 +30,9 @@ pub struct Reading<'a> {
     pub bans_active: u64,
     pub rate_limited_sources: u64,
     pub program_tag: Option<String>,
+    /// Whether everything in force is saved (the last save succeeded).
+    pub state_saved: bool,
+    pub state_save_failures: u64,
 }
 
 /// The metrics in Prometheus' text exposition format.
@@ -85,6 +88,16 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
         "Bans and samples the program could not report because the ring buffer was full.",
     )?;
     events_lost.inc_by(reading.counters.events_lost);
+    let saved = IntGauge::new(
+        "moat_state_saved",
+        "1 when everything in force is saved in state_dir; 0 while saves fail (they are retried).",
+    )?;
+    saved.set(i64::from(reading.state_saved));
+    let save_failures = IntCounter::new(
+        "moat_state_save_failures_total",
+        "Saves of the state and journal writes that failed.",
+    )?;
+    save_failures.inc_by(reading.state_save_failures);
     let build = IntGaugeVec::new(
         Opts::new(
             "moat_build_info",
@@ -105,6 +118,8 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
     registry.register(Box::new(bans))?;
     registry.register(Box::new(sources))?;
     registry.register(Box::new(events_lost))?;
+    registry.register(Box::new(saved))?;
+    registry.register(Box::new(save_failures))?;
     registry.register(Box::new(build))?;
     registry.register(Box::new(ProcessCollector::for_self()))?;
 
@@ -169,6 +184,8 @@ mod tests {
             bans_active: 4,
             rate_limited_sources: 9,
             program_tag: Some("0123456789abcdef".into()),
+            state_saved: false,
+            state_save_failures: 2,
         })
         .expect("render");
         for line in [
@@ -178,6 +195,8 @@ mod tests {
             "moat_bans_active 4",
             "moat_rate_limited_sources 9",
             "moat_events_lost_total 3",
+            "moat_state_saved 0",
+            "moat_state_save_failures_total 2",
             "# TYPE moat_packets_total counter",
         ] {
             assert!(

@@ -1,0 +1,183 @@
+//! The journal: every change made at run time, appended and synced before the CLI is answered,
+//! so that a change reported as saved survives a crash, and one that could not be saved is
+//! reported as such. The state file is rewritten later, batched; the journal is emptied once
+//! the state file holds what it held.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::state::{Dynamic, DynamicEntry, StateError, format_time, io, parse_time};
+use crate::config::{Cidr, ListKind};
+
+/// The journal's name inside `state_dir`.
+const JOURNAL_FILE: &str = "state.journal";
+
+/// One change, as a line of JSON.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Record {
+    /// Entries added (or updated) at run time.
+    Add {
+        list: ListKind,
+        cidrs: Vec<String>,
+        /// RFC 3339, or null for no expiry.
+        expires_at: Option<String>,
+        comment: Option<String>,
+    },
+    /// Entries deleted at run time.
+    Del { list: ListKind, cidrs: Vec<String> },
+}
+
+impl Record {
+    pub fn add(
+        list: ListKind,
+        cidrs: &[Cidr],
+        expires_at: Option<SystemTime>,
+        comment: Option<&str>,
+    ) -> Self {
+        Self::Add {
+            list,
+            cidrs: cidrs.iter().map(ToString::to_string).collect(),
+            expires_at: expires_at.map(format_time),
+            comment: comment.map(str::to_string),
+        }
+    }
+
+    pub fn del(list: ListKind, cidrs: &[Cidr]) -> Self {
+        Self::Del {
+            list,
+            cidrs: cidrs.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Applies the record to `dynamic`, leaving out what expired by `now`.
+    fn apply(self, dynamic: &mut Dynamic, now: SystemTime) -> Result<(), String> {
+        match self {
+            Self::Add {
+                list,
+                cidrs,
+                expires_at,
+                comment,
+            } => {
+                let expires_at = expires_at.as_deref().map(parse_time).transpose()?;
+                if expires_at.is_some_and(|at| at <= now) {
+                    return Ok(());
+                }
+                let comment: Option<Arc<str>> = comment.map(Arc::from);
+                for cidr in cidrs {
+                    let entry = DynamicEntry {
+                        expires_at,
+                        comment: comment.clone(),
+                    };
+                    dynamic.insert(list, cidr.parse()?, entry);
+                }
+            }
+            Self::Del { list, cidrs } => {
+                for cidr in cidrs {
+                    dynamic.remove(list, &cidr.parse()?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The journal file, open for appending.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+impl Journal {
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(JOURNAL_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(Self { path, file })
+    }
+
+    /// Appends `record` and syncs it to disk: once this returns, the change survives a crash.
+    pub fn append(&self, record: &Record) -> Result<(), StateError> {
+        let mut line = serde_json::to_vec(record).map_err(|e| io(&self.path)(e.into()))?;
+        line.push(b'\n');
+        (&self.file)
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| {
+                // A partial line is the torn tail `replay` skips; cut it now if possible.
+                let _ = self.truncate_to_whole_lines();
+                io(&self.path)(e)
+            })
+    }
+
+    /// Empties the journal: the state file now holds everything it held.
+    pub fn clear(&self) -> Result<(), StateError> {
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(io(&self.path))
+    }
+
+    fn truncate_to_whole_lines(&self) -> std::io::Result<()> {
+        let text = std::fs::read(&self.path)?;
+        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        self.file.set_len(whole as u64)
+    }
+
+    /// Applies every record to `dynamic`; returns how many. A last line cut short (a crash
+    /// while appending: that change was never reported as saved) is skipped with a warning;
+    /// any other unreadable line makes the journal damaged.
+    pub fn replay(&self, dynamic: &mut Dynamic, now: SystemTime) -> Result<usize, StateError> {
+        let reader = BufReader::new(File::open(&self.path).map_err(io(&self.path))?);
+        let lines: Vec<String> = reader
+            .lines()
+            .collect::<Result<_, _>>()
+            .map_err(io(&self.path))?;
+        let mut applied = 0;
+        for (number, line) in lines.iter().enumerate() {
+            let last = number + 1 == lines.len();
+            let record = match serde_json::from_str::<Record>(line) {
+                Ok(record) => record,
+                Err(e) if last => {
+                    warn!(
+                        path = %self.path.display(),
+                        line = number + 1,
+                        error = %e,
+                        "skipping the journal's last line: cut short (it was never reported saved)"
+                    );
+                    // So that the next record starts a line of its own.
+                    self.truncate_to_whole_lines().map_err(io(&self.path))?;
+                    break;
+                }
+                Err(e) => {
+                    return Err(StateError::Corrupt {
+                        path: self.path.clone(),
+                        message: format!("line {}: {e}", number + 1),
+                    });
+                }
+            };
+            record
+                .apply(dynamic, now)
+                .map_err(|message| StateError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!("line {}: {message}", number + 1),
+                })?;
+            applied += 1;
+        }
+        Ok(applied)
+    }
+}
