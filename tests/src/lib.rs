@@ -6,6 +6,7 @@
 //! end-to-end test should read like a bug report.
 
 pub mod bpf_syscall;
+pub mod control_socket;
 pub mod frames;
 pub mod lab;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //! `moat` CLI (and by hand-made socket frames), checked with real packets.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     os::unix::net::UnixStream,
     path::Path,
     time::{Duration, Instant},
@@ -12,6 +12,7 @@ use agent_common::stats::{Action, Reason};
 use moat::program::counters::Snapshot;
 use moat_tests::{
     Lab, MoatProcess, Side,
+    control_socket::{exchange, frame},
     lab::{
         ATTACKER_NET_V4, ATTACKER_NET_V6, ATTACKER_V4, ATTACKER_V6, LEGIT_V4, LEGIT_V6,
         PROTECTED_V4, PROTECTED_V6,
@@ -573,33 +574,6 @@ fn only_root_or_the_socket_group_may_use_the_socket() {
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
     MoatProcess::cli_as(&lab, &["status"], Some((65534, 100)), &socket)
         .refused("status by a non-member");
-}
-
-/// Sends `bytes` on a fresh connection, half-closes it, and returns the daemon's response.
-fn exchange(socket: &Path, bytes: &[u8]) -> Value {
-    let mut stream = UnixStream::connect(socket).expect("connect to the control socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    // The daemon may answer and close before reading everything (an oversized frame).
-    let _ = stream.write_all(bytes);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut header = [0u8; 4];
-    stream
-        .read_exact(&mut header)
-        .unwrap_or_else(|e| panic!("no response to {:?}: {e}", String::from_utf8_lossy(bytes)));
-    let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut body).expect("response body");
-    serde_json::from_slice(&body).expect("the response is JSON")
-}
-
-fn frame(body: &[u8]) -> Vec<u8> {
-    let mut bytes = u32::try_from(body.len())
-        .expect("small")
-        .to_be_bytes()
-        .to_vec();
-    bytes.extend_from_slice(body);
-    bytes
 }
 
 #[test]

@@ -11,8 +11,9 @@ use std::{
 };
 
 use moat_tests::{
-    Lab, MoatProcess, Side, bpf_syscall,
+    Lab, MoatProcess, Side, bpf_syscall, control_socket,
     lab::{ATTACKER_NET_V4, ATTACKER_V4, PROTECTED_V4},
+    moat_process::moat_bin,
     netns,
     traffic::{assert_answered, assert_unanswered, udp_flood},
 };
@@ -356,6 +357,142 @@ fn a_change_that_cannot_be_saved_is_reported_and_saved_once_it_can() {
     let (again, _) = MoatProcess::start(&lab, &["run", "--config", &config_arg]);
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
     drop(again);
+}
+
+/// Capture clients started in the background, killed however the test ends.
+struct Captures(Vec<std::process::Child>);
+
+impl Drop for Captures {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A client command that must answer within 10 s.
+fn cli_in_time(lab: &Lab, args: &[&str]) -> std::process::Output {
+    let socket = lab.socket().to_string_lossy().into_owned();
+    std::process::Command::new("timeout")
+        .arg("10")
+        .arg(moat_bin())
+        .args(["--socket", &socket])
+        .args(args)
+        .output()
+        .expect("run the CLI")
+}
+
+/// Finding 5: captures waiting for frames that never come hold no command's place, and a
+/// request whose client hung up before it was served is not applied.
+#[test]
+fn captures_never_starve_commands_and_withdrawn_requests_change_nothing() {
+    let lab = Lab::new();
+    let config = block_attacker(&lab);
+    let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
+    let socket = lab.socket().to_string_lossy().into_owned();
+    // No rules: a capture of rule drops waits for ever.
+    let mut captures = Captures(Vec::new());
+    for n in 0..10 {
+        let out = lab.dir().join(format!("never-{n}.pcap"));
+        let child = std::process::Command::new(moat_bin())
+            .args([
+                "--socket", &socket, "capture", "-c", "1", "--reason", "rule", "-w",
+            ])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start a capture");
+        captures.0.push(child);
+    }
+    moat.wait_for_log("capture started", 4);
+    let refused = (0..50)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            let exited = captures
+                .0
+                .iter_mut()
+                .filter_map(|c| c.try_wait().ok().flatten())
+                .count();
+            (exited >= 6).then_some(exited)
+        })
+        .expect("the captures beyond the pool's 4 are refused");
+    assert_eq!(refused, 6);
+
+    let added = cli_in_time(&lab, &["block", "add", "192.0.2.99"]);
+    assert!(
+        added.status.success(),
+        "block add beside 4 captures: {added:?}"
+    );
+    let status = cli_in_time(&lab, &["status"]);
+    assert!(
+        status.status.success(),
+        "status beside 4 captures: {status:?}"
+    );
+
+    // A request sent while the daemon is stopped, by a client that hangs up before the daemon
+    // could serve it, is withdrawn.
+    moat.signal(libc::SIGSTOP);
+    {
+        use std::io::Write as _;
+        let mut client = std::os::unix::net::UnixStream::connect(lab.socket()).expect("connect");
+        client
+            .write_all(&control_socket::block_add_frame("198.51.100.99"))
+            .expect("send the request");
+    }
+    moat.signal(libc::SIGCONT);
+    moat.wait_for_log("withdrawn", 1);
+    let listed = MoatProcess::cli(&lab, &["block", "list"]).ok("block list");
+    assert!(listed.contains("192.0.2.99/32"), "{listed}");
+    assert!(
+        !listed.contains("198.51.100.99"),
+        "withdrawn, not applied: {listed}"
+    );
+    drop(captures);
+    let (exit, log) = moat.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+}
+
+/// A process's memory figure from /proc (kB).
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Finding 13: a request of the largest size, of tens of millions of empty strings, costs the
+/// daemon about its frame, not gigabytes.
+#[test]
+fn a_huge_request_costs_no_more_than_its_frame() {
+    let lab = Lab::new();
+    let config = lab.write_config("");
+    let (moat, _) = MoatProcess::start(&lab, &["run", "--config", &config.to_string_lossy()]);
+    let before = proc_status_kb(moat.pid(), "VmRSS:");
+    let head = br#"{"command":"list_add","arguments":{"list":"blocklist","cidrs":["#;
+    let tail = br#"],"ttl_seconds":null,"comment":null}}"#;
+    let room = (moat::control::protocol::MAX_REQUEST_BYTES as usize) - head.len() - tail.len();
+    let mut body = Vec::with_capacity(room + head.len() + tail.len());
+    body.extend_from_slice(head);
+    body.extend_from_slice(b"\"\"");
+    while body.len() + 3 + tail.len() <= room + head.len() {
+        body.extend_from_slice(b",\"\"");
+    }
+    body.extend_from_slice(tail);
+    let response = control_socket::exchange(&lab.socket(), &control_socket::frame(&body));
+    drop(body);
+    let error = response["error"].as_str().expect("an error response");
+    assert!(error.contains("entry 1"), "{error}");
+    let peak = proc_status_kb(moat.pid(), "VmHWM:");
+    let frame_kb = u64::from(moat::control::protocol::MAX_REQUEST_BYTES) / 1024;
+    assert!(
+        peak < before + frame_kb + 64 * 1024,
+        "peak {peak} kB for a {frame_kb} kB request (RSS before: {before} kB)"
+    );
+    MoatProcess::cli(&lab, &["status"]).ok("still serving");
 }
 
 /// Finding 11: only a stale socket is replaced; a file or a symlink at the socket's path is

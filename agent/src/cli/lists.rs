@@ -14,7 +14,7 @@ use crate::{
     config::{ListKind, list_file},
     control::{
         client::call,
-        protocol::{ChangeView, EntryView, Reply, Request},
+        protocol::{ChangeView, Cidrs, EntryView, Reply, Request},
     },
 };
 
@@ -81,25 +81,30 @@ pub enum AllowCommand {
     },
 }
 
+/// The command line's CIDRs, parsed here: an error names the entry before anything is sent.
+fn parse(texts: &[String]) -> anyhow::Result<Cidrs> {
+    Cidrs::parse(texts).map_err(anyhow::Error::msg)
+}
+
 /// Reads a list file here, so that its errors name the file and line and the daemon never
 /// reads a path a client chose.
-fn read_list(file: &Path) -> anyhow::Result<Vec<String>> {
+fn read_list(file: &Path) -> anyhow::Result<Cidrs> {
     let cidrs = list_file::read(file)?;
     if cidrs.is_empty() {
         bail!("{}: no entries", file.display());
     }
-    Ok(cidrs.iter().map(ToString::to_string).collect())
+    Ok(Cidrs(cidrs))
 }
 
 fn add(
     socket: &Path,
     list: ListKind,
-    cidrs: Vec<String>,
+    cidrs: Cidrs,
     ttl: Option<Duration>,
     comment: Option<String>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let count = cidrs.len();
+    let count = cidrs.0.len();
     let reply = call(
         socket,
         &Request::ListAdd {
@@ -144,9 +149,9 @@ fn print_change(view: &ChangeView, requested: usize, took: Duration) -> anyhow::
     Ok(())
 }
 
-fn del(socket: &Path, list: ListKind, cidrs: Vec<String>) -> anyhow::Result<()> {
+fn del(socket: &Path, list: ListKind, cidrs: Cidrs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let count = cidrs.len();
+    let count = cidrs.0.len();
     let reply = call(socket, &Request::ListDel { list, cidrs })?;
     let Reply::Changed(view) = reply else {
         return Err(unexpected(reply));
@@ -193,8 +198,8 @@ pub fn block(socket: &Path, command: BlockCommand) -> anyhow::Result<()> {
             cidrs,
             ttl,
             comment,
-        } => add(socket, list, cidrs, ttl, comment),
-        BlockCommand::Del { cidrs } => del(socket, list, cidrs),
+        } => add(socket, list, parse(&cidrs)?, ttl, comment),
+        BlockCommand::Del { cidrs } => del(socket, list, parse(&cidrs)?),
         BlockCommand::List { json } => show(socket, list, json),
         BlockCommand::Import { file, ttl, comment } => {
             add(socket, list, read_list(&file)?, ttl, comment)
@@ -205,8 +210,8 @@ pub fn block(socket: &Path, command: BlockCommand) -> anyhow::Result<()> {
 pub fn allow(socket: &Path, command: AllowCommand) -> anyhow::Result<()> {
     let list = ListKind::Allow;
     match command {
-        AllowCommand::Add { cidrs, comment } => add(socket, list, cidrs, None, comment),
-        AllowCommand::Del { cidrs } => del(socket, list, cidrs),
+        AllowCommand::Add { cidrs, comment } => add(socket, list, parse(&cidrs)?, None, comment),
+        AllowCommand::Del { cidrs } => del(socket, list, parse(&cidrs)?),
         AllowCommand::List { json } => show(socket, list, json),
         AllowCommand::Import { file, comment } => {
             add(socket, list, read_list(&file)?, None, comment)

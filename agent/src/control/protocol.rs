@@ -2,10 +2,12 @@
 //! big-endian length and that many bytes of JSON. Frames are bounded so that no client can
 //! make the daemon allocate without limit.
 
-use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
-use crate::config::ListKind;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::config::{Cidr, ListKind};
 
 /// The largest request the daemon reads: room for `moat block import` of a few million
 /// prefixes.
@@ -14,6 +16,104 @@ pub const MAX_REQUEST_BYTES: u32 = 128 << 20;
 pub const MAX_RESPONSE_BYTES: u32 = 1 << 30;
 /// The most frames one capture may ask for.
 pub const MAX_CAPTURE_COUNT: u64 = 1_000_000;
+/// The most CIDRs one request may carry (four times a million-prefix import): with every entry
+/// parsed as it is decoded, a request costs at most its frame and this many parsed CIDRs.
+pub const MAX_REQUEST_CIDRS: usize = 4 << 20;
+/// How long a peer may take to take a frame written to it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The CIDRs of a request: on the wire an array of strings, parsed as the frame is decoded, so
+/// that a bad entry fails at once and no request decodes into more than [`MAX_REQUEST_CIDRS`]
+/// entries (a frame of empty strings costs nothing but its bytes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cidrs(pub Vec<Cidr>);
+
+impl Cidrs {
+    /// Parses `texts`, or says which entry is wrong.
+    pub fn parse(texts: &[String]) -> Result<Self, String> {
+        if texts.len() > MAX_REQUEST_CIDRS {
+            return Err(format!(
+                "more than {MAX_REQUEST_CIDRS} CIDRs in one request"
+            ));
+        }
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                text.parse()
+                    .map_err(|e| format!("entry {} of {}: {e}", i + 1, texts.len()))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+impl Serialize for Cidrs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq as _;
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for cidr in &self.0 {
+            seq.serialize_element(&format_args!("{cidr}"))?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidrs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = Cidrs;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of CIDRs or addresses")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Cidrs, A::Error> {
+                let mut cidrs = Vec::new();
+                while let Some(CidrEntry(parsed)) = seq.next_element()? {
+                    let number = cidrs.len() + 1;
+                    if number > MAX_REQUEST_CIDRS {
+                        return Err(serde::de::Error::custom(format!(
+                            "more than {MAX_REQUEST_CIDRS} CIDRs in one request"
+                        )));
+                    }
+                    cidrs.push(
+                        parsed.map_err(|e| {
+                            serde::de::Error::custom(format!("entry {number}: {e}"))
+                        })?,
+                    );
+                }
+                Ok(Cidrs(cidrs))
+            }
+        }
+        deserializer.deserialize_seq(Entries)
+    }
+}
+
+/// One entry, parsed from the string where it lies in the frame (no copy of the text).
+struct CidrEntry(Result<Cidr, String>);
+
+impl<'de> Deserialize<'de> for CidrEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = CidrEntry;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a CIDR or address as a string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<CidrEntry, E> {
+                Ok(CidrEntry(text.parse()))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -40,7 +140,7 @@ pub enum Request {
     /// Adds entries (CIDRs or addresses, validated by the daemon), all or none.
     ListAdd {
         list: ListKind,
-        cidrs: Vec<String>,
+        cidrs: Cidrs,
         /// Seconds until the entries expire; absent: never.
         ttl_seconds: Option<u64>,
         comment: Option<String>,
@@ -48,7 +148,7 @@ pub enum Request {
     /// Deletes entries added at run time, all or none.
     ListDel {
         list: ListKind,
-        cidrs: Vec<String>,
+        cidrs: Cidrs,
     },
     /// Every entry of a list, with where it came from.
     ListShow {
@@ -236,6 +336,15 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
     stream: &mut (impl AsyncRead + Unpin),
     limit: u32,
 ) -> Result<T, FrameError> {
+    let length = read_length(stream, limit).await?;
+    read_body(stream, length).await
+}
+
+/// A frame's length, read from its header; an error past `limit`.
+pub async fn read_length(
+    stream: &mut (impl AsyncRead + Unpin),
+    limit: u32,
+) -> Result<u32, FrameError> {
     let mut header = [0u8; 4];
     let mut filled = 0;
     while filled < header.len() {
@@ -254,6 +363,14 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
     if length > limit {
         return Err(FrameError::Oversized { length, limit });
     }
+    Ok(length)
+}
+
+/// A frame's body of `length` bytes (its header read), decoded.
+pub async fn read_body<T: serde::de::DeserializeOwned>(
+    stream: &mut (impl AsyncRead + Unpin),
+    length: u32,
+) -> Result<T, FrameError> {
     let mut body = vec![0u8; length as usize];
     stream
         .read_exact(&mut body)
@@ -298,13 +415,49 @@ mod tests {
     async fn requests_round_trip() {
         let request = Request::ListAdd {
             list: ListKind::Block,
-            cidrs: vec!["198.51.100.0/24".into()],
+            cidrs: Cidrs::parse(&["198.51.100.0/24".into()]).expect("a CIDR"),
             ttl_seconds: Some(600),
             comment: Some("scanner".into()),
         };
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &request).await.expect("write");
         assert_eq!(decode(&bytes, 1024).await.expect("read"), request);
+    }
+
+    #[tokio::test]
+    async fn cidrs_are_parsed_as_they_are_decoded() {
+        let body = br#"{"command":"list_del","arguments":{"list":"allowlist","cidrs":["192.0.2.1","2001:db8::/32"]}}"#;
+        let Request::ListDel { list, cidrs } = decode(&frame(body), 1024).await.expect("decodes")
+        else {
+            panic!("a list_del");
+        };
+        assert_eq!(list, ListKind::Allow);
+        let texts: Vec<String> = cidrs.0.iter().map(ToString::to_string).collect();
+        assert_eq!(texts, ["192.0.2.1/32", "2001:db8::/32"]);
+
+        // The first bad entry ends the decoding, named.
+        let body = br#"{"command":"list_del","arguments":{"list":"blocklist","cidrs":["192.0.2.1","",""]}}"#;
+        let Err(FrameError::Malformed(message)) = decode(&frame(body), 1024).await else {
+            panic!("an empty entry is malformed");
+        };
+        assert!(message.contains("entry 2"), "{message}");
+    }
+
+    #[test]
+    fn too_many_cidrs_are_refused_without_decoding_them_all() {
+        let mut body =
+            String::from(r#"{"command":"list_del","arguments":{"list":"blocklist","cidrs":["#);
+        for i in 0..=MAX_REQUEST_CIDRS {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str("\"10.0.0.0/8\"");
+        }
+        body.push_str("]}}");
+        let error = serde_json::from_str::<Request>(&body).expect_err("too many");
+        assert!(error.to_string().contains("more than"), "{error}");
+        let texts = vec!["10.0.0.0/8".to_string(); MAX_REQUEST_CIDRS + 1];
+        assert!(Cidrs::parse(&texts).is_err());
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     config::{Cidr, ListKind},
-    control::protocol::{ChangeView, EntryView, Reply, Request, Response},
+    control::protocol::{ChangeView, Cidrs, EntryView, Reply, Request, Response},
     program::{limiter::ActiveBan, lists::ListChange, live::PolicyChange},
 };
 
@@ -27,19 +27,12 @@ const MAX_COMMENT_BYTES: usize = 256;
 /// Longest TTL accepted: ten years.
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// Parses every CIDR of a request, or says which one is wrong.
-fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, String> {
-    if texts.is_empty() {
+/// The CIDRs of a request (parsed as it was decoded); at least one.
+fn given(cidrs: Cidrs) -> Result<Vec<Cidr>, String> {
+    if cidrs.0.is_empty() {
         return Err("no CIDR given".into());
     }
-    texts
-        .iter()
-        .enumerate()
-        .map(|(i, text)| {
-            text.parse()
-                .map_err(|e| format!("entry {} of {}: {e}", i + 1, texts.len()))
-        })
-        .collect()
+    Ok(cidrs.0)
 }
 
 impl Daemon {
@@ -50,8 +43,8 @@ impl Daemon {
                 cidrs,
                 ttl_seconds,
                 comment,
-            } => self.list_add(list, &cidrs, ttl_seconds, comment),
-            Request::ListDel { list, cidrs } => self.list_del(list, &cidrs),
+            } => self.list_add(list, cidrs, ttl_seconds, comment),
+            Request::ListDel { list, cidrs } => self.list_del(list, cidrs),
             Request::ListShow { list } => Ok(self.list_show(list)),
             Request::Stats => self.stats(),
             Request::Status => Ok(self.status()),
@@ -76,11 +69,11 @@ impl Daemon {
     fn list_add(
         &mut self,
         kind: ListKind,
-        texts: &[String],
+        cidrs: Cidrs,
         ttl_seconds: Option<u64>,
         comment: Option<String>,
     ) -> Result<Reply, String> {
-        let cidrs = parse_cidrs(texts)?;
+        let cidrs = given(cidrs)?;
         let ttl = match (kind, ttl_seconds) {
             (_, None) => None,
             (ListKind::Allow, Some(_)) => return Err("allowlist entries take no ttl".into()),
@@ -152,8 +145,8 @@ impl Daemon {
         Ok(Reply::Changed(view))
     }
 
-    fn list_del(&mut self, kind: ListKind, texts: &[String]) -> Result<Reply, String> {
-        let cidrs = parse_cidrs(texts)?;
+    fn list_del(&mut self, kind: ListKind, cidrs: Cidrs) -> Result<Reply, String> {
+        let cidrs = given(cidrs)?;
         let banned = match kind {
             ListKind::Block => self.bans_in_force(),
             ListKind::Allow => Vec::new(),

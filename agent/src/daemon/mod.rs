@@ -481,8 +481,11 @@ impl Daemon {
                     }
                 }
                 Some((request, reply_to)) = jobs.recv() => {
-                    let response = self.handle(request);
-                    let _ = reply_to.send(response);
+                    // The client hung up while the request waited: withdrawn, not applied.
+                    if !reply_to.is_closed() {
+                        let response = self.handle(request);
+                        let _ = reply_to.send(response);
+                    }
                 }
                 Some((source, ttl)) = new_bans.recv() => {
                     self.track_ban(SystemTime::now() + ttl, source);

@@ -1,9 +1,17 @@
 //! The daemon's end of the control socket: bind it with the right owner and mode, check each
 //! peer's credentials, read bounded requests, and hand them to the daemon one at a time.
+//!
+//! No client can hold others up: the accept loop never waits; connections reading a request,
+//! commands and captures each have a bounded pool of their own (a capture that waits for ever
+//! takes no command's place); every read and write has a time limit; and a request whose client
+//! hung up before it was served is withdrawn, never applied.
 
 use std::{
     ffi::CString,
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{FileTypeExt as _, MetadataExt as _},
+    },
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -13,15 +21,23 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{Semaphore, mpsc, oneshot},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::control::protocol::{self, FrameError, MAX_REQUEST_BYTES, Request, Response};
+use crate::control::protocol::{
+    self, FrameError, MAX_REQUEST_BYTES, Request, Response, WRITE_TIMEOUT,
+};
 use crate::observe::capture::{CaptureFilter, CaptureHub};
 
-/// Clients served at once; more wait for a free slot, so that no number of clients can make
-/// the daemon hold more than this many requests in memory.
-const MAX_CLIENTS: usize = 8;
-/// How long a client may take to send its request.
+/// Connections reading their request at once; one more is answered "busy" at once.
+const MAX_READING: usize = 16;
+/// Bytes of requests being read at once, all clients together (a request is at most
+/// `MAX_REQUEST_BYTES`): what the daemon can be made to hold in request buffers.
+const MAX_BYTES_READING: u32 = 2 * MAX_REQUEST_BYTES;
+/// Commands waiting for the daemon (or being served) at once; more wait for a place.
+const MAX_COMMANDS: usize = 8;
+/// Captures streaming at once; one more is refused (captures never take a command's place).
+const MAX_CAPTURES: usize = 4;
+/// How long a client may take to send its request, or wait for a command's place.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +186,12 @@ impl ControlSocket {
 
     /// Accepts clients for ever, sending their requests to `jobs` (captures to `captures`).
     pub async fn serve(&self, jobs: mpsc::Sender<Job>, captures: Arc<CaptureHub>) {
-        let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        let pools = Arc::new(Pools {
+            reading: Arc::new(Semaphore::new(MAX_READING)),
+            bytes: Semaphore::new(MAX_BYTES_READING as usize >> 10),
+            commands: Arc::new(Semaphore::new(MAX_COMMANDS)),
+            captures: Arc::new(Semaphore::new(MAX_CAPTURES)),
+        });
         loop {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -180,18 +201,27 @@ impl ControlSocket {
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let jobs = jobs.clone();
             let captures = captures.clone();
+            let pools = pools.clone();
             let access = self.access;
             tokio::spawn(async move {
-                serve_client(stream, access, jobs, &captures).await;
-                drop(slot);
+                let response = serve_client(stream, access, jobs, &captures, &pools).await;
+                if let Some((mut stream, response)) = response {
+                    answer(&mut stream, &response).await;
+                }
             });
         }
     }
+}
+
+/// The places clients take, each bounded.
+struct Pools {
+    reading: Arc<Semaphore>,
+    /// KiB of requests being read.
+    bytes: Semaphore,
+    commands: Arc<Semaphore>,
+    captures: Arc<Semaphore>,
 }
 
 impl Drop for ControlSocket {
@@ -204,54 +234,122 @@ impl Drop for ControlSocket {
     }
 }
 
+/// Serves one client; returns the answer still to write, if any.
 async fn serve_client(
     mut stream: UnixStream,
     access: Access,
     jobs: mpsc::Sender<Job>,
     captures: &CaptureHub,
-) {
-    let response = match access.check(&stream) {
-        Err(refusal) => {
-            warn!(reason = refusal, "control connection refused");
-            Response::Error(refusal)
-        }
-        Ok(()) => {
-            let request = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                protocol::read_frame::<Request>(&mut stream, MAX_REQUEST_BYTES),
-            )
-            .await
-            .unwrap_or_else(|_| Err(FrameError::Truncated(std::io::ErrorKind::TimedOut.into())));
-            match request {
-                // A capture streams many frames: it is served here, not by the daemon's loop.
-                Ok(Request::Capture {
-                    passed,
-                    reason,
-                    count,
-                    every,
-                }) => match CaptureFilter::new(passed, reason.as_deref(), count, every) {
-                    Ok(filter) => return captures.serve(&mut stream, filter).await,
-                    Err(message) => Response::Error(format!("bad capture: {message}")),
-                },
-                Ok(request) => {
-                    let (reply_to, reply) = oneshot::channel();
-                    if jobs.send((request, reply_to)).await.is_err() {
-                        return;
-                    }
-                    match reply.await {
-                        Ok(response) => response,
-                        Err(_) => Response::Error("the daemon is shutting down".into()),
-                    }
-                }
-                Err(FrameError::Closed) => return,
-                Err(e) => {
-                    debug!(error = %e, "bad control request");
-                    Response::Error(format!("bad request: {e}"))
-                }
-            }
+    pools: &Pools,
+) -> Option<(UnixStream, Response)> {
+    if let Err(refusal) = access.check(&stream) {
+        warn!(reason = refusal, "control connection refused");
+        return Some((stream, Response::Error(refusal)));
+    }
+    let Ok(reading) = pools.reading.clone().try_acquire_owned() else {
+        let busy = format!("busy: {MAX_READING} connections are sending requests; try again");
+        return Some((stream, Response::Error(busy)));
+    };
+    let request = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream, pools))
+        .await
+        .unwrap_or_else(|_| Err(FrameError::Truncated(std::io::ErrorKind::TimedOut.into())));
+    drop(reading);
+    let request = match request {
+        Ok(request) => request,
+        Err(FrameError::Closed) => return None,
+        Err(e) => {
+            debug!(error = %e, "bad control request");
+            return Some((stream, Response::Error(format!("bad request: {e}"))));
         }
     };
-    if let Err(e) = protocol::write_frame(&mut stream, &response).await {
-        debug!(error = %e, "could not answer a control client");
+    if let Request::Capture {
+        passed,
+        reason,
+        count,
+        every,
+    } = request
+    {
+        // A capture streams many frames: it is served here, not by the daemon's loop.
+        let filter = match CaptureFilter::new(passed, reason.as_deref(), count, every) {
+            Ok(filter) => filter,
+            Err(message) => {
+                return Some((stream, Response::Error(format!("bad capture: {message}"))));
+            }
+        };
+        let Ok(_place) = pools.captures.clone().try_acquire_owned() else {
+            let full = format!("{MAX_CAPTURES} captures are running already; try again later");
+            return Some((stream, Response::Error(full)));
+        };
+        captures.serve(&mut stream, filter).await;
+        return None;
+    }
+    let Ok(Ok(_place)) =
+        tokio::time::timeout(REQUEST_TIMEOUT, pools.commands.clone().acquire_owned()).await
+    else {
+        let busy = "busy: the daemon is serving other commands; try again".to_string();
+        return Some((stream, Response::Error(busy)));
+    };
+    if hung_up_already(&stream) {
+        info!("a client hung up before its request was served: withdrawn, not applied");
+        return None;
+    }
+    let (reply_to, reply) = oneshot::channel();
+    if jobs.send((request, reply_to)).await.is_err() {
+        return None;
+    }
+    tokio::select! {
+        response = reply => Some((
+            stream,
+            response.unwrap_or_else(|_| Response::Error("the daemon is shutting down".into())),
+        )),
+        // Dropping `reply` withdraws the request, if the daemon has not taken it up yet.
+        () = hung_up(&stream) => {
+            info!("a client hung up before its request was served: withdrawn");
+            None
+        }
+    }
+}
+
+/// Reads a request, taking its bytes from the shared budget while it is read and decoded.
+async fn read_request(stream: &mut UnixStream, pools: &Pools) -> Result<Request, FrameError> {
+    let length = protocol::read_length(stream, MAX_REQUEST_BYTES).await?;
+    let kib = (length >> 10) + 1;
+    let _budget = pools
+        .bytes
+        .acquire_many(kib)
+        .await
+        .map_err(|_| FrameError::Truncated(std::io::ErrorKind::Interrupted.into()))?;
+    protocol::read_body(stream, length).await
+}
+
+/// Whether the client has closed its end by now. (A client that only shut down writing after
+/// its request still waits for the answer: that is not hanging up.)
+fn hung_up_already(stream: &UnixStream) -> bool {
+    let mut poll = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a socket we own, and no waiting.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// How often a waiting request's client is checked for a hang-up.
+const HANG_UP_CHECK: Duration = Duration::from_millis(100);
+
+/// Returns once the client closes its end.
+async fn hung_up(stream: &UnixStream) {
+    while !hung_up_already(stream) {
+        tokio::time::sleep(HANG_UP_CHECK).await;
+    }
+}
+
+/// Writes the answer, giving a client that does not read it `WRITE_TIMEOUT`.
+async fn answer(stream: &mut UnixStream, response: &Response) {
+    match tokio::time::timeout(WRITE_TIMEOUT, protocol::write_frame(stream, response)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "could not answer a control client"),
+        Err(_) => debug!("a control client did not take its answer in time"),
     }
 }

@@ -14,7 +14,9 @@ use tokio::{io::AsyncReadExt as _, net::UnixStream, sync::broadcast};
 use tracing::{info, warn};
 
 use crate::{
-    control::protocol::{self, FrameError, MAX_CAPTURE_COUNT, Reply, Response, SampleView},
+    control::protocol::{
+        self, FrameError, MAX_CAPTURE_COUNT, Reply, Response, SampleView, WRITE_TIMEOUT,
+    },
     program::{events::Sample, map_source::MapAccessError, sampling::SamplingOverride},
 };
 
@@ -199,10 +201,15 @@ impl CaptureHub {
             match sample {
                 Ok(sample) if filter.matches(&sample) => {
                     let frame = Response::Ok(Reply::Sample(self.view(&sample)));
-                    if let Err(FrameError::Write(_)) =
-                        protocol::write_frame(&mut writer, &frame).await
+                    // A client that stops reading ends its capture.
+                    match tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        protocol::write_frame(&mut writer, &frame),
+                    )
+                    .await
                     {
-                        break;
+                        Ok(Err(FrameError::Write(_))) | Err(_) => break,
+                        Ok(_) => {}
                     }
                     captured += 1;
                 }
@@ -214,7 +221,7 @@ impl CaptureHub {
         drop(running);
         info!(captured, missed, "capture ended");
         let done = Response::Ok(Reply::CaptureDone { captured, missed });
-        let _ = protocol::write_frame(stream, &done).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, protocol::write_frame(stream, &done)).await;
     }
 }
 
