@@ -4,6 +4,7 @@
 
 use std::{
     cmp::Reverse,
+    net::IpAddr,
     time::{Duration, SystemTime},
 };
 
@@ -147,10 +148,6 @@ impl Daemon {
 
     fn list_del(&mut self, kind: ListKind, cidrs: Cidrs) -> Result<Reply, String> {
         let cidrs = given(cidrs)?;
-        let banned = match kind {
-            ListKind::Block => self.bans_in_force(),
-            ListKind::Allow => Vec::new(),
-        };
         let entries = self.live.entries(kind);
         let dynamic = self.dynamic.list(kind);
         let mut change = ListChange::default();
@@ -167,8 +164,11 @@ impl Daemon {
                 return Err(format!(
                     "{cidr} comes from the configuration; edit it and reload to remove the entry"
                 ));
-            } else if let Some((_, ban)) = banned.iter().find(|(c, _)| c == cidr) {
-                unban.push(ban.source);
+            } else if let Some(source) = (kind == ListKind::Block)
+                .then(|| self.banned_source(cidr))
+                .flatten()
+            {
+                unban.push(source);
             } else {
                 return Err(format!("{cidr} is not in the {}", kind.name()));
             }
@@ -190,6 +190,7 @@ impl Daemon {
                     warn!(source = %source, error = %crate::error_chain(&e), "could not lift the ban");
                     continue;
                 }
+                self.lifted.push((std::time::Instant::now(), *source));
                 view.removed += 1;
                 info!(source = %source, cause = "cli", "unbanned");
             }
@@ -218,13 +219,25 @@ impl Daemon {
         Some(why)
     }
 
-    /// Bans in force, each with the CIDR it covers (its source cut to the limiter's prefix).
+    /// The source whose ban `cidr` names (a source cut to the limiter's prefix), if it is banned
+    /// now: one lookup, not a walk of the ban map.
+    fn banned_source(&self, cidr: &Cidr) -> Option<IpAddr> {
+        let rate = &self.live.policy().rate_limit;
+        let net = cidr.net();
+        let prefix = if net.addr().is_ipv4() {
+            rate.ipv4_prefix
+        } else {
+            rate.ipv6_prefix
+        };
+        (net.prefix_len() == prefix && self.limiter.is_banned(net.network())).then(|| net.network())
+    }
+
+    /// Bans in force (as the latest walk of the ban map found them), each with the CIDR it
+    /// covers (its source cut to the limiter's prefix).
     fn bans_in_force(&mut self) -> Vec<(Cidr, ActiveBan)> {
         let rate = &self.live.policy().rate_limit;
         let (v4, v6) = (rate.ipv4_prefix, rate.ipv6_prefix);
-        self.limiter
-            .active()
-            .unwrap_or_default()
+        self.bans_in_force_now()
             .into_iter()
             .filter_map(|ban| {
                 let prefix = if ban.source.is_ipv4() { v4 } else { v6 };

@@ -27,7 +27,7 @@ use aya::Ebpf;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinHandle,
 };
 use tracing::{error, info, warn};
@@ -49,10 +49,10 @@ use crate::{
         capacities::Capacities,
         counters::CounterMaps,
         events::EventRing,
-        limiter::{ActiveBan, LimiterMaps},
+        limiter::{ActiveBan, LimiterMaps, LimiterScan},
         live::{self, LivePolicy},
         loader::{self, Loaded},
-        map_source::{MapAccessError, MapIds},
+        map_source::MapIds,
         maps::ProgramMaps,
         pins::PinDir,
         sampling::SamplingOverride,
@@ -70,6 +70,10 @@ const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 const STATE_SAVE_DELAY: Duration = Duration::from_millis(50);
 /// How soon a failed save is tried again.
 const STATE_SAVE_RETRY: Duration = Duration::from_secs(5);
+/// How often the limiter's maps are walked (away from the loop), and how long a walk may take:
+/// a million spoofed sources take about a second to walk, which the loop never waits for.
+const LIMITER_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+const LIMITER_SCAN_BUDGET: Duration = Duration::from_millis(500);
 
 /// Whether what is in force is also saved.
 #[derive(Debug, Default)]
@@ -121,7 +125,12 @@ pub fn effective_policy(mut policy: Policy, dynamic: &Dynamic) -> Policy {
 pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
     let mut prepared = prepare(source, pin).await?;
     let mut program = load_and_fill(&mut prepared)?;
-    let observers = start_observers(&prepared, program.events, program.sampling)?;
+    let observers = start_observers(
+        &prepared,
+        &program.limiter,
+        program.events,
+        program.sampling,
+    )?;
     let interfaces = attach(&mut program.ebpf, &prepared, &program.map_ids)?;
     let metrics = prepared.metrics.take();
     announce(
@@ -155,6 +164,8 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         unrestored_bans: program.unrestored_bans,
         unsaved_since: None,
         drops: observers.drops,
+        scans: observers.scans,
+        lifted: Vec::new(),
         top: TopHistory::default(),
         ban_expiries: BinaryHeap::new(),
     };
@@ -281,6 +292,8 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
 
 /// What watches the program: the event reader and those it feeds.
 struct Observers {
+    /// The latest walk of the limiter's maps.
+    scans: watch::Receiver<Arc<LimiterScan>>,
     captures: Arc<CaptureHub>,
     drops: Arc<Mutex<DropTally>>,
     new_bans: mpsc::Receiver<(IpAddr, Duration)>,
@@ -291,12 +304,30 @@ struct Observers {
 }
 
 /// Phase 3: read the program's events (bans, samples) and hand them to the log, `moat top`
-/// and captures.
+/// and captures; walk the limiter's maps on a thread of their own.
 fn start_observers(
     prepared: &Prepared,
+    limiter: &LimiterMaps,
     events: EventRing,
     sampling: SamplingOverride,
 ) -> anyhow::Result<Observers> {
+    let reader = limiter
+        .reader()
+        .context("opening the limiter's maps for walks")?;
+    let (scanned, scans) = watch::channel(Arc::new(LimiterScan::default()));
+    std::thread::Builder::new()
+        .name("limiter-scans".into())
+        .spawn(move || {
+            // Ends when the daemon (the receiver) is gone.
+            loop {
+                let scan = reader.scan(Instant::now() + LIMITER_SCAN_BUDGET);
+                if scanned.send(Arc::new(scan)).is_err() {
+                    return;
+                }
+                std::thread::sleep(LIMITER_SCAN_INTERVAL);
+            }
+        })
+        .context("starting the limiter's walks")?;
     let names = prepared
         .interfaces
         .iter()
@@ -310,6 +341,7 @@ fn start_observers(
         .context("polling the program's events")?;
     let (scrapes, scrape_requests) = mpsc::channel(4);
     Ok(Observers {
+        scans,
         captures,
         drops,
         new_bans,
@@ -406,6 +438,10 @@ pub struct Daemon {
     unsaved_since: Option<tokio::time::Instant>,
     /// Dropped packets per source, from the samples.
     drops: Arc<Mutex<DropTally>>,
+    /// The latest walk of the limiter's maps (counts, bans, passed per source).
+    scans: watch::Receiver<Arc<LimiterScan>>,
+    /// Bans lifted here, with when: a walk that started before a lift still lists the ban.
+    lifted: Vec<(Instant, IpAddr)>,
     top: TopHistory,
     /// Bans known to this daemon, soonest expiry first, so that each expiry is logged.
     ban_expiries: BinaryHeap<Reverse<(SystemTime, IpAddr)>>,
@@ -541,13 +577,7 @@ impl Daemon {
     /// program keeps enforcing whatever happens to the disk.
     fn save_state(&mut self) {
         self.unsaved_since = None;
-        let bans = match self.bans_to_save() {
-            Ok(bans) => bans,
-            Err(e) => {
-                warn!(error = %crate::error_chain(&e), "could not read the bans");
-                self.saved_bans.clone()
-            }
-        };
+        let bans = self.bans_to_save();
         match self.store.save(&self.dynamic, &bans) {
             Ok(()) => {
                 self.saved_bans = bans;
@@ -569,10 +599,42 @@ impl Daemon {
         }
     }
 
-    /// The bans in force, and those saved before that the program could not take back.
-    fn bans_to_save(&mut self) -> Result<Vec<ActiveBan>, MapAccessError> {
-        let mut bans = self.limiter.active()?;
+    /// The latest walk of the limiter's maps.
+    fn limiter_scan(&self) -> Arc<LimiterScan> {
+        self.scans.borrow().clone()
+    }
+
+    /// The bans in force as the latest walk found them, less those lifted since it started.
+    fn bans_in_force_now(&mut self) -> Vec<ActiveBan> {
+        let scan = self.limiter_scan();
+        let started = scan.started;
+        self.lifted
+            .retain(|(at, _)| started.is_none_or(|started| *at >= started));
+        let lifted = &self.lifted;
+        scan.bans
+            .iter()
+            .filter(|ban| !lifted.iter().any(|(_, source)| *source == ban.source))
+            .cloned()
+            .collect()
+    }
+
+    /// The bans in force, and those saved before that the program could not take back. When
+    /// the latest walk did not finish, the bans saved before (still unexpired) are kept too:
+    /// never saved with less than is in force.
+    fn bans_to_save(&mut self) -> Vec<ActiveBan> {
+        let mut bans = self.bans_in_force_now();
         let now = SystemTime::now();
+        if !self.limiter_scan().complete {
+            let lifted = &self.lifted;
+            for ban in &self.saved_bans {
+                if ban.expires_at > now
+                    && !lifted.iter().any(|(_, source)| *source == ban.source)
+                    && !bans.iter().any(|b| b.source == ban.source)
+                {
+                    bans.push(ban.clone());
+                }
+            }
+        }
         self.unrestored_bans.retain(|ban| ban.expires_at > now);
         for ban in &self.unrestored_bans {
             if !bans.iter().any(|b| b.source == ban.source) {
@@ -580,14 +642,12 @@ impl Daemon {
             }
         }
         bans.sort_by_key(|b| b.expires_at);
-        Ok(bans)
+        bans
     }
 
     fn save_bans_if_changed(&mut self) {
-        match self.bans_to_save() {
-            Ok(bans) if bans != self.saved_bans => self.save_state(),
-            Ok(_) => {}
-            Err(e) => warn!(error = %crate::error_chain(&e), "could not read the bans"),
+        if self.bans_to_save() != self.saved_bans {
+            self.save_state();
         }
     }
 
@@ -629,8 +689,10 @@ impl Daemon {
     fn lift_bans(&mut self, cause: &str) {
         match self.limiter.lift_all() {
             Ok(lifted) => {
+                let now = Instant::now();
                 for source in &lifted {
                     info!(source = %source, cause, "unbanned: the policy no longer bans");
+                    self.lifted.push((now, *source));
                 }
                 if !lifted.is_empty() {
                     self.ban_expiries.clear();

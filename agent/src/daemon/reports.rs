@@ -89,8 +89,9 @@ impl Daemon {
                 capacity: u64::from(v6_capacity),
             });
         }
-        let bans = self.limiter.ban_entries();
-        let sources = self.limiter.tracked_sources();
+        // From the latest walk: the loop never walks a map that a flood can fill.
+        let scan = self.limiter_scan();
+        let (bans, sources) = (scan.ban_entries, scan.sources);
         for (map, entries) in [("bans", bans), ("rate-limited sources", sources)] {
             fills.push(MapFill {
                 map: map.into(),
@@ -157,10 +158,10 @@ impl Daemon {
         let (passed_by_source, sample_every) = (rate.is_on(), policy.sample_every);
         let prefixes = (rate.ipv4_prefix, rate.ipv6_prefix);
         let passed = if passed_by_source {
-            self.limiter
-                .passed_by_source()
-                .into_iter()
-                .map(|(address, counter)| (source_name(address, prefixes), counter))
+            self.limiter_scan()
+                .passed
+                .iter()
+                .map(|(address, counter)| (source_name(*address, prefixes), *counter))
                 .collect()
         } else {
             std::collections::HashMap::new()
@@ -203,8 +204,8 @@ impl Daemon {
             list_entries.push((name, "ipv4", counts.total() as u64 - v6));
             list_entries.push((name, "ipv6", v6));
         }
-        let bans_active = self.limiter.active().map_or(0, |b| b.len() as u64);
-        let rate_limited_sources = self.limiter.tracked_sources();
+        let bans_active = self.bans_in_force_now().len() as u64;
+        let rate_limited_sources = self.limiter_scan().sources;
         let program_tag = self
             .program_info()
             .map(|info| format!("{:016x}", info.tag()));

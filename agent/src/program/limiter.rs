@@ -15,7 +15,7 @@ use agent_common::{
     rate_limit::{Ban, FAMILY_V4, FAMILY_V6, RateState, SourceKey},
     stats::Counter,
 };
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 
 use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
 
@@ -69,7 +69,104 @@ pub fn key_of(address: IpAddr) -> SourceKey {
     key
 }
 
+/// What a walk over the limiter's maps found: walks take time in proportion to the maps' fill
+/// (a million sources under a spoofed flood), so they run away from the daemon's loop, with a
+/// deadline, and the loop reads the latest.
+#[derive(Clone, Debug, Default)]
+pub struct LimiterScan {
+    /// Bans in force, soonest expiry first.
+    pub bans: Vec<ActiveBan>,
+    /// Entries in the ban map, expired or not (what fills it).
+    pub ban_entries: u64,
+    /// Sources the limiter tracks.
+    pub sources: u64,
+    /// Packets and bytes each source passed (sources that passed any).
+    pub passed: Vec<(IpAddr, Counter)>,
+    /// Whether the walk saw every entry before its deadline (else the numbers are a floor).
+    pub complete: bool,
+    /// When the walk started: changes made after it are not in it.
+    pub started: Option<std::time::Instant>,
+}
+
+/// A second, read-only handle on the limiter's maps, for walks on another thread.
+pub struct LimiterReader {
+    bans: Named<HashMap<MapData, SourceKey, Ban>>,
+    sources: Named<HashMap<MapData, SourceKey, RateState>>,
+}
+
+impl LimiterReader {
+    /// Walks both maps until `deadline`.
+    pub fn scan(&self, deadline: std::time::Instant) -> LimiterScan {
+        let now_ns = monotonic_now_ns();
+        let now = SystemTime::now();
+        let mut scan = LimiterScan {
+            complete: true,
+            started: Some(std::time::Instant::now()),
+            ..LimiterScan::default()
+        };
+        for item in self.bans.map.iter() {
+            if std::time::Instant::now() > deadline {
+                scan.complete = false;
+                break;
+            }
+            // An entry evicted or expired while iterating is skipped.
+            let Ok((key, ban)) = item else { continue };
+            scan.ban_entries += 1;
+            if ban.expires_at <= now_ns {
+                continue;
+            }
+            if let Some(source) = address_of(key.family, key.addr) {
+                scan.bans.push(ActiveBan {
+                    source,
+                    expires_at: now + Duration::from_nanos(ban.expires_at - now_ns),
+                });
+            }
+        }
+        scan.bans.sort_by_key(|b| b.expires_at);
+        for item in self.sources.map.iter() {
+            if std::time::Instant::now() > deadline {
+                scan.complete = false;
+                break;
+            }
+            let Ok((key, state)) = item else { continue };
+            scan.sources += 1;
+            if state.passed_packets != 0
+                && let Some(source) = address_of(key.family, key.addr)
+            {
+                let counter = Counter {
+                    packets: state.passed_packets,
+                    bytes: state.passed_bytes,
+                };
+                scan.passed.push((source, counter));
+            }
+        }
+        scan
+    }
+}
+
 impl LimiterMaps {
+    /// A second handle on the same maps, for walks on another thread.
+    pub fn reader(&self) -> Result<LimiterReader, MapAccessError> {
+        let reopen = |name: &'static str, map: &MapData| {
+            let id = map.info().map_err(named(name))?.id();
+            MapData::from_id(id)
+                .and_then(Map::from_map_data)
+                .map_err(named(name))
+        };
+        let bans = reopen(self.bans.name, self.bans.map.map())?;
+        let sources = reopen(self.sources.name, self.sources.map.map())?;
+        Ok(LimiterReader {
+            bans: Named {
+                name: self.bans.name,
+                map: HashMap::try_from(bans).map_err(named(self.bans.name))?,
+            },
+            sources: Named {
+                name: self.sources.name,
+                map: HashMap::try_from(sources).map_err(named(self.sources.name))?,
+            },
+        })
+    }
+
     pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
         Ok(Self {
             bans: Named::resolve(source, maps::BANS)?,
@@ -131,33 +228,6 @@ impl LimiterMaps {
             }
         }
         Ok(lifted)
-    }
-
-    /// Entries in the ban map, expired or not (what fills it).
-    pub fn ban_entries(&self) -> u64 {
-        self.bans.map.keys().filter(Result::is_ok).count() as u64
-    }
-
-    /// Sources the rate limiter tracks now.
-    pub fn tracked_sources(&self) -> u64 {
-        self.sources.map.keys().filter(Result::is_ok).count() as u64
-    }
-
-    /// Packets and bytes the limiter passed per source, for sources that passed any.
-    pub fn passed_by_source(&self) -> Vec<(IpAddr, Counter)> {
-        self.sources
-            .map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, state)| state.passed_packets != 0)
-            .filter_map(|(key, state)| {
-                let counter = Counter {
-                    packets: state.passed_packets,
-                    bytes: state.passed_bytes,
-                };
-                Some((address_of(key.family, key.addr)?, counter))
-            })
-            .collect()
     }
 
     /// Writes saved bans back into the program; returns how many were still in force.
