@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 2;
+pub const PINNED_LAYOUT_VERSION: u32 = 3;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
@@ -46,8 +46,14 @@ pub const RULE_HITS: &str = "RULE_HITS";
 /// Per-CPU hits per (list, entry source), indexed by [`crate::lists::hit_index`].
 pub const LIST_HITS: &str = "LIST_HITS";
 /// Interface index → counter slot (an array indexed by ifindex, 0: unregistered), filled by the
-/// agent as it attaches. An array rather than a hash: it is read for every packet.
+/// agent as it attaches. An array rather than a hash: it is read for every packet. A slot may
+/// carry [`SLOT_NO_ETHERNET`].
 pub const INTERFACE_SLOTS: &str = "INTERFACE_SLOTS";
+/// Set in an interface's slot when its frames start with the IP header (tun, WireGuard, PPP,
+/// IPIP, GRE: no Ethernet header): the program parses them from the IP header.
+pub const SLOT_NO_ETHERNET: u32 = 1 << 31;
+/// The counter slot in an interface's slot value.
+pub const SLOT_INDEX_MASK: u32 = !SLOT_NO_ETHERNET;
 /// Ban events and dropped-packet samples for the agent ([`crate::events::Event`]).
 pub const EVENTS: &str = "EVENTS";
 /// `moat capture`'s sampling override ([`crate::events::CaptureSettings`], one slot).

@@ -86,7 +86,8 @@ pub fn moat(ctx: XdpContext) -> u32 {
     let Some(settings) = SETTINGS.get(generation) else {
         return xdp_action::XDP_PASS;
     };
-    let verdict = match packet::parse(&ctx) {
+    let interface = stats::interface(&ctx);
+    let verdict = match packet::parse(&ctx, interface.no_ethernet) {
         Ok(Some(packet)) => {
             let verdict = if generation == 0 {
                 decide::<Generation0>(&ctx, settings, &packet)
@@ -102,7 +103,7 @@ pub fn moat(ctx: XdpContext) -> u32 {
         Action::Drop if settings.mode == MODE_MONITOR => Action::WouldDrop,
         action => action,
     };
-    let seen = stats::count(&ctx, &verdict, action);
+    let seen = stats::count(&ctx, interface.slot, &verdict, action);
     let capture = CAPTURE.get(0);
     if action == Action::Pass {
         // Passed packets are sampled only while `moat capture --passed` runs.

@@ -120,9 +120,21 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
     Ok((start + offset) as *const T)
 }
 
-/// Parses an IP packet; `Ok(None)` for anything that is not IP.
+/// Parses an IP packet; `Ok(None)` for anything that is not IP. `no_ethernet`: the interface's
+/// frames start with the IP header (tun, WireGuard, IPIP, GRE, PPP), told by its version.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Malformed> {
+pub fn parse(ctx: &XdpContext, no_ethernet: bool) -> Result<Option<Packet>, Malformed> {
+    if no_ethernet {
+        // The version is the first nibble of either header; an IP packet is never shorter than
+        // an IPv4 header (and a check of one byte lets the compiler fold the bound away).
+        let ip: *const Ipv4Hdr = ptr_at(ctx, 0)?;
+        // SAFETY: ptr_at checked that the header lies inside the frame.
+        return match unsafe { (*ip).vihl } >> 4 {
+            4 => ipv4(ctx, 0).map(Some),
+            6 => ipv6(ctx, 0).map(Some),
+            _ => Ok(None),
+        };
+    }
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that the header lies inside the frame.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });

@@ -3,6 +3,7 @@
 
 use agent_common::{
     lists::hit_index,
+    maps::{SLOT_INDEX_MASK, SLOT_NO_ETHERNET},
     stats::{Action, Counter, Reason, index},
 };
 use aya_ebpf::{maps::PerCpuArray, programs::XdpContext};
@@ -12,13 +13,31 @@ use crate::{
     maps::{INTERFACE_SLOTS, LIST_HITS, RULE_HITS, STATS},
 };
 
+/// The interface a packet arrived on, as the agent registered it.
+#[derive(Clone, Copy)]
+pub struct Interface {
+    /// Its counter slot (0: not registered).
+    pub slot: u32,
+    /// Its frames start with the IP header.
+    pub no_ethernet: bool,
+}
+
+/// The interface of `ctx`: read once per packet, for the parser and the counters.
+#[inline(always)]
+pub fn interface(ctx: &XdpContext) -> Interface {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // Out of range (or unregistered, 0): slot 0, Ethernet.
+    let value = INTERFACE_SLOTS.get(ifindex).copied().unwrap_or(0);
+    Interface {
+        slot: value & SLOT_INDEX_MASK,
+        no_ethernet: value & SLOT_NO_ETHERNET != 0,
+    }
+}
+
 #[inline(always)]
 /// Counts the packet; returns how many packets this CPU has now counted under the same
 /// (interface, action, reason), which paces sampling without a random-number helper call.
-pub fn count(ctx: &XdpContext, verdict: &Verdict, action: Action) -> u64 {
-    let ifindex = ctx.ingress_ifindex() as u32;
-    // Out of range (or unregistered, 0): slot 0.
-    let slot = INTERFACE_SLOTS.get(ifindex).copied().unwrap_or(0);
+pub fn count(ctx: &XdpContext, slot: u32, verdict: &Verdict, action: Action) -> u64 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let seen = add(&STATS, index(slot, action, verdict.reason), bytes);
     match verdict.reason {

@@ -9,7 +9,7 @@ use moat::{
     config::Policy,
     program::{
         capacities::Capacities,
-        counters::{CounterMaps, Snapshot},
+        counters::{CounterMaps, Framing, Snapshot},
         limiter::LimiterMaps,
         live::LivePolicy,
         loader::{self, Loaded},
@@ -40,6 +40,11 @@ pub struct LoadedProgram {
 
 impl LoadedProgram {
     pub fn new(policy: &Policy) -> Self {
+        Self::with_framing(policy, Framing::Ethernet)
+    }
+
+    /// A program whose test-run interface's frames start as `framing` says.
+    pub fn with_framing(policy: &Policy, framing: Framing) -> Self {
         crate::lab::require_root();
         let capacities = Capacities::for_policy(policy, 0);
         let Loaded { ebpf, maps } = loader::load(capacities)
@@ -55,7 +60,7 @@ impl LoadedProgram {
         let live = LivePolicy::install(policy_maps, policy.clone(), capacities)
             .unwrap_or_else(|e| panic!("installing the test policy: {}", moat::error_chain(&e)));
         counters
-            .register_interfaces(&[TEST_RUN_IF_INDEX])
+            .register_interfaces(&[(TEST_RUN_IF_INDEX, framing)])
             .expect("registering lo");
         Self {
             ebpf,

@@ -7,16 +7,19 @@ use agent_common::{
     lists::{LIST_ALLOW, LIST_BAN, LIST_BLOCK, SOURCE_CONFIG, SOURCE_RATE_LIMIT, hit_index},
     stats::{Action, Counter, Reason},
 };
-use moat::config::{Config, Mode, Overrides, Policy};
+use moat::{
+    config::{Config, Mode, Overrides, Policy},
+    program::counters::Framing,
+};
 use moat_tests::{
-    frames::Frame,
+    frames::{Frame, L3_OFFSET, TCP_SYN},
     program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS, action_name},
 };
 
 #[path = "program/fixtures.rs"]
 mod fixtures;
 
-use fixtures::{BLOCKED_V4, BLOCKED_V6, LEGIT_V4, POLICY, cases};
+use fixtures::{BLOCKED_V4, BLOCKED_V6, LEGIT_V4, LEGIT_V6, POLICY, cases};
 
 fn policy(text: &str) -> Policy {
     Config::from_str_at(text, Path::new("fixture.toml"))
@@ -111,6 +114,72 @@ fn the_agent_owns_exactly_the_maps_the_object_declares() {
         resolved, declared,
         "maps the agent resolves vs maps the object declares"
     );
+}
+
+/// An interface without an Ethernet header (tun, WireGuard, IPIP, GRE, PPP): its frames are IP
+/// packets, parsed from the first byte, and the same policy holds.
+#[test]
+fn frames_of_an_ip_only_interface_are_parsed_from_the_ip_header() {
+    let mut program = LoadedProgram::with_framing(&policy(POLICY), Framing::Ip);
+    let ip = |frame: Frame| frame.bytes()[L3_OFFSET..].to_vec();
+    let cases: [(&str, Vec<u8>, u32, Action, Reason); 6] = [
+        (
+            "blocked IPv4",
+            ip(Frame::udp(BLOCKED_V4, 1, 2)),
+            XDP_DROP,
+            Action::Drop,
+            Reason::Blocklist,
+        ),
+        (
+            "blocked IPv6",
+            ip(Frame::udp(BLOCKED_V6, 1, 2)),
+            XDP_DROP,
+            Action::Drop,
+            Reason::Blocklist,
+        ),
+        (
+            "a rule",
+            ip(Frame::udp(LEGIT_V4, 11211, 80)),
+            XDP_DROP,
+            Action::Drop,
+            Reason::Rule,
+        ),
+        (
+            "legitimate IPv4",
+            ip(Frame::udp(LEGIT_V4, 40000, 443)),
+            XDP_PASS,
+            Action::Pass,
+            Reason::NoMatch,
+        ),
+        (
+            "legitimate IPv6",
+            ip(Frame::tcp(LEGIT_V6, 40000, 443, TCP_SYN)),
+            XDP_PASS,
+            Action::Pass,
+            Reason::NoMatch,
+        ),
+        // What an Ethernet frame would be read as here: not IP (its first byte is a MAC's).
+        (
+            "an Ethernet frame",
+            Frame::udp(BLOCKED_V4, 1, 2).bytes(),
+            XDP_PASS,
+            Action::Pass,
+            Reason::NotIp,
+        ),
+    ];
+    for (name, frame, xdp, action, reason) in cases {
+        let before = program.snapshot().get(TEST_RUN_IF_INDEX, action, reason);
+        assert_eq!(program.run(&frame), xdp, "{name}");
+        let after = program.snapshot().get(TEST_RUN_IF_INDEX, action, reason);
+        assert_eq!(
+            after.packets,
+            before.packets + 1,
+            "{name}: counted under {reason:?}"
+        );
+    }
+    // The same frames from an Ethernet interface are not IP at all.
+    let mut ethernet = LoadedProgram::new(&policy(POLICY));
+    assert_eq!(ethernet.run(&ip(Frame::udp(BLOCKED_V4, 1, 2))), XDP_PASS);
 }
 
 #[test]

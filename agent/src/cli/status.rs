@@ -54,9 +54,10 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     for i in interfaces {
         println!(
-            "interface  {} (index {}): {} mode, {}, {}",
+            "interface  {} (index {}, {} frames): {} mode, {}, {}",
             i.name,
             i.if_index,
+            i.framing,
             i.xdp_mode,
             if i.attached {
                 "attached"

@@ -204,6 +204,9 @@ pub struct InterfaceView {
     pub if_index: u32,
     /// `native`, `generic`, or `unknown` for a link adopted without a record of its mode.
     pub xdp_mode: String,
+    /// How the interface's frames start: `ethernet`, or `ip` (tun, WireGuard, PPP, IPIP, GRE).
+    #[serde(default)]
+    pub framing: String,
     /// Whether the link's pin holds it (so it outlives the daemon), as the kernel says.
     pub pinned: bool,
     /// Whether the kernel has the link attached to this interface with this daemon's program.

@@ -1,15 +1,19 @@
 //! The interfaces the daemon protects: names resolved to indexes before anything is loaded,
 //! then the program attached to each, or swapped into the link a daemon before pinned.
 
-use std::ffi::CString;
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd as _, FromRawFd as _},
+};
 
-use anyhow::anyhow;
+use anyhow::{Context as _, anyhow};
 use aya::{Ebpf, programs::links::FdLink};
 use tracing::info;
 
 use crate::{
     config::{Config, XdpMode},
     program::{
+        counters::Framing,
         loader,
         pins::{self, HeldLink, LinkMode, PinDir},
         xdp_link,
@@ -20,6 +24,7 @@ use crate::{
 pub struct Interface {
     pub name: String,
     pub if_index: u32,
+    pub framing: Framing,
     pub mode: LinkMode,
     pub link: Attachment,
 }
@@ -61,39 +66,105 @@ impl Interface {
     }
 }
 
-/// (name, ifindex) of each interface; an error names the config line of one that does not
-/// exist.
-pub fn resolve(config: &Config, names: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
+/// An interface to protect, as found on the host.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub name: String,
+    pub if_index: u32,
+    pub framing: Framing,
+}
+
+/// Link types whose frames start with an Ethernet header (`linux/if_arp.h`).
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+/// Link types whose frames start with the IP header: no header (tun, WireGuard), PPP, raw IP,
+/// IPIP, IPv6-in-IPv6, SIT, GRE, IPv6 GRE.
+const ARPHRD_IP_FIRST: [u16; 8] = [0xfffe, 512, 519, 768, 769, 776, 778, 823];
+
+/// Each interface's index and framing; an error names the config line of one that does not
+/// exist, or whose link type moat cannot parse.
+pub fn resolve(config: &Config, names: &[String]) -> anyhow::Result<Vec<Target>> {
     names
         .iter()
         .map(|name| {
+            let location = || {
+                config
+                    .locate_interface(name)
+                    .map(|l| format!("{l}: "))
+                    .unwrap_or_default()
+            };
             let c_name = CString::new(name.as_str())
                 .map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
             // SAFETY: c_name is a valid NUL-terminated string.
             let if_index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
             if if_index == 0 {
-                let location = config
-                    .locate_interface(name)
-                    .map(|l| format!("{l}: "))
-                    .unwrap_or_default();
-                return Err(anyhow!("{location}interface {name:?} does not exist"));
+                return Err(anyhow!("{}interface {name:?} does not exist", location()));
             }
-            Ok((name.clone(), if_index))
+            let framing = match link_type(&c_name)? {
+                ARPHRD_ETHER | ARPHRD_LOOPBACK => Framing::Ethernet,
+                kind if ARPHRD_IP_FIRST.contains(&kind) => Framing::Ip,
+                kind => {
+                    return Err(anyhow!(
+                        "{}interface {name:?} has link type {kind}, whose frames moat cannot \
+                         parse (it protects Ethernet interfaces and IP-only ones: tun, \
+                         WireGuard, PPP, IPIP, GRE)",
+                        location()
+                    ));
+                }
+            };
+            Ok(Target {
+                name: name.clone(),
+                if_index,
+                framing,
+            })
         })
         .collect()
+}
+
+/// The interface's link type (`ARPHRD_*`), asked of the kernel in this network namespace.
+fn link_type(name: &std::ffi::CStr) -> anyhow::Result<u16> {
+    // SAFETY: a plain socket(2) call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("opening a socket to ask the link type");
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain C data for which all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.to_bytes();
+    if bytes.len() >= request.ifr_name.len() {
+        return Err(anyhow!("interface name {name:?} is too long"));
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we own; the fd is a socket.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("asking the link type of {name:?}"));
+    }
+    // SAFETY: the kernel filled the hardware address member.
+    Ok(unsafe { request.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
 /// Attaches to every interface, or takes over the link pinned for it; with `pins`, new links
 /// are pinned.
 pub fn attach_all(
     ebpf: &mut Ebpf,
-    resolved: &[(String, u32)],
+    resolved: &[Target],
     mode: XdpMode,
     pins: Option<&PinDir>,
 ) -> anyhow::Result<Vec<Interface>> {
     let program = loader::program(ebpf)?;
     let mut interfaces = Vec::with_capacity(resolved.len());
-    for (name, if_index) in resolved {
+    for Target {
+        name,
+        if_index,
+        framing,
+    } in resolved
+    {
         if let Some(pins) = pins
             && let Some(held) = pins::adopt(pins, program, name, *if_index, mode)?
         {
@@ -105,6 +176,7 @@ pub fn attach_all(
             interfaces.push(Interface {
                 name: name.clone(),
                 if_index: *if_index,
+                framing: *framing,
                 mode: held.mode,
                 link: Attachment::Pinned(held),
             });
@@ -137,6 +209,7 @@ pub fn attach_all(
         interfaces.push(Interface {
             name: name.clone(),
             if_index: *if_index,
+            framing: *framing,
             mode: attachment.mode,
             link,
         });

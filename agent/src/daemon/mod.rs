@@ -33,7 +33,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use self::{
-    interfaces::{Attachment, Interface, interface_name},
+    interfaces::{Attachment, Interface, Target, interface_name},
     program_events::EventSinks,
     server::ControlSocket,
     state::{Dynamic, StateStore},
@@ -187,8 +187,8 @@ struct Prepared {
     source: ConfigSource,
     /// The configuration, its policy with the saved run-time entries merged in.
     config: Resolved,
-    /// (name, ifindex) of each interface.
-    interfaces: Vec<(String, u32)>,
+    /// Each interface's name, index and framing.
+    interfaces: Vec<Target>,
     store: StateStore,
     dynamic: Dynamic,
     saved_bans: Vec<ActiveBan>,
@@ -274,9 +274,13 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         );
         prepared.saved_bans.clear();
     }
-    let if_indexes: Vec<u32> = prepared.interfaces.iter().map(|(_, i)| *i).collect();
+    let registered: Vec<_> = prepared
+        .interfaces
+        .iter()
+        .map(|t| (t.if_index, t.framing))
+        .collect();
     counters
-        .register_interfaces(&if_indexes)
+        .register_interfaces(&registered)
         .context("registering the interfaces' counters")?;
     Ok(Filled {
         ebpf,
@@ -331,7 +335,7 @@ fn start_observers(
     let names = prepared
         .interfaces
         .iter()
-        .map(|(n, i)| (*i, n.clone()))
+        .map(|t| (t.if_index, t.name.clone()))
         .collect();
     let captures = Arc::new(CaptureHub::new(sampling, names)?);
     let drops = Arc::new(Mutex::new(DropTally::default()));
@@ -610,10 +614,14 @@ impl Daemon {
         let started = scan.started;
         self.lifted
             .retain(|(at, _)| started.is_none_or(|started| *at >= started));
-        let lifted = &self.lifted;
+        if self.lifted.is_empty() {
+            return scan.bans.clone();
+        }
+        let lifted: std::collections::HashSet<IpAddr> =
+            self.lifted.iter().map(|(_, source)| *source).collect();
         scan.bans
             .iter()
-            .filter(|ban| !lifted.iter().any(|(_, source)| *source == ban.source))
+            .filter(|ban| !lifted.contains(&ban.source))
             .cloned()
             .collect()
     }
@@ -624,12 +632,16 @@ impl Daemon {
     fn bans_to_save(&mut self) -> Vec<ActiveBan> {
         let mut bans = self.bans_in_force_now();
         let now = SystemTime::now();
+        // Sets, not scans: under a flood these lists hold every banned source.
+        let mut listed: std::collections::HashSet<IpAddr> =
+            bans.iter().map(|ban| ban.source).collect();
+        let lifted: std::collections::HashSet<IpAddr> =
+            self.lifted.iter().map(|(_, source)| *source).collect();
         if !self.limiter_scan().complete {
-            let lifted = &self.lifted;
             for ban in &self.saved_bans {
                 if ban.expires_at > now
-                    && !lifted.iter().any(|(_, source)| *source == ban.source)
-                    && !bans.iter().any(|b| b.source == ban.source)
+                    && !lifted.contains(&ban.source)
+                    && listed.insert(ban.source)
                 {
                     bans.push(ban.clone());
                 }
@@ -637,7 +649,7 @@ impl Daemon {
         }
         self.unrestored_bans.retain(|ban| ban.expires_at > now);
         for ban in &self.unrestored_bans {
-            if !bans.iter().any(|b| b.source == ban.source) {
+            if listed.insert(ban.source) {
                 bans.push(ban.clone());
             }
         }

@@ -14,7 +14,7 @@ use crate::{
         metrics,
         top::{Reading, ViewOptions},
     },
-    program::loader,
+    program::{counters::Framing, loader},
 };
 
 /// Bounds of `moat top`'s interval and rows.
@@ -119,6 +119,11 @@ impl Daemon {
                         name: i.name.clone(),
                         if_index: i.if_index,
                         xdp_mode: i.mode.name().into(),
+                        framing: match i.framing {
+                            Framing::Ethernet => "ethernet",
+                            Framing::Ip => "ip",
+                        }
+                        .into(),
                         pinned: kernel.pinned,
                         attached: kernel.attached,
                         link_id: kernel.link_id,

@@ -1,17 +1,26 @@
 //! The program's counters (`STATS`, `RULE_HITS`, `LIST_HITS`, `EVENTS_LOST`) and the interface
-//! slots that index them: interfaces registered to their slots at start, and every counter read
-//! back summed over CPUs, mapped from slots to interfaces.
+//! registry (`INTERFACE_SLOTS`): each interface registered at start with its counter slot and
+//! its framing, and every counter read back summed over CPUs, mapped from slots to interfaces.
 
 use std::collections::BTreeMap;
 
 use agent_common::{
-    maps::{self, MAX_IF_INDEX},
+    maps::{self, MAX_IF_INDEX, SLOT_INDEX_MASK, SLOT_NO_ETHERNET},
     stats::{Action, Counter, PER_INTERFACE, Reason, index},
 };
 use aya::maps::{Array, MapData, PerCpuArray};
 use tracing::warn;
 
 use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
+
+/// How an interface's frames start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// With an Ethernet header (and perhaps VLAN tags).
+    Ethernet,
+    /// With the IP header: tun, WireGuard, PPP, IPIP, GRE devices.
+    Ip,
+}
 
 /// The counters and the interface slots that index them; only this module reads or writes
 /// them.
@@ -34,10 +43,13 @@ impl CounterMaps {
         })
     }
 
-    /// Gives each interface its own counter slot, in order from 1; slot 0 stays for packets
-    /// from interfaces not listed.
-    pub fn register_interfaces(&mut self, if_indexes: &[u32]) -> Result<(), MapAccessError> {
-        for (slot, &if_index) in (1u32..).zip(if_indexes) {
+    /// Gives each interface its own counter slot, in order from 1 (slot 0 stays for packets
+    /// from interfaces not listed), and tells the program how its frames start.
+    pub fn register_interfaces(
+        &mut self,
+        interfaces: &[(u32, Framing)],
+    ) -> Result<(), MapAccessError> {
+        for (slot, &(if_index, framing)) in (1u32..).zip(interfaces) {
             if if_index >= MAX_IF_INDEX {
                 warn!(
                     if_index,
@@ -45,9 +57,13 @@ impl CounterMaps {
                 );
                 continue;
             }
+            let value = match framing {
+                Framing::Ethernet => slot,
+                Framing::Ip => slot | SLOT_NO_ETHERNET,
+            };
             self.interface_slots
                 .map
-                .set(if_index, slot, 0)
+                .set(if_index, value, 0)
                 .map_err(named(self.interface_slots.name))?;
         }
         Ok(())
@@ -65,7 +81,8 @@ impl CounterMaps {
             .interface_slots
             .map
             .get(&if_index, 0)
-            .map_err(named(self.interface_slots.name))?;
+            .map_err(named(self.interface_slots.name))?
+            & SLOT_INDEX_MASK;
         let per_cpu = self
             .stats
             .map
@@ -78,7 +95,7 @@ impl CounterMaps {
     pub fn snapshot(&self) -> Result<Snapshot, MapAccessError> {
         let mut interface_of_slot = BTreeMap::new();
         for (if_index, slot) in (0u32..).zip(self.interface_slots.map.iter()) {
-            let slot = slot.map_err(named(self.interface_slots.name))?;
+            let slot = slot.map_err(named(self.interface_slots.name))? & SLOT_INDEX_MASK;
             if slot != 0 {
                 interface_of_slot.insert(slot, if_index);
             }
