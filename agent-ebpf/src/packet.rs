@@ -124,22 +124,28 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
 /// frames start with the IP header (tun, WireGuard, IPIP, GRE, PPP), told by its version.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext, no_ethernet: bool) -> Result<Option<Packet>, Malformed> {
-    if no_ethernet {
-        // The version is the first nibble of either header; an IP packet is never shorter than
-        // an IPv4 header (and a check of one byte lets the compiler fold the bound away).
-        let ip: *const Ipv4Hdr = ptr_at(ctx, 0)?;
-        // SAFETY: ptr_at checked that the header lies inside the frame.
-        return match unsafe { (*ip).vihl } >> 4 {
-            4 => ipv4(ctx, 0).map(Some),
-            6 => ipv6(ctx, 0).map(Some),
-            _ => Ok(None),
-        };
+    // One IP parser for both framings: where the IP header starts, and which.
+    let (ether_type, offset) = if no_ethernet {
+        ip_first(ctx)?
+    } else {
+        ethernet(ctx)?
+    };
+    match ether_type {
+        ETH_P_IP => ipv4(ctx, offset).map(Some),
+        ETH_P_IPV6 => ipv6(ctx, offset).map(Some),
+        // A third tag is deeper than we look: it must not carry an IP packet past the lists.
+        ETH_P_8021Q | ETH_P_8021AD => Err(Malformed),
+        _ => Ok(None),
     }
+}
+
+/// The EtherType after the Ethernet header and up to two VLAN tags, and where it ends.
+#[inline(always)]
+fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Malformed> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that the header lies inside the frame.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = size_of::<EthHdr>();
-
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
@@ -149,14 +155,22 @@ pub fn parse(ctx: &XdpContext, no_ethernet: bool) -> Result<Option<Packet>, Malf
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         offset += size_of::<VlanHdr>();
     }
+    Ok((ether_type, offset))
+}
 
-    match ether_type {
-        ETH_P_IP => ipv4(ctx, offset).map(Some),
-        ETH_P_IPV6 => ipv6(ctx, offset).map(Some),
-        // A third tag is deeper than we look: it must not carry an IP packet past the lists.
-        ETH_P_8021Q | ETH_P_8021AD => Err(Malformed),
-        _ => Ok(None),
-    }
+/// A frame that starts with the IP header: the EtherType its version stands for, at offset 0.
+#[inline(always)]
+fn ip_first(ctx: &XdpContext) -> Result<(u16, usize), Malformed> {
+    // The version is the first nibble of either header; an IP packet is never shorter than an
+    // IPv4 header (and a check of one byte lets the compiler fold the bound away).
+    let ip: *const Ipv4Hdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked that the header lies inside the frame.
+    let ether_type = match unsafe { (*ip).vihl } >> 4 {
+        4 => ETH_P_IP,
+        6 => ETH_P_IPV6,
+        _ => 0,
+    };
+    Ok((ether_type, 0))
 }
 
 #[inline(always)]

@@ -1,3 +1,6 @@
+//! `moat`: parses the command line and dispatches, to the daemon (`moat run`) or to a client
+//! command; every refusal is one line.
+
 use std::process::ExitCode;
 
 use clap::Parser as _;

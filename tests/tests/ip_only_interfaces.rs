@@ -99,15 +99,39 @@ fn echo_reply_to(tun: &mut File, to: [u8; 4]) -> bool {
     false
 }
 
+/// `/dev/net/tun`: its module loaded and its node made where the system has not (a VM's
+/// devtmpfs before the module is loaded).
+fn tun_device() -> &'static std::path::Path {
+    let path = std::path::Path::new("/dev/net/tun");
+    if !path.exists() {
+        let _ = std::process::Command::new("modprobe").arg("tun").status();
+    }
+    if !path.exists() {
+        std::fs::create_dir_all("/dev/net").expect("create /dev/net");
+        let node = std::ffi::CString::new("/dev/net/tun").expect("a path");
+        // SAFETY: mknod with a valid path; the misc device 10:200 is the tun driver's.
+        let rc =
+            unsafe { libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(10, 200)) };
+        assert_eq!(
+            rc,
+            0,
+            "mknod /dev/net/tun: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    path
+}
+
 /// Opens a tun device (IP packets, no packet-information header) in the protected namespace;
 /// it lives as long as the file.
 fn open_tun(lab: &Lab, name: &str) -> File {
+    let device = tun_device();
     lab.netns(Side::Protected).enter(|| {
         let tun = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open("/dev/net/tun")
-            .expect("open /dev/net/tun");
+            .open(device)
+            .expect("open /dev/net/tun (the tun driver)");
         // SAFETY: plain C data for which all zeroes is a valid value.
         let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
         for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
