@@ -78,22 +78,29 @@ fn echo_request(src: [u8; 4], dst: [u8; 4], sequence: u16) -> Vec<u8> {
     packet
 }
 
-/// Whether an echo reply to `to` comes out of the tun within a second.
-fn echo_reply_to(tun: &mut File, to: [u8; 4]) -> bool {
+/// Whether an echo reply to `to` (IPv4 or IPv6) comes out of the tun within a second.
+fn echo_reply_to(tun: &mut File, to: &[u8]) -> bool {
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut buffer = [0u8; 2048];
     while Instant::now() < deadline {
-        match tun.read(&mut buffer) {
-            Ok(n) if n >= 28 && buffer[0] >> 4 == 4 && buffer[9] == 1 => {
-                if buffer[16..20] == to && buffer[20] == 0 {
-                    return true;
-                }
-            }
-            Ok(_) => {}
+        let n = match tun.read(&mut buffer) {
+            Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10));
+                continue;
             }
             Err(e) => panic!("reading the tun: {e}"),
+        };
+        let packet = &buffer[..n];
+        let reply = match packet.first().map(|b| b >> 4) {
+            // IPv4 ICMP echo reply (type 0) to `to`.
+            Some(4) => n >= 28 && packet[9] == 1 && &packet[16..20] == to && packet[20] == 0,
+            // ICMPv6 echo reply (type 129) to `to`.
+            Some(6) => n >= 48 && packet[6] == 58 && &packet[24..40] == to && packet[40] == 129,
+            _ => false,
+        };
+        if reply {
+            return true;
         }
     }
     false
@@ -175,13 +182,13 @@ fn a_tun_device_is_protected_from_its_ip_header() {
         tun.write_all(&echo_request(allowed, host, sequence))
             .expect("write to the tun");
         assert!(
-            echo_reply_to(&mut tun, allowed),
+            echo_reply_to(&mut tun, &allowed),
             "the allowed source is answered"
         );
         tun.write_all(&echo_request(blocked, host, sequence))
             .expect("write to the tun");
         assert!(
-            !echo_reply_to(&mut tun, blocked),
+            !echo_reply_to(&mut tun, &blocked),
             "the blocked source is not"
         );
     }
@@ -211,27 +218,6 @@ fn echo_request_v6(src: [u8; 16], dst: [u8; 16], sequence: u16) -> Vec<u8> {
     packet.extend_from_slice(&dst);
     packet.extend_from_slice(&icmp);
     packet
-}
-
-/// Whether an ICMPv6 echo reply to `to` comes out of the tun within a second.
-fn echo_reply_v6_to(tun: &mut File, to: [u8; 16]) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut buffer = [0u8; 2048];
-    while Instant::now() < deadline {
-        match tun.read(&mut buffer) {
-            Ok(n) if n >= 48 && buffer[0] >> 4 == 6 && buffer[6] == 58 => {
-                if buffer[24..40] == to && buffer[40] == 129 {
-                    return true;
-                }
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("reading the tun: {e}"),
-        }
-    }
-    false
 }
 
 fn v6(text: &str) -> [u8; 16] {
@@ -264,13 +250,13 @@ fn a_tun_device_carrying_ipv6_is_protected_from_its_ip_header() {
         tun.write_all(&echo_request_v6(allowed, host, sequence))
             .expect("write to the tun");
         assert!(
-            echo_reply_v6_to(&mut tun, allowed),
+            echo_reply_to(&mut tun, &allowed),
             "the allowed source is answered"
         );
         tun.write_all(&echo_request_v6(blocked, host, sequence))
             .expect("write to the tun");
         assert!(
-            !echo_reply_v6_to(&mut tun, blocked),
+            !echo_reply_to(&mut tun, &blocked),
             "the blocked source is not"
         );
     }

@@ -122,50 +122,15 @@ fn the_agent_owns_exactly_the_maps_the_object_declares() {
 fn frames_of_an_ip_only_interface_are_parsed_from_the_ip_header() {
     let mut program = LoadedProgram::with_framing(&policy(POLICY), Framing::Ip);
     let ip = |frame: Frame| frame.bytes()[L3_OFFSET..].to_vec();
+    #[rustfmt::skip]
     let cases: [(&str, Vec<u8>, u32, Action, Reason); 6] = [
-        (
-            "blocked IPv4",
-            ip(Frame::udp(BLOCKED_V4, 1, 2)),
-            XDP_DROP,
-            Action::Drop,
-            Reason::Blocklist,
-        ),
-        (
-            "blocked IPv6",
-            ip(Frame::udp(BLOCKED_V6, 1, 2)),
-            XDP_DROP,
-            Action::Drop,
-            Reason::Blocklist,
-        ),
-        (
-            "a rule",
-            ip(Frame::udp(LEGIT_V4, 11211, 80)),
-            XDP_DROP,
-            Action::Drop,
-            Reason::Rule,
-        ),
-        (
-            "legitimate IPv4",
-            ip(Frame::udp(LEGIT_V4, 40000, 443)),
-            XDP_PASS,
-            Action::Pass,
-            Reason::NoMatch,
-        ),
-        (
-            "legitimate IPv6",
-            ip(Frame::tcp(LEGIT_V6, 40000, 443, TCP_SYN)),
-            XDP_PASS,
-            Action::Pass,
-            Reason::NoMatch,
-        ),
+        ("blocked IPv4", ip(Frame::udp(BLOCKED_V4, 1, 2)), XDP_DROP, Action::Drop, Reason::Blocklist),
+        ("blocked IPv6", ip(Frame::udp(BLOCKED_V6, 1, 2)), XDP_DROP, Action::Drop, Reason::Blocklist),
+        ("a rule", ip(Frame::udp(LEGIT_V4, 11211, 80)), XDP_DROP, Action::Drop, Reason::Rule),
+        ("legitimate IPv4", ip(Frame::udp(LEGIT_V4, 40000, 443)), XDP_PASS, Action::Pass, Reason::NoMatch),
+        ("legitimate IPv6", ip(Frame::tcp(LEGIT_V6, 40000, 443, TCP_SYN)), XDP_PASS, Action::Pass, Reason::NoMatch),
         // What an Ethernet frame would be read as here: not IP (its first byte is a MAC's).
-        (
-            "an Ethernet frame",
-            Frame::udp(BLOCKED_V4, 1, 2).bytes(),
-            XDP_PASS,
-            Action::Pass,
-            Reason::NotIp,
-        ),
+        ("an Ethernet frame", Frame::udp(BLOCKED_V4, 1, 2).bytes(), XDP_PASS, Action::Pass, Reason::NotIp),
     ];
     for (name, frame, xdp, action, reason) in cases {
         let before = program.snapshot().get(TEST_RUN_IF_INDEX, action, reason);

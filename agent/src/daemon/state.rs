@@ -247,11 +247,11 @@ impl StateStore {
             Err(StateError::Corrupt { path, message }) => {
                 let aside = self.set_aside_copy(&path)?;
                 self.journal.clear()?;
-                error!(
-                    path = %path.display(),
-                    kept_as = %aside.display(),
-                    problem = message,
-                    "the journal is damaged; it is kept aside and the changes after the last save are lost"
+                damaged(
+                    &path,
+                    &aside,
+                    &message,
+                    "the changes after the last save are lost",
                 );
             }
             Err(e) => return Err(e),
@@ -274,12 +274,7 @@ impl StateStore {
             Ok(None) => {}
             Err(StateError::Corrupt { path, message }) => {
                 let aside = self.set_aside(&path)?;
-                error!(
-                    path = %path.display(),
-                    kept_as = %aside.display(),
-                    problem = message,
-                    "the state file is damaged; it is kept aside and the previous state is used"
-                );
+                damaged(&path, &aside, &message, "the previous state is used");
             }
             Err(e) => return Err(e),
         }
@@ -295,12 +290,7 @@ impl StateStore {
             Ok(None) => Ok(Default::default()),
             Err(StateError::Corrupt { path, message }) => {
                 let aside = self.set_aside(&path)?;
-                error!(
-                    path = %path.display(),
-                    kept_as = %aside.display(),
-                    problem = message,
-                    "the previous state file is damaged too; starting without saved entries"
-                );
+                damaged(&path, &aside, &message, "starting without saved entries");
                 Ok(Default::default())
             }
             Err(e) => Err(e),
@@ -402,6 +392,17 @@ impl StateStore {
         // Everything the journal held is in the state file now.
         self.journal.clear()
     }
+}
+
+/// Logs a damaged file, where it was kept, and what follows from it.
+fn damaged(path: &Path, aside: &Path, problem: &str, consequence: &str) {
+    error!(
+        path = %path.display(),
+        kept_as = %aside.display(),
+        problem,
+        "{} is damaged; it is kept aside and {consequence}",
+        path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    );
 }
 
 fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText<'a>> {
