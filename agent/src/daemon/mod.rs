@@ -153,7 +153,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
             interfaces: prepared.config.interfaces,
             xdp_mode: prepared.config.xdp_mode,
             metrics_listen: prepared.config.metrics_listen,
-            paths: prepared.config.paths.clone(),
+            paths: prepared.config.paths,
             runtime_entries: prepared.config.runtime_entries,
         },
         interfaces,
