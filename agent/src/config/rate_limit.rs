@@ -99,6 +99,15 @@ impl RateLimit {
         self.pps != 0 || self.bps != 0
     }
 
+    /// The prefix length that keys a source of `address`'s family.
+    pub fn prefix_of(&self, address: std::net::IpAddr) -> u8 {
+        if address.is_ipv4() {
+            self.ipv4_prefix
+        } else {
+            self.ipv6_prefix
+        }
+    }
+
     /// Whether sources over their limit are banned (and bans are checked).
     pub fn bans(&self) -> bool {
         self.is_on() && self.ban_ttl.is_some()

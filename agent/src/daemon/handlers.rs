@@ -235,13 +235,11 @@ impl Daemon {
     /// Bans in force (as the latest walk of the ban map found them), each with the CIDR it
     /// covers (its source cut to the limiter's prefix).
     fn bans_in_force(&mut self) -> Vec<(Cidr, ActiveBan)> {
-        let rate = &self.live.policy().rate_limit;
-        let (v4, v6) = (rate.ipv4_prefix, rate.ipv6_prefix);
+        let rate = self.live.policy().rate_limit;
         self.bans_in_force_now()
             .into_iter()
             .filter_map(|ban| {
-                let prefix = if ban.source.is_ipv4() { v4 } else { v6 };
-                let net = IpNet::new(ban.source, prefix).ok()?;
+                let net = IpNet::new(ban.source, rate.prefix_of(ban.source)).ok()?;
                 Some((Cidr::from(net), ban))
             })
             .collect()

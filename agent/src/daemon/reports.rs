@@ -23,11 +23,8 @@ const MAX_TOP_INTERVAL_MS: u64 = 3_600_000;
 const MAX_TOP_ROWS: u32 = 1000;
 
 /// A rate limiter source as `moat top` prints it: the address, or the prefix it stands for.
-fn source_name(address: IpAddr, (v4_prefix, v6_prefix): (u8, u8)) -> String {
-    let (prefix, full) = match address {
-        IpAddr::V4(_) => (v4_prefix, 32),
-        IpAddr::V6(_) => (v6_prefix, 128),
-    };
+fn source_name(address: IpAddr, prefix: u8) -> String {
+    let full = if address.is_ipv4() { 32 } else { 128 };
     if prefix >= full {
         address.to_string()
     } else {
@@ -161,12 +158,13 @@ impl Daemon {
         let policy = self.live.policy();
         let rate = &policy.rate_limit;
         let (passed_by_source, sample_every) = (rate.is_on(), policy.sample_every);
-        let prefixes = (rate.ipv4_prefix, rate.ipv6_prefix);
         let passed = if passed_by_source {
             self.limiter_scan()
                 .passed
                 .iter()
-                .map(|(address, counter)| (source_name(*address, prefixes), *counter))
+                .map(|(address, counter)| {
+                    (source_name(*address, rate.prefix_of(*address)), *counter)
+                })
                 .collect()
         } else {
             std::collections::HashMap::new()

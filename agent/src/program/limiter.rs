@@ -32,6 +32,16 @@ pub struct LimiterMaps {
     sources: Named<HashMap<MapData, SourceKey, RateState>>,
 }
 
+/// A `BANS` entry as a ban in force at (`now_ns` on the program's clock, `now` on the wall
+/// clock); `None` once it expired, or for a key of no known family.
+fn in_force(key: &SourceKey, ban: &Ban, now_ns: u64, now: SystemTime) -> Option<ActiveBan> {
+    (ban.expires_at > now_ns).then_some(())?;
+    Some(ActiveBan {
+        source: address_of(key.family, key.addr)?,
+        expires_at: now + Duration::from_nanos(ban.expires_at - now_ns),
+    })
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the program's clock.
 pub fn monotonic_now_ns() -> u64 {
     let mut now = libc::timespec {
@@ -112,15 +122,7 @@ impl LimiterReader {
             // An entry evicted or expired while iterating is skipped.
             let Ok((key, ban)) = item else { continue };
             scan.ban_entries += 1;
-            if ban.expires_at <= now_ns {
-                continue;
-            }
-            if let Some(source) = address_of(key.family, key.addr) {
-                scan.bans.push(ActiveBan {
-                    source,
-                    expires_at: now + Duration::from_nanos(ban.expires_at - now_ns),
-                });
-            }
+            scan.bans.extend(in_force(&key, &ban, now_ns, now));
         }
         scan.bans.sort_by_key(|b| b.expires_at);
         for item in self.sources.map.iter() {
@@ -174,32 +176,6 @@ impl LimiterMaps {
         })
     }
 
-    /// The bans in force now, soonest expiry first.
-    pub fn active(&self) -> Result<Vec<ActiveBan>, MapAccessError> {
-        let now_ns = monotonic_now_ns();
-        let now = SystemTime::now();
-        let mut bans = Vec::new();
-        for item in self.bans.map.iter() {
-            let (key, ban) = match item {
-                Ok(item) => item,
-                // An entry evicted or expired while iterating.
-                Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(named(self.bans.name)(e)),
-            };
-            if ban.expires_at <= now_ns {
-                continue;
-            }
-            if let Some(source) = address_of(key.family, key.addr) {
-                bans.push(ActiveBan {
-                    source,
-                    expires_at: now + Duration::from_nanos(ban.expires_at - now_ns),
-                });
-            }
-        }
-        bans.sort_by_key(|b| b.expires_at);
-        Ok(bans)
-    }
-
     /// Whether `source` is banned now.
     pub fn is_banned(&self, source: IpAddr) -> bool {
         let now_ns = monotonic_now_ns();
@@ -219,9 +195,11 @@ impl LimiterMaps {
 
     /// Lifts every ban; returns the sources that were banned then.
     pub fn lift_all(&mut self) -> Result<Vec<IpAddr>, MapAccessError> {
-        let lifted: Vec<IpAddr> = self.active()?.into_iter().map(|ban| ban.source).collect();
-        let keys: Vec<SourceKey> = self.bans.map.keys().filter_map(Result::ok).collect();
-        for key in keys {
+        let (now_ns, now) = (monotonic_now_ns(), SystemTime::now());
+        let entries: Vec<(SourceKey, Ban)> = self.bans.map.iter().filter_map(Result::ok).collect();
+        let mut lifted = Vec::new();
+        for (key, ban) in entries {
+            lifted.extend(in_force(&key, &ban, now_ns, now).map(|ban| ban.source));
             match self.bans.map.remove(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(named(self.bans.name)(e)),

@@ -6,7 +6,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{
     capacities::Capacities,
@@ -139,17 +139,6 @@ pub fn attach(
                 try_mode(program, LinkMode::Generic)
             }
         },
-    }
-}
-
-pub fn detach(program: &mut Xdp, interface: &str, link: XdpLinkId) {
-    match program.detach(link) {
-        Ok(()) => info!(interface, "detached"),
-        Err(e) => warn!(
-            interface,
-            error = %crate::error_chain(&e),
-            "detaching failed"
-        ),
     }
 }
 
