@@ -13,7 +13,7 @@ use moat::{
         limiter::LimiterMaps,
         live::LivePolicy,
         loader::{self, Loaded},
-        map_source::MapIds,
+        map_source::MapHandles,
         maps::ProgramMaps,
         sampling::SamplingOverride,
     },
@@ -35,7 +35,7 @@ pub struct LoadedProgram {
     pub counters: CounterMaps,
     pub sampling: SamplingOverride,
     /// The name and kernel id of every map the agent resolved.
-    pub map_ids: MapIds,
+    pub map_handles: MapHandles,
 }
 
 impl LoadedProgram {
@@ -55,7 +55,7 @@ impl LoadedProgram {
             mut counters,
             events: _,
             sampling,
-            ids: map_ids,
+            handles: map_handles,
         } = maps;
         let live = LivePolicy::install(policy_maps, policy.clone(), capacities)
             .unwrap_or_else(|e| panic!("installing the test policy: {}", moat::error_chain(&e)));
@@ -68,7 +68,7 @@ impl LoadedProgram {
             limiter,
             counters,
             sampling,
-            map_ids,
+            map_handles,
         }
     }
 

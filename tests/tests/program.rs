@@ -99,7 +99,7 @@ fn the_agent_owns_exactly_the_maps_the_object_declares() {
         .unwrap_or_else(|e| panic!("reading the object's maps: {}", moat::error_chain(&e)));
     let program = LoadedProgram::new(&Policy::default());
     let resolved: std::collections::BTreeSet<String> = program
-        .map_ids
+        .map_handles
         .names()
         .into_iter()
         .map(String::from)

@@ -1,8 +1,9 @@
-//! Developer and CI entry points: `cargo xtask setup | lab | test | vm-test | bench`.
+//! Developer and CI entry points: `cargo xtask setup | lab | test | vm-test | bench | package`.
 
 mod bench;
 mod command;
 mod lab;
+mod package;
 mod setup;
 mod test;
 mod test_results;
@@ -36,6 +37,9 @@ enum Task {
     /// Measure moat (release builds, veth lab; needs root) and write the results into
     /// BENCHMARKS.md.
     Bench(bench::Options),
+    /// Build the Debian package (release binary, systemd unit, example config as a conffile,
+    /// the `moat` group, manual pages, shell completions) into target/debian.
+    Package(package::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Task::Test(options) => test::run_all(options),
         Task::VmTest(options) => vm::run_tests(options),
         Task::Bench(options) => bench::run_bench(options),
+        Task::Package(options) => package::run_package(options),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,8 +21,10 @@ const TOOLCHAIN: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages, each with a file that shows it is installed: the lab's tools (`ip` and
 /// `nsenter` build it, `ping` sends through it, `tcpdump` reads `moat capture`'s files,
-/// `promtool` checks the metrics) and the VM tests' (QEMU, busybox for virtme-ng's guest, and
-/// Debian's 6.1 kernel image).
+/// `promtool` checks the metrics), the VM tests' (QEMU, busybox for virtme-ng's guest, and
+/// Debian's 6.1 kernel image) and the package's (`cargo xtask package` computes dependencies
+/// with dpkg-shlibdeps; its test runs lintian, boots systemd in a throwaway container and scrapes
+/// the metrics of the service there with curl).
 const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("iputils-ping", "/usr/bin/ping"),
@@ -31,6 +33,11 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
+    ("dpkg-dev", "/usr/bin/dpkg-shlibdeps"),
+    ("binutils", "/usr/bin/strip"),
+    ("lintian", "/usr/bin/lintian"),
+    ("systemd-container", "/usr/bin/systemd-nspawn"),
+    ("curl", "/usr/bin/curl"),
 ];
 /// What only `cargo xtask bench` uses: its peers (xdp-filter, nftables) and its traffic
 /// generator (trafgen).

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     command::{cargo, describe, is_root, run, workspace_root},
-    setup,
+    package, setup,
     test_results::count_before,
     vm,
 };
@@ -61,6 +61,8 @@ pub fn run_all(options: Options) -> anyhow::Result<()> {
         .arg("--target-dir")
         .arg(workspace_root().join("target").join("ebpf-clippy"))
         .args(["--", "-D", "warnings"]))?;
+    // The package's tests install what `cargo xtask package` ships (a release build).
+    let deb = package::build(&workspace_root().join("target").join("debian"))?;
     run(cargo().args(["build", "--package", "moat"]))?;
     let moat = workspace_root().join("target").join("debug").join("moat");
     let totals = run_tests(
@@ -72,7 +74,8 @@ pub fn run_all(options: Options) -> anyhow::Result<()> {
                 "agent-ebpf",
                 "--no-fail-fast",
             ])
-            .env("MOAT_BIN", &moat),
+            .env("MOAT_BIN", &moat)
+            .env("MOAT_DEB", &deb),
     )?;
     // One closing line for every test binary together.
     println!(

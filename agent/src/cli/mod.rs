@@ -1,9 +1,10 @@
 //! The command line: clap's definitions, one file per command group, each with the commands
-//! it runs and how it renders their replies. Every command but `run`, `config check` and
-//! `down` is a client of the daemon's control socket.
+//! it runs and how it renders their replies. Every command but `run`, `config check`, `down`,
+//! `completions` and `manpages` is a client of the daemon's control socket.
 
 mod capture;
 mod config;
+mod docs;
 mod down;
 mod lists;
 mod run;
@@ -98,6 +99,17 @@ pub enum Command {
     },
     /// Detach moat from every interface and remove its pins (the daemon must be stopped).
     Down(DownArgs),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages into a directory (the Debian package ships them).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 impl Command {
@@ -120,6 +132,8 @@ impl Command {
                 command: ConfigCommand::Check { file },
             } => config::check(&file),
             Self::Down(args) => down::down(socket_flag, args),
+            Self::Completions { shell } => docs::completions(shell),
+            Self::Manpages { dir } => docs::manpages(&dir),
         }
     }
 }

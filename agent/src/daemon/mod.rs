@@ -10,6 +10,7 @@ mod journal;
 mod program_events;
 mod reports;
 mod server;
+mod service_manager;
 pub mod state;
 
 use std::{
@@ -52,7 +53,7 @@ use crate::{
         limiter::{ActiveBan, LimiterMaps, LimiterScan},
         live::{self, LivePolicy},
         loader::{self, Loaded},
-        map_source::MapIds,
+        map_source::MapHandles,
         maps::ProgramMaps,
         pins::PinDir,
         sampling::SamplingOverride,
@@ -131,7 +132,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         program.events,
         program.sampling,
     )?;
-    let interfaces = attach(&mut program.ebpf, &prepared, &program.map_ids)?;
+    let interfaces = attach(&mut program.ebpf, &prepared, &program.map_handles)?;
     let metrics = prepared.metrics.take();
     announce(
         &mut program.ebpf,
@@ -240,7 +241,7 @@ struct Filled {
     counters: CounterMaps,
     events: EventRing,
     sampling: SamplingOverride,
-    map_ids: MapIds,
+    map_handles: MapHandles,
     /// Saved bans the program could not take back (kept in saves until they expire).
     unrestored_bans: Vec<ActiveBan>,
 }
@@ -257,7 +258,7 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         mut counters,
         events,
         sampling,
-        ids: map_ids,
+        handles: map_handles,
     } = maps;
     let live = LivePolicy::install(policy_maps, policy, capacities)
         .context("writing the policy into the program's maps")?;
@@ -289,7 +290,7 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         counters,
         events,
         sampling,
-        map_ids,
+        map_handles,
         unrestored_bans,
     })
 }
@@ -361,13 +362,13 @@ fn start_observers(
 fn attach(
     ebpf: &mut Ebpf,
     prepared: &Prepared,
-    map_ids: &MapIds,
+    map_handles: &MapHandles,
 ) -> anyhow::Result<Vec<Interface>> {
     let pins = prepared.pins.as_ref();
     let interfaces =
         interfaces::attach_all(ebpf, &prepared.interfaces, prepared.config.xdp_mode, pins)?;
     if let Some(pins) = pins {
-        map_ids.pin(pins).context("pinning the maps")?;
+        map_handles.pin(pins).context("pinning the maps")?;
         pins.remove_other_layouts()
             .context("removing maps pinned with another layout")?;
         // Every link moat attaches is pinned at its interface's path; any other pin holds a
@@ -418,7 +419,17 @@ fn announce(
         metrics = %metrics_address.map_or("off".into(), |a| format!("http://{a}/metrics")),
         "moat is {mode}"
     );
+    service_manager::ready(&service_status(live.policy().mode, interfaces.len()));
     Ok(())
+}
+
+/// The line `systemctl status moat` shows.
+fn service_status(mode: Mode, interfaces: usize) -> String {
+    let doing = match mode {
+        Mode::Enforce => "enforcing",
+        Mode::Monitor => "monitoring",
+    };
+    format!("{doing} on {interfaces} interface(s)")
 }
 
 /// The running daemon's state; the control handlers work on it.
@@ -544,6 +555,7 @@ impl Daemon {
                 }
             }
         }
+        service_manager::stopping();
         self.stop();
         Ok(())
     }
@@ -666,6 +678,16 @@ impl Daemon {
     /// Re-reads the configuration and applies its policy; an error leaves the running one.
     /// Returns the keys that changed but take effect only at a restart.
     fn reload(&mut self, cause: &str) -> anyhow::Result<Vec<String>> {
+        service_manager::reloading();
+        let result = self.apply_config(cause);
+        service_manager::ready(&service_status(
+            self.live.policy().mode,
+            self.interfaces.len(),
+        ));
+        result
+    }
+
+    fn apply_config(&mut self, cause: &str) -> anyhow::Result<Vec<String>> {
         let (_, resolved) = self.source.load()?;
         if resolved.interfaces != self.settings.interfaces
             || resolved.xdp_mode != self.settings.xdp_mode

@@ -17,7 +17,7 @@ use agent_common::{
 };
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 
-use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
+use super::map_source::{self, MapAccessError, MapSource, Named, ResolveError, named};
 
 /// A ban in force: the source address (cut to the rate limiter's prefix) and its expiry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,8 +150,7 @@ impl LimiterMaps {
     /// A second handle on the same maps, for walks on another thread.
     pub fn reader(&self) -> Result<LimiterReader, MapAccessError> {
         let reopen = |name: &'static str, map: &MapData| {
-            let id = map.info().map_err(named(name))?.id();
-            MapData::from_id(id)
+            map_source::duplicate(map)
                 .and_then(Map::from_map_data)
                 .map_err(named(name))
         };

@@ -2,7 +2,10 @@
 //! are resolved (a program this process loaded, or one already in the kernel found by its id),
 //! a typed map with its name, and the errors that name the map.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsFd as _, OwnedFd},
+};
 
 use aya::{
     Ebpf,
@@ -26,8 +29,8 @@ pub enum ResolveError {
          out of step"
     )]
     Unclaimed(String),
-    #[error("reading the kernel's information about map {map}")]
-    Info {
+    #[error("taking a handle on map {map}")]
+    Handle {
         map: &'static str,
         #[source]
         source: MapError,
@@ -79,11 +82,13 @@ impl<M: TryFrom<Map, Error = MapError>> Named<M> {
     }
 }
 
-/// (name, kernel id) of every map of the program, in the order resolved.
-#[derive(Clone, Debug)]
-pub struct MapIds(Vec<(&'static str, u32)>);
+/// Every map of the program, by name, with a handle of this process's own (a duplicate of the
+/// map's fd): for pinning. Opening a map again by its kernel id would need CAP_SYS_ADMIN, which
+/// the service does not have.
+#[derive(Debug)]
+pub struct MapHandles(Vec<(&'static str, OwnedFd)>);
 
-impl MapIds {
+impl MapHandles {
     /// The name of every map, as the agent resolved them.
     pub fn names(&self) -> BTreeSet<&'static str> {
         self.0.iter().map(|(name, _)| *name).collect()
@@ -91,8 +96,13 @@ impl MapIds {
 
     /// Pins every map under `pins`, replacing what an earlier program pinned.
     pub fn pin(&self, pins: &PinDir) -> Result<(), ResolveError> {
-        for &(map, id) in &self.0 {
-            let data = MapData::from_id(id).map_err(|source| ResolveError::Info { map, source })?;
+        for (map, fd) in &self.0 {
+            let map = *map;
+            let info_err = |source| ResolveError::Handle { map, source };
+            let fd = fd
+                .try_clone()
+                .map_err(|io_error| info_err(duplicate_error(io_error)))?;
+            let data = MapData::from_fd(fd).map_err(info_err)?;
             pins.pin_map(map, &data)
                 .map_err(|source| ResolveError::Pin {
                     map,
@@ -103,6 +113,24 @@ impl MapIds {
     }
 }
 
+/// A second handle on the same map (for another thread, or for pinning), without the
+/// CAP_SYS_ADMIN that reopening it by id needs.
+pub fn duplicate(map: &MapData) -> Result<MapData, MapError> {
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(duplicate_error)?;
+    MapData::from_fd(fd)
+}
+
+fn duplicate_error(io_error: std::io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError {
+        call: "fcntl(F_DUPFD_CLOEXEC)",
+        io_error,
+    })
+}
+
 /// The compiler's data sections (`.rodata`, `.bss`) are maps in the object, not maps of moat's.
 pub fn is_data_section(name: &str) -> bool {
     name.starts_with('.')
@@ -111,7 +139,7 @@ pub fn is_data_section(name: &str) -> bool {
 /// Where the owners take their maps from while the program's maps are resolved.
 pub struct MapSource<'a> {
     from: Origin<'a>,
-    ids: Vec<(&'static str, u32)>,
+    taken: Vec<(&'static str, OwnedFd)>,
 }
 
 impl<'a> MapSource<'a> {
@@ -119,7 +147,7 @@ impl<'a> MapSource<'a> {
     pub fn object(ebpf: &'a mut Ebpf) -> Self {
         Self {
             from: Origin::Object(ebpf),
-            ids: Vec::new(),
+            taken: Vec::new(),
         }
     }
 
@@ -127,14 +155,14 @@ impl<'a> MapSource<'a> {
     pub fn program(ids: &'a ProgramMapIds) -> Self {
         Self {
             from: Origin::Program(ids),
-            ids: Vec::new(),
+            taken: Vec::new(),
         }
     }
 
     /// The maps not taken yet: what is left in the object, or what the program has that was
     /// not opened. The compiler's data sections are not counted.
     pub fn left(&self) -> Vec<String> {
-        let taken: BTreeSet<&str> = self.ids.iter().map(|(name, _)| *name).collect();
+        let taken: BTreeSet<&str> = self.taken.iter().map(|(name, _)| *name).collect();
         match &self.from {
             Origin::Object(ebpf) => ebpf
                 .maps()
@@ -150,9 +178,9 @@ impl<'a> MapSource<'a> {
         }
     }
 
-    /// The name and id of every map taken.
-    pub fn into_ids(self) -> MapIds {
-        MapIds(self.ids)
+    /// Every map taken, by name.
+    pub fn into_handles(self) -> MapHandles {
+        MapHandles(self.taken)
     }
 }
 
@@ -163,28 +191,28 @@ enum Origin<'a> {
 
 impl MapSource<'_> {
     fn map(&mut self, name: &'static str) -> Result<Map, ResolveError> {
-        let info_err = |source| ResolveError::Info { map: name, source };
-        let (map, id) = match &mut self.from {
-            Origin::Object(ebpf) => {
-                let map = ebpf.take_map(name).ok_or(ResolveError::Missing(name))?;
-                let id = data_of(&map)
-                    .ok_or_else(|| ResolveError::WrongType {
-                        map: name,
-                        source: MapError::InvalidName {
-                            name: name.to_string(),
-                        },
-                    })?
-                    .info()
-                    .map_err(info_err)?
-                    .id();
-                (map, id)
-            }
+        let map = match &mut self.from {
+            Origin::Object(ebpf) => ebpf.take_map(name).ok_or(ResolveError::Missing(name))?,
             Origin::Program(ids) => {
-                let id = ids.id(name).map_err(|_| ResolveError::Missing(name))?;
-                (ids.open(name)?, id)
+                ids.id(name).map_err(|_| ResolveError::Missing(name))?;
+                ids.open(name)?
             }
         };
-        self.ids.push((name, id));
+        let data = data_of(&map).ok_or_else(|| ResolveError::WrongType {
+            map: name,
+            source: MapError::InvalidName {
+                name: name.to_string(),
+            },
+        })?;
+        let fd =
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|io_error| ResolveError::Handle {
+                    map: name,
+                    source: duplicate_error(io_error),
+                })?;
+        self.taken.push((name, fd));
         Ok(map)
     }
 

@@ -11,7 +11,7 @@ use super::{
     events::EventRing,
     limiter::LimiterMaps,
     live::PolicyMaps,
-    map_source::{MapAccessError, MapIds, MapSource, ProgramMapIds, ResolveError},
+    map_source::{MapAccessError, MapHandles, MapSource, ProgramMapIds, ResolveError},
     sampling::SamplingOverride,
 };
 
@@ -27,8 +27,8 @@ pub struct ProgramMaps {
     pub events: EventRing,
     /// `moat capture`'s sampling override.
     pub sampling: SamplingOverride,
-    /// Every map's name and kernel id, for pinning.
-    pub ids: MapIds,
+    /// A handle on every map, for pinning.
+    pub handles: MapHandles,
 }
 
 impl ProgramMaps {
@@ -61,7 +61,7 @@ impl ProgramMaps {
             counters,
             events,
             sampling,
-            ids: source.into_ids(),
+            handles: source.into_handles(),
         })
     }
 }

@@ -2,13 +2,9 @@
 //! attached to. The truth about an attachment is the link's, not a pin's file name: a pin can be
 //! deleted, and an interface renamed, while the link goes on.
 
-use std::{
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::io;
 
 use aya::programs::links::FdLink;
-use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info};
 
 /// An XDP link, as the kernel describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,48 +16,57 @@ pub struct XdpLinkInfo {
 }
 
 /// Reads the link's description. aya's `LinkInfo` leaves out the interface, which is the point
-/// here: the link is opened again by its id and asked with `BPF_OBJ_GET_INFO_BY_FD`.
+/// here; the kernel prints it in the link's fdinfo, which needs no capability (opening the link
+/// again by id to ask `BPF_OBJ_GET_INFO_BY_FD` would need CAP_SYS_ADMIN, which the service does
+/// not have).
 pub fn info(link: &FdLink) -> io::Result<XdpLinkInfo> {
-    let link_id = link.info().map_err(io::Error::other)?.id();
-    let fd = open_by_id(link_id)?;
-    // SAFETY: both are plain C data for which all zeroes is a valid value.
-    let (mut info, mut attr): (bpf_link_info, bpf_attr) = unsafe { std::mem::zeroed() };
-    attr.info.bpf_fd = u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?;
-    attr.info.info_len = size_of::<bpf_link_info>() as u32;
-    attr.info.info = (&raw mut info) as u64;
-    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let info = link.info().map_err(io::Error::other)?;
+    let link_id = info.id();
     Ok(XdpLinkInfo {
-        link_id: info.id,
-        program_id: info.prog_id,
-        // SAFETY: the kernel fills the `xdp` member for an XDP link, the only kind asked about;
-        // for any other it is zeroes, read as "no interface".
-        if_index: unsafe { info.__bindgen_anon_1.xdp.ifindex },
+        link_id,
+        program_id: info.program_id(),
+        if_index: fdinfo_if_index(link_id)?,
     })
 }
 
-fn open_by_id(link_id: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain C data for which all zeroes is a valid value.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = link_id;
-    let fd = bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr)?;
-    let fd = i32::try_from(fd).map_err(io::Error::other)?;
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// The `ifindex` the kernel shows for XDP link `link_id` in this process's fdinfo: every fd of
+/// the process is looked at (one of them is the link's), and an fd closed meanwhile is skipped.
+fn fdinfo_if_index(link_id: u32) -> io::Result<u32> {
+    for entry in std::fs::read_dir("/proc/self/fdinfo")? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        if field(&text, "link_id") == Some(link_id) {
+            return field(&text, "ifindex").ok_or_else(|| {
+                io::Error::other(format!("link {link_id} shows no ifindex: not an XDP link"))
+            });
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no fd of this process holds link {link_id}"),
+    ))
 }
 
-fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
-    // SAFETY: a valid command with an attribute of the size given, whose pointers (if any)
-    // point at buffers the caller owns of the lengths it states.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command as libc::c_long,
-            std::ptr::from_mut(attr),
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+/// The number after `name:` in an fdinfo text (`link_id:\t42`).
+fn field(fdinfo: &str, name: &str) -> Option<u32> {
+    fdinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field;
+
+    #[test]
+    fn fdinfo_fields_are_read_by_name() {
+        let text = "pos:\t0\nflags:\t02000002\nlink_type:\txdp\nlink_id:\t17\nprog_tag:\tab\nprog_id:\t40\nifindex:\t3\n";
+        assert_eq!(field(text, "link_id"), Some(17));
+        assert_eq!(field(text, "ifindex"), Some(3));
+        assert_eq!(field(text, "prog_id"), Some(40));
+        assert_eq!(field(text, "link_type"), None, "not a number");
+        assert_eq!(field(text, "id"), None, "names match whole");
     }
-    Ok(rc)
 }
