@@ -59,6 +59,9 @@ pub struct ListEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListShape {
+    /// 1 when the list holds any IPv4 prefix; 0 lets the program skip the /24 table (a cold
+    /// cache line per packet when sources are random), as for an empty allowlist.
+    pub v4_present: u32,
     /// Bit `n` set: the list holds IPv4 prefixes of length 25 + n.
     pub v4_long_lengths: u32,
     /// How many of `v6_lengths` are in use.

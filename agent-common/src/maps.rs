@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 3;
+pub const PINNED_LAYOUT_VERSION: u32 = 4;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";

@@ -28,6 +28,9 @@ pub fn lookup<M: CidrMaps>(shape: &ListShape, source: &Source) -> Option<u32> {
 
 #[inline(always)]
 fn lookup_v4<M: CidrMaps>(shape: &ListShape, addr: [u8; 4]) -> Option<u32> {
+    if shape.v4_present == 0 {
+        return None;
+    }
     let (index, byte) = table_position(addr);
     let word = *M::v4_table().get(index)?;
     let entry = (word >> (byte * 8)) as u8;

@@ -23,7 +23,7 @@ use agent_common::{
     stats::{Action, Reason},
 };
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 
 use crate::{
@@ -142,8 +142,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     // Option holds them across the rules: kernels before 6.x reject the partial register spills
     // LLVM makes of such an Option.)
     if settings.check_bans != 0 {
-        // SAFETY: a helper without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = clock();
         let key = rate_limit::source_key(&settings.rate, &packet.source);
         if let Some(source) = rate_limit::banned(&key, now) {
             return Verdict::drop(Reason::Ban, source);
@@ -159,10 +158,18 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     if !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock();
     let key = rate_limit::source_key(&settings.rate, &packet.source);
     limit(ctx, settings, &key, now)
+}
+
+/// The clock of bans and rate limits: CLOCK_MONOTONIC at tick resolution (Linux 5.11). About a
+/// tenth of the precise clock's cost per packet; the agent refuses a burst shorter than a tick
+/// (`config::CLOCK_TICK_MAX`), so no rate is misjudged for it.
+#[inline(always)]
+fn clock() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]

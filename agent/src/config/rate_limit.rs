@@ -116,6 +116,18 @@ impl RateLimit {
 
 type Located = super::rules::Located;
 
+/// The longest tick of the program's clock (CLOCK_MONOTONIC_COARSE advances once a jiffy: 4 ms
+/// at Debian's HZ=250, 10 ms at HZ=100).
+pub const CLOCK_TICK_MAX: Duration = Duration::from_millis(10);
+
+/// The fewest packets whose burst (`burst - 1` intervals) spans [`CLOCK_TICK_MAX`] at `pps`:
+/// within one tick the clock stands still, and a burst shorter than that would drop a source
+/// sending under its limit.
+fn min_burst(pps: u64) -> u64 {
+    let per_tick = u128::from(pps) * CLOCK_TICK_MAX.as_nanos();
+    (per_tick.div_ceil(1_000_000_000) as u64) + 1
+}
+
 impl RateLimitConfig {
     pub fn validate(&self) -> Result<RateLimit, Located> {
         let defaults = RateLimit::default();
@@ -150,9 +162,24 @@ impl RateLimitConfig {
                 }
             },
         };
-        // A second's worth of packets unless stated.
+        // A second's worth of packets unless stated (and never less than a tick's).
         let burst_packets = in_range(&self.burst_packets, "burst_packets", 1, 1_000_000_000)?
-            .map_or(pps.max(1), |b| b as u64);
+            .map_or(pps.max(min_burst(pps)), |b| b as u64);
+        if let Some(written) = &self.burst_packets
+            && burst_packets < min_burst(pps)
+        {
+            return Err((
+                written.span(),
+                format!(
+                    "rate_limit: burst_packets = {burst_packets} is less than {} of pps = {pps}; \
+                     the program's clock advances in ticks of up to {} ms, so a burst must span \
+                     one: at least {} packets",
+                    humantime::format_duration(CLOCK_TICK_MAX),
+                    CLOCK_TICK_MAX.as_millis(),
+                    min_burst(pps)
+                ),
+            ));
+        }
         let duration = |text: &Option<toml::Spanned<String>>,
                         key: &str|
          -> Result<Option<Duration>, Located> {
@@ -201,5 +228,20 @@ mod tests {
         assert!("20MB".parse::<BitRate>().is_err());
         assert!("fast".parse::<BitRate>().is_err());
         assert!("99999999999Tbit".parse::<BitRate>().is_err());
+    }
+
+    #[test]
+    fn a_burst_spans_at_least_one_tick_of_the_clock() {
+        assert_eq!(min_burst(100), 2, "one interval of 10 ms");
+        assert_eq!(min_burst(10_000), 101);
+        assert_eq!(min_burst(1), 2);
+        assert_eq!(min_burst(0), 1);
+        let config = |burst: i64| RateLimitConfig {
+            pps: Some(toml::Spanned::new(0..1, 10_000)),
+            burst_packets: Some(toml::Spanned::new(0..1, burst)),
+            ..RateLimitConfig::default()
+        };
+        assert!(config(100).validate().is_err());
+        assert_eq!(config(101).validate().map(|r| r.burst_packets), Ok(101));
     }
 }

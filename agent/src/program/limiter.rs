@@ -1,8 +1,9 @@
 //! The rate limiter's two maps, as the agent sees them: `RATE_LIMITS` (per-source state, read
 //! for `moat top` and counts) and `BANS` (read for listing and saving, written back on start so
 //! that a ban outlives a restart, and by `block del` to lift one). The program stamps a ban's
-//! expiry with `bpf_ktime_get_ns` (CLOCK_MONOTONIC); the agent converts to wall-clock time,
-//! which is what survives a reboot.
+//! expiry with `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick resolution, the same clock as
+//! CLOCK_MONOTONIC a tick behind at most); the agent converts to wall-clock time, which is what
+//! survives a reboot.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},

@@ -12,11 +12,13 @@ use agent_common::{
 };
 use aya::{
     Pod,
-    maps::{HashMap, MapData, MapError},
+    maps::{HashMap, IterableMap as _, MapData, MapError},
+    sys::SyscallError,
 };
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{
+    map_batch,
     map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
 };
@@ -53,9 +55,12 @@ type PrefixHash<K> = Named<HashMap<MapData, K, ListEntry>>;
 
 impl<K: Pod> PrefixHash<K> {
     fn insert_all(&mut self, entries: &[(K, ListEntry)]) -> Result<(), ListError> {
-        for (key, entry) in entries {
-            self.map.insert(key, entry, 0).map_err(named(self.name))?;
-        }
+        map_batch::update(self.map.map(), entries).map_err(|io_error| {
+            named(self.name)(MapError::SyscallError(SyscallError {
+                call: "BPF_MAP_UPDATE_BATCH",
+                io_error,
+            }))
+        })?;
         Ok(())
     }
 
@@ -408,7 +413,10 @@ impl ListCounts {
 
     /// The shape the program probes; an error when IPv6 needs more probes than allowed.
     pub fn shape(&self, list: ListKind) -> Result<ListShape, ListError> {
-        let mut shape = ListShape::default();
+        let mut shape = ListShape {
+            v4_present: u32::from(self.v4_short != 0 || self.v4_long() != 0),
+            ..ListShape::default()
+        };
         for (bit, count) in self.v4_long.iter().enumerate() {
             if *count != 0 {
                 shape.v4_long_lengths |= 1 << bit;
@@ -526,6 +534,21 @@ mod tests {
         .expect("compiles");
         assert_eq!(list.shape.v6_length_count, 3);
         assert_eq!(&list.shape.v6_lengths[..3], &[128, 48, 32]);
+        assert_eq!(
+            list.shape.v4_present, 0,
+            "no IPv4 entry: the /24 table is skipped"
+        );
+    }
+
+    #[test]
+    fn any_ipv4_entry_makes_the_program_read_the_table() {
+        for cidr in ["10.0.0.0/8", "192.0.2.1"] {
+            let list = CompiledList::compile(ListKind::Allow, &entries(&[(cidr, SOURCE_CONFIG)]))
+                .expect("compiles");
+            assert_eq!(list.shape.v4_present, 1, "{cidr}");
+        }
+        let empty = CompiledList::compile(ListKind::Allow, &entries(&[])).expect("compiles");
+        assert_eq!(empty.shape.v4_present, 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod limiter;
 pub mod lists;
 pub mod live;
 pub mod loader;
+mod map_batch;
 pub mod map_source;
 mod mapped_array;
 pub mod maps;
