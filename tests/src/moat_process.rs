@@ -116,6 +116,12 @@ impl MoatProcess {
         Self::cli_as(lab, args, None, &socket)
     }
 
+    /// Runs a client command in the test's own namespace, as an operator's shell does: no
+    /// `nsenter` around it (a client needs none), so that timing it times moat alone.
+    pub fn cli_here(lab: &Lab, args: &[&str]) -> CliOutput {
+        run_client(std::process::Command::new(moat_bin()), &lab.socket(), args)
+    }
+
     /// Runs a client command as `user` (uid, gid) when given, against `socket`.
     pub fn cli_as(
         lab: &Lab,
@@ -125,7 +131,7 @@ impl MoatProcess {
     ) -> CliOutput {
         // A client needs no network namespace (the socket is a path), and an unprivileged one
         // could not enter it: such a client runs where the test runs.
-        let mut command = match user {
+        let command = match user {
             None => lab
                 .netns(Side::Protected)
                 .command(&moat_bin().to_string_lossy()),
@@ -136,19 +142,7 @@ impl MoatProcess {
                 command
             }
         };
-        command
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
-            .stdin(Stdio::null());
-        let output = command
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run moat {args:?}: {e}"));
-        CliOutput {
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        run_client(command, socket, args)
     }
 
     /// The daemon's process id.
@@ -256,5 +250,25 @@ impl CliOutput {
             "{what} should give a one-line reason, got {reason:?}"
         );
         reason.to_string()
+    }
+}
+
+/// Runs `command` (moat, wrapped or not) as a client of `socket` to completion.
+fn run_client(
+    mut command: std::process::Command,
+    socket: &std::path::Path,
+    args: &[&str],
+) -> CliOutput {
+    let output = command
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run moat {args:?}: {e}"));
+    CliOutput {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }

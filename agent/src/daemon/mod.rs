@@ -520,6 +520,8 @@ impl Daemon {
         loop {
             let next_expiry = self.next_expiry_in();
             let save_at = self.unsaved_since.map(|t| t + STATE_SAVE_DELAY);
+            // A change is answered once in force; the standby copy follows here.
+            let catch_up_at = self.live.catch_up_due().map(tokio::time::Instant::from_std);
             tokio::select! {
                 result = &mut shutdown => {
                     result?;
@@ -547,6 +549,7 @@ impl Daemon {
                 }
                 () = tokio::time::sleep(next_expiry) => self.expire(SystemTime::now()),
                 _ = ban_save.tick() => self.save_bans_if_changed(),
+                () = sleep_until(catch_up_at), if catch_up_at.is_some() => self.live.catch_up(),
                 () = sleep_until(save_at), if save_at.is_some() => {
                     self.save_state();
                     // A big import leaves freed request buffers behind; give them back.
@@ -739,6 +742,7 @@ impl Daemon {
 
     /// Leaves the pinned program enforcing, or detaches what this process attached.
     fn stop(mut self) {
+        self.live.catch_up();
         self.save_state();
         log_counters(&self.counters, &self.interfaces);
         for interface in self.interfaces.drain(..) {

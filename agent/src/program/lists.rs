@@ -165,6 +165,28 @@ impl ListMaps {
         }
         slash24s.sort_by_key(|r| r.start);
         let touched: usize = slash24s.iter().map(ExactSizeIterator::len).sum();
+        if touched <= TABLE_WORDS_THRESHOLD {
+            // A few words, each recomputed whole (its eight /24s) and set by index: mapping the
+            // 16 MiB table for them costs more than the change.
+            let mut words: Vec<u32> = slash24s
+                .iter()
+                .flat_map(|range| range.start / 8..=(range.end - 1) / 8)
+                .collect();
+            // Ranges may nest (a /16 and a /32 in it): sort before dropping repeats.
+            words.sort_unstable();
+            words.dedup();
+            let elements: Vec<(u32, u64)> = words
+                .into_iter()
+                .map(|word| {
+                    let value = (0..8).fold(0u64, |value, byte| {
+                        value | u64::from(table_byte(entries, word * 8 + byte)) << (8 * byte)
+                    });
+                    (word, value)
+                })
+                .collect();
+            self.v4_table.set(&elements)?;
+            return Ok(());
+        }
         if touched > TABLE_REBUILD_THRESHOLD {
             let table = compile_table(entries);
             self.v4_table
@@ -442,6 +464,10 @@ impl ListCounts {
         Ok(shape)
     }
 }
+
+/// Up to this many /24s touched, the IPv4 table's words that hold them are set one by one
+/// rather than through a mapping of the whole table.
+const TABLE_WORDS_THRESHOLD: usize = 64;
 
 /// Above this many /24s touched, the IPv4 table is recomputed whole (one pass over the list)
 /// rather than /24 by /24.

@@ -1,9 +1,10 @@
 //! Changing the policy of a running program so that packets never see a change half-done: every
 //! change is validated whole first, written into the generation not in force, switched on with
 //! one write (`ACTIVE_GEN`), and then written into the other generation once the packets that
-//! were still using it have finished.
+//! were still using it have finished. That last copy is the caller's to schedule
+//! ([`LivePolicy::catch_up_due`]): the change is in force, and its reply need not wait for it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_common::maps::GENERATIONS;
 
@@ -108,7 +109,8 @@ impl PolicyChange {
 }
 
 /// The policy a running program enforces. Both generations hold it, except one that a failed
-/// write left unknown (`stale`), which is rebuilt whole before it is next switched on.
+/// write left unknown (`stale`), which is rebuilt whole before it is next switched on, and the
+/// one switched off by the last change until it catches up (`behind`).
 pub struct LivePolicy {
     maps: PolicyMaps,
     policy: Policy,
@@ -116,7 +118,18 @@ pub struct LivePolicy {
     block_counts: ListCounts,
     active: usize,
     stale: [bool; GENERATIONS],
+    behind: Option<Behind>,
     capacities: Capacities,
+}
+
+/// The last change, still to be written into the generation it switched off.
+struct Behind {
+    generation: usize,
+    allowlist: ListChange,
+    blocklist: ListChange,
+    rules: Option<RuleTables>,
+    /// Until then, a packet may still be deciding with that generation.
+    due: Instant,
 }
 
 impl LivePolicy {
@@ -138,6 +151,7 @@ impl LivePolicy {
             block_counts,
             active: 0,
             stale: [true; GENERATIONS],
+            behind: None,
             capacities,
         };
         let generations: Vec<usize> = (0..GENERATIONS).collect();
@@ -182,8 +196,41 @@ impl LivePolicy {
         self.apply(change)
     }
 
-    /// Applies `change`, or changes nothing and says why.
+    /// When the generation the last change switched off should catch up ([`Self::catch_up`]);
+    /// `None`: both are up to date.
+    pub fn catch_up_due(&self) -> Option<Instant> {
+        self.behind.as_ref().map(|behind| behind.due)
+    }
+
+    /// Writes the last change into the generation it switched off, after waiting out what is
+    /// left of the grace period. A failure leaves that generation to be rebuilt before its next
+    /// use: the change itself is in force either way.
+    pub fn catch_up(&mut self) {
+        let Some(behind) = self.behind.take() else {
+            return;
+        };
+        std::thread::sleep(behind.due.saturating_duration_since(Instant::now()));
+        let written = self.write(
+            behind.generation,
+            &behind.allowlist,
+            &behind.blocklist,
+            behind.rules.as_ref(),
+        );
+        if let Err(e) = written {
+            self.stale[behind.generation] = true;
+            tracing::warn!(
+                error = %crate::error_chain(&e),
+                generation = behind.generation,
+                "the standby copy of the policy could not be updated; it is rebuilt on the next change"
+            );
+        }
+    }
+
+    /// Applies `change`, or changes nothing and says why. The change is in force when this
+    /// returns; the generation it switched off catches up later (see [`Self::catch_up_due`]).
     pub fn apply(&mut self, change: PolicyChange) -> Result<(), ChangeError> {
+        // The standby generation must hold the policy in force before a change goes into it.
+        self.catch_up();
         // Everything that can fail on the change itself fails here, before any map is touched.
         let allow_counts = self
             .allow_counts
@@ -233,17 +280,13 @@ impl LivePolicy {
             return Err(e);
         }
         self.active = standby;
-        std::thread::sleep(GRACE_PERIOD);
-        let other = 1 - standby;
-        if let Err(e) = self.write(other, &change.allowlist, &change.blocklist, rules.as_ref()) {
-            // The change is in force; the other generation is rebuilt before its next use.
-            self.stale[other] = true;
-            tracing::warn!(
-                error = %crate::error_chain(&e),
-                generation = other,
-                "the standby copy of the policy could not be updated; it is rebuilt on the next change"
-            );
-        }
+        self.behind = Some(Behind {
+            generation: 1 - standby,
+            allowlist: change.allowlist,
+            blocklist: change.blocklist,
+            rules,
+            due: Instant::now() + GRACE_PERIOD,
+        });
         Ok(())
     }
 

@@ -1,5 +1,5 @@
 //! Writing an mmapable BPF array (`BPF_F_MMAPABLE`) through a shared mapping: a whole table in
-//! one copy instead of one syscall per element.
+//! one copy instead of one syscall per element; a few elements by a batch update instead.
 
 use std::{
     io,
@@ -7,9 +7,15 @@ use std::{
     ptr::NonNull,
 };
 
-use aya::maps::MapData;
+use aya::{
+    maps::{MapData, MapError},
+    sys::SyscallError,
+};
 
-use super::map_source::{MapAccessError, MapSource, ResolveError};
+use super::{
+    map_batch,
+    map_source::{MapAccessError, MapSource, ResolveError},
+};
 
 /// An mmapable array, mapped only while it is written (a mapping kept open would count its
 /// touched pages in the agent's memory for as long as it runs).
@@ -23,6 +29,18 @@ impl MmapArray {
         Ok(Self {
             name,
             data: source.array_data(name)?,
+        })
+    }
+
+    /// Sets the elements at the given indexes, in one system call per few thousand: for a few
+    /// elements of a large array, cheaper than mapping it.
+    pub fn set(&mut self, elements: &[(u32, u64)]) -> Result<(), MapAccessError> {
+        map_batch::update(&self.data, elements).map_err(|io_error| MapAccessError::Map {
+            map: self.name,
+            source: MapError::SyscallError(SyscallError {
+                call: "BPF_MAP_UPDATE_BATCH",
+                io_error,
+            }),
         })
     }
 

@@ -36,23 +36,26 @@ fn rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
-/// Kernel memory of the BPF maps the daemon holds (`memlock` of each map fd), in MiB.
+/// Kernel memory of the BPF maps the daemon holds (`memlock` of each map, once), in MiB.
 fn map_memory_mib(pid: u32) -> f64 {
-    let mut bytes = 0u64;
+    // Once per map: the daemon holds several fds of some maps (its own handles for pinning and
+    // for the limiter's walks), and each fd's fdinfo shows the map's whole memlock.
+    let mut maps = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .expect("fdinfo")
         .flatten()
     {
         let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        if !info.contains("map_type:") {
-            continue;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            maps.insert(id, memlock);
         }
-        bytes += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
     }
+    let bytes: u64 = maps.values().sum();
     bytes as f64 / (1024.0 * 1024.0)
 }
 
@@ -114,7 +117,7 @@ fn time_block_add(lab: &Lab, program_id: u32, address: &str) -> (f64, f64) {
         let before = dropped();
         let invoked = Instant::now();
         let cli = scope.spawn(move || {
-            MoatProcess::cli(lab, &["block", "add", address]).ok("block add");
+            MoatProcess::cli_here(lab, &["block", "add", address]).ok("block add");
             invoked.elapsed()
         });
         let first_drop = loop {
