@@ -1,5 +1,7 @@
 //! Per-packet cost: each contender runs each scenario's frame through `BPF_PROG_TEST_RUN`
-//! (`repeat` times in the kernel, several runs), so no NIC, queue or scheduler is measured.
+//! (`repeat` times in the kernel, several rounds, contenders interleaved within each), so no
+//! NIC, queue or scheduler is measured; an empty program's cost says what the test run itself
+//! adds.
 //!
 //! - moat with the full policy: the million-prefix list, 100 rules, rate limiting and bans on;
 //! - xdp-filter (Debian's xdp-tools) twice: with only its IPv4 list (`-f ipv4`, its
@@ -36,7 +38,11 @@ use moat_tests::{
 
 use moat_tests::bpf_syscall;
 
-use crate::{Measured, Options, Table, floor::Floor, list::PrefixList};
+use crate::{
+    Measured, Options, Table,
+    floor::{self, Floor},
+    list::PrefixList,
+};
 
 /// Sources of the scenarios, none in the list unless the scenario says so.
 const CLEAN_V4: &str = "192.0.2.10";
@@ -308,25 +314,52 @@ fn possible_cpus() -> usize {
         .sum()
 }
 
-/// The median ns/packet of `runs` test runs of `repeat` packets; checks the verdict.
-fn time(
-    program: BorrowedFd,
-    frame: &[u8],
-    expected: u32,
-    options: &Options,
-    who: &str,
-) -> Measured {
-    let mut samples = Vec::with_capacity(options.runs);
-    for _ in 0..options.runs {
-        let (action, ns) = bpf_syscall::test_run(program, frame, options.repeat)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {who}: {e}"));
-        assert_eq!(
-            action, expected,
-            "{who} answered {action}, expected {expected}"
-        );
-        samples.push(f64::from(ns));
-    }
-    Measured::of(samples)
+/// The contenders, in the order of a row's samples.
+const MOAT: usize = 0;
+const FILTER_IPV4: usize = 1;
+const FILTER_ALL: usize = 2;
+const FLOOR: usize = 3;
+/// A program that only returns XDP_PASS: what `BPF_PROG_TEST_RUN` itself costs per packet.
+const EMPTY: usize = 4;
+const CONTENDERS: usize = 5;
+
+/// ns/packet of one test run of `repeat` packets; checks the verdict.
+fn sample(program: BorrowedFd, frame: &[u8], expected: u32, options: &Options, who: &str) -> f64 {
+    let (action, ns) = bpf_syscall::test_run(program, frame, options.repeat)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {who}: {e}"));
+    assert_eq!(
+        action, expected,
+        "{who} answered {action}, expected {expected}"
+    );
+    f64::from(ns)
+}
+
+/// One test run of moat; checks that its counters saw every packet under the expected action
+/// and reason.
+fn sample_moat(moat: &mut LoadedProgram, scenario: &Scenario, options: &Options) -> f64 {
+    let before = moat.snapshot();
+    let (action, reason) = scenario.moat;
+    let expected = if action == Action::Pass {
+        XDP_PASS
+    } else {
+        XDP_DROP
+    };
+    let program = moat.fd();
+    let ns = sample(program.as_fd(), &scenario.frame, expected, options, "moat");
+    let counted = moat
+        .snapshot()
+        .get(TEST_RUN_IF_INDEX, action, reason)
+        .packets
+        - before.get(TEST_RUN_IF_INDEX, action, reason).packets;
+    assert_eq!(
+        counted,
+        u64::from(options.repeat),
+        "{}: moat counted {counted} as {}/{}",
+        scenario.name,
+        action.name(),
+        reason.name()
+    );
+    ns
 }
 
 pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
@@ -341,71 +374,48 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
     };
     let mut lean = LoadedProgram::new(&without_rate_limit);
     let floor = Floor::load(&list.v4_hosts().collect::<Vec<Ipv4Addr>>());
+    let empty = floor::empty_program();
 
-    let mut results: Vec<[Option<Measured>; 4]> = Vec::new();
-    for scenario in &scenarios {
-        let moat = if scenario.rate_limited {
-            &mut moat
-        } else {
-            &mut lean
-        };
-        let before = moat.snapshot();
-        let (action, reason) = scenario.moat;
-        let expected = if action == Action::Pass {
-            XDP_PASS
-        } else {
-            XDP_DROP
-        };
-        let program = moat.fd();
-        let measured = time(program.as_fd(), &scenario.frame, expected, options, "moat");
-        let counted = moat
-            .snapshot()
-            .get(TEST_RUN_IF_INDEX, action, reason)
-            .packets
-            - before.get(TEST_RUN_IF_INDEX, action, reason).packets;
-        assert_eq!(
-            counted,
-            u64::from(options.repeat) * options.runs as u64,
-            "{}: moat counted {counted} as {}/{}",
-            scenario.name,
-            action.name(),
-            reason.name()
-        );
-        let floor_time = scenario.floor.map(|expected| {
-            time(
-                floor.program.as_fd(),
+    // Interleaved: every round measures every contender on every scenario once, so that the
+    // machine's drift (its speed moves by 2× between runs here) falls on all of them alike.
+    let mut samples: Vec<[Vec<f64>; CONTENDERS]> =
+        scenarios.iter().map(|_| Default::default()).collect();
+    for round in 1..=options.runs {
+        for (scenario, row) in scenarios.iter().zip(samples.iter_mut()) {
+            let moat = if scenario.rate_limited {
+                &mut moat
+            } else {
+                &mut lean
+            };
+            row[MOAT].push(sample_moat(moat, scenario, options));
+            if let Some(expected) = scenario.floor {
+                let program = floor.program.as_fd();
+                row[FLOOR].push(sample(program, &scenario.frame, expected, options, "floor"));
+            }
+            row[EMPTY].push(sample(
+                empty.as_fd(),
                 &scenario.frame,
-                expected,
+                XDP_PASS,
                 options,
-                "floor",
-            )
-        });
-        results.push([Some(measured), None, None, floor_time]);
-        println!(
-            "per-packet: {}: moat {:.1} ns",
-            scenario.name,
-            results.last().expect("row")[0]
-                .as_ref()
-                .expect("moat")
-                .median
-        );
-    }
-    drop(moat);
-    drop(lean);
-    for (column, features) in [(1, "ipv4"), (2, "all")] {
-        println!("per-packet: xdp-filter --features {features}");
-        let filter = XdpFilter::load(lab, features, list);
-        for (scenario, row) in scenarios.iter().zip(results.iter_mut()) {
-            if let Some(expected) = scenario.xdp_filter[column - 1] {
-                row[column] = Some(time(
-                    filter.program.as_fd(),
-                    &scenario.frame,
-                    expected,
-                    options,
-                    "xdp-filter",
-                ));
+                "the empty program",
+            ));
+        }
+        for (column, features) in [(FILTER_IPV4, "ipv4"), (FILTER_ALL, "all")] {
+            let filter = XdpFilter::load(lab, features, list);
+            for (scenario, row) in scenarios.iter().zip(samples.iter_mut()) {
+                if let Some(expected) = scenario.xdp_filter[column - FILTER_IPV4] {
+                    let program = filter.program.as_fd();
+                    row[column].push(sample(
+                        program,
+                        &scenario.frame,
+                        expected,
+                        options,
+                        "xdp-filter",
+                    ));
+                }
             }
         }
+        println!("per-packet: round {round} of {} done", options.runs);
     }
 
     let mut table = Table::new(&[
@@ -414,25 +424,39 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         "xdp-filter -f ipv4",
         "xdp-filter (all)",
         "floor",
+        "empty program",
         "moat ÷ xdp-filter -f ipv4",
         "moat ÷ floor",
+        "net of the empty program: moat ÷ xdp-filter -f ipv4",
+        "net: moat ÷ floor",
     ]);
-    for (scenario, row) in scenarios.iter().zip(&results) {
-        let moat = row[0].as_ref().expect("moat ran every scenario");
+    for (scenario, row) in scenarios.iter().zip(samples) {
+        let measured: Vec<Option<Measured>> = row
+            .into_iter()
+            .map(|samples| (!samples.is_empty()).then(|| Measured::of(samples)))
+            .collect();
+        let moat = measured[MOAT].as_ref().expect("moat ran every scenario");
+        let test_run = measured[EMPTY]
+            .as_ref()
+            .expect("the empty program ran every scenario");
         let cell = |m: &Option<Measured>| m.as_ref().map_or("n/a".to_string(), Measured::cell);
-        let ratio = |m: &Option<Measured>| {
+        let ratio = |m: &Option<Measured>, net: f64| {
             m.as_ref().map_or("n/a".to_string(), |other| {
-                format!("{:.2}×", moat.median / other.median)
+                format!("{:.2}×", (moat.median - net) / (other.median - net))
             })
         };
+        println!("per-packet: {}: moat {:.1} ns", scenario.name, moat.median);
         table.row(vec![
             scenario.name.to_string(),
             moat.cell(),
-            cell(&row[1]),
-            cell(&row[2]),
-            cell(&row[3]),
-            ratio(&row[1]),
-            ratio(&row[3]),
+            cell(&measured[FILTER_IPV4]),
+            cell(&measured[FILTER_ALL]),
+            cell(&measured[FLOOR]),
+            test_run.cell(),
+            ratio(&measured[FILTER_IPV4], 0.0),
+            ratio(&measured[FLOOR], 0.0),
+            ratio(&measured[FILTER_IPV4], test_run.median),
+            ratio(&measured[FLOOR], test_run.median),
         ]);
     }
     table
