@@ -164,7 +164,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
 }
 
 /// The clock of bans and rate limits: CLOCK_MONOTONIC at tick resolution (Linux 5.11). About a
-/// tenth of the precise clock's cost per packet; the agent refuses a burst shorter than a tick
+/// tenth of the precise clock's cost per packet; the agent raises a burst shorter than a tick
 /// (`config::CLOCK_TICK_MAX`), so no rate is misjudged for it.
 #[inline(always)]
 fn clock() -> u64 {

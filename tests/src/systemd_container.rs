@@ -85,8 +85,8 @@ impl SystemdContainer {
             .stdin(Stdio::null())
             .stdout(console.try_clone().expect("console log"))
             .stderr(console);
-        // SAFETY: prctl is async-signal-safe. nspawn dies with the test process; a container
-        // init it leaves orphaned is killed by the next run's sweep.
+        // SAFETY: prctl is async-signal-safe. nspawn dies with the thread that started it (the
+        // test's); a container init it leaves orphaned is killed by the next run's sweep.
         unsafe {
             command.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
@@ -174,7 +174,8 @@ impl SystemdContainer {
         loop {
             // "running", or "degraded" when a unit of this machine's own failed in a
             // container; moat's units are checked one by one by the test.
-            let state = self.sh("systemctl is-system-running --wait");
+            // Bounded, so that a boot that hangs meets the deadline below.
+            let state = self.sh("timeout 10 systemctl is-system-running --wait");
             let text = String::from_utf8_lossy(&state.stdout);
             if matches!(text.trim(), "running" | "degraded") {
                 return;
@@ -210,6 +211,8 @@ impl Drop for SystemdContainer {
         }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
+        // An init that outlived nspawn would keep the lab's namespace and the mounts busy.
+        kill_rooted_in(&self.dir.join("root"));
     }
 }
 
@@ -278,7 +281,10 @@ fn sweep_stale() {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        // Only a directory root made (the temporary directory is everyone's to write in).
+        let ours = std::fs::symlink_metadata(entry.path())
+            .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == 0);
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
             kill_rooted_in(&entry.path().join("root"));
             drop(Mounts { dir: entry.path() });
         }

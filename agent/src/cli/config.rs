@@ -37,5 +37,12 @@ pub fn check(file: &Path) -> anyhow::Result<()> {
             "off"
         }
     );
+    if let Some(written) = policy.rate_limit.burst_raised_from {
+        println!(
+            "note: rate_limit: burst_packets = {written} is under one tick of the program's clock \
+             (10 ms of pps); moat raises it to {}",
+            policy.rate_limit.burst_packets
+        );
+    }
     Ok(())
 }

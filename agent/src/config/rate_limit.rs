@@ -70,6 +70,9 @@ pub struct RateLimit {
     pub bps: u64,
     /// How many packets a source may send back to back.
     pub burst_packets: u64,
+    /// The `burst_packets` the file gave when it was under one tick of the program's clock and
+    /// was raised to the fewest that span one (logged as a warning).
+    pub burst_raised_from: Option<u64>,
     /// Over the limit this long → banned for `ban_ttl`; no `ban_ttl`: never banned.
     pub ban_after: Duration,
     pub ban_ttl: Option<Duration>,
@@ -85,6 +88,7 @@ impl Default for RateLimit {
             pps: 0,
             bps: 0,
             burst_packets: 0,
+            burst_raised_from: None,
             ban_after: Duration::from_secs(2),
             ban_ttl: None,
             ipv4_prefix: 32,
@@ -162,24 +166,13 @@ impl RateLimitConfig {
                 }
             },
         };
-        // A second's worth of packets unless stated (and never less than a tick's).
-        let burst_packets = in_range(&self.burst_packets, "burst_packets", 1, 1_000_000_000)?
-            .map_or(pps.max(min_burst(pps)), |b| b as u64);
-        if let Some(written) = &self.burst_packets
-            && burst_packets < min_burst(pps)
-        {
-            return Err((
-                written.span(),
-                format!(
-                    "rate_limit: burst_packets = {burst_packets} is less than {} of pps = {pps}; \
-                     the program's clock advances in ticks of up to {} ms, so a burst must span \
-                     one: at least {} packets",
-                    humantime::format_duration(CLOCK_TICK_MAX),
-                    CLOCK_TICK_MAX.as_millis(),
-                    min_burst(pps)
-                ),
-            ));
-        }
+        // A second's worth of packets unless stated, and never less than a tick's: within a
+        // tick the clock stands still. A smaller burst (valid before the clock was coarse) is
+        // raised rather than refused, so that an upgraded daemon still starts.
+        let written =
+            in_range(&self.burst_packets, "burst_packets", 1, 1_000_000_000)?.map(|b| b as u64);
+        let burst_packets = written.unwrap_or(pps).max(min_burst(pps));
+        let burst_raised_from = written.filter(|&w| w < burst_packets);
         let duration = |text: &Option<toml::Spanned<String>>,
                         key: &str|
          -> Result<Option<Duration>, Located> {
@@ -206,6 +199,7 @@ impl RateLimitConfig {
             pps,
             bps,
             burst_packets,
+            burst_raised_from,
             ban_after,
             ban_ttl,
             ipv4_prefix,
@@ -241,7 +235,17 @@ mod tests {
             burst_packets: Some(toml::Spanned::new(0..1, burst)),
             ..RateLimitConfig::default()
         };
-        assert!(config(100).validate().is_err());
-        assert_eq!(config(101).validate().map(|r| r.burst_packets), Ok(101));
+        let burst = |burst: i64| {
+            config(burst)
+                .validate()
+                .map(|r| (r.burst_packets, r.burst_raised_from))
+        };
+        assert_eq!(
+            burst(50),
+            Ok((101, Some(50))),
+            "raised to one tick, and said so"
+        );
+        assert_eq!(burst(101), Ok((101, None)));
+        assert_eq!(burst(5000), Ok((5000, None)));
     }
 }

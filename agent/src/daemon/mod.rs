@@ -844,6 +844,13 @@ fn log_policy(policy: &Policy) {
             ban_ttl = %rate.ban_ttl.map_or("never".to_string(), |t| humantime::format_duration(t).to_string()),
             "rate limit on"
         );
+        if let Some(written) = rate.burst_raised_from {
+            warn!(
+                burst_packets = written,
+                raised_to = rate.burst_packets,
+                "rate_limit: burst_packets is under one tick of the program's clock (10 ms of pps); raised"
+            );
+        }
     }
 }
 

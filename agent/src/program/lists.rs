@@ -166,25 +166,9 @@ impl ListMaps {
         slash24s.sort_by_key(|r| r.start);
         let touched: usize = slash24s.iter().map(ExactSizeIterator::len).sum();
         if touched <= TABLE_WORDS_THRESHOLD {
-            // A few words, each recomputed whole (its eight /24s) and set by index: mapping the
-            // 16 MiB table for them costs more than the change.
-            let mut words: Vec<u32> = slash24s
-                .iter()
-                .flat_map(|range| range.start / 8..=(range.end - 1) / 8)
-                .collect();
-            // Ranges may nest (a /16 and a /32 in it): sort before dropping repeats.
-            words.sort_unstable();
-            words.dedup();
-            let elements: Vec<(u32, u64)> = words
-                .into_iter()
-                .map(|word| {
-                    let value = (0..8).fold(0u64, |value, byte| {
-                        value | u64::from(table_byte(entries, word * 8 + byte)) << (8 * byte)
-                    });
-                    (word, value)
-                })
-                .collect();
-            self.v4_table.set(&elements)?;
+            // A few words, set by index: mapping the 16 MiB table for them costs more than the
+            // change.
+            self.v4_table.set(&table_words(entries, &slash24s))?;
             return Ok(());
         }
         if touched > TABLE_REBUILD_THRESHOLD {
@@ -302,6 +286,29 @@ pub fn table_byte(entries: &ListEntries, slash24: u32) -> u8 {
         byte |= TABLE_HAS_LONGER;
     }
     byte
+}
+
+/// The words of the /24 table (index, value) that hold the /24s of `slash24s`, each recomputed
+/// whole for `entries`: word `n` holds /24s `8n` to `8n + 7`, the first in its lowest byte (what
+/// the program reads with `table_position`).
+fn table_words(entries: &ListEntries, slash24s: &[std::ops::Range<u32>]) -> Vec<(u32, u64)> {
+    let mut words: Vec<u32> = slash24s
+        .iter()
+        .filter(|range| !range.is_empty())
+        .flat_map(|range| range.start / 8..=(range.end - 1) / 8)
+        .collect();
+    // Ranges may nest (a /16 and a /32 in it): sort before dropping repeats.
+    words.sort_unstable();
+    words.dedup();
+    words
+        .into_iter()
+        .map(|word| {
+            let value = (0..8).fold(0u64, |value, byte| {
+                value | u64::from(table_byte(entries, word * 8 + byte)) << (8 * byte)
+            });
+            (word, value)
+        })
+        .collect()
 }
 
 /// The /24s whose table byte depends on `cidr`.
@@ -564,6 +571,35 @@ mod tests {
             list.shape.v4_present, 0,
             "no IPv4 entry: the /24 table is skipped"
         );
+    }
+
+    #[test]
+    fn table_words_set_by_index_match_the_compiled_table() {
+        let list = entries(&[
+            ("10.0.0.0/8", SOURCE_CONFIG),
+            ("192.0.2.77", SOURCE_FILE),
+            ("192.0.2.128/25", SOURCE_CONFIG),
+            ("198.51.100.0/24", SOURCE_FILE),
+            ("198.51.103.1", SOURCE_CONFIG),
+        ]);
+        let compiled = CompiledList::compile(ListKind::Block, &list).expect("compiles");
+        let cidrs: Vec<Cidr> = list.keys().copied().collect();
+        let ranges: Vec<_> = cidrs
+            .iter()
+            .filter(|c| c.net().prefix_len() >= 16)
+            .map(slash24s_of)
+            .collect();
+        let words = table_words(&list, &ranges);
+        assert!(!words.is_empty());
+        assert!(
+            words.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted, no repeats"
+        );
+        for (word, value) in words {
+            let at = word as usize * 8;
+            let bytes: [u8; 8] = compiled.table[at..at + 8].try_into().expect("8 bytes");
+            assert_eq!(value, u64::from_le_bytes(bytes), "word {word}");
+        }
     }
 
     #[test]

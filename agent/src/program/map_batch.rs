@@ -14,8 +14,10 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 /// the key and value copies stay in cache.
 const BATCH: usize = 4096;
 
-/// Inserts or replaces every `(key, value)` in the hash `map`. On an error, the entries before
-/// the failing one are in the map (as with one insert after another).
+/// Inserts or replaces every `(key, value)` in `map` (a hash or an array), whose key and value
+/// sizes must be those of `K` and `V` (the callers pass the types of their typed map, or check
+/// the sizes). On an error, the entries before the failing one are in the map (as with one
+/// insert after another).
 pub fn update<K: Pod, V: Pod>(map: &MapData, entries: &[(K, V)]) -> io::Result<()> {
     let fd = u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
     let mut keys = Vec::with_capacity(BATCH.min(entries.len()));
@@ -43,8 +45,8 @@ fn update_some<K: Pod, V: Pod>(map_fd: u32, keys: &[K], values: &[V]) -> io::Res
     attr.batch.values = values.as_ptr() as u64;
     attr.batch.count = u32::try_from(keys.len()).map_err(io::Error::other)?;
     // SAFETY: the attribute describes `keys.len()` keys and values in buffers this function
-    // borrows for the call; a Pod type has the map's key or value size (aya checked it when the
-    // typed map was made) and no padding.
+    // borrows for the call; `K` and `V` have the map's key and value sizes (see `update`), and
+    // a Pod type has no padding.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,

@@ -35,6 +35,23 @@ impl MmapArray {
     /// Sets the elements at the given indexes, in one system call per few thousand: for a few
     /// elements of a large array, cheaper than mapping it.
     pub fn set(&mut self, elements: &[(u32, u64)]) -> Result<(), MapAccessError> {
+        let value_size = self
+            .data
+            .info()
+            .map_err(|source| MapAccessError::Map {
+                map: self.name,
+                source,
+            })?
+            .value_size();
+        if value_size as usize != size_of::<u64>() {
+            return Err(MapAccessError::Map {
+                map: self.name,
+                source: MapError::InvalidValueSize {
+                    size: size_of::<u64>(),
+                    expected: value_size as usize,
+                },
+            });
+        }
         map_batch::update(&self.data, elements).map_err(|io_error| MapAccessError::Map {
             map: self.name,
             source: MapError::SyscallError(SyscallError {

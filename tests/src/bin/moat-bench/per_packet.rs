@@ -440,10 +440,12 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
             .as_ref()
             .expect("the empty program ran every scenario");
         let cell = |m: &Option<Measured>| m.as_ref().map_or("n/a".to_string(), Measured::cell);
-        let ratio = |m: &Option<Measured>, net: f64| {
-            m.as_ref().map_or("n/a".to_string(), |other| {
+        // n/a where a contender costs no more than the empty program: no ratio is meaningful.
+        let ratio = |m: &Option<Measured>, net: f64| match m {
+            Some(other) if other.median > net => {
                 format!("{:.2}×", (moat.median - net) / (other.median - net))
-            })
+            }
+            _ => "n/a".to_string(),
         };
         println!("per-packet: {}: moat {:.1} ns", scenario.name, moat.median);
         table.row(vec![
