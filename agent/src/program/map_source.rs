@@ -2,10 +2,7 @@
 //! are resolved (a program this process loaded, or one already in the kernel found by its id),
 //! a typed map with its name, and the errors that name the map.
 
-use std::{
-    collections::BTreeSet,
-    os::fd::{AsFd as _, OwnedFd},
-};
+use std::{collections::BTreeSet, os::fd::AsFd as _};
 
 use aya::{
     Ebpf,
@@ -82,11 +79,11 @@ impl<M: TryFrom<Map, Error = MapError>> Named<M> {
     }
 }
 
-/// Every map of the program, by name, with a handle of this process's own (a duplicate of the
-/// map's fd): for pinning. Opening a map again by its kernel id would need CAP_SYS_ADMIN, which
-/// the service does not have.
+/// Every map of the program, by name, with a handle of this process's own (see [`duplicate`]):
+/// for pinning. Opening a map again by its kernel id would need CAP_SYS_ADMIN, which the service
+/// does not have.
 #[derive(Debug)]
-pub struct MapHandles(Vec<(&'static str, OwnedFd)>);
+pub struct MapHandles(Vec<(&'static str, MapData)>);
 
 impl MapHandles {
     /// The name of every map, as the agent resolved them.
@@ -96,14 +93,8 @@ impl MapHandles {
 
     /// Pins every map under `pins`, replacing what an earlier program pinned.
     pub fn pin(&self, pins: &PinDir) -> Result<(), ResolveError> {
-        for (map, fd) in &self.0 {
-            let map = *map;
-            let info_err = |source| ResolveError::Handle { map, source };
-            let fd = fd
-                .try_clone()
-                .map_err(|io_error| info_err(duplicate_error(io_error)))?;
-            let data = MapData::from_fd(fd).map_err(info_err)?;
-            pins.pin_map(map, &data)
+        for &(map, ref data) in &self.0 {
+            pins.pin_map(map, data)
                 .map_err(|source| ResolveError::Pin {
                     map,
                     source: Box::new(source),
@@ -139,7 +130,7 @@ pub fn is_data_section(name: &str) -> bool {
 /// Where the owners take their maps from while the program's maps are resolved.
 pub struct MapSource<'a> {
     from: Origin<'a>,
-    taken: Vec<(&'static str, OwnedFd)>,
+    taken: Vec<(&'static str, MapData)>,
 }
 
 impl<'a> MapSource<'a> {
@@ -204,15 +195,9 @@ impl MapSource<'_> {
                 name: name.to_string(),
             },
         })?;
-        let fd =
-            data.fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|io_error| ResolveError::Handle {
-                    map: name,
-                    source: duplicate_error(io_error),
-                })?;
-        self.taken.push((name, fd));
+        let handle =
+            duplicate(data).map_err(|source| ResolveError::Handle { map: name, source })?;
+        self.taken.push((name, handle));
         Ok(map)
     }
 
