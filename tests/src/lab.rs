@@ -283,7 +283,7 @@ impl Drop for Lab {
     }
 }
 
-fn unmount(path: &std::path::Path) {
+pub(crate) fn unmount(path: &std::path::Path) {
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return;
     };
@@ -304,7 +304,7 @@ pub fn require_root() {
 fn sweep_stale_labs() {
     for entry in std::fs::read_dir(NETNS_DIR).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if owner_is_gone(&name) {
+        if owner_is_gone(PREFIX, &name) {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", &name])
                 .output();
@@ -316,7 +316,7 @@ fn sweep_stale_labs() {
         .flatten()
         .flatten()
     {
-        if owner_is_gone(&entry.file_name().to_string_lossy()) {
+        if owner_is_gone(PREFIX, &entry.file_name().to_string_lossy()) {
             let mount = entry.path().join("bpf");
             let _ = std::fs::remove_dir_all(mount.join("moat"));
             unmount(&mount);
@@ -325,9 +325,10 @@ fn sweep_stale_labs() {
     }
 }
 
-/// Whether `name` is a lab's (`moatlab-<pid>-…`) and its process no longer exists.
-fn owner_is_gone(name: &str) -> bool {
-    name.strip_prefix(PREFIX)
+/// Whether `name` is one a test made (`<prefix>-<pid>[-…]`, as labs and containers name what
+/// they create) and the process that made it no longer exists.
+pub(crate) fn owner_is_gone(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix('-'))
         .and_then(|rest| rest.split('-').next())
         .and_then(|pid| pid.parse::<u32>().ok())

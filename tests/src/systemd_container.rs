@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::netns::Netns;
+use crate::{
+    lab::{owner_is_gone, unmount},
+    netns::Netns,
+};
 
 /// How long systemd may take to boot or to power off.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -224,10 +227,7 @@ struct Mounts {
 impl Drop for Mounts {
     fn drop(&mut self) {
         for sub in ["root", "bpf", "rw"] {
-            let _ = Command::new("umount")
-                .arg("--lazy")
-                .arg(self.dir.join(sub))
-                .output();
+            unmount(&self.dir.join(sub));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -237,16 +237,18 @@ fn mount(args: &[&str]) {
     crate::netns::run("mount", args);
 }
 
+/// The pid of every process (those that end meanwhile are skipped by the callers' reads).
+fn processes() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+}
+
 /// The pid of a running child of `parent` whose command is `comm`.
 fn child_running(parent: u32, comm: &str) -> Option<u32> {
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in processes() {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
@@ -273,18 +275,10 @@ fn sweep_stale() {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&format!("{PREFIX}-")))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
         // Only a directory root made (the temporary directory is everyone's to write in).
         let ours = std::fs::symlink_metadata(entry.path())
             .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == 0);
-        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+        if ours && owner_is_gone(PREFIX, &entry.file_name().to_string_lossy()) {
             kill_rooted_in(&entry.path().join("root"));
             drop(Mounts { dir: entry.path() });
         }
@@ -294,20 +288,10 @@ fn sweep_stale() {
 /// SIGKILL to every process whose root directory is `root`: the init of an orphaned container
 /// (its pid namespace, and all in it, ends with it).
 fn kill_rooted_in(root: &Path) {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if std::fs::read_link(entry.path().join("root")).is_ok_and(|r| r == root) {
-            // SAFETY: kill with a positive pid and a signal number.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+    for pid in processes() {
+        if std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|r| r == root) {
+            // SAFETY: kill with a pid read from /proc (positive) and a signal number.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
     }
 }
