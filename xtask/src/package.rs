@@ -29,10 +29,22 @@ pub struct Options {
     out: Option<PathBuf>,
 }
 
-/// The unit's name, as the maintainer scripts spell it.
-const UNIT: &str = "moat.service";
 /// Files dpkg must not overwrite once the operator has edited them.
 const CONFFILES: &[&str] = &["/etc/moat/moat.toml"];
+/// Files installed as they are in `packaging/` (mode 0644): (source there, path in the package).
+const FROM_PACKAGING: &[(&str, &str)] = &[
+    ("moat.service", "usr/lib/systemd/system/moat.service"),
+    ("moat.toml", "etc/moat/moat.toml"),
+    ("debian/copyright", "usr/share/doc/moat/copyright"),
+    (
+        "grafana-dashboard.json",
+        "usr/share/doc/moat/examples/grafana-dashboard.json",
+    ),
+    (
+        "debian/lintian-overrides",
+        "usr/share/lintian/overrides/moat",
+    ),
+];
 /// Where each shell looks for the completions of a command named `moat`.
 const COMPLETIONS: &[(&str, &str)] = &[
     ("bash", "usr/share/bash-completion/completions/moat"),
@@ -135,41 +147,17 @@ impl<'a> Stage<'a> {
         set_mode(&bin, 0o755)?;
 
         let packaging = packaging();
-        copy(
-            &packaging.join("moat.service"),
-            &self.path(&format!("usr/lib/systemd/system/{UNIT}"))?,
-            0o644,
-        )?;
-        copy(
-            &packaging.join("moat.toml"),
-            &self.path("etc/moat/moat.toml")?,
-            0o644,
-        )?;
-
-        let doc = "usr/share/doc/moat";
-        copy(
-            &packaging.join("debian/copyright"),
-            &self.path(&format!("{doc}/copyright"))?,
-            0o644,
-        )?;
+        for (from, to) in FROM_PACKAGING {
+            copy(&packaging.join(from), &self.path(to)?, 0o644)?;
+        }
         // A native package's changelog is changelog.gz.
         gzip(
             &packaging.join("debian/changelog"),
-            &self.path(&format!("{doc}/changelog.gz"))?,
+            &self.path("usr/share/doc/moat/changelog.gz")?,
         )?;
         gzip(
             &workspace_root().join("README.md"),
-            &self.path(&format!("{doc}/README.md.gz"))?,
-        )?;
-        copy(
-            &packaging.join("grafana-dashboard.json"),
-            &self.path(&format!("{doc}/examples/grafana-dashboard.json"))?,
-            0o644,
-        )?;
-        copy(
-            &packaging.join("debian/lintian-overrides"),
-            &self.path("usr/share/lintian/overrides/moat")?,
-            0o644,
+            &self.path("usr/share/doc/moat/README.md.gz")?,
         )?;
 
         for (shell, path) in COMPLETIONS {
