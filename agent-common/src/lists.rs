@@ -7,7 +7,13 @@
 //! - **IPv4 /25–/32**: a hash keyed by [`V4PrefixKey`], probed only for the prefix lengths
 //!   present ([`ListShape::v4_long_lengths`]) and only under /24s flagged in the table.
 //! - **IPv6**: a hash keyed by [`V6PrefixKey`], probed once per prefix length present
-//!   ([`ListShape::v6_lengths`]).
+//!   ([`ListShape::v6_lengths`]); lengths past /32 only when the source's /32 passes the gate
+//!   ([`v6_gate_position`]), so that an unlisted source costs one probe per length up to /32.
+//!
+//! The two hashes are shared by both lists and both policy generations: a prefix is stored once,
+//! and its [`PrefixEntry`] says which list of which generation holds it ([`prefix_slot`]). The
+//! /24 tables are per list and generation (an array cannot be shared that way at one byte per
+//! /24).
 //!
 //! A list is a set: a source matches when any entry covers it.
 
@@ -24,6 +30,22 @@ pub const V4_LONG_MIN_PREFIX: u32 = 25;
 /// Distinct IPv6 prefix lengths one list may hold (each costs one hash probe per packet).
 pub const MAX_V6_LENGTHS: usize = 16;
 
+/// Words of the IPv6 gate: a bit array (2^22 bits, 512 KiB, shared by both lists and both
+/// generations) with a bit set for the /32 of every IPv6 prefix longer than /32 in any list.
+/// Several /32s share a bit, and the agent never clears one while the program runs, so a set
+/// bit only means "probe the longer lengths"; a clear bit means no longer prefix lies there.
+pub const V6_GATE_WORDS: u32 = 1 << 16;
+/// The longest IPv6 prefix probed without asking the gate.
+pub const V6_GATE_PREFIX: u32 = 32;
+
+/// Where the gate keeps the bit of the /32 whose first four bytes are `first32`: (u64 index,
+/// bit within it). A multiplicative hash spreads the /32s that allocations cluster.
+#[inline(always)]
+pub const fn v6_gate_position(first32: u32) -> (u32, u32) {
+    let bit = first32.wrapping_mul(0x9E37_79B1) >> (32 - 22);
+    (bit / 64, bit % 64)
+}
+
 /// Index of the /24 of `addr` in the table: (u64 index, byte within it).
 #[inline(always)]
 pub const fn table_position(addr: [u8; 4]) -> (u32, u32) {
@@ -33,7 +55,7 @@ pub const fn table_position(addr: [u8; 4]) -> (u32, u32) {
 
 /// An IPv4 prefix of length /25–/32, host bits zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct V4PrefixKey {
     pub prefix_len: u32,
     pub addr: [u8; 4],
@@ -41,18 +63,35 @@ pub struct V4PrefixKey {
 
 /// An IPv6 prefix, host bits zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct V6PrefixKey {
     pub prefix_len: u32,
     pub addr: [u8; 16],
 }
 
-/// The value of a hash entry: where it came from.
+/// Lists × generations an entry of the shared prefix hashes can belong to.
+pub const PREFIX_SLOTS: usize = 4;
+
+/// The slot of (generation, list: [`LIST_ALLOW`] or [`LIST_BLOCK`]) in a [`PrefixEntry`].
+#[inline(always)]
+pub const fn prefix_slot(generation: usize, list: u32) -> usize {
+    generation * 2 + list as usize
+}
+
+/// The value of an entry of the shared prefix hashes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ListEntry {
-    /// One of the `SOURCE_*` constants.
-    pub source: u32,
+pub struct PrefixEntry {
+    /// Per [`prefix_slot`]: the source (one of the `SOURCE_*` constants) + 1 of the entry that
+    /// list holds in that generation, or 0 when it does not hold the prefix.
+    pub sources: [u8; PREFIX_SLOTS],
+}
+
+impl PrefixEntry {
+    /// Whether no list of any generation holds the prefix (the entry can go).
+    pub fn is_unused(&self) -> bool {
+        self.sources == [0; PREFIX_SLOTS]
+    }
 }
 
 /// Which prefix lengths a list holds, so that the program probes only those.
@@ -66,11 +105,14 @@ pub struct ListShape {
     pub v4_long_lengths: u32,
     /// How many of `v6_lengths` are in use.
     pub v6_length_count: u32,
+    /// The index in `v6_lengths` of the first length of /32 or shorter (`v6_length_count` when
+    /// none is): where the probes start when the gate says no longer prefix covers the source.
+    pub v6_short_from: u32,
     /// The IPv6 prefix lengths present, longest first.
     pub v6_lengths: [u8; MAX_V6_LENGTHS],
 }
 
-pod!(V4PrefixKey, V6PrefixKey, ListEntry, ListShape);
+pod!(V4PrefixKey, V6PrefixKey, PrefixEntry, ListShape);
 
 /// Where a list entry came from.
 pub const SOURCE_CONFIG: u32 = 0;
@@ -109,5 +151,22 @@ mod tests {
         assert_eq!(table_position([0, 0, 7, 255]), (0, 7));
         assert_eq!(table_position([0, 0, 8, 0]), (1, 0));
         assert_eq!(table_position([255, 255, 255, 255]), (V4_TABLE_LEN - 1, 7));
+    }
+
+    #[test]
+    fn gate_positions_stay_in_the_gate_and_spread_neighbours() {
+        let mut bits = [0u32; 4096];
+        for (i, bit) in bits.iter_mut().enumerate() {
+            let (word, within) = v6_gate_position(0x2001_0db8 + i as u32);
+            assert!(word < V6_GATE_WORDS && within < 64);
+            *bit = word * 64 + within;
+        }
+        bits.sort_unstable();
+        let distinct = 1 + bits.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(
+            distinct > 4000,
+            "{distinct} distinct bits for 4096 neighbouring /32s"
+        );
+        assert!(v6_gate_position(u32::MAX).0 < V6_GATE_WORDS);
     }
 }

@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 4;
+pub const PINNED_LAYOUT_VERSION: u32 = 5;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
@@ -18,14 +18,17 @@ pub const ACTIVE_GENERATION: &str = "ACTIVE_GEN";
 /// Runtime settings: [`crate::settings::Settings`], one slot per generation.
 pub const SETTINGS: &str = "SETTINGS";
 
-/// Per list (allow, block) and generation: the IPv4 /24 table, the longer IPv4 prefixes, the
-/// IPv6 prefixes. See [`crate::lists`] for the layout.
+/// Per list (allow, block) and generation: the IPv4 /24 table. See [`crate::lists`] for the
+/// layout.
 pub const ALLOW_V4_TABLE: [&str; GENERATIONS] = ["ALLOW_V4_TAB_0", "ALLOW_V4_TAB_1"];
-pub const ALLOW_V4_LONG: [&str; GENERATIONS] = ["ALLOW_V4_LNG_0", "ALLOW_V4_LNG_1"];
-pub const ALLOW_V6: [&str; GENERATIONS] = ["ALLOW_V6_0", "ALLOW_V6_1"];
 pub const BLOCK_V4_TABLE: [&str; GENERATIONS] = ["BLOCK_V4_TAB_0", "BLOCK_V4_TAB_1"];
-pub const BLOCK_V4_LONG: [&str; GENERATIONS] = ["BLOCK_V4_LNG_0", "BLOCK_V4_LNG_1"];
-pub const BLOCK_V6: [&str; GENERATIONS] = ["BLOCK_V6_0", "BLOCK_V6_1"];
+/// IPv4 prefixes longer than /24 and IPv6 prefixes, each stored once for both lists and both
+/// generations ([`crate::lists::PrefixEntry`]).
+pub const V4_LONG: &str = "V4_LONG";
+pub const V6_PREFIXES: &str = "V6_PREFIXES";
+
+/// The IPv6 gate ([`crate::lists::V6_GATE_WORDS`]): shared by both lists and generations.
+pub const V6_GATE: &str = "V6_GATE";
 
 /// Dynamic bans with their expiry, keyed like the rate limiter ([`crate::rate_limit`]).
 pub const BANS: &str = "BANS";

@@ -36,6 +36,10 @@ pub struct RateState {
     /// Packets and bytes that conformed since the entry was created (`moat top` reads them).
     pub passed_packets: u64,
     pub passed_bytes: u64,
+    /// The source is banned until then (0: never banned). The program writes it with the ban's
+    /// `BANS` entry, so that a tracked source's packets need one lookup, not two; `BANS` stays
+    /// the list of record (listing, saving, restoring), read on a miss here.
+    pub banned_until: u64,
 }
 
 /// A ban: packets from the source are dropped until `expires_at` (monotonic ns, as

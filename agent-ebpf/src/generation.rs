@@ -1,9 +1,13 @@
-//! The two generations of the policy's lists and rule tables; `ACTIVE_GEN` says which one is in
+//! The two generations of the policy's /24 tables and rule tables (the prefix hashes are shared,
+//! each entry saying which generation holds it); `ACTIVE_GEN` says which one is in
 //! force (see `agent_common::maps::GENERATIONS`). The decision code is compiled once per
 //! generation, each copy loading its own maps directly.
 
-use agent_common::{lists::ListEntry, lists::V4PrefixKey, lists::V6PrefixKey, rules::RuleMask};
-use aya_ebpf::maps::{Array, HashMap};
+use agent_common::{
+    lists::{LIST_ALLOW, LIST_BLOCK, prefix_slot},
+    rules::RuleMask,
+};
+use aya_ebpf::maps::Array;
 
 use crate::{lists::CidrMaps, maps::*, rules::RuleMaps};
 
@@ -15,20 +19,13 @@ pub trait Generation {
 }
 
 macro_rules! cidr_maps {
-    ($name:ident: $table:ident, $long:ident, $v6:ident) => {
+    ($name:ident: $table:ident, $slot:expr) => {
         pub struct $name;
         impl CidrMaps for $name {
+            const SLOT: usize = $slot;
             #[inline(always)]
             fn v4_table() -> &'static Array<u64> {
                 &$table
-            }
-            #[inline(always)]
-            fn v4_long() -> &'static HashMap<V4PrefixKey, ListEntry> {
-                &$long
-            }
-            #[inline(always)]
-            fn v6() -> &'static HashMap<V6PrefixKey, ListEntry> {
-                &$v6
             }
         }
     };
@@ -62,11 +59,11 @@ macro_rules! rule_maps {
     };
 }
 
-cidr_maps!(Allow0: ALLOW_V4_TAB_0, ALLOW_V4_LNG_0, ALLOW_V6_0);
-cidr_maps!(Block0: BLOCK_V4_TAB_0, BLOCK_V4_LNG_0, BLOCK_V6_0);
+cidr_maps!(Allow0: ALLOW_V4_TAB_0, prefix_slot(0, LIST_ALLOW));
+cidr_maps!(Block0: BLOCK_V4_TAB_0, prefix_slot(0, LIST_BLOCK));
 rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULE_ACTIONS_0);
-cidr_maps!(Allow1: ALLOW_V4_TAB_1, ALLOW_V4_LNG_1, ALLOW_V6_1);
-cidr_maps!(Block1: BLOCK_V4_TAB_1, BLOCK_V4_LNG_1, BLOCK_V6_1);
+cidr_maps!(Allow1: ALLOW_V4_TAB_1, prefix_slot(1, LIST_ALLOW));
+cidr_maps!(Block1: BLOCK_V4_TAB_1, prefix_slot(1, LIST_BLOCK));
 rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULE_ACTIONS_1);
 
 pub struct Generation0;

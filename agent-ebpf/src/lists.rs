@@ -1,20 +1,31 @@
 //! CIDR list lookups (allowlist, blocklist); the layout is described in `agent_common::lists`.
 
 use agent_common::lists::{
-    ListEntry, ListShape, MAX_V6_LENGTHS, TABLE_HAS_LONGER, TABLE_SOURCE_MASK, V4_LONG_MIN_PREFIX,
-    V4PrefixKey, V6PrefixKey, table_position,
+    ListShape, MAX_V6_LENGTHS, PrefixEntry, TABLE_HAS_LONGER, TABLE_SOURCE_MASK,
+    V4_LONG_MIN_PREFIX, V4PrefixKey, V6_GATE_PREFIX, V6PrefixKey, table_position, v6_gate_position,
 };
-use aya_ebpf::maps::{Array, HashMap};
+use aya_ebpf::maps::Array;
 
-use crate::packet::Source;
+use crate::{
+    maps::{V4_LONG, V6_GATE, V6_PREFIXES},
+    packet::Source,
+};
 
-/// The maps of one list in one generation. Maps are reached through functions of a type, not
-/// through references stored in data: the verifier only accepts a map pointer that the code
-/// itself loads, and a table of references would be read from .rodata as a plain number.
+/// One list in one generation: its /24 table, and its slot in the shared prefix hashes. Maps
+/// are reached through functions of a type, not through references stored in data: the
+/// verifier only accepts a map pointer that the code itself loads, and a table of references
+/// would be read from .rodata as a plain number.
 pub trait CidrMaps {
+    /// This list's slot in a `PrefixEntry` (`agent_common::lists::prefix_slot`).
+    const SLOT: usize;
     fn v4_table() -> &'static Array<u64>;
-    fn v4_long() -> &'static HashMap<V4PrefixKey, ListEntry>;
-    fn v6() -> &'static HashMap<V6PrefixKey, ListEntry>;
+}
+
+/// The source of the list's entry in a shared hash entry, if the list holds it.
+#[inline(always)]
+fn held<M: CidrMaps>(entry: &PrefixEntry) -> Option<u32> {
+    let source = entry.sources[M::SLOT];
+    (source != 0).then(|| u32::from(source) - 1)
 }
 
 /// The source of the entry of list `M` that covers `source`, if any.
@@ -50,9 +61,9 @@ fn lookup_v4<M: CidrMaps>(shape: &ListShape, addr: [u8; 4]) -> Option<u32> {
             prefix_len,
             addr: (host & (u32::MAX << (32 - prefix_len))).to_be_bytes(),
         };
-        // SAFETY: entries are replaced whole by the agent; a u32 read cannot tear.
-        if let Some(entry) = unsafe { M::v4_long().get(key) } {
-            return Some(entry.source);
+        // SAFETY: entries are replaced whole by the agent; a byte read cannot tear.
+        if let Some(source) = unsafe { V4_LONG.get(key) }.and_then(held::<M>) {
+            return Some(source);
         }
     }
     None
@@ -60,21 +71,49 @@ fn lookup_v4<M: CidrMaps>(shape: &ListShape, addr: [u8; 4]) -> Option<u32> {
 
 #[inline(always)]
 fn lookup_v6<M: CidrMaps>(shape: &ListShape, addr: &[u8; 16]) -> Option<u32> {
-    for i in 0..MAX_V6_LENGTHS {
-        if i as u32 >= shape.v6_length_count {
+    // Lengths are longest first: the gate is asked once, only when the list has lengths past
+    // /32 (an empty list's first length is 0), and a closed gate skips straight to /32.
+    let first = if u32::from(shape.v6_lengths[0]) <= V6_GATE_PREFIX || gate_open(addr) {
+        0
+    } else {
+        shape.v6_short_from
+    };
+    if first >= shape.v6_length_count {
+        return None;
+    }
+    // A no-op (the count is at most 16) that bounds the index for the verifier: LLVM adds it
+    // to the array's address before the loop's own check.
+    const _: () = assert!(MAX_V6_LENGTHS.is_power_of_two());
+    let first = first & (MAX_V6_LENGTHS as u32 - 1);
+    for i in 0..MAX_V6_LENGTHS as u32 {
+        let at = first + i;
+        if at >= shape.v6_length_count {
             break;
         }
-        let prefix_len = u32::from(shape.v6_lengths[i]);
+        let Some(&prefix_len) = shape.v6_lengths.get(at as usize) else {
+            break;
+        };
+        let prefix_len = u32::from(prefix_len);
         let key = V6PrefixKey {
             prefix_len,
             addr: mask_v6(addr, prefix_len),
         };
         // SAFETY: as above.
-        if let Some(entry) = unsafe { M::v6().get(key) } {
-            return Some(entry.source);
+        if let Some(source) = unsafe { V6_PREFIXES.get(key) }.and_then(held::<M>) {
+            return Some(source);
         }
     }
     None
+}
+
+/// Whether a prefix longer than /32 may cover `addr` (see `agent_common::lists::V6_GATE_WORDS`).
+#[inline(always)]
+fn gate_open(addr: &[u8; 16]) -> bool {
+    let (index, bit) = v6_gate_position(u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]));
+    // A missing word cannot happen (the index is in range); probing is the safe answer.
+    V6_GATE
+        .get(index)
+        .is_none_or(|word| word & (1u64 << bit) != 0)
 }
 
 /// `addr` with every bit past `prefix_len` cleared. Two 64-bit halves and no per-byte

@@ -17,7 +17,8 @@ mod rules;
 mod stats;
 
 use agent_common::{
-    rate_limit::{FAMILY_V4, FAMILY_V6, SourceKey},
+    lists::SOURCE_RATE_LIMIT,
+    rate_limit::{FAMILY_V4, FAMILY_V6, RateState, SourceKey},
     rules::RULE_PASS,
     settings::{MODE_MONITOR, Settings},
     stats::{Action, Reason},
@@ -144,13 +145,28 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     if settings.check_bans != 0 {
         let now = clock();
         let key = rate_limit::source_key(&settings.rate, &packet.source);
-        if let Some(source) = rate_limit::banned(&key, now) {
-            return Verdict::drop(Reason::Ban, source);
+        // One lookup serves the ban check and the charge.
+        let state = rate_limit::state(&key);
+        if rate_limit::banned_by_state(state, now) {
+            return Verdict::drop(Reason::Ban, SOURCE_RATE_LIMIT);
         }
-        if let Some(verdict) = rule_verdict::<G>(settings, packet) {
-            return verdict;
-        }
-        return limit(ctx, settings, &key, now);
+        // An untracked source's ban is in the ban map, read after the rules: a packet a rule
+        // drops is dropped either way (and counted under the rule), so a reflection flood
+        // from sources the limiter never tracks pays one lookup, not two.
+        return match rule_verdict::<G>(settings, packet) {
+            Some(verdict) if verdict.action == Action::Drop => verdict,
+            rule => {
+                if state.is_null()
+                    && let Some(source) = rate_limit::banned_by_map(&key, now)
+                {
+                    return Verdict::drop(Reason::Ban, source);
+                }
+                match rule {
+                    Some(verdict) => verdict,
+                    None => limit(ctx, settings, &key, state, now),
+                }
+            }
+        };
     }
     if let Some(verdict) = rule_verdict::<G>(settings, packet) {
         return verdict;
@@ -160,7 +176,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     }
     let now = clock();
     let key = rate_limit::source_key(&settings.rate, &packet.source);
-    limit(ctx, settings, &key, now)
+    limit(ctx, settings, &key, rate_limit::state(&key), now)
 }
 
 /// The clock of bans and rate limits: CLOCK_MONOTONIC at tick resolution (Linux 5.11). About a
@@ -187,12 +203,18 @@ fn rule_verdict<G: Generation>(settings: &Settings, packet: &Packet) -> Option<V
 
 /// The rate limiter's verdict (when it is on), reporting a new ban.
 #[inline(always)]
-fn limit(ctx: &XdpContext, settings: &Settings, key: &SourceKey, now: u64) -> Verdict {
+fn limit(
+    ctx: &XdpContext,
+    settings: &Settings,
+    key: &SourceKey,
+    state: *mut RateState,
+    now: u64,
+) -> Verdict {
     if !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    match rate_limit::charge(&settings.rate, key, frame_len, now) {
+    match rate_limit::charge(&settings.rate, key, state, frame_len, now) {
         Limit::Conforming => Verdict::pass(Reason::NoMatch, 0),
         Limit::Over => Verdict::drop(Reason::RateLimit, 0),
         Limit::Banned(expires_at) => {

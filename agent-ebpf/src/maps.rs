@@ -5,7 +5,7 @@
 
 use agent_common::{
     events::CaptureSettings,
-    lists::{LIST_HITS_LEN, ListEntry, V4_TABLE_LEN, V4PrefixKey, V6PrefixKey},
+    lists::{LIST_HITS_LEN, PrefixEntry, V4_TABLE_LEN, V4PrefixKey, V6_GATE_WORDS, V6PrefixKey},
     maps::{
         BANS_DEFAULT_CAPACITY, EVENTS_BYTES, GENERATIONS, LONG_PREFIXES_DEFAULT_CAPACITY,
         MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY,
@@ -26,27 +26,23 @@ pub static ACTIVE_GEN: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS as u32, 0);
 
-/// Declares one generation's lists and rule tables under the given names.
+/// Prefixes the /24 tables cannot hold, for both lists and both generations (see
+/// `agent_common::lists::PrefixEntry`).
+#[map]
+pub static V4_LONG: HashMap<V4PrefixKey, PrefixEntry> =
+    HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
+#[map]
+pub static V6_PREFIXES: HashMap<V6PrefixKey, PrefixEntry> =
+    HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Declares one generation's /24 tables and rule tables under the given names.
 macro_rules! generation_maps {
-    ($allow_table:ident, $allow_long:ident, $allow_v6:ident, $block_table:ident,
-     $block_long:ident, $block_v6:ident, $proto:ident, $sport:ident, $dport:ident,
+    ($allow_table:ident, $block_table:ident, $proto:ident, $sport:ident, $dport:ident,
      $flags:ident, $actions:ident) => {
         #[map]
         pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
         #[map]
-        pub static $allow_long: HashMap<V4PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
-        #[map]
-        pub static $allow_v6: HashMap<V6PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
-        #[map]
         pub static $block_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
-        #[map]
-        pub static $block_long: HashMap<V4PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
-        #[map]
-        pub static $block_v6: HashMap<V6PrefixKey, ListEntry> =
-            HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
         #[map]
         pub static $proto: Array<RuleMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
         #[map]
@@ -64,11 +60,7 @@ macro_rules! generation_maps {
 
 generation_maps!(
     ALLOW_V4_TAB_0,
-    ALLOW_V4_LNG_0,
-    ALLOW_V6_0,
     BLOCK_V4_TAB_0,
-    BLOCK_V4_LNG_0,
-    BLOCK_V6_0,
     RULES_PROTO_0,
     RULES_SPORT_0,
     RULES_DPORT_0,
@@ -77,17 +69,16 @@ generation_maps!(
 );
 generation_maps!(
     ALLOW_V4_TAB_1,
-    ALLOW_V4_LNG_1,
-    ALLOW_V6_1,
     BLOCK_V4_TAB_1,
-    BLOCK_V4_LNG_1,
-    BLOCK_V6_1,
     RULES_PROTO_1,
     RULES_SPORT_1,
     RULES_DPORT_1,
     RULES_FLAGS_1,
     RULE_ACTIONS_1
 );
+
+#[map]
+pub static V6_GATE: Array<u64> = Array::with_max_entries(V6_GATE_WORDS, BPF_F_MMAPABLE);
 
 #[map]
 pub static BANS: LruHashMap<SourceKey, Ban> =

@@ -49,9 +49,32 @@ pub fn source_key(settings: &RateSettings, source: &Source) -> SourceKey {
     }
 }
 
-/// The source of an unexpired ban on `key`.
+/// The source's limiter state (null when it has none yet): looked up once per packet, for the
+/// ban check and then for the charge.
 #[inline(always)]
-pub fn banned(key: &SourceKey, now: u64) -> Option<u32> {
+pub fn state(key: &SourceKey) -> *mut RateState {
+    RATE_LIMITS
+        .get_ptr_mut(key)
+        .unwrap_or(core::ptr::null_mut())
+}
+
+/// Whether the source whose limiter state is `state` (null: none) is banned, by the copy of its
+/// ban the state holds.
+#[inline(always)]
+pub fn banned_by_state(state: *mut RateState, now: u64) -> bool {
+    if state.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null value pointer from the lookup, valid for the program run; the field is
+    // written whole (a torn read could only misjudge one packet's expiry).
+    let until = unsafe { core::ptr::read_volatile(&raw const (*state).banned_until) };
+    now < until
+}
+
+/// The source of an unexpired ban on `key` in the ban map: read only for a source the limiter
+/// does not track (its ban restored at start, or its state evicted under a flood).
+#[inline(always)]
+pub fn banned_by_map(key: &SourceKey, now: u64) -> Option<u32> {
     // SAFETY: a ban is replaced whole; a torn read could only misjudge one packet's expiry.
     let ban = unsafe { BANS.get(key) }?;
     (now < ban.expires_at).then_some(ban.source)
@@ -64,20 +87,26 @@ pub enum Limit {
     Banned(u64),
 }
 
-/// Charges one packet of `frame_len` bytes to the source.
+/// Charges one packet of `frame_len` bytes to the source whose state `state` is (null: none
+/// yet, so one is made).
 #[inline(always)]
-pub fn charge(settings: &RateSettings, key: &SourceKey, frame_len: u64, now: u64) -> Limit {
-    let state = match RATE_LIMITS.get_ptr_mut(key) {
-        Some(state) => state,
-        None => {
-            // A new source; another CPU may insert it first, which is as good.
-            let _ = RATE_LIMITS.insert(key, RateState::default(), u64::from(BPF_NOEXIST));
-            match RATE_LIMITS.get_ptr_mut(key) {
-                Some(state) => state,
-                // Evicted at once under a flood of new sources: let this one packet through.
-                None => return Limit::Conforming,
-            }
+pub fn charge(
+    settings: &RateSettings,
+    key: &SourceKey,
+    state: *mut RateState,
+    frame_len: u64,
+    now: u64,
+) -> Limit {
+    let state = if state.is_null() {
+        // A new source; another CPU may insert it first, which is as good.
+        let _ = RATE_LIMITS.insert(key, RateState::default(), u64::from(BPF_NOEXIST));
+        match RATE_LIMITS.get_ptr_mut(key) {
+            Some(state) => state,
+            // Evicted at once under a flood of new sources: let this one packet through.
+            None => return Limit::Conforming,
         }
+    } else {
+        state
     };
     // SAFETY: map values live as long as the program run; fields are only accessed atomically
     // (the TATs) or as plain u64 stores whose races are benign (the streak timestamps).
@@ -116,6 +145,7 @@ pub fn charge(settings: &RateSettings, key: &SourceKey, frame_len: u64, now: u64
                 _pad: 0,
             };
             if BANS.insert(key, ban, 0).is_ok() {
+                (*state).banned_until = expires_at;
                 (*state).over_since = 0;
                 return Limit::Banned(expires_at);
             }
@@ -124,19 +154,15 @@ pub fn charge(settings: &RateSettings, key: &SourceKey, frame_len: u64, now: u64
     Limit::Over
 }
 
-/// Adds a conforming packet to the source's totals (BPF_ATOMIC_ADD: CPUs share the entry).
+/// Adds a conforming packet to the source's totals. Plain adds, not atomic ones (which cost
+/// about as much as the rest of the limiter): the totals feed `moat top`'s per-source rates, and
+/// only two CPUs passing the same source's packets at the same instant can lose one.
 #[inline(always)]
 unsafe fn count_passed(state: *mut RateState, frame_len: u64) {
     // SAFETY: `state` is a valid, aligned map value for the program run.
     unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-            &raw mut (*state).passed_packets,
-            1,
-        );
-        core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-            &raw mut (*state).passed_bytes,
-            frame_len,
-        );
+        (*state).passed_packets += 1;
+        (*state).passed_bytes += frame_len;
     }
 }
 

@@ -4,12 +4,21 @@
 use std::path::Path;
 
 use agent_common::{
-    lists::{LIST_ALLOW, LIST_BAN, LIST_BLOCK, SOURCE_CONFIG, SOURCE_RATE_LIMIT, hit_index},
+    lists::{
+        LIST_ALLOW, LIST_BAN, LIST_BLOCK, PrefixEntry, SOURCE_CLI, SOURCE_CONFIG,
+        SOURCE_RATE_LIMIT, V4PrefixKey, hit_index, v6_gate_position,
+    },
+    maps::{RATE_LIMITS, V4_LONG, V6_GATE},
+    rate_limit::{RateState, SourceKey},
     stats::{Action, Counter, Reason},
 };
+use aya::maps::{Array, HashMap, MapData};
 use moat::{
-    config::{Config, Mode, Overrides, Policy},
-    program::counters::Framing,
+    config::{Cidr, Config, ListKind, Mode, Overrides, Policy},
+    program::{
+        counters::Framing, limiter, lists::ListChange, live::PolicyChange,
+        map_source::ProgramMapIds,
+    },
 };
 use moat_tests::{
     frames::{Frame, L3_OFFSET, TCP_SYN},
@@ -243,6 +252,284 @@ fn a_source_over_its_rate_is_limited_then_banned() {
         XDP_PASS,
         "another /64"
     );
+}
+
+/// IPv6 prefixes past /32 are probed only when the source's /32 passes the gate: the gate is
+/// opened for the configuration's entries and for entries added while running, and a clear bit
+/// really skips those probes (the test closes one by hand to see it).
+#[test]
+fn ipv6_prefixes_past_slash_32_are_reached_through_the_gate() {
+    let mut program = LoadedProgram::new(&policy(
+        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"2001:db8:bad::/48\", \"2001:db9::/32\"]\n",
+    ));
+    let verdict = |program: &mut LoadedProgram, source: &str| {
+        program.run(&Frame::udp(source, 40000, 443).bytes())
+    };
+    assert_eq!(
+        verdict(&mut program, "2001:db8:bad::7"),
+        XDP_DROP,
+        "under the /48"
+    );
+    assert_eq!(
+        verdict(&mut program, "2001:db9::1"),
+        XDP_DROP,
+        "under the /32"
+    );
+    assert_eq!(verdict(&mut program, "2001:db8:1::2"), XDP_PASS, "unlisted");
+
+    // Added while running, in a /32 the gate had closed.
+    let added: Cidr = "2001:db7:1:2::/64".parse().expect("a CIDR");
+    assert_eq!(
+        verdict(&mut program, "2001:db7:1:2::9"),
+        XDP_PASS,
+        "not listed yet"
+    );
+    let change = ListChange {
+        upserts: vec![(added, SOURCE_CLI)],
+        removals: Vec::new(),
+    };
+    program
+        .live
+        .apply(PolicyChange::of_list(ListKind::Block, change))
+        .expect("block the /64");
+    assert_eq!(
+        verdict(&mut program, "2001:db7:1:2::9"),
+        XDP_DROP,
+        "added at run time"
+    );
+
+    // Close the /48's gate bit: its source passes, the /32's entry still holds.
+    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
+    let mut gate: Array<MapData, u64> =
+        Array::try_from(ids.open(V6_GATE).expect("V6_GATE")).expect("an array");
+    let (index, bit) = v6_gate_position(0x2001_0db8);
+    let word = gate.get(&index, 0).expect("the gate word");
+    assert_ne!(word & 1 << bit, 0, "the gate is open for 2001:db8::/32");
+    gate.set(index, word & !(1 << bit), 0).expect("close it");
+    assert_eq!(
+        verdict(&mut program, "2001:db8:bad::7"),
+        XDP_PASS,
+        "behind a closed gate, the /48 is not probed"
+    );
+    assert_eq!(
+        verdict(&mut program, "2001:db9::1"),
+        XDP_DROP,
+        "a /32 needs no gate"
+    );
+}
+
+/// Both lists and both generations share the prefix hashes: a change is refused when its new
+/// entries and the ones they replace would not fit together (both are held until the switch),
+/// and nothing moves; the same change in halves fits.
+#[test]
+fn a_change_whose_old_and_new_entries_overflow_the_shared_hash_is_refused_whole() {
+    let mut program = LoadedProgram::new(&policy("interfaces = [\"lo\"]\n"));
+    let hosts = |first: u32, count: u32| -> Vec<Cidr> {
+        (first..first + count)
+            .map(|i| {
+                let addr = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+                format!("{addr}/32").parse().expect("a CIDR")
+            })
+            .collect()
+    };
+    let change = |upserts: &[Cidr], removals: &[Cidr]| {
+        PolicyChange::of_list(
+            ListKind::Block,
+            ListChange {
+                upserts: upserts.iter().map(|c| (*c, SOURCE_CLI)).collect(),
+                removals: removals.to_vec(),
+            },
+        )
+    };
+    let verdict = |program: &mut LoadedProgram, cidr: &Cidr| {
+        let source = cidr.net().addr().to_string();
+        program.run(&Frame::udp(&source, 40000, 443).bytes())
+    };
+    // The loaded hash holds 16,384 prefixes (the built-in default, as the policy has none).
+    let old = hosts(0, 10_000);
+    let new = hosts(10_000, 10_000);
+    program.live.apply(change(&old, &[])).expect("10,000 fit");
+    let error = program
+        .live
+        .apply(change(&new, &old))
+        .expect_err("20,000 at once do not fit");
+    assert!(
+        error.to_string().contains("raise runtime_entries"),
+        "{error}"
+    );
+    assert_eq!(
+        verdict(&mut program, &old[9_999]),
+        XDP_DROP,
+        "the old list holds"
+    );
+    assert_eq!(
+        verdict(&mut program, &new[0]),
+        XDP_PASS,
+        "none of the new one"
+    );
+    for half in [0..5_000, 5_000..10_000] {
+        program
+            .live
+            .apply(change(&new[half.clone()], &old[half]))
+            .expect("5,000 at a time fit");
+    }
+    assert_eq!(verdict(&mut program, &old[9_999]), XDP_PASS);
+    assert_eq!(verdict(&mut program, &new[9_999]), XDP_DROP);
+}
+
+/// A write the kernel refuses (here: the shared hash filled behind moat's back) leaves the policy
+/// in force untouched; the next change rebuilds the generation it failed in, clearing what no
+/// list holds, and applies.
+#[test]
+fn a_failed_write_is_repaired_by_the_next_change() {
+    let mut program = LoadedProgram::new(&policy(
+        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"192.0.2.1/32\"]\n",
+    ));
+    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
+    let mut hash: HashMap<MapData, V4PrefixKey, PrefixEntry> =
+        HashMap::try_from(ids.open(V4_LONG).expect("V4_LONG")).expect("a hash");
+    // Entries no list holds, until the hash (16,384: the default) is full.
+    for i in 1..16_384u32 {
+        let key = V4PrefixKey {
+            prefix_len: 32,
+            addr: (0x0a00_0000 + i).to_be_bytes(),
+        };
+        hash.insert(key, PrefixEntry::default(), 0).expect("fill");
+    }
+    let add = |cidr: &str| {
+        PolicyChange::of_list(
+            ListKind::Block,
+            ListChange {
+                upserts: vec![(cidr.parse().expect("CIDR"), SOURCE_CLI)],
+                removals: Vec::new(),
+            },
+        )
+    };
+    let verdict = |program: &mut LoadedProgram, source: &str| {
+        program.run(&Frame::udp(source, 40000, 443).bytes())
+    };
+    program
+        .live
+        .apply(add("192.0.2.2/32"))
+        .expect_err("the kernel's hash is full");
+    assert_eq!(
+        verdict(&mut program, "192.0.2.1"),
+        XDP_DROP,
+        "the policy in force holds"
+    );
+    assert_eq!(
+        verdict(&mut program, "192.0.2.2"),
+        XDP_PASS,
+        "the change is not in force"
+    );
+    program
+        .live
+        .apply(add("192.0.2.3/32"))
+        .expect("rebuilt, then applied");
+    for source in ["192.0.2.1", "192.0.2.3"] {
+        assert_eq!(verdict(&mut program, source), XDP_DROP, "{source}");
+    }
+    assert_eq!(
+        verdict(&mut program, "192.0.2.2"),
+        XDP_PASS,
+        "the failed change stays out"
+    );
+    let left = hash.keys().filter_map(Result::ok).count();
+    assert!(
+        left < 16,
+        "what no list holds was cleared: {left} entries left"
+    );
+}
+
+/// A source's ban is read from its limiter state (one lookup) and, for a source the limiter no
+/// longer tracks, from the ban map; lifting a ban clears both, so the source starts afresh.
+#[test]
+fn a_ban_holds_from_either_copy_and_lifting_clears_both() {
+    let mut program = LoadedProgram::new(&policy(
+        "interfaces = [\"lo\"]\n[rate_limit]\npps = 1\nburst_packets = 10\nban_after = \"0s\"\nban_ttl = \"1h\"\n\
+         [[rules]]\nname = \"dns\"\nprotocol = \"udp\"\ndst_ports = [53]\naction = \"pass\"\n\
+         [[rules]]\nname = \"discard\"\nprotocol = \"udp\"\ndst_ports = [9]\naction = \"drop\"\n",
+    ));
+    let frame = Frame::udp(LEGIT_V4, 40000, 443).bytes();
+    let source: std::net::IpAddr = LEGIT_V4.parse().expect("address");
+    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
+    let mut states: HashMap<MapData, SourceKey, RateState> =
+        HashMap::try_from(ids.open(RATE_LIMITS).expect("RATE_LIMITS")).expect("a hash");
+    let key = limiter::key_of(source);
+    let drops_as_ban = |program: &mut LoadedProgram| {
+        let before = program
+            .snapshot()
+            .get(TEST_RUN_IF_INDEX, Action::Drop, Reason::Ban);
+        let verdict = program.run(&frame);
+        let after = program
+            .snapshot()
+            .get(TEST_RUN_IF_INDEX, Action::Drop, Reason::Ban);
+        verdict == XDP_DROP && after.packets == before.packets + 1
+    };
+
+    // Banned by the program: the state carries the ban.
+    program.run_repeated(&frame, 20);
+    let state = states.get(&key, 0).expect("the source's state");
+    assert!(
+        state.banned_until > limiter::monotonic_now_ns(),
+        "{state:?}"
+    );
+    assert!(program.limiter.is_banned(source));
+    assert!(drops_as_ban(&mut program), "banned through the state");
+
+    // The state evicted (as a flood of new sources would): the ban map still holds it, a pass
+    // rule does not exempt the source, and a packet a rule drops is counted under the rule
+    // (dropped either way; the ban map is not read for it).
+    states.remove(&key).expect("drop the state");
+    assert!(drops_as_ban(&mut program), "banned through the ban map");
+    assert!(
+        states.get(&key, 0).is_err(),
+        "a banned packet makes no state"
+    );
+    let count = |program: &LoadedProgram, reason| {
+        (program.snapshot())
+            .get(TEST_RUN_IF_INDEX, Action::Drop, reason)
+            .packets
+    };
+    let (bans, rules) = (count(&program, Reason::Ban), count(&program, Reason::Rule));
+    assert_eq!(
+        program.run(&Frame::udp(LEGIT_V4, 40000, 53).bytes()),
+        XDP_DROP
+    );
+    assert_eq!(
+        program.run(&Frame::udp(LEGIT_V4, 40000, 9).bytes()),
+        XDP_DROP
+    );
+    assert_eq!(
+        count(&program, Reason::Ban),
+        bans + 1,
+        "the pass rule's packet"
+    );
+    assert_eq!(
+        count(&program, Reason::Rule),
+        rules + 1,
+        "the drop rule's packet"
+    );
+
+    // Lifted: both copies go, and the source has its burst again.
+    program.run_repeated(&frame, 1);
+    program.limiter.lift(source).expect("lift");
+    assert!(!program.limiter.is_banned(source));
+    assert_eq!(program.run(&frame), XDP_PASS, "a lifted source passes");
+
+    // A ban only the state holds (its ban-map entry evicted) is found and lifted by lift_all.
+    let banned = RateState {
+        banned_until: limiter::monotonic_now_ns() + 3_600_000_000_000,
+        ..RateState::default()
+    };
+    states
+        .insert(key, banned, 0)
+        .expect("ban through the state");
+    assert!(program.limiter.is_banned(source));
+    assert!(drops_as_ban(&mut program), "banned through the state alone");
+    program.limiter.lift_all().expect("lift all");
+    assert!(!program.limiter.is_banned(source));
+    assert_eq!(program.run(&frame), XDP_PASS, "lifted by lift_all");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use crate::{
         metrics,
         top::{Reading, ViewOptions},
     },
-    program::{counters::Framing, loader},
+    program::{capacities::PrefixCounts, counters::Framing, loader},
 };
 
 /// Bounds of `moat top`'s interval and rows.
@@ -65,25 +65,24 @@ impl Daemon {
         let mut fills = Vec::new();
         for kind in ListKind::ALL {
             let counts = self.live.counts(kind);
-            let name = kind.name();
             fills.push(MapFill {
-                map: format!("{name} (IPv4 /24 and shorter, in the /24 table)"),
+                map: format!("{} (IPv4 /24 and shorter, in the /24 table)", kind.name()),
                 entries: counts.total() as u64 - counts.v4_long() as u64 - counts.v6() as u64,
                 capacity: u64::from(u32::MAX),
             });
-            let (v4_capacity, v6_capacity) = match kind {
-                ListKind::Allow => (capacities.allow_v4_long, capacities.allow_v6),
-                ListKind::Block => (capacities.block_v4_long, capacities.block_v6),
-            };
+        }
+        let prefixes = PrefixCounts::of(&[
+            self.live.counts(ListKind::Allow),
+            self.live.counts(ListKind::Block),
+        ]);
+        for (map, entries, capacity) in [
+            ("IPv4 longer than /24", prefixes.v4_long, capacities.v4_long),
+            ("IPv6", prefixes.v6, capacities.v6),
+        ] {
             fills.push(MapFill {
-                map: format!("{name} (IPv4 longer than /24)"),
-                entries: counts.v4_long() as u64,
-                capacity: u64::from(v4_capacity),
-            });
-            fills.push(MapFill {
-                map: format!("{name} (IPv6)"),
-                entries: counts.v6() as u64,
-                capacity: u64::from(v6_capacity),
+                map: format!("allowlist and blocklist ({map})"),
+                entries: entries as u64,
+                capacity: u64::from(capacity),
             });
         }
         // From the latest walk: the loop never walks a map that a flood can fill.

@@ -10,20 +10,41 @@ use crate::config::{ListKind, Policy, RateLimit};
 /// Sizes of the maps whose capacity depends on the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
-    pub allow_v4_long: u32,
-    pub allow_v6: u32,
-    pub block_v4_long: u32,
-    pub block_v6: u32,
+    /// IPv4 prefixes longer than /24, both lists (their shared hash).
+    pub v4_long: u32,
+    /// IPv6 prefixes, both lists (their shared hash).
+    pub v6: u32,
     /// Sources the rate limiter (and the ban list) track at once.
     pub rate_sources: u32,
 }
 
+/// Entries of the prefix hashes both lists share: the sum of the lists' counts (a prefix in both
+/// lists is one entry, so this is an upper bound).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixCounts {
+    pub v4_long: usize,
+    pub v6: usize,
+}
+
+impl PrefixCounts {
+    pub fn of(lists: &[&ListCounts]) -> Self {
+        Self {
+            v4_long: lists.iter().map(|l| l.v4_long()).sum(),
+            v6: lists.iter().map(|l| l.v6()).sum(),
+        }
+    }
+}
+
 impl Capacities {
     /// Room for the policy's entries plus `runtime_entries` added while running, never below
-    /// the built-in default.
+    /// the built-in default. The room is counted once for both lists, as their entries share
+    /// the hashes. It also bounds what one change may bring in at once: until the generation
+    /// it switched off catches up, the hashes hold the entries of both.
     pub fn for_policy(policy: &Policy, runtime_entries: u32) -> Self {
-        let allow = ListCounts::of(policy.list(ListKind::Allow));
-        let block = ListCounts::of(policy.list(ListKind::Block));
+        let lists = PrefixCounts::of(&[
+            &ListCounts::of(policy.list(ListKind::Allow)),
+            &ListCounts::of(policy.list(ListKind::Block)),
+        ]);
         let fit = |n: usize| {
             u32::try_from(n)
                 .unwrap_or(u32::MAX)
@@ -31,41 +52,29 @@ impl Capacities {
                 .max(LONG_PREFIXES_DEFAULT_CAPACITY)
         };
         Self {
-            allow_v4_long: fit(allow.v4_long()),
-            allow_v6: fit(allow.v6()),
-            block_v4_long: fit(block.v4_long()),
-            block_v6: fit(block.v6()),
+            v4_long: fit(lists.v4_long),
+            v6: fit(lists.v6),
             rate_sources: policy.rate_limit.max_sources,
         }
     }
 
-    /// Whether lists of these counts and this rate limit fit maps of these sizes (a running
-    /// program's maps cannot be resized).
-    pub fn fit(
-        &self,
-        allow: &ListCounts,
-        block: &ListCounts,
-        rate_limit: &RateLimit,
-    ) -> Result<(), String> {
+    /// Whether the prefix hashes can hold `prefixes` and the limiter is sized for
+    /// `rate_limit` (a running program's maps cannot be resized).
+    pub fn fit(&self, prefixes: &PrefixCounts, rate_limit: &RateLimit) -> Result<(), String> {
         let checks = [
             (
-                "allowlist IPv4 prefixes longer than /24",
-                allow.v4_long(),
-                self.allow_v4_long,
+                "IPv4 prefixes longer than /24",
+                prefixes.v4_long,
+                self.v4_long,
             ),
-            ("allowlist IPv6 prefixes", allow.v6(), self.allow_v6),
-            (
-                "blocklist IPv4 prefixes longer than /24",
-                block.v4_long(),
-                self.block_v4_long,
-            ),
-            ("blocklist IPv6 prefixes", block.v6(), self.block_v6),
+            ("IPv6 prefixes", prefixes.v6, self.v6),
         ];
         for (what, count, capacity) in checks {
             if count > capacity as usize {
                 return Err(format!(
-                    "{count} {what} exceed the loaded maps' {capacity}; raise runtime_entries \
-                     and restart moat to resize them"
+                    "{count} {what} (allowlist and blocklist, counting a change's new entries \
+                     beside the ones they replace until the switch) exceed the loaded maps' \
+                     {capacity}; raise runtime_entries and restart moat to resize them"
                 ));
             }
         }

@@ -1,5 +1,6 @@
 //! The rate limiter's two maps, as the agent sees them: `RATE_LIMITS` (per-source state, read
-//! for `moat top` and counts) and `BANS` (read for listing and saving, written back on start so
+//! for `moat top` and counts; it carries a copy of the source's ban, which the program checks
+//! first) and `BANS` (the list of record: read for listing and saving, written back on start so
 //! that a ban outlives a restart, and by `block del` to lift one). The program stamps a ban's
 //! expiry with `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick resolution, the same clock as
 //! CLOCK_MONOTONIC a tick behind at most); the agent converts to wall-clock time, which is what
@@ -16,7 +17,7 @@ use agent_common::{
     rate_limit::{Ban, FAMILY_V4, FAMILY_V6, RateState, SourceKey},
     stats::Counter,
 };
-use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 
 use super::map_source::{self, MapAccessError, MapSource, Named, ResolveError, named};
 
@@ -176,21 +177,22 @@ impl LimiterMaps {
         })
     }
 
-    /// Whether `source` is banned now.
+    /// Whether `source` is banned now (in the ban map, or in its state's copy).
     pub fn is_banned(&self, source: IpAddr) -> bool {
-        let now_ns = monotonic_now_ns();
+        let (key, now_ns) = (key_of(source), monotonic_now_ns());
         self.bans
             .map
-            .get(&key_of(source), 0)
+            .get(&key, 0)
             .is_ok_and(|ban| ban.expires_at > now_ns)
+            || (self.sources.map.get(&key, 0)).is_ok_and(|state| state.banned_until > now_ns)
     }
 
-    /// Lifts the ban of `source`; one gone already (expired or evicted) is not an error.
+    /// Lifts the ban of `source`; one gone already (expired or evicted) is not an error. The
+    /// source's limiter state goes too (it holds a copy of the ban): the source starts afresh.
     pub fn lift(&mut self, source: IpAddr) -> Result<(), MapAccessError> {
-        match self.bans.map.remove(&key_of(source)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(named(self.bans.name)(e)),
-        }
+        let key = key_of(source);
+        forget(&mut self.bans, &key)?;
+        forget(&mut self.sources, &key)
     }
 
     /// Lifts every ban; returns the sources that were banned then.
@@ -200,10 +202,15 @@ impl LimiterMaps {
         let mut lifted = Vec::new();
         for (key, ban) in entries {
             lifted.extend(in_force(&key, &ban, now_ns, now).map(|ban| ban.source));
-            match self.bans.map.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(named(self.bans.name)(e)),
-            }
+            forget(&mut self.bans, &key)?;
+        }
+        // The states' copies, including any whose ban-map entry was evicted.
+        let banned: Vec<SourceKey> = (self.sources.map.iter().filter_map(Result::ok))
+            .filter(|(_, state)| state.banned_until > now_ns)
+            .map(|(key, _)| key)
+            .collect();
+        for key in banned {
+            forget(&mut self.sources, &key)?;
         }
         Ok(lifted)
     }
@@ -222,10 +229,7 @@ impl LimiterMaps {
                 source: SOURCE_RATE_LIMIT,
                 _pad: 0,
             };
-            self.bans
-                .map
-                .insert(key_of(ban.source), value, 0)
-                .map_err(named(self.bans.name))?;
+            self.ban(&key_of(ban.source), value)?;
             restored += 1;
         }
         Ok(restored)
@@ -234,18 +238,43 @@ impl LimiterMaps {
     /// Copies the bans still in force from the map of the program that ran before (same boot,
     /// same clock); returns how many.
     pub fn carry_over(&mut self, previous: Map) -> Result<usize, MapAccessError> {
-        let name = self.bans.name;
-        let previous = HashMap::<_, SourceKey, Ban>::try_from(previous).map_err(named(name))?;
+        let previous =
+            HashMap::<_, SourceKey, Ban>::try_from(previous).map_err(named(self.bans.name))?;
         let now_ns = monotonic_now_ns();
         let mut copied = 0;
         for (key, ban) in previous.iter().filter_map(Result::ok) {
             if ban.expires_at > now_ns {
-                self.bans.map.insert(key, ban, 0).map_err(named(name))?;
+                self.ban(&key, ban)?;
                 copied += 1;
             }
         }
         Ok(copied)
     }
+
+    /// Writes a ban as the program does: the ban map's entry and the copy in the source's
+    /// state, which the program reads first.
+    fn ban(&mut self, key: &SourceKey, ban: Ban) -> Result<(), MapAccessError> {
+        self.bans
+            .map
+            .insert(key, ban, 0)
+            .map_err(named(self.bans.name))?;
+        let state = RateState {
+            banned_until: ban.expires_at,
+            ..RateState::default()
+        };
+        self.sources
+            .map
+            .insert(key, state, 0)
+            .map_err(named(self.sources.name))
+    }
+}
+
+/// Removes `key` from `map`; an entry gone already (expired, evicted) is not an error.
+fn forget<V: aya::Pod>(
+    map: &mut Named<HashMap<MapData, SourceKey, V>>,
+    key: &SourceKey,
+) -> Result<(), MapAccessError> {
+    map_source::remove_if_present(&mut map.map, key).map_err(named(map.name))
 }
 
 #[cfg(test)]

@@ -1,14 +1,16 @@
 //! CIDR lists → the kernel's list maps, in the layout `agent_common::lists` describes: a byte per
-//! IPv4 /24, a hash of longer IPv4 prefixes, a hash of IPv6 prefixes.
+//! IPv4 /24 (per list and generation), and a hash of longer IPv4 prefixes and one of IPv6
+//! prefixes that both lists and both generations share.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
     lists::{
-        ListEntry, ListShape, MAX_V6_LENGTHS, TABLE_HAS_LONGER, TABLE_SOURCE_MASK,
-        V4_LONG_MIN_PREFIX, V4_TABLE_LEN, V4PrefixKey, V6PrefixKey,
+        LIST_ALLOW, LIST_BLOCK, ListShape, MAX_V6_LENGTHS, PrefixEntry, TABLE_HAS_LONGER,
+        TABLE_SOURCE_MASK, V4_LONG_MIN_PREFIX, V4_TABLE_LEN, V4PrefixKey, V6_GATE_PREFIX,
+        V6PrefixKey, prefix_slot,
     },
-    maps,
+    maps::{self, GENERATIONS},
 };
 use aya::{
     Pod,
@@ -19,7 +21,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{
     map_batch,
-    map_source::{MapAccessError, MapSource, Named, ResolveError, named},
+    map_source::{self, MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
 };
 use crate::config::{Cidr, ListEntries, ListKind};
@@ -41,118 +43,43 @@ pub enum ListError {
     Access(#[from] MapAccessError),
 }
 
-/// One list's maps in one generation: the /24 table, the hash of longer IPv4 prefixes, the
-/// IPv6 hash. Only this module reads or writes them.
-pub struct ListMaps {
+/// One list's /24 table in one generation. Only this module writes it.
+pub struct ListTable {
     kind: ListKind,
     v4_table: MmapArray,
-    v4_long: PrefixHash<V4PrefixKey>,
-    v6: PrefixHash<V6PrefixKey>,
 }
 
-/// A hash of prefixes.
-type PrefixHash<K> = Named<HashMap<MapData, K, ListEntry>>;
-
-impl<K: Pod> PrefixHash<K> {
-    fn insert_all(&mut self, entries: &[(K, ListEntry)]) -> Result<(), ListError> {
-        map_batch::update(self.map.map(), entries).map_err(|io_error| {
-            named(self.name)(MapError::SyscallError(SyscallError {
-                call: "BPF_MAP_UPDATE_BATCH",
-                io_error,
-            }))
-        })?;
-        Ok(())
-    }
-
-    fn remove(&mut self, key: &K) -> Result<(), ListError> {
-        match self.map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(named(self.name)(source).into()),
-        }
-    }
-
-    fn clear(&mut self) -> Result<(), ListError> {
-        let keys: Vec<K> = self
-            .map
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(named(self.name))?;
-        keys.iter().try_for_each(|key| self.remove(key))
-    }
-}
-
-impl ListMaps {
+impl ListTable {
     pub fn resolve(
         source: &mut MapSource,
         kind: ListKind,
         generation: usize,
     ) -> Result<Self, ResolveError> {
-        let (table, long, v6) = match kind {
-            ListKind::Allow => (
-                maps::ALLOW_V4_TABLE[generation],
-                maps::ALLOW_V4_LONG[generation],
-                maps::ALLOW_V6[generation],
-            ),
-            ListKind::Block => (
-                maps::BLOCK_V4_TABLE[generation],
-                maps::BLOCK_V4_LONG[generation],
-                maps::BLOCK_V6[generation],
-            ),
+        let table = match kind {
+            ListKind::Allow => maps::ALLOW_V4_TABLE[generation],
+            ListKind::Block => maps::BLOCK_V4_TABLE[generation],
         };
         Ok(Self {
             kind,
             v4_table: MmapArray::resolve(source, table)?,
-            v4_long: PrefixHash::resolve(source, long)?,
-            v6: PrefixHash::resolve(source, v6)?,
         })
     }
 
-    /// Writes a compiled list into maps that are empty (a fresh load, or after [`Self::clear`]).
+    /// Writes a compiled list's table whole.
     pub fn install(&mut self, list: &CompiledList) -> Result<(), ListError> {
         debug_assert_eq!(list.kind, self.kind);
-        self.v4_table
-            .write(V4_TABLE_BYTES, |table| table.copy_from_slice(&list.table))?;
-        self.v4_long.insert_all(&list.v4_long)?;
-        self.v6.insert_all(&list.v6)
+        Ok(self
+            .v4_table
+            .write(V4_TABLE_BYTES, |table| table.copy_from_slice(&list.table))?)
     }
 
-    /// Empties the maps.
-    pub fn clear(&mut self) -> Result<(), ListError> {
-        self.v4_table.write(V4_TABLE_BYTES, |table| table.fill(0))?;
-        self.v4_long.clear()?;
-        self.v6.clear()
-    }
-
-    /// Writes `change` into maps that held the list before it; `entries` is the list with the
-    /// change applied. The caller checks capacity and shape first, so this does not fail
-    /// half-way for any reason but the kernel's.
+    /// Writes `change` into a table that held the list before it; `entries` is the list with
+    /// the change applied.
     pub fn write_change(
         &mut self,
         entries: &ListEntries,
         change: &ListChange,
     ) -> Result<(), ListError> {
-        for cidr in &change.removals {
-            if entries.contains_key(cidr) {
-                continue;
-            }
-            match cidr.net() {
-                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                    self.v4_long.remove(&v4_key(&net))?;
-                }
-                IpNet::V4(_) => {}
-                IpNet::V6(net) => self.v6.remove(&v6_key(&net))?,
-            }
-        }
-        // The final source: a CIDR may be upserted twice in one change.
-        let (v4_long, v6) = hash_entries(
-            change
-                .upserts
-                .iter()
-                .filter_map(|(cidr, _)| Some((cidr, *entries.get(cidr)?))),
-        );
-        self.v4_long.insert_all(&v4_long)?;
-        self.v6.insert_all(&v6)?;
-
         let mut slash24s: Vec<std::ops::Range<u32>> = change
             .removals
             .iter()
@@ -190,49 +117,170 @@ impl ListMaps {
     }
 }
 
-/// A list compiled to what the maps hold.
+/// What each generation's lists hold, as the prefix hashes are written: (allowlist, blocklist)
+/// per generation.
+pub type Holdings<'a> = [(&'a ListEntries, &'a ListEntries); GENERATIONS];
+
+/// The prefix hashes both lists and both generations share (see `agent_common::lists`). Only
+/// this module reads or writes them.
+pub struct PrefixHashes {
+    v4_long: PrefixHash<V4PrefixKey>,
+    v6: PrefixHash<V6PrefixKey>,
+}
+
+/// A hash of prefixes.
+type PrefixHash<K> = Named<HashMap<MapData, K, PrefixEntry>>;
+/// Entries of a prefix hash, as the map holds them.
+type HashEntries<K> = Vec<(K, PrefixEntry)>;
+
+impl<K: Pod + Ord> PrefixHash<K> {
+    fn insert_all(&mut self, entries: &[(K, PrefixEntry)]) -> Result<(), ListError> {
+        map_batch::update(self.map.map(), entries).map_err(|io_error| {
+            named(self.name)(MapError::SyscallError(SyscallError {
+                call: "BPF_MAP_UPDATE_BATCH",
+                io_error,
+            }))
+        })?;
+        Ok(())
+    }
+
+    /// Writes each entry, removing those no list of any generation holds any more (first, so
+    /// that their room serves the new ones).
+    fn write(&mut self, entries: HashEntries<K>) -> Result<(), ListError> {
+        let (unused, used): (Vec<_>, Vec<_>) = entries
+            .into_iter()
+            .partition(|(_, entry)| entry.is_unused());
+        for (key, _) in unused {
+            map_source::remove_if_present(&mut self.map, &key).map_err(named(self.name))?;
+        }
+        self.insert_all(&used)
+    }
+
+    /// Every entry of the map, as it is now.
+    fn read_all(&self) -> Result<BTreeMap<K, PrefixEntry>, ListError> {
+        Ok(self
+            .map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(named(self.name))?)
+    }
+}
+
+impl PrefixHashes {
+    pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
+        Ok(Self {
+            v4_long: PrefixHash::resolve(source, maps::V4_LONG)?,
+            v6: PrefixHash::resolve(source, maps::V6_PREFIXES)?,
+        })
+    }
+
+    /// Fills hashes that are empty (a fresh load) with what every generation holds.
+    pub fn install(&mut self, holdings: Holdings<'_>) -> Result<(), ListError> {
+        let (allow, block) = holdings[0];
+        let cidrs: BTreeSet<&Cidr> = allow.keys().chain(block.keys()).collect();
+        let (v4, v6) = prefix_entries(cidrs, holdings);
+        self.v4_long.insert_all(&v4)?;
+        self.v6.insert_all(&v6)
+    }
+
+    /// Writes the entries of `cidrs` as `holdings` say every generation holds them. Only the
+    /// slots of a generation whose holdings differ from what the maps hold change, so packets
+    /// deciding with another generation see nothing move.
+    pub fn write<'a>(
+        &mut self,
+        cidrs: impl IntoIterator<Item = &'a Cidr>,
+        holdings: Holdings<'_>,
+    ) -> Result<(), ListError> {
+        let cidrs: BTreeSet<&Cidr> = cidrs.into_iter().collect();
+        let (v4, v6) = prefix_entries(cidrs, holdings);
+        self.v4_long.write(v4)?;
+        self.v6.write(v6)
+    }
+
+    /// Makes `generation`'s slots of every entry what `allow` and `block` hold, whatever they
+    /// held (after a failed write left them unknown), leaving the other generation's slots as
+    /// they are: a walk of the whole hashes, for that rare case only.
+    pub fn rebuild(
+        &mut self,
+        generation: usize,
+        allow: &ListEntries,
+        block: &ListEntries,
+    ) -> Result<(), ListError> {
+        let set = |entry: &mut PrefixEntry, cidr: &Cidr| {
+            for (list, entries) in [(LIST_ALLOW, allow), (LIST_BLOCK, block)] {
+                entry.sources[prefix_slot(generation, list)] = slot_value(entries, cidr);
+            }
+        };
+        let mut v4 = self.v4_long.read_all()?;
+        let mut v6 = self.v6.read_all()?;
+        for (key, entry) in &mut v4 {
+            set(entry, &v4_cidr(key));
+        }
+        for (key, entry) in &mut v6 {
+            set(entry, &v6_cidr(key));
+        }
+        for cidr in allow.keys().chain(block.keys()) {
+            match cidr.net() {
+                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                    set(v4.entry(v4_key(&net)).or_default(), cidr);
+                }
+                IpNet::V4(_) => {}
+                IpNet::V6(net) => set(v6.entry(v6_key(&net)).or_default(), cidr),
+            }
+        }
+        self.v4_long.write(v4.into_iter().collect())?;
+        self.v6.write(v6.into_iter().collect())
+    }
+}
+
+/// A slot's value for `cidr` in `entries`: its source + 1, or 0 when the list does not hold it.
+fn slot_value(entries: &ListEntries, cidr: &Cidr) -> u8 {
+    entries.get(cidr).map_or(0, |source| *source as u8 + 1)
+}
+
+/// The hash entries of `cidrs` (IPv4 prefixes longer than /24 and IPv6 prefixes; shorter IPv4
+/// prefixes live in the /24 tables) as `holdings` say each generation's lists hold them.
+fn prefix_entries<'a>(
+    cidrs: impl IntoIterator<Item = &'a Cidr>,
+    holdings: Holdings<'_>,
+) -> (HashEntries<V4PrefixKey>, HashEntries<V6PrefixKey>) {
+    let entry = |cidr: &Cidr| {
+        let mut entry = PrefixEntry::default();
+        for (generation, (allow, block)) in holdings.iter().enumerate() {
+            entry.sources[prefix_slot(generation, LIST_ALLOW)] = slot_value(allow, cidr);
+            entry.sources[prefix_slot(generation, LIST_BLOCK)] = slot_value(block, cidr);
+        }
+        entry
+    };
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for cidr in cidrs {
+        match cidr.net() {
+            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
+                v4.push((v4_key(&net), entry(cidr)));
+            }
+            IpNet::V4(_) => {}
+            IpNet::V6(net) => v6.push((v6_key(&net), entry(cidr))),
+        }
+    }
+    (v4, v6)
+}
+
+/// A list compiled to what its /24 table holds, and the shape the program probes.
 pub struct CompiledList {
     kind: ListKind,
     /// One byte per /24 (see `agent_common::lists`).
     pub table: Vec<u8>,
-    pub v4_long: HashEntries<V4PrefixKey>,
-    pub v6: HashEntries<V6PrefixKey>,
     pub shape: ListShape,
 }
 
 impl CompiledList {
     pub fn compile(kind: ListKind, entries: &ListEntries) -> Result<Self, ListError> {
-        let (v4_long, v6) = hash_entries(entries.iter().map(|(cidr, &source)| (cidr, source)));
         Ok(Self {
             kind,
             shape: ListCounts::of(entries).shape(kind)?,
             table: compile_table(entries),
-            v4_long,
-            v6,
         })
     }
-}
-
-/// Entries of a prefix hash, as the map holds them.
-type HashEntries<K> = Vec<(K, ListEntry)>;
-
-/// The hash entries of (CIDR, source) pairs: IPv4 prefixes longer than /24, and IPv6 prefixes
-/// (shorter IPv4 prefixes live in the /24 table).
-fn hash_entries<'a>(
-    entries: impl Iterator<Item = (&'a Cidr, u32)>,
-) -> (HashEntries<V4PrefixKey>, HashEntries<V6PrefixKey>) {
-    let (mut v4_long, mut v6) = (Vec::new(), Vec::new());
-    for (cidr, source) in entries {
-        let entry = ListEntry { source };
-        match cidr.net() {
-            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                v4_long.push((v4_key(&net), entry))
-            }
-            IpNet::V4(_) => {}
-            IpNet::V6(net) => v6.push((v6_key(&net), entry)),
-        }
-    }
-    (v4_long, v6)
 }
 
 /// The IPv4 /24 table of `entries`: one byte per /24 (see `agent_common::lists`).
@@ -351,6 +399,18 @@ impl ListChange {
         self.upserts.is_empty() && self.removals.is_empty()
     }
 
+    /// Every CIDR the change names, upserted or removed.
+    pub fn cidrs(&self) -> impl Iterator<Item = &Cidr> {
+        (self.upserts.iter().map(|(cidr, _)| cidr)).chain(&self.removals)
+    }
+
+    /// What `entries` holds of the CIDRs the change names.
+    pub fn subset_of(&self, entries: &ListEntries) -> ListEntries {
+        self.cidrs()
+            .filter_map(|cidr| Some((*cidr, *entries.get(cidr)?)))
+            .collect()
+    }
+
     /// Applies the change to `entries` and returns the change that undoes it.
     pub fn apply_to(&self, entries: &mut ListEntries) -> Self {
         let mut undo = Self::default();
@@ -409,6 +469,19 @@ impl ListCounts {
         counts
     }
 
+    /// Counts of the entries `change` adds to `entries` (CIDRs it upserts that `entries` does
+    /// not hold).
+    pub fn added(entries: &ListEntries, change: &ListChange) -> Self {
+        let mut counts = Self::default();
+        let mut added = BTreeSet::new();
+        for (cidr, _) in &change.upserts {
+            if !entries.contains_key(cidr) && added.insert(*cidr) {
+                counts.add(cidr, 1);
+            }
+        }
+        counts
+    }
+
     fn add(&mut self, cidr: &Cidr, delta: i64) {
         let bump = |n: &mut u32| *n = (i64::from(*n) + delta).max(0) as u32;
         match cidr.net() {
@@ -426,12 +499,12 @@ impl ListCounts {
         }
     }
 
-    /// Entries in the hash of IPv4 prefixes longer than /24.
+    /// Entries of IPv4 prefixes longer than /24 (in the shared hash).
     pub fn v4_long(&self) -> usize {
         self.v4_long.iter().map(|n| *n as usize).sum()
     }
 
-    /// Entries in the IPv6 hash.
+    /// Entries of IPv6 prefixes (in the shared hash).
     pub fn v6(&self) -> usize {
         self.v6.values().map(|n| *n as usize).sum()
     }
@@ -468,6 +541,11 @@ impl ListCounts {
             *slot = *len;
         }
         shape.v6_length_count = self.v6.len() as u32;
+        shape.v6_short_from = self
+            .v6
+            .keys()
+            .filter(|len| u32::from(**len) > V6_GATE_PREFIX)
+            .count() as u32;
         Ok(shape)
     }
 }
@@ -494,10 +572,23 @@ fn v6_key(net: &ipnet::Ipv6Net) -> V6PrefixKey {
     }
 }
 
+/// The CIDR of a key read back from the map (keys are written host bits zero, lengths in range;
+/// anything else reads as a CIDR that no list holds, so its slots clear).
+fn v4_cidr(key: &V4PrefixKey) -> Cidr {
+    let net = Ipv4Net::new(key.addr.into(), key.prefix_len.min(32) as u8).unwrap_or_default();
+    Cidr::from(IpNet::V4(net))
+}
+
+fn v6_cidr(key: &V6PrefixKey) -> Cidr {
+    let net =
+        ipnet::Ipv6Net::new(key.addr.into(), key.prefix_len.min(128) as u8).unwrap_or_default();
+    Cidr::from(IpNet::V6(net))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_common::lists::{SOURCE_CONFIG, SOURCE_FILE, table_position};
+    use agent_common::lists::{SOURCE_CLI, SOURCE_CONFIG, SOURCE_FILE, table_position};
 
     fn entries(list: &[(&str, u32)]) -> ListEntries {
         list.iter()
@@ -532,7 +623,8 @@ mod tests {
             SOURCE_CONFIG as u8 + 1
         );
         assert_eq!(table_byte(&list, [198, 51, 101, 7]), 0);
-        assert!(list.v4_long.is_empty() && list.v6.is_empty());
+        assert_eq!(list.shape.v4_long_lengths, 0);
+        assert_eq!(list.shape.v6_length_count, 0);
         assert_eq!(
             list.table.iter().filter(|b| **b != 0).count(),
             (1 << 16) + 1
@@ -551,7 +643,66 @@ mod tests {
         .expect("compiles");
         assert_eq!(table_byte(&list, [203, 0, 113, 1]), TABLE_HAS_LONGER);
         assert_eq!(list.shape.v4_long_lengths, 1 << 7 | 1 << 0);
-        assert_eq!(list.v4_long.len(), 2);
+    }
+
+    #[test]
+    fn a_prefix_entry_says_which_list_of_which_generation_holds_it() {
+        let none = ListEntries::new();
+        let allow = entries(&[("203.0.113.9/32", SOURCE_CLI)]);
+        let old_block = entries(&[
+            ("203.0.113.9/32", SOURCE_CONFIG),
+            ("2001:db8::1", SOURCE_FILE),
+            ("10.0.0.0/8", SOURCE_FILE),
+        ]);
+        let new_block = entries(&[("2001:db8::1", SOURCE_FILE), ("10.0.0.0/8", SOURCE_FILE)]);
+        let cidrs: Vec<Cidr> = ["203.0.113.9/32", "2001:db8::1", "10.0.0.0/8"]
+            .iter()
+            .map(|c| c.parse().expect("CIDR"))
+            .collect();
+        // Generation 0 holds the old blocklist, generation 1 the new one and an allowlist.
+        let (v4, v6) = prefix_entries(&cidrs, [(&none, &old_block), (&allow, &new_block)]);
+        let slot = |source: u32| source as u8 + 1;
+        assert_eq!(
+            v4,
+            vec![(
+                V4PrefixKey {
+                    prefix_len: 32,
+                    addr: [203, 0, 113, 9]
+                },
+                PrefixEntry {
+                    sources: [0, slot(SOURCE_CONFIG), slot(SOURCE_CLI), 0]
+                }
+            )],
+            "a /8 lives in the /24 tables only"
+        );
+        assert_eq!(v6.len(), 1);
+        assert_eq!(
+            v6[0].1.sources,
+            [0, slot(SOURCE_FILE), 0, slot(SOURCE_FILE)]
+        );
+        let (gone, _) = prefix_entries(&cidrs[..1], [(&none, &none), (&none, &none)]);
+        assert!(gone[0].1.is_unused(), "held by no list: the entry goes");
+    }
+
+    #[test]
+    fn a_change_counts_only_the_entries_it_adds() {
+        let list = entries(&[("192.0.2.1", SOURCE_CONFIG), ("2001:db8::1", SOURCE_CONFIG)]);
+        let change = ListChange {
+            upserts: vec![
+                ("192.0.2.1".parse().expect("CIDR"), SOURCE_CLI),
+                ("192.0.2.2".parse().expect("CIDR"), SOURCE_CLI),
+                ("192.0.2.2".parse().expect("CIDR"), SOURCE_CLI),
+                ("2001:db8::2".parse().expect("CIDR"), SOURCE_CLI),
+            ],
+            removals: vec!["2001:db8::1".parse().expect("CIDR")],
+        };
+        let added = ListCounts::added(&list, &change);
+        assert_eq!((added.v4_long(), added.v6()), (1, 1));
+        assert_eq!(
+            change.subset_of(&list).len(),
+            2,
+            "the re-sourced and the removed"
+        );
     }
 
     #[test]
@@ -567,6 +718,7 @@ mod tests {
         .expect("compiles");
         assert_eq!(list.shape.v6_length_count, 3);
         assert_eq!(&list.shape.v6_lengths[..3], &[128, 48, 32]);
+        assert_eq!(list.shape.v6_short_from, 2, "the gate skips to /32");
         assert_eq!(
             list.shape.v4_present, 0,
             "no IPv4 entry: the /24 table is skipped"

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use agent_common::maps::GENERATIONS;
 
 use super::{
-    capacities::Capacities,
-    lists::{CompiledList, ListChange, ListCounts, ListError, ListMaps},
+    capacities::{Capacities, PrefixCounts},
+    lists::{CompiledList, Holdings, ListChange, ListCounts, ListError, ListTable, PrefixHashes},
     map_source::{MapAccessError, MapSource, ResolveError},
     rule_tables::{RuleMaps, RuleTables},
     settings::{self, SettingsMaps},
+    v6_gate::V6Gate,
 };
 use crate::config::{ListEntries, ListKind, Policy};
 
@@ -41,15 +42,15 @@ pub fn check(policy: &Policy) -> Result<(), ListError> {
     Ok(())
 }
 
-/// One generation's lists and rule tables.
+/// One generation's /24 tables and rule tables.
 struct GenerationMaps {
-    allowlist: ListMaps,
-    blocklist: ListMaps,
+    allowlist: ListTable,
+    blocklist: ListTable,
     rules: RuleMaps,
 }
 
 impl GenerationMaps {
-    fn list(&mut self, kind: ListKind) -> &mut ListMaps {
+    fn list(&mut self, kind: ListKind) -> &mut ListTable {
         match kind {
             ListKind::Allow => &mut self.allowlist,
             ListKind::Block => &mut self.blocklist,
@@ -57,10 +58,13 @@ impl GenerationMaps {
     }
 }
 
-/// The maps that hold the policy: both generations, their settings, and the switch.
+/// The maps that hold the policy: both generations, the prefix hashes and the IPv6 gate they
+/// share, their settings, and the switch.
 pub struct PolicyMaps {
     generations: [GenerationMaps; GENERATIONS],
+    prefixes: PrefixHashes,
     settings: SettingsMaps,
+    v6_gate: V6Gate,
 }
 
 impl PolicyMaps {
@@ -68,8 +72,8 @@ impl PolicyMaps {
         let generations: Vec<GenerationMaps> = (0..GENERATIONS)
             .map(|generation| {
                 Ok(GenerationMaps {
-                    allowlist: ListMaps::resolve(source, ListKind::Allow, generation)?,
-                    blocklist: ListMaps::resolve(source, ListKind::Block, generation)?,
+                    allowlist: ListTable::resolve(source, ListKind::Allow, generation)?,
+                    blocklist: ListTable::resolve(source, ListKind::Block, generation)?,
                     rules: RuleMaps::resolve(source, generation)?,
                 })
             })
@@ -78,7 +82,9 @@ impl PolicyMaps {
             generations: generations
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one set of maps per generation")),
+            prefixes: PrefixHashes::resolve(source)?,
             settings: SettingsMaps::resolve(source)?,
+            v6_gate: V6Gate::resolve(source)?,
         })
     }
 }
@@ -142,7 +148,10 @@ impl LivePolicy {
         let allow_counts = ListCounts::of(&policy.allowlist);
         let block_counts = ListCounts::of(&policy.blocklist);
         capacities
-            .fit(&allow_counts, &block_counts, &policy.rate_limit)
+            .fit(
+                &PrefixCounts::of(&[&allow_counts, &block_counts]),
+                &policy.rate_limit,
+            )
             .map_err(ChangeError::Rejected)?;
         let mut live = Self {
             maps,
@@ -154,8 +163,7 @@ impl LivePolicy {
             behind: None,
             capacities,
         };
-        let generations: Vec<usize> = (0..GENERATIONS).collect();
-        live.rebuild(&generations)?;
+        live.fill()?;
         live.maps.settings.activate(0)?;
         Ok(live)
     }
@@ -210,11 +218,13 @@ impl LivePolicy {
             return;
         };
         std::thread::sleep(behind.due.saturating_duration_since(Instant::now()));
+        // Both generations hold the policy in force once this is written.
         let written = self.write(
             behind.generation,
             &behind.allowlist,
             &behind.blocklist,
             behind.rules.as_ref(),
+            None,
         );
         if let Err(e) = written {
             self.stale[behind.generation] = true;
@@ -242,12 +252,26 @@ impl LivePolicy {
             .rest
             .as_ref()
             .map_or(&self.policy.rate_limit, |rest| &rest.rate_limit);
+        // Until the switched-off generation catches up, the shared hashes hold the entries of
+        // both: the old ones and the change's new ones.
+        let added = [
+            ListCounts::added(&self.policy.allowlist, &change.allowlist),
+            ListCounts::added(&self.policy.blocklist, &change.blocklist),
+        ];
+        let peak =
+            PrefixCounts::of(&[&self.allow_counts, &self.block_counts, &added[0], &added[1]]);
         self.capacities
-            .fit(&allow_counts, &block_counts, rate_limit)
+            .fit(&peak, rate_limit)
             .map_err(ChangeError::Rejected)?;
         allow_counts.shape(ListKind::Allow)?;
         block_counts.shape(ListKind::Block)?;
 
+        // What the generation in force holds of the entries the change touches: the shared
+        // hashes keep its slots as they are while the standby's are written.
+        let in_force = (
+            change.allowlist.subset_of(&self.policy.allowlist),
+            change.blocklist.subset_of(&self.policy.blocklist),
+        );
         let undo = self.take(
             change.allowlist.clone(),
             change.blocklist.clone(),
@@ -270,6 +294,7 @@ impl LivePolicy {
                 &change.allowlist,
                 &change.blocklist,
                 rules.as_ref(),
+                Some((&in_force.0, &in_force.1)),
             )
             .and_then(|()| Ok(self.maps.settings.activate(standby)?));
         if let Err(e) = switched {
@@ -314,17 +339,28 @@ impl LivePolicy {
     }
 
     /// Brings `generation`, which held the policy before the change, to `self.policy`;
-    /// `rules` are the new rules, compiled, when they changed.
+    /// `rules` are the new rules, compiled, when they changed; `other` is what the other
+    /// generation holds of the entries the change touches (`None`: the policy in force).
     fn write(
         &mut self,
         generation: usize,
         allowlist: &ListChange,
         blocklist: &ListChange,
         rules: Option<&RuleTables>,
+        other: Option<(&ListEntries, &ListEntries)>,
     ) -> Result<(), ChangeError> {
         if self.stale[generation] {
-            return self.rebuild(&[generation]);
+            return self.rebuild(generation);
         }
+        // The gate opens before the generation holding the new prefixes can be switched on.
+        let added = (allowlist.upserts.iter()).chain(&blocklist.upserts);
+        self.maps.v6_gate.open_for(added.map(|(cidr, _)| cidr))?;
+        let current = (&self.policy.allowlist, &self.policy.blocklist);
+        let mut holdings: Holdings<'_> = [other.unwrap_or(current); GENERATIONS];
+        holdings[generation] = current;
+        self.maps
+            .prefixes
+            .write(allowlist.cidrs().chain(blocklist.cidrs()), holdings)?;
         let maps = &mut self.maps.generations[generation];
         maps.allowlist
             .write_change(&self.policy.allowlist, allowlist)?;
@@ -336,23 +372,47 @@ impl LivePolicy {
         self.write_settings(generation)
     }
 
-    /// Empties each of `generations` and writes the whole policy into it, compiling the lists
-    /// and rules once for all of them.
-    fn rebuild(&mut self, generations: &[usize]) -> Result<(), ChangeError> {
+    /// Fills the maps of a freshly loaded program: every generation holds the policy.
+    fn fill(&mut self) -> Result<(), ChangeError> {
+        let policy = &self.policy;
         for kind in ListKind::ALL {
-            let compiled = CompiledList::compile(kind, self.policy.list(kind))?;
-            for &generation in generations {
-                let maps = self.maps.generations[generation].list(kind);
-                maps.clear()?;
-                maps.install(&compiled)?;
+            self.maps.v6_gate.open_for(policy.list(kind).keys())?;
+        }
+        self.maps
+            .prefixes
+            .install([(&policy.allowlist, &policy.blocklist); GENERATIONS])?;
+        for kind in ListKind::ALL {
+            let compiled = CompiledList::compile(kind, policy.list(kind))?;
+            for generation in &mut self.maps.generations {
+                generation.list(kind).install(&compiled)?;
             }
         }
         let rules = RuleTables::compile(&self.policy.rules);
-        for &generation in generations {
+        for generation in 0..GENERATIONS {
             rules.install(&mut self.maps.generations[generation].rules)?;
             self.write_settings(generation)?;
             self.stale[generation] = false;
         }
+        Ok(())
+    }
+
+    /// Writes the whole policy into `generation`, whatever a failed write left in it, without
+    /// touching what the other generation holds.
+    fn rebuild(&mut self, generation: usize) -> Result<(), ChangeError> {
+        let policy = &self.policy;
+        for kind in ListKind::ALL {
+            self.maps.v6_gate.open_for(policy.list(kind).keys())?;
+            let compiled = CompiledList::compile(kind, policy.list(kind))?;
+            self.maps.generations[generation]
+                .list(kind)
+                .install(&compiled)?;
+        }
+        self.maps
+            .prefixes
+            .rebuild(generation, &policy.allowlist, &policy.blocklist)?;
+        RuleTables::compile(&policy.rules).install(&mut self.maps.generations[generation].rules)?;
+        self.write_settings(generation)?;
+        self.stale[generation] = false;
         Ok(())
     }
 

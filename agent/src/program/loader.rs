@@ -75,14 +75,9 @@ pub fn load(capacities: Capacities) -> Result<Loaded, LoadError> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(maps::RATE_LIMITS, capacities.rate_sources)
-        .map_max_entries(maps::BANS, capacities.rate_sources);
-    for generation in 0..maps::GENERATIONS {
-        loader
-            .map_max_entries(maps::ALLOW_V4_LONG[generation], capacities.allow_v4_long)
-            .map_max_entries(maps::ALLOW_V6[generation], capacities.allow_v6)
-            .map_max_entries(maps::BLOCK_V4_LONG[generation], capacities.block_v4_long)
-            .map_max_entries(maps::BLOCK_V6[generation], capacities.block_v6);
-    }
+        .map_max_entries(maps::BANS, capacities.rate_sources)
+        .map_max_entries(maps::V4_LONG, capacities.v4_long)
+        .map_max_entries(maps::V6_PREFIXES, capacities.v6);
     let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Object)?;
     program(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     let maps = ProgramMaps::take(&mut ebpf)?;

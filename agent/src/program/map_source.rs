@@ -115,6 +115,19 @@ pub fn duplicate(map: &MapData) -> Result<MapData, MapError> {
     MapData::from_fd(fd)
 }
 
+/// Removes `key` from a hash; a key already gone (expired, evicted, never written) is not an
+/// error. aya reports a missing key on delete as the syscall's ENOENT.
+pub fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<MapData, K, V>,
+    key: &K,
+) -> Result<(), MapError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn duplicate_error(io_error: std::io::Error) -> MapError {
     MapError::SyscallError(aya::sys::SyscallError {
         call: "fcntl(F_DUPFD_CLOEXEC)",

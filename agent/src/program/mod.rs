@@ -20,4 +20,5 @@ pub mod pins;
 pub mod rule_tables;
 pub mod sampling;
 pub mod settings;
+pub mod v6_gate;
 pub mod xdp_link;

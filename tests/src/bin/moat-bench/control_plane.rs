@@ -4,18 +4,27 @@
 //! - `moat block import` of the same million prefixes into a running daemon;
 //! - `moat block add` of one address under traffic from it: invocation to CLI return, and
 //!   invocation to the first packet the kernel counts as dropped;
-//! - the daemon's RSS idle and with the million prefixes, and the kernel memory of its maps.
+//! - the daemon's RSS idle and with the million prefixes, and the kernel memory of its maps;
+//! - `moat status`, one `/metrics` scrape and `moat block add` with the rate limiter's maps full
+//!   (a million sources tracked and banned, as a spoofed flood leaves them).
 
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use agent_common::stats::{Action, Reason};
-use moat::program::maps::ProgramMaps;
+use agent_common::{
+    lists::SOURCE_RATE_LIMIT,
+    maps::{BANS, RATE_LIMITS},
+    rate_limit::{Ban, RateState},
+    stats::{Action, Reason},
+};
+use aya::maps::{HashMap, MapData};
+use moat::program::{limiter, map_source::ProgramMapIds, maps::ProgramMaps};
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_V4, PROTECTED_V4},
+    metrics::scrape,
     traffic::udp_paced,
 };
 
@@ -23,6 +32,12 @@ use crate::{Measured, Options, Table, list::PrefixList};
 
 /// Traffic rate while `block add` is timed: one packet every 50 µs.
 const ATTACK_PPS: u64 = 20_000;
+/// `block add` timings per daemon run: enough over the runs for a tail, not only a median.
+const BLOCK_ADDS_PER_RUN: usize = 8;
+/// Sources in the rate limiter's maps for the "limiter full" measures (its `max_sources`).
+const LIMITER_SOURCES: u32 = 1 << 20;
+/// Where the daemon serves `/metrics` inside the lab for those measures.
+const METRICS: &str = "127.0.0.1:9465";
 
 /// The daemon's resident memory, in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -187,7 +202,7 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         std::thread::sleep(Duration::from_secs(2));
         rss_import.push(rss_mib(moat.pid()));
         let (program_id, _) = lab.xdp(Side::Protected).expect("attached");
-        for _ in 0..3 {
+        for _ in 0..BLOCK_ADDS_PER_RUN {
             let (returned, effect) = time_block_add(lab, program_id, ATTACKER_V4);
             add_return.push(returned);
             add_effect.push(effect);
@@ -226,5 +241,89 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         "MiB",
         maps_full,
     );
+
+    let full = limiter_full(lab, options);
+    let sources = LIMITER_SOURCES;
+    add_row(
+        format!("`moat status` with {sources} sources tracked and banned"),
+        "ms",
+        full.status,
+    );
+    add_row(
+        format!("one `/metrics` scrape with {sources} sources tracked and banned"),
+        "ms",
+        full.scrape,
+    );
+    add_row(
+        format!("`moat block add` with {sources} sources tracked and banned (CLI wall clock)"),
+        "ms",
+        full.block_add,
+    );
     table
+}
+
+/// Control-plane timings with the limiter's maps full, in milliseconds.
+struct LimiterFull {
+    status: Vec<f64>,
+    scrape: Vec<f64>,
+    block_add: Vec<f64>,
+}
+
+/// Fills the rate limiter's maps of a running daemon to `max_sources`, as a flood of spoofed
+/// sources would (through the maps' ids: a real flood of a million sources would take the lab
+/// minutes), then times the commands an operator runs during such a flood.
+fn limiter_full(lab: &Lab, options: &Options) -> LimiterFull {
+    let config = lab.write_config(&format!(
+        "metrics_listen = \"{METRICS}\"\n[rate_limit]\npps = 100000\nban_ttl = \"1h\"\n\
+         max_sources = {LIMITER_SOURCES}\n"
+    ));
+    let (moat, _) = start(lab, &config);
+    let (program_id, _) = lab.xdp(Side::Protected).expect("attached");
+    let maps = ProgramMapIds::of(program_id).unwrap_or_else(|e| panic!("moat's maps: {e}"));
+    let mut states: HashMap<MapData, _, RateState> =
+        HashMap::try_from(maps.open(RATE_LIMITS).expect("RATE_LIMITS")).expect("a hash");
+    let mut bans: HashMap<MapData, _, Ban> =
+        HashMap::try_from(maps.open(BANS).expect("BANS")).expect("a hash");
+    let in_an_hour = limiter::monotonic_now_ns() + 3_600_000_000_000;
+    let ban = Ban {
+        expires_at: in_an_hour,
+        source: SOURCE_RATE_LIMIT,
+        _pad: 0,
+    };
+    let state = RateState {
+        passed_packets: 1,
+        passed_bytes: 60,
+        banned_until: in_an_hour,
+        ..RateState::default()
+    };
+    for i in 0..LIMITER_SOURCES {
+        let key = limiter::key_of(std::net::Ipv4Addr::from(0x0a00_0000 | i).into());
+        states.insert(key, state, 0).expect("fill the limiter");
+        bans.insert(key, ban, 0).expect("fill the bans");
+    }
+    let timed = |what: &dyn Fn()| {
+        let started = Instant::now();
+        what();
+        started.elapsed().as_secs_f64() * 1e3
+    };
+    let mut full = LimiterFull {
+        status: Vec::new(),
+        scrape: Vec::new(),
+        block_add: Vec::new(),
+    };
+    for i in 0..options.runs {
+        full.status.push(timed(&|| {
+            MoatProcess::cli_here(lab, &["status"]).ok("status");
+        }));
+        full.scrape.push(timed(&|| {
+            scrape(lab, METRICS);
+        }));
+        let address = format!("192.0.2.{}", i + 1);
+        full.block_add.push(timed(&|| {
+            MoatProcess::cli_here(lab, &["block", "add", &address]).ok("block add");
+        }));
+    }
+    println!("control plane: limiter full done");
+    stop_and_clean(lab, moat);
+    full
 }

@@ -1,10 +1,13 @@
 //! The benchmark's blocklist: a realistic mix, generated the same way every time, so that every
 //! contender gets the same list and the scenarios can name entries deep in it.
 //!
-//! 60 % IPv4 hosts (/32, from 11.0.0.0), 25 % IPv4 networks /16–/24 (from 64.0.0.0, some
-//! nested in others), 15 % IPv6 /32–/128 (under 2a00::/16). None covers the lab's addresses.
+//! 60 % IPv4 hosts (/32) and 25 % IPv4 networks (mostly /24s, down to /16), each scattered over
+//! the whole unicast space as a feed's are (not packed into a few /24s, which would keep every
+//! lookup in a few cache lines); 15 % IPv6 prefixes of sixteen lengths from /32 to /128,
+//! scattered under 2a00::/12. None covers the lab's addresses.
 
 use std::{
+    collections::HashSet,
     fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -21,19 +24,71 @@ enum Entry {
     V6(Ipv6Addr, u32),
 }
 
+/// The IPv6 prefix lengths of the list (as many as one list may hold).
+const V6_LENGTHS: [u32; 16] = [
+    32, 36, 40, 44, 48, 52, 56, 60, 64, 72, 80, 96, 112, 120, 124, 128,
+];
+
+/// A bijection of u32 (murmur3's finaliser): consecutive inputs land all over the space, and
+/// distinct inputs never collide.
+fn scatter(n: u32) -> u32 {
+    let mut x = n ^ 0x5bd1_e995;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^ (x >> 16)
+}
+
+/// Whether the IPv4 network `net`/`len` may be listed: public unicast, and clear of the lab's
+/// and the benchmark's own addresses (the documentation ranges).
+fn listable(net: u32, len: u32) -> bool {
+    let first = net >> 24;
+    let reserved = matches!(first, 0 | 10 | 127) || first >= 224;
+    let mask = u32::MAX << (32 - len);
+    let covers = |addr: u32| addr & mask == net;
+    let lab = [0xc000_0200u32, 0xc633_6400, 0xcb00_7100]; // 192.0.2/24, 198.51.100/24, 203.0.113/24
+    !reserved && !lab.iter().any(|&addr| covers(addr))
+}
+
+/// The `len`-bit network of the list's `n`th scattered pick from `seed`, listable.
+fn scattered(n: u32, len: u32, seed: u32) -> u32 {
+    (0..)
+        .map(|retry: u32| {
+            scatter(n.wrapping_add(seed) ^ retry.wrapping_mul(0x9e37_79b9))
+                & (u32::MAX << (32 - len))
+        })
+        .find(|&net| listable(net, len))
+        .unwrap_or_default()
+}
+
 fn entry(i: usize) -> Entry {
     let n = u32::try_from(i).expect("fits");
     match i % 20 {
-        0..=11 => Entry::Host(Ipv4Addr::from(0x0b00_0000 + n)),
+        0..=11 => Entry::Host(Ipv4Addr::from(scattered(n, 32, 0))),
         12..=16 => {
-            let len = 16 + (n % 9);
-            let net = (0x4000_0000u32 + (n << 8)) & (u32::MAX << (32 - len));
-            Entry::Network(Ipv4Addr::from(net), len)
+            // Mostly /24s, as in FireHOL's level 1; a few shorter networks.
+            let len = match (n / 20) % 20 {
+                0..=11 => 24,
+                12..=14 => 23,
+                15..=16 => 22,
+                17 => 21,
+                18 => 20,
+                _ => 16 + (n / 400) % 4,
+            };
+            Entry::Network(Ipv4Addr::from(scattered(n, len, 0x1234_5678)), len)
         }
         _ => {
-            let len = [32u32, 48, 56, 64, 128][i % 5];
-            let addr = (0x2a00_u128 << 112) | (u128::from(n) << (128 - len));
-            Entry::V6(Ipv6Addr::from(addr), len)
+            let len = V6_LENGTHS[(n / 20) as usize % V6_LENGTHS.len()];
+            let random = [n, !n, n ^ 0xabcd_ef01, !n ^ 0x1234_5678]
+                .into_iter()
+                .fold(0u128, |bits, word| bits << 32 | u128::from(scatter(word)));
+            // Under 2a00::/12, host bits zero.
+            let addr = 0x2a0_u128 << 116 | random >> 12;
+            Entry::V6(
+                Ipv6Addr::from(addr & !(u128::MAX.checked_shr(len).unwrap_or(0))),
+                len,
+            )
         }
     }
 }
@@ -81,6 +136,28 @@ impl PrefixList {
     pub fn v4_network_member(&self) -> Ipv4Addr {
         let (net, _) = self.v4_networks().last().expect("the list holds networks");
         Ipv4Addr::from(u32::from(net) | 1)
+    }
+
+    /// Up to `count` IPv4 addresses scattered over the unicast space that no entry covers: the
+    /// sources of the cold-cache pass scenario.
+    pub fn unlisted_v4(&self, count: usize) -> Vec<Ipv4Addr> {
+        let hosts: HashSet<u32> = self.v4_hosts().map(u32::from).collect();
+        // One bit per /24 covered by a network.
+        let mut covered = vec![0u64; 1 << 18];
+        for (net, len) in self.v4_networks() {
+            let first = u32::from(net) >> 8;
+            for slash24 in first..first + (1 << (24 - len)) {
+                covered[slash24 as usize / 64] |= 1 << (slash24 % 64);
+            }
+        }
+        (0..u32::MAX)
+            .map(|i| scatter(i ^ 0x0bad_cafe))
+            .filter(|&addr| listable(addr, 32))
+            .filter(|addr| covered[(addr >> 8) as usize / 64] & 1 << ((addr >> 8) % 64) == 0)
+            .filter(|addr| !hosts.contains(addr))
+            .take(count)
+            .map(Ipv4Addr::from)
+            .collect()
     }
 
     /// The last IPv6 /128 of the list.

@@ -4,6 +4,7 @@
 //! adds.
 //!
 //! - moat with the full policy: the million-prefix list, 100 rules, rate limiting and bans on;
+//!   some scenarios also without the rate limiter, and with the list alone;
 //! - xdp-filter (Debian's xdp-tools) twice: with only its IPv4 list (`-f ipv4`, its
 //!   single-list path) and with every feature, holding the same addresses and port where it can
 //!   express them (exact addresses only, at most 10,000 per family);
@@ -50,19 +51,37 @@ const CLEAN_V6: &str = "2001:db8:2::10";
 const BANNED: &str = "192.0.2.50";
 const OVER_LIMIT: &str = "192.0.2.60";
 const REFLECTOR_PORT: u16 = 11211;
+/// Sources of the cold-cache scenario: their /24 table lines and hash buckets (4 MiB and more)
+/// do not stay in the CPU's caches from one packet of a source to its next.
+const COLD_SOURCES: usize = 65_536;
+/// The limiter's room in the full policy: the cold scenario's sources and the pinned ones
+/// without evictions (an evicted over-limit source would pass).
+const MAX_SOURCES: usize = 4 * COLD_SOURCES;
 /// xdp-filter's maps hold this many addresses per family.
 const XDP_FILTER_CAPACITY: usize = 10_000;
 
 /// What a contender should answer; `None`: it cannot express the scenario.
 struct Scenario {
     name: &'static str,
-    frame: Vec<u8>,
+    /// One frame, run `repeat` times (hot caches); or many, each run once (cold caches).
+    frames: Vec<Vec<u8>>,
     moat: (Action, Reason),
     /// xdp-filter with `-f ipv4`, and with every feature.
     xdp_filter: [Option<u32>; 2],
     floor: Option<u32>,
-    /// Whether moat runs it with rate limiting (and bans) on, as in the full policy.
-    rate_limited: bool,
+    /// Which of moat's policies runs it.
+    policy: MoatPolicy,
+}
+
+/// The policies moat runs the scenarios under.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MoatPolicy {
+    /// The list, 100 rules, rate limiting and bans.
+    Full,
+    /// The list and the rules.
+    NoRateLimit,
+    /// The list alone.
+    ListOnly,
 }
 
 fn scenarios(list: &PrefixList) -> Vec<Scenario> {
@@ -71,104 +90,128 @@ fn scenarios(list: &PrefixList) -> Vec<Scenario> {
     vec![
         Scenario {
             name: "pass: IPv4, full policy, source not listed",
-            frame: udp(CLEAN_V4).bytes(),
+            frames: vec![udp(CLEAN_V4).bytes()],
             moat: pass,
             xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
             floor: Some(XDP_PASS),
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "pass: IPv4, the list and 100 rules, rate limiting off",
-            frame: udp(CLEAN_V4).bytes(),
+            frames: vec![udp(CLEAN_V4).bytes()],
             moat: pass,
             xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
             floor: Some(XDP_PASS),
-            rate_limited: false,
+            policy: MoatPolicy::NoRateLimit,
+        },
+        Scenario {
+            name: "pass: IPv4, full policy, 65,536 different unlisted sources (cold caches)",
+            frames: list
+                .unlisted_v4(COLD_SOURCES)
+                .iter()
+                .map(|source| udp(&source.to_string()).bytes())
+                .collect(),
+            moat: pass,
+            xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
+            floor: Some(XDP_PASS),
+            policy: MoatPolicy::Full,
+        },
+        Scenario {
+            name: "pass: IPv4, the list alone (no rules, no rate limit)",
+            frames: vec![udp(CLEAN_V4).bytes()],
+            moat: pass,
+            xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
+            floor: Some(XDP_PASS),
+            policy: MoatPolicy::ListOnly,
         },
         Scenario {
             name: "pass: IPv6, full policy, source not listed",
-            frame: udp(CLEAN_V6).bytes(),
+            frames: vec![udp(CLEAN_V6).bytes()],
             moat: pass,
             xdp_filter: [None, Some(XDP_PASS)],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "drop: blocklist, IPv4 host among the list's /32s",
-            frame: udp(&list.deep_v4_host().to_string()).bytes(),
+            frames: vec![udp(&list.deep_v4_host().to_string()).bytes()],
             moat: (Action::Drop, Reason::Blocklist),
             xdp_filter: [Some(XDP_DROP), Some(XDP_DROP)],
             floor: Some(XDP_DROP),
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "drop: blocklist, IPv4 inside a listed /16–/24",
-            frame: udp(&list.v4_network_member().to_string()).bytes(),
+            frames: vec![udp(&list.v4_network_member().to_string()).bytes()],
             moat: (Action::Drop, Reason::Blocklist),
             xdp_filter: [None, None],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "drop: blocklist, IPv6 /128 among the list's IPv6 prefixes",
-            frame: udp(&list.v6_host().to_string()).bytes(),
+            frames: vec![udp(&list.v6_host().to_string()).bytes()],
             moat: (Action::Drop, Reason::Blocklist),
             xdp_filter: [None, Some(XDP_DROP)],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "drop: ban (rate-limit ban in force)",
-            frame: udp(BANNED).bytes(),
+            frames: vec![udp(BANNED).bytes()],
             moat: (Action::Drop, Reason::Ban),
             xdp_filter: [None, None],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "drop: rule (UDP source port 11211, rule 100 of 100)",
-            frame: Frame::udp(CLEAN_V4, REFLECTOR_PORT, 40_000).bytes(),
+            frames: vec![Frame::udp(CLEAN_V4, REFLECTOR_PORT, 40_000).bytes()],
             moat: (Action::Drop, Reason::Rule),
             xdp_filter: [None, Some(XDP_DROP)],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "drop: rate limit (source over its limit)",
-            frame: udp(OVER_LIMIT).bytes(),
+            frames: vec![udp(OVER_LIMIT).bytes()],
             moat: (Action::Drop, Reason::RateLimit),
             xdp_filter: [None, None],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "pass: IPv6 with two extension headers",
-            frame: udp(CLEAN_V6)
-                .extension(Extension::HopByHop)
-                .extension(Extension::DestinationOptions)
-                .bytes(),
+            frames: vec![
+                udp(CLEAN_V6)
+                    .extension(Extension::HopByHop)
+                    .extension(Extension::DestinationOptions)
+                    .bytes(),
+            ],
             moat: pass,
             xdp_filter: [None, Some(XDP_PASS)],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
         Scenario {
             name: "pass: VLAN-tagged IPv4",
-            frame: udp(CLEAN_V4).vlan(42).bytes(),
+            frames: vec![udp(CLEAN_V4).vlan(42).bytes()],
             moat: pass,
             xdp_filter: [Some(XDP_PASS), Some(XDP_PASS)],
             floor: None,
-            rate_limited: true,
+            policy: MoatPolicy::Full,
         },
     ]
 }
 
 /// The full policy: the list, 99 rules that do not match the frames, then the reflector rule;
-/// rate limiting on (so high that the benchmark's own sources stay under it) with bans.
+/// rate limiting on (so high that the benchmark's own sources stay under it) with bans, and
+/// room for every source the scenarios send from.
 fn full_policy(lab: &Lab, list: &PrefixList) -> Policy {
     let mut text = format!(
         "interfaces = [\"lo\"]\n[blocklist]\nfiles = [\"{}\"]\n\
-         [rate_limit]\npps = 1000000000\nban_after = \"1h\"\nban_ttl = \"10m\"\n",
+         [rate_limit]\npps = 1000000000\nban_after = \"1h\"\nban_ttl = \"10m\"\n\
+         max_sources = {MAX_SOURCES}\n",
         list.path.display()
     );
     for i in 0..99 {
@@ -323,19 +366,40 @@ const FLOOR: usize = 3;
 const EMPTY: usize = 4;
 const CONTENDERS: usize = 5;
 
-/// ns/packet of one test run of `repeat` packets; checks the verdict.
-fn sample(program: BorrowedFd, frame: &[u8], expected: u32, options: &Options, who: &str) -> f64 {
-    let (action, ns) = bpf_syscall::test_run(program, frame, options.repeat)
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {who}: {e}"));
-    assert_eq!(
-        action, expected,
-        "{who} answered {action}, expected {expected}"
-    );
-    f64::from(ns)
+/// ns/packet of a scenario's frames (one frame: one test run of `repeat` packets; many: one
+/// run of each, their times averaged); checks every verdict.
+fn sample(
+    program: BorrowedFd,
+    frames: &[Vec<u8>],
+    expected: u32,
+    options: &Options,
+    who: &str,
+) -> f64 {
+    let repeat = if frames.len() == 1 { options.repeat } else { 1 };
+    let mut total = 0.0;
+    for frame in frames {
+        let (action, ns) = bpf_syscall::test_run(program, frame, repeat)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {who}: {e}"));
+        assert_eq!(
+            action, expected,
+            "{who} answered {action}, expected {expected}"
+        );
+        total += f64::from(ns);
+    }
+    total / frames.len() as f64
 }
 
-/// One test run of moat; checks that its counters saw every packet under the expected action
-/// and reason.
+/// The packets one sample of the scenario runs.
+fn packets(scenario: &Scenario, options: &Options) -> u64 {
+    if scenario.frames.len() == 1 {
+        u64::from(options.repeat)
+    } else {
+        scenario.frames.len() as u64
+    }
+}
+
+/// One sample of moat; checks that its counters saw every packet under the expected action and
+/// reason.
 fn sample_moat(moat: &mut LoadedProgram, scenario: &Scenario, options: &Options) -> f64 {
     let before = moat.snapshot();
     let (action, reason) = scenario.moat;
@@ -345,7 +409,7 @@ fn sample_moat(moat: &mut LoadedProgram, scenario: &Scenario, options: &Options)
         XDP_DROP
     };
     let program = moat.fd();
-    let ns = sample(program.as_fd(), &scenario.frame, expected, options, "moat");
+    let ns = sample(program.as_fd(), &scenario.frames, expected, options, "moat");
     let counted = moat
         .snapshot()
         .get(TEST_RUN_IF_INDEX, action, reason)
@@ -353,7 +417,7 @@ fn sample_moat(moat: &mut LoadedProgram, scenario: &Scenario, options: &Options)
         - before.get(TEST_RUN_IF_INDEX, action, reason).packets;
     assert_eq!(
         counted,
-        u64::from(options.repeat),
+        packets(scenario, options),
         "{}: moat counted {counted} as {}/{}",
         scenario.name,
         action.name(),
@@ -373,6 +437,10 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         ..policy.clone()
     };
     let mut lean = LoadedProgram::new(&without_rate_limit);
+    let mut list_only = LoadedProgram::new(&Policy {
+        rules: Default::default(),
+        ..without_rate_limit.clone()
+    });
     let floor = Floor::load(&list.v4_hosts().collect::<Vec<Ipv4Addr>>());
     let empty = floor::empty_program();
 
@@ -382,19 +450,25 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         scenarios.iter().map(|_| Default::default()).collect();
     for round in 1..=options.runs {
         for (scenario, row) in scenarios.iter().zip(samples.iter_mut()) {
-            let moat = if scenario.rate_limited {
-                &mut moat
-            } else {
-                &mut lean
+            let moat = match scenario.policy {
+                MoatPolicy::Full => &mut moat,
+                MoatPolicy::NoRateLimit => &mut lean,
+                MoatPolicy::ListOnly => &mut list_only,
             };
             row[MOAT].push(sample_moat(moat, scenario, options));
             if let Some(expected) = scenario.floor {
                 let program = floor.program.as_fd();
-                row[FLOOR].push(sample(program, &scenario.frame, expected, options, "floor"));
+                row[FLOOR].push(sample(
+                    program,
+                    &scenario.frames,
+                    expected,
+                    options,
+                    "floor",
+                ));
             }
             row[EMPTY].push(sample(
                 empty.as_fd(),
-                &scenario.frame,
+                &scenario.frames,
                 XDP_PASS,
                 options,
                 "the empty program",
@@ -407,7 +481,7 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
                     let program = filter.program.as_fd();
                     row[column].push(sample(
                         program,
-                        &scenario.frame,
+                        &scenario.frames,
                         expected,
                         options,
                         "xdp-filter",
