@@ -147,6 +147,11 @@ pub fn charge(
             if BANS.insert(key, ban, 0).is_ok() {
                 (*state).banned_until = expires_at;
                 (*state).over_since = 0;
+                // Under a flood of new sources this state may have been evicted and the
+                // source's state made anew by another CPU: the live entry gets the copy too.
+                if let Some(live) = RATE_LIMITS.get_ptr_mut(key) {
+                    (*live).banned_until = expires_at;
+                }
                 return Limit::Banned(expires_at);
             }
         }

@@ -6,9 +6,9 @@ use std::path::Path;
 use agent_common::{
     lists::{
         LIST_ALLOW, LIST_BAN, LIST_BLOCK, PrefixEntry, SOURCE_CLI, SOURCE_CONFIG,
-        SOURCE_RATE_LIMIT, V4PrefixKey, hit_index, v6_gate_position,
+        SOURCE_RATE_LIMIT, V4PrefixKey, V6PrefixKey, hit_index, v6_gate_position,
     },
-    maps::{RATE_LIMITS, V4_LONG, V6_GATE},
+    maps::{RATE_LIMITS, V4_LONG, V6_GATE, V6_PREFIXES},
     rate_limit::{RateState, SourceKey},
     stats::{Action, Counter, Reason},
 };
@@ -441,6 +441,46 @@ fn a_failed_write_is_repaired_by_the_next_change() {
     );
 }
 
+/// A change to one list keeps what the generation in force holds of the same CIDR in the other
+/// list: here a blocklist change naming an allowlisted address fails half-way (the IPv6 hash
+/// filled behind moat's back), and the address still passes by the allowlist.
+#[test]
+fn a_change_to_one_list_keeps_the_other_lists_entry_in_force() {
+    let mut program = LoadedProgram::new(&policy(
+        "interfaces = [\"lo\"]\n[allowlist]\ncidrs = [\"192.0.2.77/32\"]\n\
+         [blocklist]\ncidrs = [\"192.0.2.77/32\", \"192.0.2.78/32\"]\n",
+    ));
+    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
+    let mut v6: HashMap<MapData, V6PrefixKey, PrefixEntry> =
+        HashMap::try_from(ids.open(V6_PREFIXES).expect("V6_PREFIXES")).expect("a hash");
+    for i in 0..16_384u128 {
+        let key = V6PrefixKey {
+            prefix_len: 128,
+            addr: (0x2001_0db8_0000_0000_0000_0000_0000_0000 + i).to_be_bytes(),
+        };
+        v6.insert(key, PrefixEntry::default(), 0).expect("fill");
+    }
+    let verdict = |program: &mut LoadedProgram, source: &str| {
+        program.run(&Frame::udp(source, 40000, 443).bytes())
+    };
+    assert_eq!(verdict(&mut program, "192.0.2.77"), XDP_PASS, "allowed");
+    assert_eq!(verdict(&mut program, "192.0.2.78"), XDP_DROP, "blocked");
+    let change = ListChange {
+        upserts: vec![("2001:db8:5::/48".parse().expect("CIDR"), SOURCE_CLI)],
+        removals: vec!["192.0.2.77/32".parse().expect("CIDR")],
+    };
+    program
+        .live
+        .apply(PolicyChange::of_list(ListKind::Block, change))
+        .expect_err("the IPv6 hash is full");
+    assert_eq!(
+        verdict(&mut program, "192.0.2.77"),
+        XDP_PASS,
+        "the allowlist entry in force is untouched by the failed blocklist change"
+    );
+    assert_eq!(verdict(&mut program, "192.0.2.78"), XDP_DROP);
+}
+
 /// A source's ban is read from its limiter state (one lookup) and, for a source the limiter no
 /// longer tracks, from the ban map; lifting a ban clears both, so the source starts afresh.
 #[test]
@@ -517,7 +557,7 @@ fn a_ban_holds_from_either_copy_and_lifting_clears_both() {
     assert!(!program.limiter.is_banned(source));
     assert_eq!(program.run(&frame), XDP_PASS, "a lifted source passes");
 
-    // A ban only the state holds (its ban-map entry evicted) is found and lifted by lift_all.
+    // A ban only the state holds (its ban-map entry evicted) is enforced, seen, and lifted.
     let banned = RateState {
         banned_until: limiter::monotonic_now_ns() + 3_600_000_000_000,
         ..RateState::default()
@@ -527,7 +567,14 @@ fn a_ban_holds_from_either_copy_and_lifting_clears_both() {
         .expect("ban through the state");
     assert!(program.limiter.is_banned(source));
     assert!(drops_as_ban(&mut program), "banned through the state alone");
-    program.limiter.lift_all().expect("lift all");
+    program.limiter.lift(source).expect("lift");
+    assert_eq!(program.run(&frame), XDP_PASS, "lifted");
+
+    // Banned again by the program: lift_all takes both copies.
+    program.run_repeated(&frame, 20);
+    assert!(program.limiter.is_banned(source));
+    let lifted = program.limiter.lift_all().expect("lift all");
+    assert_eq!(lifted, [source]);
     assert!(!program.limiter.is_banned(source));
     assert_eq!(program.run(&frame), XDP_PASS, "lifted by lift_all");
 }

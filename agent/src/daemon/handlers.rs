@@ -149,13 +149,12 @@ impl Daemon {
     fn list_del(&mut self, kind: ListKind, cidrs: Cidrs) -> Result<Reply, String> {
         let cidrs = given(cidrs)?;
         let entries = self.live.entries(kind);
-        let dynamic = self.dynamic.list(kind);
         let mut change = ListChange::default();
         let mut unban = Vec::new();
         let mut kept_by_config = 0;
         for cidr in &cidrs {
             let source = entries.get(cidr).copied();
-            if dynamic.contains_key(cidr) {
+            if self.dynamic.contains(kind, cidr) {
                 match source {
                     Some(SOURCE_CLI) => change.removals.push(*cidr),
                     _ => kept_by_config += 1,
@@ -246,12 +245,11 @@ impl Daemon {
     }
 
     fn list_show(&mut self, kind: ListKind) -> Reply {
-        let dynamic = self.dynamic.list(kind);
         let entries = self.live.entries(kind);
         let mut views: Vec<EntryView> = entries
             .iter()
             .map(|(cidr, &source)| {
-                let added = dynamic.get(cidr);
+                let added = self.dynamic.get(kind, cidr);
                 EntryView {
                     cidr: cidr.to_string(),
                     expires_at: added

@@ -114,10 +114,10 @@ impl ConfigSource {
 /// The policy in force: the configuration's, plus the entries added at run time that the
 /// configuration does not hold.
 pub fn effective_policy(mut policy: Policy, dynamic: &Dynamic) -> Policy {
-    for cidr in dynamic.list(ListKind::Allow).keys() {
+    for cidr in dynamic.cidrs(ListKind::Allow) {
         policy.allowlist.entry(*cidr).or_insert(SOURCE_CLI);
     }
-    for cidr in dynamic.list(ListKind::Block).keys() {
+    for cidr in dynamic.cidrs(ListKind::Block) {
         policy.blocklist.entry(*cidr).or_insert(SOURCE_CLI);
     }
     policy

@@ -80,7 +80,8 @@ impl Daemon {
             ("IPv6", prefixes.v6, capacities.v6),
         ] {
             fills.push(MapFill {
-                map: format!("allowlist and blocklist ({map})"),
+                // A prefix in both lists is one entry: the count is an upper bound.
+                map: format!("allowlist and blocklist ({map}; at most)"),
                 entries: entries as u64,
                 capacity: u64::from(capacity),
             });

@@ -62,20 +62,48 @@ pub struct DynamicEntry {
     pub comment: Option<Arc<str>>,
 }
 
-pub type DynamicList = BTreeMap<Cidr, DynamicEntry>;
+/// Which terms (expiry and comment) an entry has: an index into `Dynamic::terms`. The entries
+/// of one request share their terms, so an imported entry costs its CIDR and these four bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TermsId(u32);
+
+/// Terms shared by `uses` entries (0: a free slot).
+#[derive(Clone, Debug, Default)]
+struct Terms {
+    entry: DynamicEntry,
+    uses: u32,
+}
+
+type DynamicList = BTreeMap<Cidr, TermsId>;
 
 /// The entries added at run time, per list, with an index of their expiries.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Dynamic {
     allowlist: DynamicList,
     blocklist: DynamicList,
+    terms: Vec<Terms>,
+    /// Slots of `terms` no entry uses.
+    free: Vec<u32>,
+    /// The terms given out last: the next entry of the same request shares them.
+    recent: Option<TermsId>,
     /// Every entry that expires, by expiry: the next one and the expired ones are found
     /// without a walk over a list of a million entries.
     expiries: BTreeSet<(SystemTime, ListKind, Cidr)>,
 }
 
+impl PartialEq for Dynamic {
+    /// The same entries with the same terms, however the terms are stored.
+    fn eq(&self, other: &Self) -> bool {
+        ListKind::ALL
+            .iter()
+            .all(|&kind| self.entries(kind).eq(other.entries(kind)))
+    }
+}
+
+impl Eq for Dynamic {}
+
 impl Dynamic {
-    pub fn list(&self, kind: ListKind) -> &DynamicList {
+    fn list(&self, kind: ListKind) -> &DynamicList {
         match kind {
             ListKind::Allow => &self.allowlist,
             ListKind::Block => &self.blocklist,
@@ -89,6 +117,24 @@ impl Dynamic {
         }
     }
 
+    /// The entries of `kind`, in address order.
+    pub fn entries(&self, kind: ListKind) -> impl Iterator<Item = (&Cidr, &DynamicEntry)> {
+        (self.list(kind).iter()).map(|(cidr, id)| (cidr, &self.terms[id.0 as usize].entry))
+    }
+
+    pub fn cidrs(&self, kind: ListKind) -> impl Iterator<Item = &Cidr> {
+        self.list(kind).keys()
+    }
+
+    pub fn get(&self, kind: ListKind, cidr: &Cidr) -> Option<&DynamicEntry> {
+        let id = self.list(kind).get(cidr)?;
+        Some(&self.terms[id.0 as usize].entry)
+    }
+
+    pub fn contains(&self, kind: ListKind, cidr: &Cidr) -> bool {
+        self.list(kind).contains_key(cidr)
+    }
+
     /// Adds or replaces an entry; returns the one it replaced.
     pub fn insert(
         &mut self,
@@ -99,22 +145,68 @@ impl Dynamic {
         if let Some(at) = entry.expires_at {
             self.expiries.insert((at, kind, cidr));
         }
-        let old = self.list_mut(kind).insert(cidr, entry);
+        let id = self.terms_for(entry);
+        let old = self
+            .list_mut(kind)
+            .insert(cidr, id)
+            .map(|old| self.release(old));
         self.forget_expiry(kind, cidr, old.as_ref());
         old
     }
 
     pub fn remove(&mut self, kind: ListKind, cidr: &Cidr) -> Option<DynamicEntry> {
-        let old = self.list_mut(kind).remove(cidr);
+        let old = self
+            .list_mut(kind)
+            .remove(cidr)
+            .map(|old| self.release(old));
         self.forget_expiry(kind, *cidr, old.as_ref());
         old
     }
 
-    fn forget_expiry(&mut self, kind: ListKind, cidr: Cidr, old: Option<&DynamicEntry>) {
-        let current = self.list(kind).get(&cidr).and_then(|e| e.expires_at);
-        if let Some(at) = old.and_then(|e| e.expires_at)
-            && current != Some(at)
+    /// The terms `entry` has, shared with the entries added just before when they are the
+    /// same (the entries of one request are added one after the other).
+    fn terms_for(&mut self, entry: DynamicEntry) -> TermsId {
+        if let Some(id) = self.recent
+            && let Some(recent) = self.terms.get_mut(id.0 as usize)
+            && recent.uses > 0
+            && recent.entry == entry
         {
+            recent.uses += 1;
+            return id;
+        }
+        let terms = Terms { entry, uses: 1 };
+        let id = match self.free.pop() {
+            Some(slot) => {
+                self.terms[slot as usize] = terms;
+                TermsId(slot)
+            }
+            None => {
+                self.terms.push(terms);
+                TermsId(self.terms.len() as u32 - 1)
+            }
+        };
+        self.recent = Some(id);
+        id
+    }
+
+    /// One entry fewer uses `id`'s terms; returns them.
+    fn release(&mut self, id: TermsId) -> DynamicEntry {
+        let terms = &mut self.terms[id.0 as usize];
+        terms.uses -= 1;
+        if terms.uses > 0 {
+            return terms.entry.clone();
+        }
+        self.free.push(id.0);
+        std::mem::take(&mut terms.entry)
+    }
+
+    fn forget_expiry(&mut self, kind: ListKind, cidr: Cidr, old: Option<&DynamicEntry>) {
+        // Most entries never expire: no second lookup for them.
+        let Some(at) = old.and_then(|e| e.expires_at) else {
+            return;
+        };
+        let current = self.get(kind, &cidr).and_then(|e| e.expires_at);
+        if current != Some(at) {
             self.expiries.remove(&(at, kind, cidr));
         }
     }
@@ -406,10 +498,10 @@ fn damaged(path: &Path, aside: &Path, problem: &str, consequence: &str) {
 }
 
 fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText<'a>> {
-    let groups = |list: &'a DynamicList| {
+    let groups = |kind: ListKind| {
         let mut groups: BTreeMap<(Option<SystemTime>, Option<&str>), Vec<CidrText<'a>>> =
             BTreeMap::new();
-        for (cidr, entry) in list {
+        for (cidr, entry) in dynamic.entries(kind) {
             groups
                 .entry((entry.expires_at, entry.comment.as_deref()))
                 .or_default()
@@ -426,8 +518,8 @@ fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText<'a
     };
     StateFile {
         version: STATE_VERSION,
-        allowlist: groups(&dynamic.allowlist),
-        blocklist: groups(&dynamic.blocklist),
+        allowlist: groups(ListKind::Allow),
+        blocklist: groups(ListKind::Block),
         bans: bans
             .iter()
             .map(|ban| BanRecord {
@@ -533,24 +625,62 @@ mod tests {
         store.save(&dynamic, &bans).expect("save");
         let (loaded, loaded_bans) = store.load(now).expect("load");
         assert_eq!(
-            loaded.list(ListKind::Block).len(),
+            loaded.cidrs(ListKind::Block).count(),
             1,
             "the expired block is dropped"
         );
-        assert_eq!(loaded.list(ListKind::Allow), dynamic.list(ListKind::Allow));
+        assert!(
+            loaded
+                .entries(ListKind::Allow)
+                .eq(dynamic.entries(ListKind::Allow))
+        );
         assert_eq!(loaded.next_expiry(), Some(now + Duration::from_secs(600)));
         assert_eq!(
             loaded
-                .list(ListKind::Block)
-                .values()
+                .entries(ListKind::Block)
                 .next()
-                .and_then(|e| e.comment.as_deref().map(str::to_string)),
+                .and_then(|(_, e)| e.comment.as_deref().map(str::to_string)),
             Some("scanner".to_string())
         );
         assert_eq!(loaded_bans, bans[..1]);
         assert!(!dir.join("state.json.tmp").exists());
         drop(store);
         fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn the_entries_of_one_request_share_their_terms_and_free_them_when_gone() {
+        let mut dynamic = Dynamic::default();
+        let cidr = |i: u32| -> Cidr { format!("192.0.2.{i}/32").parse().expect("CIDR") };
+        let imported = DynamicEntry {
+            expires_at: None,
+            comment: Some("feed".into()),
+        };
+        for i in 0..100 {
+            dynamic.insert(ListKind::Block, cidr(i), imported.clone());
+        }
+        assert_eq!(dynamic.terms.len(), 1, "one request, one set of terms");
+        let later = DynamicEntry {
+            expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 32)),
+            comment: None,
+        };
+        let replaced = dynamic.insert(ListKind::Block, cidr(5), later.clone());
+        assert_eq!(replaced, Some(imported.clone()));
+        assert_eq!(dynamic.get(ListKind::Block, &cidr(5)), Some(&later));
+        assert_eq!(dynamic.get(ListKind::Block, &cidr(6)), Some(&imported));
+        assert_eq!(dynamic.next_expiry(), later.expires_at);
+        for i in 0..100 {
+            dynamic.remove(ListKind::Block, &cidr(i));
+        }
+        assert_eq!(dynamic.free.len(), 2, "both sets of terms are free again");
+        assert_eq!(dynamic.next_expiry(), None);
+        for i in 0..10 {
+            dynamic.insert(ListKind::Allow, cidr(i), later.clone());
+        }
+        assert_eq!(dynamic.terms.len(), 2, "a free slot is reused");
+        assert_eq!(dynamic.free.len(), 1, "by all ten entries");
+        assert!(dynamic.contains(ListKind::Allow, &cidr(1)));
+        assert_eq!(dynamic, dynamic.clone());
     }
 
     #[test]
@@ -642,8 +772,7 @@ mod tests {
         let store = StateStore::open(&dir).expect("open");
         let (loaded, _) = store.load(SystemTime::now()).expect("load");
         let blocked: Vec<String> = loaded
-            .list(ListKind::Block)
-            .keys()
+            .cidrs(ListKind::Block)
             .map(ToString::to_string)
             .collect();
         assert_eq!(blocked, ["192.0.2.2/32"]);
@@ -654,7 +783,7 @@ mod tests {
         text.push_str("{\"add\": {\"list\": \"blockl");
         fs::write(&journal, &text).expect("write");
         let (loaded, _) = store.load(SystemTime::now()).expect("load");
-        assert_eq!(loaded.list(ListKind::Block).len(), 1);
+        assert_eq!(loaded.cidrs(ListKind::Block).count(), 1);
         assert!(
             fs::read_to_string(&journal)
                 .expect("journal")

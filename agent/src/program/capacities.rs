@@ -36,17 +36,19 @@ impl PrefixCounts {
 }
 
 impl Capacities {
-    /// Room for the policy's entries plus `runtime_entries` added while running, never below
-    /// the built-in default. The room is counted once for both lists, as their entries share
-    /// the hashes. It also bounds what one change may bring in at once: until the generation
-    /// it switched off catches up, the hashes hold the entries of both.
+    /// Room for twice the policy's entries plus `runtime_entries` added while running, never
+    /// below the built-in default. Until the generation a change switched off catches up, the
+    /// shared hashes hold the entries of both generations: twice the configuration's lets a
+    /// reload replace every configured prefix at once (a refreshed feed), as it could when
+    /// each generation had maps of its own. The room is counted once for both lists. Unused
+    /// room costs only the hash's buckets (16 bytes per entry, rounded up to a power of two).
     pub fn for_policy(policy: &Policy, runtime_entries: u32) -> Self {
         let lists = PrefixCounts::of(&[
             &ListCounts::of(policy.list(ListKind::Allow)),
             &ListCounts::of(policy.list(ListKind::Block)),
         ]);
         let fit = |n: usize| {
-            u32::try_from(n)
+            u32::try_from(n.saturating_mul(2))
                 .unwrap_or(u32::MAX)
                 .saturating_add(runtime_entries)
                 .max(LONG_PREFIXES_DEFAULT_CAPACITY)
@@ -84,5 +86,41 @@ impl Capacities {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    #[test]
+    fn a_reload_may_replace_every_configured_prefix_at_once() {
+        let hosts: Vec<String> = (0..20_000u32)
+            .map(|i| format!("\"{}\"", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        let text = format!(
+            "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [{}]\n",
+            hosts.join(", ")
+        );
+        let policy = Config::from_str_at(&text, Path::new("t.toml"))
+            .and_then(|c| c.resolve(&Overrides::default()))
+            .expect("a policy")
+            .policy;
+        let capacities = Capacities::for_policy(&policy, 1_000);
+        assert_eq!(capacities.v4_long, 41_000);
+        let both = PrefixCounts {
+            v4_long: 40_000,
+            v6: 0,
+        };
+        assert!(capacities.fit(&both, &policy.rate_limit).is_ok());
+        let more = PrefixCounts {
+            v4_long: 41_001,
+            v6: 0,
+        };
+        let error = capacities.fit(&more, &policy.rate_limit).expect_err("over");
+        assert!(error.contains("raise runtime_entries"), "{error}");
     }
 }

@@ -184,7 +184,11 @@ impl LimiterMaps {
             .map
             .get(&key, 0)
             .is_ok_and(|ban| ban.expires_at > now_ns)
-            || (self.sources.map.get(&key, 0)).is_ok_and(|state| state.banned_until > now_ns)
+            || self
+                .sources
+                .map
+                .get(&key, 0)
+                .is_ok_and(|state| state.banned_until > now_ns)
     }
 
     /// Lifts the ban of `source`; one gone already (expired or evicted) is not an error. The
@@ -203,13 +207,9 @@ impl LimiterMaps {
         for (key, ban) in entries {
             lifted.extend(in_force(&key, &ban, now_ns, now).map(|ban| ban.source));
             forget(&mut self.bans, &key)?;
-        }
-        // The states' copies, including any whose ban-map entry was evicted.
-        let banned: Vec<SourceKey> = (self.sources.map.iter().filter_map(Result::ok))
-            .filter(|(_, state)| state.banned_until > now_ns)
-            .map(|(key, _)| key)
-            .collect();
-        for key in banned {
+            // Its state's copy too. (The state map is not walked: a spoofed flood fills it. A
+            // copy whose ban-map entry was evicted stays until it expires; the program reads no
+            // copy while the policy does not ban.)
             forget(&mut self.sources, &key)?;
         }
         Ok(lifted)

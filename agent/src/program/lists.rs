@@ -177,8 +177,8 @@ impl PrefixHashes {
     /// Fills hashes that are empty (a fresh load) with what every generation holds.
     pub fn install(&mut self, holdings: Holdings<'_>) -> Result<(), ListError> {
         let (allow, block) = holdings[0];
-        let cidrs: BTreeSet<&Cidr> = allow.keys().chain(block.keys()).collect();
-        let (v4, v6) = prefix_entries(cidrs, holdings);
+        let cidrs = merged(in_hashes(allow.keys()), in_hashes(block.keys()));
+        let (v4, v6) = prefix_entries(&cidrs, holdings);
         self.v4_long.insert_all(&v4)?;
         self.v6.insert_all(&v6)
     }
@@ -191,8 +191,10 @@ impl PrefixHashes {
         cidrs: impl IntoIterator<Item = &'a Cidr>,
         holdings: Holdings<'_>,
     ) -> Result<(), ListError> {
-        let cidrs: BTreeSet<&Cidr> = cidrs.into_iter().collect();
-        let (v4, v6) = prefix_entries(cidrs, holdings);
+        let mut cidrs: Vec<&Cidr> = in_hashes(cidrs.into_iter()).collect();
+        cidrs.sort_unstable();
+        cidrs.dedup();
+        let (v4, v6) = prefix_entries(&cidrs, holdings);
         self.v4_long.write(v4)?;
         self.v6.write(v6)
     }
@@ -238,28 +240,91 @@ fn slot_value(entries: &ListEntries, cidr: &Cidr) -> u8 {
     entries.get(cidr).map_or(0, |source| *source as u8 + 1)
 }
 
-/// The hash entries of `cidrs` (IPv4 prefixes longer than /24 and IPv6 prefixes; shorter IPv4
-/// prefixes live in the /24 tables) as `holdings` say each generation's lists hold them.
-fn prefix_entries<'a>(
-    cidrs: impl IntoIterator<Item = &'a Cidr>,
+/// The CIDRs that live in the prefix hashes (IPv4 prefixes longer than /24 and IPv6 prefixes;
+/// shorter IPv4 prefixes live in the /24 tables).
+fn in_hashes<'a>(cidrs: impl Iterator<Item = &'a Cidr>) -> impl Iterator<Item = &'a Cidr> {
+    cidrs.filter(|cidr| match cidr.net() {
+        IpNet::V4(net) => u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX,
+        IpNet::V6(_) => true,
+    })
+}
+
+/// Two sorted sequences of CIDRs merged into one, sorted, without repeats.
+fn merged<'a>(
+    a: impl Iterator<Item = &'a Cidr>,
+    b: impl Iterator<Item = &'a Cidr>,
+) -> Vec<&'a Cidr> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    let mut out = Vec::new();
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x < y => a.next(),
+            (Some(x), Some(y)) if y < x => b.next(),
+            (Some(_), Some(_)) => {
+                b.next();
+                a.next()
+            }
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(cidr) => out.push(cidr),
+            None => return out,
+        }
+    }
+}
+
+/// The slot values (source + 1, or 0) of `cidrs` (sorted, no repeats) in `entries`: one
+/// lookup each when they are few beside the list, else one walk of both (a million lookups
+/// in a B-tree cost several times a walk).
+fn slot_values(entries: &ListEntries, cidrs: &[&Cidr]) -> Vec<u8> {
+    if cidrs.len().saturating_mul(16) < entries.len() {
+        return cidrs.iter().map(|cidr| slot_value(entries, cidr)).collect();
+    }
+    let mut walk = entries.iter().peekable();
+    cidrs
+        .iter()
+        .map(|cidr| {
+            while walk.next_if(|(held, _)| held < cidr).is_some() {}
+            match walk.peek() {
+                Some((held, source)) if held == cidr => **source as u8 + 1,
+                _ => 0,
+            }
+        })
+        .collect()
+}
+
+/// The hash entries of `cidrs` (sorted, no repeats, all of them hash-bound: see [`in_hashes`])
+/// as `holdings` say each generation's lists hold them.
+fn prefix_entries(
+    cidrs: &[&Cidr],
     holdings: Holdings<'_>,
 ) -> (HashEntries<V4PrefixKey>, HashEntries<V6PrefixKey>) {
-    let entry = |cidr: &Cidr| {
-        let mut entry = PrefixEntry::default();
-        for (generation, (allow, block)) in holdings.iter().enumerate() {
-            entry.sources[prefix_slot(generation, LIST_ALLOW)] = slot_value(allow, cidr);
-            entry.sources[prefix_slot(generation, LIST_BLOCK)] = slot_value(block, cidr);
-        }
-        entry
-    };
-    let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    for cidr in cidrs {
-        match cidr.net() {
-            IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                v4.push((v4_key(&net), entry(cidr)));
+    let mut entries = vec![PrefixEntry::default(); cidrs.len()];
+    // Generations often hold the same list (the same map, by address: the policy's own list,
+    // or the in-force subset taken for a change): its values are computed once.
+    let mut computed: Vec<(*const ListEntries, Vec<u8>)> = Vec::new();
+    for (generation, (allow, block)) in holdings.iter().enumerate() {
+        for (list, held) in [(LIST_ALLOW, *allow), (LIST_BLOCK, *block)] {
+            let key: *const ListEntries = held;
+            let at = match computed.iter().position(|(k, _)| *k == key) {
+                Some(at) => at,
+                None => {
+                    computed.push((key, slot_values(held, cidrs)));
+                    computed.len() - 1
+                }
+            };
+            let slot = prefix_slot(generation, list);
+            for (entry, value) in entries.iter_mut().zip(&computed[at].1) {
+                entry.sources[slot] = *value;
             }
-            IpNet::V4(_) => {}
-            IpNet::V6(net) => v6.push((v6_key(&net), entry(cidr))),
+        }
+    }
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for (cidr, entry) in cidrs.iter().zip(entries) {
+        match cidr.net() {
+            IpNet::V4(net) => v4.push((v4_key(&net), entry)),
+            IpNet::V6(net) => v6.push((v6_key(&net), entry)),
         }
     }
     (v4, v6)
@@ -404,9 +469,12 @@ impl ListChange {
         (self.upserts.iter().map(|(cidr, _)| cidr)).chain(&self.removals)
     }
 
-    /// What `entries` holds of the CIDRs the change names.
-    pub fn subset_of(&self, entries: &ListEntries) -> ListEntries {
-        self.cidrs()
+    /// What `entries` holds of `cidrs`.
+    pub fn subset_of<'a>(
+        entries: &ListEntries,
+        cidrs: impl Iterator<Item = &'a Cidr>,
+    ) -> ListEntries {
+        cidrs
             .filter_map(|cidr| Some((*cidr, *entries.get(cidr)?)))
             .collect()
     }
@@ -419,8 +487,15 @@ impl ListChange {
                 undo.upserts.push((*cidr, source));
             }
         }
+        // A CIDR upserted twice is recorded once, as it was before the first.
+        let ordered = strictly_ordered(self.upserts.iter().map(|(cidr, _)| cidr));
+        let mut upserted = BTreeSet::new();
         for (cidr, source) in &self.upserts {
-            match entries.insert(*cidr, *source) {
+            let old = entries.insert(*cidr, *source);
+            if !ordered && !upserted.insert(*cidr) {
+                continue;
+            }
+            match old {
                 Some(old) => undo.upserts.push((*cidr, old)),
                 None => undo.removals.push(*cidr),
             }
@@ -431,14 +506,25 @@ impl ListChange {
 
 /// How many entries of each kind a list holds, kept up to date change by change so that a
 /// small change to a large list is validated without walking the list.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListCounts {
     /// Entries per IPv4 prefix length /25–/32.
     v4_long: [u32; 8],
-    /// Entries per IPv6 prefix length.
-    v6: BTreeMap<u8, u32>,
+    /// Entries per IPv6 prefix length /0–/128 (an array: counting a million entries at start-up
+    /// is one pass).
+    v6: [u32; 129],
     /// Entries of /24 or shorter.
     v4_short: u32,
+}
+
+impl Default for ListCounts {
+    fn default() -> Self {
+        Self {
+            v4_long: [0; 8],
+            v6: [0; 129],
+            v4_short: 0,
+        }
+    }
 }
 
 impl ListCounts {
@@ -450,36 +536,41 @@ impl ListCounts {
         counts
     }
 
-    /// Counts after `change` is applied to `entries` (which it is not yet).
-    pub fn after(&self, entries: &ListEntries, change: &ListChange) -> Self {
+    /// Counts after `change` is applied to `entries` (which it is not yet), and the counts of
+    /// the entries it brings that `entries` does not hold (what the shared hashes hold beside
+    /// the old entries until both generations have the change).
+    pub fn after(&self, entries: &ListEntries, change: &ListChange) -> (Self, Self) {
         let mut counts = self.clone();
+        let mut new = Self::default();
+        // Changes usually name each CIDR once, in order (an import of a million): then no set
+        // is needed to count each once.
+        // (`binary_search` below relies on the removals being in `Cidr`'s own order.)
+        let removals_ordered = strictly_ordered(change.removals.iter());
+        let upserts_ordered = strictly_ordered(change.upserts.iter().map(|(cidr, _)| cidr));
         let mut removed = BTreeSet::new();
         for cidr in &change.removals {
-            if entries.contains_key(cidr) && removed.insert(*cidr) {
+            if entries.contains_key(cidr) && (removals_ordered || removed.insert(*cidr)) {
                 counts.add(cidr, -1);
             }
         }
+        let was_removed = |cidr: &Cidr| {
+            if removals_ordered {
+                change.removals.binary_search(cidr).is_ok()
+            } else {
+                removed.contains(cidr)
+            }
+        };
         let mut added = BTreeSet::new();
         for (cidr, _) in &change.upserts {
-            let present = entries.contains_key(cidr) && !removed.contains(cidr);
-            if !present && added.insert(*cidr) {
+            let held = entries.contains_key(cidr);
+            if (!held || was_removed(cidr)) && (upserts_ordered || added.insert(*cidr)) {
                 counts.add(cidr, 1);
+                if !held {
+                    new.add(cidr, 1);
+                }
             }
         }
-        counts
-    }
-
-    /// Counts of the entries `change` adds to `entries` (CIDRs it upserts that `entries` does
-    /// not hold).
-    pub fn added(entries: &ListEntries, change: &ListChange) -> Self {
-        let mut counts = Self::default();
-        let mut added = BTreeSet::new();
-        for (cidr, _) in &change.upserts {
-            if !entries.contains_key(cidr) && added.insert(*cidr) {
-                counts.add(cidr, 1);
-            }
-        }
-        counts
+        (counts, new)
     }
 
     fn add(&mut self, cidr: &Cidr, delta: i64) {
@@ -489,13 +580,7 @@ impl ListCounts {
                 bump(&mut self.v4_long[(u32::from(net.prefix_len()) - V4_LONG_MIN_PREFIX) as usize])
             }
             IpNet::V4(_) => bump(&mut self.v4_short),
-            IpNet::V6(net) => {
-                let count = self.v6.entry(net.prefix_len()).or_default();
-                bump(count);
-                if *count == 0 {
-                    self.v6.remove(&net.prefix_len());
-                }
-            }
+            IpNet::V6(net) => bump(&mut self.v6[usize::from(net.prefix_len().min(128))]),
         }
     }
 
@@ -506,7 +591,7 @@ impl ListCounts {
 
     /// Entries of IPv6 prefixes (in the shared hash).
     pub fn v6(&self) -> usize {
-        self.v6.values().map(|n| *n as usize).sum()
+        self.v6.iter().map(|n| *n as usize).sum()
     }
 
     pub fn total(&self) -> usize {
@@ -524,30 +609,35 @@ impl ListCounts {
                 shape.v4_long_lengths |= 1 << bit;
             }
         }
-        if self.v6.len() > MAX_V6_LENGTHS {
+        // Longest first: the most specific entry is found first.
+        let lengths: Vec<u8> = (0..=128u8)
+            .rev()
+            .filter(|len| self.v6[usize::from(*len)] != 0)
+            .collect();
+        if lengths.len() > MAX_V6_LENGTHS {
             return Err(ListError::TooManyV6Lengths {
                 list: list.name(),
-                count: self.v6.len(),
-                lengths: self
-                    .v6
-                    .keys()
+                count: lengths.len(),
+                lengths: (lengths.iter().rev())
                     .map(|l| format!("/{l}"))
                     .collect::<Vec<_>>()
                     .join(" "),
             });
         }
-        // Longest first: the most specific entry is found first.
-        for (slot, len) in shape.v6_lengths.iter_mut().zip(self.v6.keys().rev()) {
-            *slot = *len;
-        }
-        shape.v6_length_count = self.v6.len() as u32;
-        shape.v6_short_from = self
-            .v6
-            .keys()
+        shape.v6_lengths[..lengths.len()].copy_from_slice(&lengths);
+        shape.v6_length_count = lengths.len() as u32;
+        shape.v6_short_from = lengths
+            .iter()
             .filter(|len| u32::from(**len) > V6_GATE_PREFIX)
             .count() as u32;
         Ok(shape)
     }
+}
+
+/// Whether each CIDR is greater than the one before (so none repeats).
+fn strictly_ordered<'a>(mut cidrs: impl Iterator<Item = &'a Cidr>) -> bool {
+    let mut last = None;
+    cidrs.all(|cidr| last.replace(cidr).is_none_or(|last| last < cidr))
 }
 
 /// Up to this many /24s touched, the IPv4 table's words that hold them are set one by one
@@ -659,8 +749,11 @@ mod tests {
             .iter()
             .map(|c| c.parse().expect("CIDR"))
             .collect();
+        let mut refs: Vec<&Cidr> = in_hashes(cidrs.iter()).collect();
+        refs.sort_unstable();
+        assert_eq!(refs.len(), 2, "a /8 lives in the /24 tables only");
         // Generation 0 holds the old blocklist, generation 1 the new one and an allowlist.
-        let (v4, v6) = prefix_entries(&cidrs, [(&none, &old_block), (&allow, &new_block)]);
+        let (v4, v6) = prefix_entries(&refs, [(&none, &old_block), (&allow, &new_block)]);
         let slot = |source: u32| source as u8 + 1;
         assert_eq!(
             v4,
@@ -672,16 +765,73 @@ mod tests {
                 PrefixEntry {
                     sources: [0, slot(SOURCE_CONFIG), slot(SOURCE_CLI), 0]
                 }
-            )],
-            "a /8 lives in the /24 tables only"
+            )]
         );
         assert_eq!(v6.len(), 1);
         assert_eq!(
             v6[0].1.sources,
             [0, slot(SOURCE_FILE), 0, slot(SOURCE_FILE)]
         );
-        let (gone, _) = prefix_entries(&cidrs[..1], [(&none, &none), (&none, &none)]);
+        let (gone, _) = prefix_entries(&refs[..1], [(&none, &none), (&none, &none)]);
         assert!(gone[0].1.is_unused(), "held by no list: the entry goes");
+    }
+
+    #[test]
+    fn undoing_a_change_restores_the_list_even_when_it_names_a_cidr_twice() {
+        let original = entries(&[("192.0.2.1", SOURCE_CONFIG), ("192.0.2.2", SOURCE_FILE)]);
+        let cidr = |c: &str| -> Cidr { c.parse().expect("CIDR") };
+        let change = ListChange {
+            upserts: vec![
+                (cidr("192.0.2.9"), SOURCE_CLI),
+                (cidr("192.0.2.1"), SOURCE_CLI),
+                (cidr("192.0.2.9"), SOURCE_FILE),
+                (cidr("192.0.2.1"), SOURCE_FILE),
+                (cidr("192.0.2.2"), SOURCE_CLI),
+            ],
+            removals: vec![cidr("192.0.2.2"), cidr("192.0.2.2")],
+        };
+        let mut list = original.clone();
+        let undo = change.apply_to(&mut list);
+        assert_eq!(list.get(&cidr("192.0.2.9")), Some(&SOURCE_FILE));
+        undo.apply_to(&mut list);
+        assert_eq!(list, original);
+    }
+
+    #[test]
+    fn slot_values_by_walk_and_by_lookup_agree() {
+        let list: ListEntries = (0..200u32)
+            .map(|i| {
+                let cidr = format!("192.0.2.{i}/32").parse().expect("CIDR");
+                (cidr, i % 3)
+            })
+            .collect();
+        let wanted: Vec<Cidr> = (0..400u32)
+            .step_by(7)
+            .map(|i| {
+                format!("192.0.{}.{}/32", 2 + i / 256, i % 256)
+                    .parse()
+                    .expect("CIDR")
+            })
+            .collect();
+        let wanted: Vec<&Cidr> = wanted.iter().collect();
+        let walked = slot_values(&list, &wanted);
+        let looked_up: Vec<u8> = wanted.iter().map(|c| slot_value(&list, c)).collect();
+        assert_eq!(walked, looked_up);
+        assert!(walked.contains(&0) && walked.contains(&3), "{walked:?}");
+        assert_eq!(slot_values(&list, &wanted[..1]), looked_up[..1]);
+    }
+
+    #[test]
+    fn merging_keeps_order_and_drops_repeats() {
+        let cidrs: Vec<Cidr> = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "2001:db8::1"]
+            .iter()
+            .map(|c| c.parse().expect("CIDR"))
+            .collect();
+        let a = [&cidrs[0], &cidrs[2], &cidrs[3]];
+        let b = [&cidrs[1], &cidrs[2]];
+        let all: Vec<&Cidr> = cidrs.iter().collect();
+        assert_eq!(merged(a.into_iter(), b.into_iter()), all);
+        assert_eq!(merged(b.into_iter(), [].into_iter()), b.to_vec());
     }
 
     #[test]
@@ -696,10 +846,18 @@ mod tests {
             ],
             removals: vec!["2001:db8::1".parse().expect("CIDR")],
         };
-        let added = ListCounts::added(&list, &change);
+        let (after, added) = ListCounts::of(&list).after(&list, &change);
+        assert_eq!((after.v4_long(), after.v6()), (2, 1));
         assert_eq!((added.v4_long(), added.v6()), (1, 1));
+        // The same change in order and without the repeat (no sets needed) counts the same.
+        let mut ordered = change.clone();
+        ordered.upserts.sort();
+        ordered.upserts.dedup();
+        assert!(strictly_ordered(ordered.upserts.iter().map(|(c, _)| c)));
+        assert!(!strictly_ordered(change.upserts.iter().map(|(c, _)| c)));
+        assert_eq!(ListCounts::of(&list).after(&list, &ordered), (after, added));
         assert_eq!(
-            change.subset_of(&list).len(),
+            ListChange::subset_of(&list, change.cidrs()).len(),
             2,
             "the re-sourced and the removed"
         );

@@ -242,10 +242,10 @@ impl LivePolicy {
         // The standby generation must hold the policy in force before a change goes into it.
         self.catch_up();
         // Everything that can fail on the change itself fails here, before any map is touched.
-        let allow_counts = self
+        let (allow_counts, allow_added) = self
             .allow_counts
             .after(&self.policy.allowlist, &change.allowlist);
-        let block_counts = self
+        let (block_counts, block_added) = self
             .block_counts
             .after(&self.policy.blocklist, &change.blocklist);
         let rate_limit = change
@@ -254,23 +254,25 @@ impl LivePolicy {
             .map_or(&self.policy.rate_limit, |rest| &rest.rate_limit);
         // Until the switched-off generation catches up, the shared hashes hold the entries of
         // both: the old ones and the change's new ones.
-        let added = [
-            ListCounts::added(&self.policy.allowlist, &change.allowlist),
-            ListCounts::added(&self.policy.blocklist, &change.blocklist),
-        ];
-        let peak =
-            PrefixCounts::of(&[&self.allow_counts, &self.block_counts, &added[0], &added[1]]);
+        let peak = PrefixCounts::of(&[
+            &self.allow_counts,
+            &self.block_counts,
+            &allow_added,
+            &block_added,
+        ]);
         self.capacities
             .fit(&peak, rate_limit)
             .map_err(ChangeError::Rejected)?;
         allow_counts.shape(ListKind::Allow)?;
         block_counts.shape(ListKind::Block)?;
 
-        // What the generation in force holds of the entries the change touches: the shared
-        // hashes keep its slots as they are while the standby's are written.
+        // What the generation in force holds, in both lists, of every CIDR the change names
+        // (in either list): the shared hashes keep its slots as they are while the standby's
+        // are written.
+        let touched = || change.allowlist.cidrs().chain(change.blocklist.cidrs());
         let in_force = (
-            change.allowlist.subset_of(&self.policy.allowlist),
-            change.blocklist.subset_of(&self.policy.blocklist),
+            ListChange::subset_of(&self.policy.allowlist, touched()),
+            ListChange::subset_of(&self.policy.blocklist, touched()),
         );
         let undo = self.take(
             change.allowlist.clone(),

@@ -18,6 +18,15 @@ pub struct PrefixList {
     pub count: usize,
 }
 
+/// A set of /24s: one bit each.
+struct Slash24s(Vec<u64>);
+
+impl Slash24s {
+    fn contains(&self, slash24: u32) -> bool {
+        self.0[slash24 as usize / 64] & 1 << (slash24 % 64) != 0
+    }
+}
+
 enum Entry {
     Host(Ipv4Addr),
     Network(Ipv4Addr, u32),
@@ -40,15 +49,15 @@ fn scatter(n: u32) -> u32 {
     x ^ (x >> 16)
 }
 
-/// Whether the IPv4 network `net`/`len` may be listed: public unicast, and clear of the lab's
-/// and the benchmark's own addresses (the documentation ranges).
+/// Whether the IPv4 network `net`/`len` may be listed: outside 0/8, 10/8, 127/8 and 224/3, and
+/// clear of the lab's and the benchmark's own addresses (the documentation /24s).
 fn listable(net: u32, len: u32) -> bool {
     let first = net >> 24;
     let reserved = matches!(first, 0 | 10 | 127) || first >= 224;
-    let mask = u32::MAX << (32 - len);
-    let covers = |addr: u32| addr & mask == net;
+    // Compared at /24 at most: a host inside a lab /24 overlaps it as a network covering it.
+    let mask = u32::MAX << (32 - len.min(24));
     let lab = [0xc000_0200u32, 0xc633_6400, 0xcb00_7100]; // 192.0.2/24, 198.51.100/24, 203.0.113/24
-    !reserved && !lab.iter().any(|&addr| covers(addr))
+    !reserved && !lab.iter().any(|&addr| addr & mask == net & mask)
 }
 
 /// The `len`-bit network of the list's `n`th scattered pick from `seed`, listable.
@@ -127,9 +136,28 @@ impl PrefixList {
         })
     }
 
-    /// The last IPv4 host of the list.
+    /// The last IPv4 host of the list that no listed network covers (so that finding it takes
+    /// the long-prefix hash, not the /24 table).
     pub fn deep_v4_host(&self) -> Ipv4Addr {
-        self.v4_hosts().last().expect("the list holds IPv4 hosts")
+        let covered = self.covered_slash24s();
+        let hosts: Vec<Ipv4Addr> = self.v4_hosts().collect();
+        *hosts
+            .iter()
+            .rev()
+            .find(|host| !covered.contains(u32::from(**host) >> 8))
+            .expect("the list holds IPv4 hosts outside its networks")
+    }
+
+    /// The /24s the list's networks cover.
+    fn covered_slash24s(&self) -> Slash24s {
+        let mut covered = Slash24s(vec![0u64; 1 << 18]);
+        for (net, len) in self.v4_networks() {
+            let first = u32::from(net) >> 8;
+            for slash24 in first..first + (1 << (24 - len)) {
+                covered.0[slash24 as usize / 64] |= 1 << (slash24 % 64);
+            }
+        }
+        covered
     }
 
     /// An address inside the last listed IPv4 network.
@@ -142,18 +170,11 @@ impl PrefixList {
     /// sources of the cold-cache pass scenario.
     pub fn unlisted_v4(&self, count: usize) -> Vec<Ipv4Addr> {
         let hosts: HashSet<u32> = self.v4_hosts().map(u32::from).collect();
-        // One bit per /24 covered by a network.
-        let mut covered = vec![0u64; 1 << 18];
-        for (net, len) in self.v4_networks() {
-            let first = u32::from(net) >> 8;
-            for slash24 in first..first + (1 << (24 - len)) {
-                covered[slash24 as usize / 64] |= 1 << (slash24 % 64);
-            }
-        }
+        let covered = self.covered_slash24s();
         (0..u32::MAX)
             .map(|i| scatter(i ^ 0x0bad_cafe))
             .filter(|&addr| listable(addr, 32))
-            .filter(|addr| covered[(addr >> 8) as usize / 64] & 1 << ((addr >> 8) % 64) == 0)
+            .filter(|addr| !covered.contains(addr >> 8))
             .filter(|addr| !hosts.contains(addr))
             .take(count)
             .map(Ipv4Addr::from)
