@@ -44,6 +44,27 @@ fn xdp_action(action: Action) -> u32 {
     }
 }
 
+/// The program's action on one UDP packet from `source`.
+fn verdict(program: &mut LoadedProgram, source: &str) -> u32 {
+    program.run(&Frame::udp(source, 40000, 443).bytes())
+}
+
+/// Fills the shared prefix hash `name` with entries no list holds (as a process behind moat's
+/// back could), so that moat's next insert fails; returns the hash.
+fn fill_with_unused<K: aya::Pod>(
+    program: &mut LoadedProgram,
+    name: &str,
+    keys: impl Iterator<Item = K>,
+) -> HashMap<MapData, K, PrefixEntry> {
+    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
+    let mut hash: HashMap<MapData, K, PrefixEntry> =
+        HashMap::try_from(ids.open(name).expect("the hash")).expect("a hash");
+    for key in keys {
+        hash.insert(key, PrefixEntry::default(), 0).expect("fill");
+    }
+    hash
+}
+
 fn delta(before: Counter, after: Counter) -> Counter {
     Counter {
         packets: after.packets - before.packets,
@@ -262,9 +283,6 @@ fn ipv6_prefixes_past_slash_32_are_reached_through_the_gate() {
     let mut program = LoadedProgram::new(&policy(
         "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"2001:db8:bad::/48\", \"2001:db9::/32\"]\n",
     ));
-    let verdict = |program: &mut LoadedProgram, source: &str| {
-        program.run(&Frame::udp(source, 40000, 443).bytes())
-    };
     assert_eq!(
         verdict(&mut program, "2001:db8:bad::7"),
         XDP_DROP,
@@ -341,10 +359,8 @@ fn a_change_whose_old_and_new_entries_overflow_the_shared_hash_is_refused_whole(
             },
         )
     };
-    let verdict = |program: &mut LoadedProgram, cidr: &Cidr| {
-        let source = cidr.net().addr().to_string();
-        program.run(&Frame::udp(&source, 40000, 443).bytes())
-    };
+    let verdict =
+        |program: &mut LoadedProgram, cidr: &Cidr| verdict(program, &cidr.net().addr().to_string());
     // The loaded hash holds 16,384 prefixes (the built-in default, as the policy has none).
     let old = hosts(0, 10_000);
     let new = hosts(10_000, 10_000);
@@ -385,17 +401,15 @@ fn a_failed_write_is_repaired_by_the_next_change() {
     let mut program = LoadedProgram::new(&policy(
         "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"192.0.2.1/32\"]\n",
     ));
-    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
-    let mut hash: HashMap<MapData, V4PrefixKey, PrefixEntry> =
-        HashMap::try_from(ids.open(V4_LONG).expect("V4_LONG")).expect("a hash");
     // Entries no list holds, until the hash (16,384: the default) is full.
-    for i in 1..16_384u32 {
-        let key = V4PrefixKey {
+    let hash = fill_with_unused(
+        &mut program,
+        V4_LONG,
+        (1..16_384u32).map(|i| V4PrefixKey {
             prefix_len: 32,
             addr: (0x0a00_0000 + i).to_be_bytes(),
-        };
-        hash.insert(key, PrefixEntry::default(), 0).expect("fill");
-    }
+        }),
+    );
     let add = |cidr: &str| {
         PolicyChange::of_list(
             ListKind::Block,
@@ -404,9 +418,6 @@ fn a_failed_write_is_repaired_by_the_next_change() {
                 removals: Vec::new(),
             },
         )
-    };
-    let verdict = |program: &mut LoadedProgram, source: &str| {
-        program.run(&Frame::udp(source, 40000, 443).bytes())
     };
     program
         .live
@@ -450,19 +461,14 @@ fn a_change_to_one_list_keeps_the_other_lists_entry_in_force() {
         "interfaces = [\"lo\"]\n[allowlist]\ncidrs = [\"192.0.2.77/32\"]\n\
          [blocklist]\ncidrs = [\"192.0.2.77/32\", \"192.0.2.78/32\"]\n",
     ));
-    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
-    let mut v6: HashMap<MapData, V6PrefixKey, PrefixEntry> =
-        HashMap::try_from(ids.open(V6_PREFIXES).expect("V6_PREFIXES")).expect("a hash");
-    for i in 0..16_384u128 {
-        let key = V6PrefixKey {
+    fill_with_unused(
+        &mut program,
+        V6_PREFIXES,
+        (0..16_384u128).map(|i| V6PrefixKey {
             prefix_len: 128,
             addr: (0x2001_0db8_0000_0000_0000_0000_0000_0000 + i).to_be_bytes(),
-        };
-        v6.insert(key, PrefixEntry::default(), 0).expect("fill");
-    }
-    let verdict = |program: &mut LoadedProgram, source: &str| {
-        program.run(&Frame::udp(source, 40000, 443).bytes())
-    };
+        }),
+    );
     assert_eq!(verdict(&mut program, "192.0.2.77"), XDP_PASS, "allowed");
     assert_eq!(verdict(&mut program, "192.0.2.78"), XDP_DROP, "blocked");
     let change = ListChange {
