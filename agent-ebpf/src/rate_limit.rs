@@ -53,9 +53,7 @@ pub fn source_key(settings: &RateSettings, source: &Source) -> SourceKey {
 /// ban check and then for the charge.
 #[inline(always)]
 pub fn state(key: &SourceKey) -> *mut RateState {
-    RATE_LIMITS
-        .get_ptr_mut(key)
-        .unwrap_or(core::ptr::null_mut())
+    RATE_LIMITS.get_ptr_mut(key).unwrap_or_default()
 }
 
 /// Whether the source whose limiter state is `state` (null: none) is banned, by the copy of its
