@@ -19,7 +19,7 @@ use super::state::{Dynamic, DynamicEntry, StateError, format_time, io, parse_tim
 use crate::config::{Cidr, ListKind};
 
 /// The journal's name inside `state_dir`.
-const JOURNAL_FILE: &str = "state.journal";
+pub const JOURNAL_FILE: &str = "state.journal";
 
 /// One change, as a line of JSON.
 #[derive(Debug, Deserialize, Serialize)]

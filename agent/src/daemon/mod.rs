@@ -13,6 +13,10 @@ mod server;
 mod service_manager;
 pub mod state;
 
+/// The journal's file name in `state_dir` (empty once the state file holds every change: the
+/// benchmark waits for that).
+pub use journal::JOURNAL_FILE;
+
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,

@@ -114,6 +114,19 @@ fn drop_counter(program_id: u32, if_index: u32) -> impl Fn() -> u64 {
     }
 }
 
+/// Waits until the daemon's state file holds every change (its journal is emptied then).
+fn wait_until_saved(lab: &Lab) {
+    let journal = lab.state_dir().join(moat::daemon::JOURNAL_FILE);
+    let started = Instant::now();
+    while std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the daemon did not save its state within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// One `block add` under traffic from the address: (invocation → CLI return, invocation → first
 /// drop counted), in milliseconds.
 fn time_block_add(lab: &Lab, program_id: u32, address: &str) -> (f64, f64) {
@@ -191,6 +204,7 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
     let mut rss_import = Vec::new();
     let mut add_return = Vec::new();
     let mut add_effect = Vec::new();
+    let mut add_during_save = Vec::new();
     for run in 0..options.runs {
         let (moat, _) = start(lab, &empty);
         std::thread::sleep(Duration::from_millis(300));
@@ -203,10 +217,19 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         rss_import.push(rss_mib(moat.pid()));
         let (program_id, _) = lab.xdp(Side::Protected).expect("attached");
         for _ in 0..BLOCK_ADDS_PER_RUN {
+            // Not inside the previous change's state save (measured apart below).
+            wait_until_saved(lab);
             let (returned, effect) = time_block_add(lab, program_id, ATTACKER_V4);
             add_return.push(returned);
             add_effect.push(effect);
         }
+        // Right after another change: its save of the million-entry state runs on the
+        // daemon's one control thread, and this change waits for it.
+        wait_until_saved(lab);
+        // (Its closing `block del` is the change the next one follows.)
+        time_block_add(lab, program_id, ATTACKER_V4);
+        let (returned, _) = time_block_add(lab, program_id, ATTACKER_V4);
+        add_during_save.push(returned);
         println!("control plane: run {} of {} done", run + 1, options.runs);
         stop_and_clean(lab, moat);
     }
@@ -224,6 +247,13 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         "`moat block add`: invocation → first packet dropped".into(),
         "ms",
         add_effect,
+    );
+    add_row(
+        "`moat block add` 0.3 s after another change (during that change's state save): \
+         invocation → CLI returns"
+            .into(),
+        "ms",
+        add_during_save,
     );
     add_row("daemon RSS, idle (empty lists)".into(), "MiB", rss_idle);
     add_row(
