@@ -195,8 +195,8 @@ impl LimiterMaps {
     /// source's limiter state goes too (it holds a copy of the ban): the source starts afresh.
     pub fn lift(&mut self, source: IpAddr) -> Result<(), MapAccessError> {
         let key = key_of(source);
-        forget(&mut self.bans, &key)?;
-        forget(&mut self.sources, &key)
+        self.bans.remove_if_present(&key)?;
+        self.sources.remove_if_present(&key)
     }
 
     /// Lifts every ban; returns the sources that were banned then.
@@ -206,11 +206,11 @@ impl LimiterMaps {
         let mut lifted = Vec::new();
         for (key, ban) in entries {
             lifted.extend(in_force(&key, &ban, now_ns, now).map(|ban| ban.source));
-            forget(&mut self.bans, &key)?;
+            self.bans.remove_if_present(&key)?;
             // Its state's copy too. (The state map is not walked: a spoofed flood fills it. A
             // copy whose ban-map entry was evicted stays until it expires; the program reads no
             // copy while the policy does not ban.)
-            forget(&mut self.sources, &key)?;
+            self.sources.remove_if_present(&key)?;
         }
         Ok(lifted)
     }
@@ -267,14 +267,6 @@ impl LimiterMaps {
             .insert(key, state, 0)
             .map_err(named(self.sources.name))
     }
-}
-
-/// Removes `key` from `map`; an entry gone already (expired, evicted) is not an error.
-fn forget<V: aya::Pod>(
-    map: &mut Named<HashMap<MapData, SourceKey, V>>,
-    key: &SourceKey,
-) -> Result<(), MapAccessError> {
-    map_source::remove_if_present(&mut map.map, key).map_err(named(map.name))
 }
 
 #[cfg(test)]

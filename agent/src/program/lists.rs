@@ -21,7 +21,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{
     map_batch,
-    map_source::{self, MapAccessError, MapSource, Named, ResolveError, named},
+    map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
 };
 use crate::config::{Cidr, ListEntries, ListKind};
@@ -151,7 +151,7 @@ impl<K: Pod + Ord> PrefixHash<K> {
             .into_iter()
             .partition(|(_, entry)| entry.is_unused());
         for (key, _) in unused {
-            map_source::remove_if_present(&mut self.map, &key).map_err(named(self.name))?;
+            self.remove_if_present(&key)?;
         }
         self.insert_all(&used)
     }
@@ -221,12 +221,9 @@ impl PrefixHashes {
         for (key, entry) in &mut v6 {
             set(entry, &v6_cidr(key));
         }
-        for cidr in allow.keys().chain(block.keys()) {
+        for cidr in in_hashes(allow.keys().chain(block.keys())) {
             match cidr.net() {
-                IpNet::V4(net) if u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX => {
-                    set(v4.entry(v4_key(&net)).or_default(), cidr);
-                }
-                IpNet::V4(_) => {}
+                IpNet::V4(net) => set(v4.entry(v4_key(&net)).or_default(), cidr),
                 IpNet::V6(net) => set(v6.entry(v6_key(&net)).or_default(), cidr),
             }
         }

@@ -79,6 +79,20 @@ impl<M: TryFrom<Map, Error = MapError>> Named<M> {
     }
 }
 
+impl<K: aya::Pod, V: aya::Pod> Named<aya::maps::HashMap<MapData, K, V>> {
+    /// Removes `key`; a key already gone (expired, evicted, never written) is not an error.
+    /// aya reports a missing key on delete as the syscall's ENOENT.
+    pub fn remove_if_present(&mut self, key: &K) -> Result<(), MapAccessError> {
+        match self.map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(named(self.name)(e)),
+        }
+    }
+}
+
 /// Every map of the program, by name, with a handle of this process's own (see [`duplicate`]):
 /// for pinning. Opening a map again by its kernel id would need CAP_SYS_ADMIN, which the service
 /// does not have.
@@ -113,19 +127,6 @@ pub fn duplicate(map: &MapData) -> Result<MapData, MapError> {
         .try_clone_to_owned()
         .map_err(duplicate_error)?;
     MapData::from_fd(fd)
-}
-
-/// Removes `key` from a hash; a key already gone (expired, evicted, never written) is not an
-/// error. aya reports a missing key on delete as the syscall's ENOENT.
-pub fn remove_if_present<K: aya::Pod, V: aya::Pod>(
-    map: &mut aya::maps::HashMap<MapData, K, V>,
-    key: &K,
-) -> Result<(), MapError> {
-    match map.remove(key) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 fn duplicate_error(io_error: std::io::Error) -> MapError {
