@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod moat_process;
 pub mod netns;
 pub mod program;
+pub mod spoofed_flood;
 pub mod systemd_container;
 pub mod traffic;
 

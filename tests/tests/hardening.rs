@@ -531,34 +531,7 @@ fn a_full_limiter_does_not_slow_the_control_plane() {
     let add_empty = best_of_three(&lab, &["block", "add", "192.0.2.1"]);
 
     // Fill both maps as a flood of spoofed sources would.
-    let maps = moat::program::map_source::ProgramMapIds::of(program_id).expect("moat's maps");
-    let open =
-        |name: &str| bpf_syscall::map_by_id(maps.id(name).expect("the map")).expect("open the map");
-    let (states, bans) = (
-        open(agent_common::maps::RATE_LIMITS),
-        open(agent_common::maps::BANS),
-    );
-    let in_an_hour = moat::program::limiter::monotonic_now_ns() + 3_600_000_000_000;
-    let state = agent_common::rate_limit::RateState::default();
-    let ban = agent_common::rate_limit::Ban {
-        expires_at: in_an_hour,
-        source: agent_common::lists::SOURCE_RATE_LIMIT,
-        _pad: 0,
-    };
-    for i in 0..SOURCES {
-        let key = agent_common::rate_limit::SourceKey {
-            family: agent_common::rate_limit::FAMILY_V4,
-            addr: {
-                let mut addr = [0u8; 16];
-                addr[..4].copy_from_slice(&(0x0a00_0000 | i).to_be_bytes());
-                addr
-            },
-        };
-        bpf_syscall::map_update(states.as_fd(), as_bytes(&key), as_bytes(&state))
-            .expect("fill the limiter");
-        bpf_syscall::map_update(bans.as_fd(), as_bytes(&key), as_bytes(&ban))
-            .expect("fill the bans");
-    }
+    moat_tests::spoofed_flood::fill_limiter(program_id, SOURCES);
 
     let status_full = best_of_three(&lab, &["status"]);
     let add_full = best_of_three(&lab, &["block", "add", "192.0.2.2"]);
@@ -571,13 +544,6 @@ fn a_full_limiter_does_not_slow_the_control_plane() {
         add_full < slack(add_empty),
         "block add took {add_full:?} with {SOURCES} sources, {add_empty:?} without"
     );
-}
-
-/// The bytes of a plain-data map key or value.
-fn as_bytes<T: Copy>(value: &T) -> &[u8] {
-    // SAFETY: T is one of agent-common's #[repr(C)] types of integers and byte arrays with
-    // explicit padding: every byte is initialised.
-    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
 }
 
 /// Finding 11: only a stale socket is replaced; a file or a symlink at the socket's path is

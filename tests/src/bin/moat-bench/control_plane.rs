@@ -13,18 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{
-    lists::SOURCE_RATE_LIMIT,
-    maps::{BANS, RATE_LIMITS},
-    rate_limit::{Ban, RateState},
-    stats::{Action, Reason},
-};
-use aya::maps::{HashMap, MapData};
-use moat::program::{limiter, map_source::ProgramMapIds, maps::ProgramMaps};
+use agent_common::stats::{Action, Reason};
+use moat::program::maps::ProgramMaps;
 use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_V4, PROTECTED_V4},
     metrics::scrape,
+    spoofed_flood::fill_limiter,
     traffic::udp_paced,
 };
 
@@ -300,8 +295,7 @@ struct LimiterFull {
 }
 
 /// Fills the rate limiter's maps of a running daemon to `max_sources`, as a flood of spoofed
-/// sources would (through the maps' ids: a real flood of a million sources would take the lab
-/// minutes), then times the commands an operator runs during such a flood.
+/// sources would, then times the commands an operator runs during such a flood.
 fn limiter_full(lab: &Lab, options: &Options) -> LimiterFull {
     let config = lab.write_config(&format!(
         "metrics_listen = \"{METRICS}\"\n[rate_limit]\npps = 100000\nban_ttl = \"1h\"\n\
@@ -309,28 +303,7 @@ fn limiter_full(lab: &Lab, options: &Options) -> LimiterFull {
     ));
     let (moat, _) = start(lab, &config);
     let (program_id, _) = lab.xdp(Side::Protected).expect("attached");
-    let maps = ProgramMapIds::of(program_id).unwrap_or_else(|e| panic!("moat's maps: {e}"));
-    let mut states: HashMap<MapData, _, RateState> =
-        HashMap::try_from(maps.open(RATE_LIMITS).expect("RATE_LIMITS")).expect("a hash");
-    let mut bans: HashMap<MapData, _, Ban> =
-        HashMap::try_from(maps.open(BANS).expect("BANS")).expect("a hash");
-    let in_an_hour = limiter::monotonic_now_ns() + 3_600_000_000_000;
-    let ban = Ban {
-        expires_at: in_an_hour,
-        source: SOURCE_RATE_LIMIT,
-        _pad: 0,
-    };
-    let state = RateState {
-        passed_packets: 1,
-        passed_bytes: 60,
-        banned_until: in_an_hour,
-        ..RateState::default()
-    };
-    for i in 0..LIMITER_SOURCES {
-        let key = limiter::key_of(std::net::Ipv4Addr::from(0x0a00_0000 | i).into());
-        states.insert(key, state, 0).expect("fill the limiter");
-        bans.insert(key, ban, 0).expect("fill the bans");
-    }
+    fill_limiter(program_id, LIMITER_SOURCES);
     let timed = |what: &dyn Fn()| {
         let started = Instant::now();
         what();
