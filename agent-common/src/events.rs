@@ -7,6 +7,10 @@ pub const EVENT_BAN: u32 = 1;
 /// A sample of a packet: dropped ones at the configured rate, passed ones only while
 /// `moat capture --passed` asks for them.
 pub const EVENT_SAMPLE: u32 = 2;
+/// A sample of the traffic of a protected destination (`detail`: the entry), paced per entry
+/// ([`crate::protect::PROTECT_SAMPLE_INTERVAL_NS`]); `reason` is `dst_limit` or `fingerprint`
+/// for a packet over the limit or matching the fingerprint, `no_match` otherwise.
+pub const EVENT_PROTECT_SAMPLE: u32 = 3;
 
 /// Bytes of the frame a sample carries.
 pub const SAMPLE_BYTES: usize = 128;
@@ -34,6 +38,9 @@ pub struct Event {
     pub action: u32,
     /// How many packets this sample stands for (the sampling interval it was taken at).
     pub weight: u32,
+    /// The list entry source, rule or protected entry of the verdict.
+    pub detail: u32,
+    pub _pad: u32,
     pub data: [u8; SAMPLE_BYTES],
 }
 

@@ -4,9 +4,11 @@
 //! explicit padding.
 #![no_std]
 
+pub mod bitset;
 pub mod events;
 pub mod lists;
 pub mod maps;
+pub mod protect;
 pub mod rate_limit;
 pub mod rules;
 pub mod settings;

@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 5;
+pub const PINNED_LAYOUT_VERSION: u32 = 6;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
@@ -41,6 +41,24 @@ pub const RULES_BY_SRC_PORT: [&str; GENERATIONS] = ["RULES_SPORT_0", "RULES_SPOR
 pub const RULES_BY_DST_PORT: [&str; GENERATIONS] = ["RULES_DPORT_0", "RULES_DPORT_1"];
 pub const RULES_BY_TCP_FLAGS: [&str; GENERATIONS] = ["RULES_FLAGS_0", "RULES_FLAGS_1"];
 pub const RULE_ACTIONS: [&str; GENERATIONS] = ["RULE_ACTIONS_0", "RULE_ACTIONS_1"];
+
+/// Protect tables ([`crate::protect`]), per generation: destination prefixes (LPM tries),
+/// protocol and destination port → entries, and each entry's limits.
+pub const PROTECT_BY_V4: [&str; GENERATIONS] = ["PROT_DST4_0", "PROT_DST4_1"];
+pub const PROTECT_BY_V6: [&str; GENERATIONS] = ["PROT_DST6_0", "PROT_DST6_1"];
+pub const PROTECT_BY_PROTOCOL: [&str; GENERATIONS] = ["PROT_PROTO_0", "PROT_PROTO_1"];
+pub const PROTECT_BY_DST_PORT: [&str; GENERATIONS] = ["PROT_DPORT_0", "PROT_DPORT_1"];
+pub const PROTECT_LIMITS: [&str; GENERATIONS] = ["PROT_LIMITS_0", "PROT_LIMITS_1"];
+/// Each protected entry's buckets ([`crate::protect::ProtectBucket`]), shared by every CPU.
+pub const PROTECT_BUCKETS: &str = "PROT_BUCKETS";
+/// Per-CPU counters per protected entry and [`crate::protect::ProtectHit`]
+/// ([`crate::protect::protect_hit_index`]).
+pub const PROTECT_HITS: &str = "PROT_HITS";
+/// Each protected entry's attack fingerprint ([`crate::protect::Fingerprint`]), shared by both
+/// generations: it lives as long as the attack, not the configuration.
+pub const PROTECT_FINGERPRINTS: &str = "PROT_PRINTS";
+/// Per-CPU, per protected entry: the earliest time of the next sample (monotonic ns).
+pub const PROTECT_SAMPLE_AT: &str = "PROT_SAMPLE_AT";
 
 /// Per-CPU packet and byte counters, indexed by [`crate::stats::index`].
 pub const STATS: &str = "STATS";

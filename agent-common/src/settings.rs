@@ -39,6 +39,9 @@ pub struct Settings {
     pub allow: ListShape,
     pub block: ListShape,
     pub rate: RateSettings,
+    /// Number of `[[protect]]` entries in the protect tables; 0 lets the program skip them.
+    pub protect_count: u32,
+    pub _pad: u32,
 }
 
 pod!(RateSettings, Settings);

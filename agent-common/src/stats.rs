@@ -63,10 +63,14 @@ pub enum Reason {
     Rule = 6,
     /// The source is over its rate limit.
     RateLimit = 7,
+    /// The traffic to a protected destination is over that destination's limit (`[[protect]]`).
+    DstLimit = 8,
+    /// The packet matched the attack fingerprint of its protected destination.
+    Fingerprint = 9,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::NoMatch,
         Self::NotIp,
@@ -76,6 +80,8 @@ impl Reason {
         Self::Ban,
         Self::Rule,
         Self::RateLimit,
+        Self::DstLimit,
+        Self::Fingerprint,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -88,6 +94,8 @@ impl Reason {
             Self::Ban => "ban",
             Self::Rule => "rule",
             Self::RateLimit => "rate_limit",
+            Self::DstLimit => "dst_limit",
+            Self::Fingerprint => "fingerprint",
         }
     }
 

@@ -1,9 +1,10 @@
-//! Events for the agent: bans, and a sample of dropped packets with the start of their frame.
+//! Events for the agent: bans, samples of dropped packets with the start of their frame, and
+//! samples of the traffic of protected destinations.
 
 use agent_common::{
-    events::{EVENT_BAN, EVENT_SAMPLE, Event, SAMPLE_BYTES},
+    events::{EVENT_BAN, EVENT_PROTECT_SAMPLE, EVENT_SAMPLE, Event, SAMPLE_BYTES},
     rate_limit::SourceKey,
-    stats::Action,
+    stats::{Action, Reason},
 };
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
@@ -13,6 +14,7 @@ use aya_ebpf::{
 use crate::{
     Verdict,
     maps::{EVENTS, EVENTS_LOST},
+    packet::Address,
 };
 
 /// Reports a new ban of `key` until `expires_at`.
@@ -37,6 +39,8 @@ pub fn ban(ctx: &XdpContext, key: &SourceKey, now: u64, expires_at: u64) {
         (*event).captured_len = 0;
         (*event).action = 0;
         (*event).weight = 0;
+        (*event).detail = 0;
+        (*event)._pad = 0;
     }
     entry.submit(0);
 }
@@ -45,6 +49,24 @@ pub fn ban(ctx: &XdpContext, key: &SourceKey, now: u64, expires_at: u64) {
 /// packets.
 #[inline(always)]
 pub fn sample(ctx: &XdpContext, verdict: &Verdict, action: Action, weight: u32) {
+    write_sample(ctx, EVENT_SAMPLE, verdict, action, weight);
+}
+
+/// A sample of the traffic of protected entry `entry`; `reason` says what the entry made of
+/// the packet (`no_match`: it conformed).
+#[inline(always)]
+pub fn protect_sample(ctx: &XdpContext, source: &Address, entry: u32, reason: Reason) {
+    let action = if reason == Reason::NoMatch {
+        Action::Pass
+    } else {
+        Action::Drop
+    };
+    let verdict = Verdict::new(action, reason, entry).with_source(source);
+    write_sample(ctx, EVENT_PROTECT_SAMPLE, &verdict, action, 1);
+}
+
+#[inline(always)]
+fn write_sample(ctx: &XdpContext, kind: u32, verdict: &Verdict, action: Action, weight: u32) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
         return;
@@ -58,7 +80,7 @@ pub fn sample(ctx: &XdpContext, verdict: &Verdict, action: Action, weight: u32) 
     let event = entry.as_mut_ptr();
     // SAFETY: as in `ban`; bpf_xdp_load_bytes copies at most SAMPLE_BYTES into `data`.
     unsafe {
-        (*event).kind = EVENT_SAMPLE;
+        (*event).kind = kind;
         (*event).reason = verdict.reason as u32;
         (*event).if_index = ctx.ingress_ifindex() as u32;
         (*event).family = verdict.family;
@@ -68,6 +90,8 @@ pub fn sample(ctx: &XdpContext, verdict: &Verdict, action: Action, weight: u32) 
         (*event).frame_len = frame_len;
         (*event).action = action as u32;
         (*event).weight = weight;
+        (*event).detail = verdict.detail;
+        (*event)._pad = 0;
         let copied = bpf_xdp_load_bytes(ctx.ctx, 0, (&raw mut (*event).data).cast(), captured) == 0;
         (*event).captured_len = if copied { captured } else { 0 };
     }

@@ -1,21 +1,23 @@
-//! The two generations of the policy's /24 tables and rule tables (the prefix hashes are shared,
-//! each entry saying which generation holds it); `ACTIVE_GEN` says which one is in
-//! force (see `agent_common::maps::GENERATIONS`). The decision code is compiled once per
+//! The two generations of the policy's /24 tables, rule tables and protect tables (the prefix
+//! hashes are shared, each entry saying which generation holds it); `ACTIVE_GEN` says which one
+//! is in force (see `agent_common::maps::GENERATIONS`). The decision code is compiled once per
 //! generation, each copy loading its own maps directly.
 
 use agent_common::{
     lists::{LIST_ALLOW, LIST_BLOCK, prefix_slot},
+    protect::{ProtectLimit, ProtectMask},
     rules::RuleMask,
 };
-use aya_ebpf::maps::Array;
+use aya_ebpf::maps::{Array, LpmTrie};
 
-use crate::{lists::CidrMaps, maps::*, rules::RuleMaps};
+use crate::{lists::CidrMaps, maps::*, protect::ProtectMaps, rules::RuleMaps};
 
-/// One generation: its allowlist, blocklist and rule tables.
+/// One generation: its allowlist, blocklist, rule tables and protect tables.
 pub trait Generation {
     type Allow: CidrMaps;
     type Block: CidrMaps;
     type Rules: RuleMaps;
+    type Protect: ProtectMaps;
 }
 
 macro_rules! cidr_maps {
@@ -59,18 +61,49 @@ macro_rules! rule_maps {
     };
 }
 
+macro_rules! protect_maps {
+    ($name:ident: $v4:ident, $v6:ident, $proto:ident, $dport:ident, $limits:ident) => {
+        pub struct $name;
+        impl ProtectMaps for $name {
+            #[inline(always)]
+            fn by_v4() -> &'static LpmTrie<[u8; 4], ProtectMask> {
+                &$v4
+            }
+            #[inline(always)]
+            fn by_v6() -> &'static LpmTrie<[u8; 16], ProtectMask> {
+                &$v6
+            }
+            #[inline(always)]
+            fn by_protocol() -> &'static Array<ProtectMask> {
+                &$proto
+            }
+            #[inline(always)]
+            fn by_dst_port() -> &'static Array<ProtectMask> {
+                &$dport
+            }
+            #[inline(always)]
+            fn limits() -> &'static Array<ProtectLimit> {
+                &$limits
+            }
+        }
+    };
+}
+
 cidr_maps!(Allow0: ALLOW_V4_TAB_0, prefix_slot(0, LIST_ALLOW));
 cidr_maps!(Block0: BLOCK_V4_TAB_0, prefix_slot(0, LIST_BLOCK));
 rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULE_ACTIONS_0);
+protect_maps!(Protect0: PROT_DST4_0, PROT_DST6_0, PROT_PROTO_0, PROT_DPORT_0, PROT_LIMITS_0);
 cidr_maps!(Allow1: ALLOW_V4_TAB_1, prefix_slot(1, LIST_ALLOW));
 cidr_maps!(Block1: BLOCK_V4_TAB_1, prefix_slot(1, LIST_BLOCK));
 rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULE_ACTIONS_1);
+protect_maps!(Protect1: PROT_DST4_1, PROT_DST6_1, PROT_PROTO_1, PROT_DPORT_1, PROT_LIMITS_1);
 
 pub struct Generation0;
 impl Generation for Generation0 {
     type Allow = Allow0;
     type Block = Block0;
     type Rules = Rules0;
+    type Protect = Protect0;
 }
 
 pub struct Generation1;
@@ -78,6 +111,7 @@ impl Generation for Generation1 {
     type Allow = Allow1;
     type Block = Block1;
     type Rules = Rules1;
+    type Protect = Protect1;
 }
 
 /// The generation in force (0 or 1).

@@ -8,7 +8,7 @@ use aya_ebpf::maps::Array;
 
 use crate::{
     maps::{V4_LONG, V6_GATE, V6_PREFIXES},
-    packet::Source,
+    packet::Address,
 };
 
 /// One list in one generation: its /24 table, and its slot in the shared prefix hashes. Maps
@@ -30,10 +30,10 @@ fn held<M: CidrMaps>(entry: &PrefixEntry) -> Option<u32> {
 
 /// The source of the entry of list `M` that covers `source`, if any.
 #[inline(always)]
-pub fn lookup<M: CidrMaps>(shape: &ListShape, source: &Source) -> Option<u32> {
+pub fn lookup<M: CidrMaps>(shape: &ListShape, source: &Address) -> Option<u32> {
     match source {
-        Source::V4(addr) => lookup_v4::<M>(shape, *addr),
-        Source::V6(addr) => lookup_v6::<M>(shape, addr),
+        Address::V4(addr) => lookup_v4::<M>(shape, *addr),
+        Address::V6(addr) => lookup_v6::<M>(shape, addr),
     }
 }
 

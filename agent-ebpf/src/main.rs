@@ -8,10 +8,12 @@
 #![feature(core_intrinsics)]
 
 mod events;
+mod fingerprint;
 mod generation;
 mod lists;
 mod maps;
 mod packet;
+mod protect;
 mod rate_limit;
 mod rules;
 mod stats;
@@ -30,7 +32,7 @@ use aya_ebpf::{
 use crate::{
     generation::{Generation, Generation0, Generation1},
     maps::{CAPTURE, SETTINGS},
-    packet::{Malformed, Packet, Source},
+    packet::{Address, Malformed, Packet},
     rate_limit::Limit,
 };
 
@@ -66,13 +68,13 @@ impl Verdict {
     }
 
     /// The verdict, carrying the packet's source (for the event and the counters).
-    fn with_source(mut self, source: &Source) -> Self {
+    fn with_source(mut self, source: &Address) -> Self {
         match source {
-            Source::V4(addr) => {
+            Address::V4(addr) => {
                 self.family = FAMILY_V4;
                 self.source[..4].copy_from_slice(addr);
             }
-            Source::V6(addr) => {
+            Address::V6(addr) => {
                 self.family = FAMILY_V6;
                 self.source = *addr;
             }
@@ -163,7 +165,8 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
                 }
                 match rule {
                     Some(verdict) => verdict,
-                    None => limit(ctx, settings, &key, state, now),
+                    None => protected::<G>(ctx, settings, packet, now)
+                        .unwrap_or_else(|| limit(ctx, settings, &key, state, now)),
                 }
             }
         };
@@ -171,10 +174,13 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     if let Some(verdict) = rule_verdict::<G>(settings, packet) {
         return verdict;
     }
-    if !settings.rate.is_on() {
+    if settings.protect_count == 0 && !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
     let now = clock();
+    if let Some(verdict) = protected::<G>(ctx, settings, packet, now) {
+        return verdict;
+    }
     let key = rate_limit::source_key(&settings.rate, &packet.source);
     limit(ctx, settings, &key, rate_limit::state(&key), now)
 }
@@ -199,6 +205,24 @@ fn rule_verdict<G: Generation>(settings: &Settings, packet: &Packet) -> Option<V
     } else {
         Verdict::drop(Reason::Rule, rule)
     })
+}
+
+/// The verdict of the protected destinations (when any is configured): a drop when the packet
+/// matches its destination's attack fingerprint or is over its limit. Before the per-source limiter, so that the excess of a
+/// flood forging a new source per packet makes no limiter state (evicting real clients').
+#[inline(always)]
+fn protected<G: Generation>(
+    ctx: &XdpContext,
+    settings: &Settings,
+    packet: &Packet,
+    now: u64,
+) -> Option<Verdict> {
+    if settings.protect_count == 0 {
+        return None;
+    }
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let (entry, reason) = protect::judge::<G::Protect>(ctx, packet, frame_len, now)?;
+    Some(Verdict::drop(reason, entry))
 }
 
 /// The rate limiter's verdict (when it is on), reporting a new ban.

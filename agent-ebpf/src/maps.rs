@@ -10,6 +10,9 @@ use agent_common::{
         BANS_DEFAULT_CAPACITY, EVENTS_BYTES, GENERATIONS, LONG_PREFIXES_DEFAULT_CAPACITY,
         MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY,
     },
+    protect::{
+        Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, ProtectBucket, ProtectLimit, ProtectMask,
+    },
     rate_limit::{Ban, RateState, SourceKey},
     rules::{MAX_RULES, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RuleMask, TCP_FLAGS_TABLE_LEN},
     settings::Settings,
@@ -18,7 +21,7 @@ use agent_common::{
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map]
@@ -35,10 +38,11 @@ pub static V4_LONG: HashMap<V4PrefixKey, PrefixEntry> =
 pub static V6_PREFIXES: HashMap<V6PrefixKey, PrefixEntry> =
     HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
 
-/// Declares one generation's /24 tables and rule tables under the given names.
+/// Declares one generation's /24 tables, rule tables and protect tables under the given names.
 macro_rules! generation_maps {
     ($allow_table:ident, $block_table:ident, $proto:ident, $sport:ident, $dport:ident,
-     $flags:ident, $actions:ident) => {
+     $flags:ident, $actions:ident, $p_v4:ident, $p_v6:ident, $p_proto:ident, $p_dport:ident,
+     $p_limits:ident) => {
         #[map]
         pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
         #[map]
@@ -55,6 +59,19 @@ macro_rules! generation_maps {
         pub static $flags: Array<RuleMask> = Array::with_max_entries(TCP_FLAGS_TABLE_LEN, 0);
         #[map]
         pub static $actions: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
+        #[map]
+        pub static $p_v4: LpmTrie<[u8; 4], ProtectMask> =
+            LpmTrie::with_max_entries(MAX_PROTECTED, 0);
+        #[map]
+        pub static $p_v6: LpmTrie<[u8; 16], ProtectMask> =
+            LpmTrie::with_max_entries(MAX_PROTECTED, 0);
+        #[map]
+        pub static $p_proto: Array<ProtectMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
+        #[map]
+        pub static $p_dport: Array<ProtectMask> =
+            Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
+        #[map]
+        pub static $p_limits: Array<ProtectLimit> = Array::with_max_entries(MAX_PROTECTED, 0);
     };
 }
 
@@ -65,7 +82,12 @@ generation_maps!(
     RULES_SPORT_0,
     RULES_DPORT_0,
     RULES_FLAGS_0,
-    RULE_ACTIONS_0
+    RULE_ACTIONS_0,
+    PROT_DST4_0,
+    PROT_DST6_0,
+    PROT_PROTO_0,
+    PROT_DPORT_0,
+    PROT_LIMITS_0
 );
 generation_maps!(
     ALLOW_V4_TAB_1,
@@ -74,7 +96,12 @@ generation_maps!(
     RULES_SPORT_1,
     RULES_DPORT_1,
     RULES_FLAGS_1,
-    RULE_ACTIONS_1
+    RULE_ACTIONS_1,
+    PROT_DST4_1,
+    PROT_DST6_1,
+    PROT_PROTO_1,
+    PROT_DPORT_1,
+    PROT_LIMITS_1
 );
 
 #[map]
@@ -86,6 +113,15 @@ pub static BANS: LruHashMap<SourceKey, Ban> =
 #[map]
 pub static RATE_LIMITS: LruHashMap<SourceKey, RateState> =
     LruHashMap::with_max_entries(RATE_LIMITS_DEFAULT_CAPACITY, 0);
+
+#[map]
+pub static PROT_BUCKETS: Array<ProtectBucket> = Array::with_max_entries(MAX_PROTECTED, 0);
+#[map]
+pub static PROT_HITS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(PROTECT_HITS_LEN, 0);
+#[map]
+pub static PROT_PRINTS: Array<Fingerprint> = Array::with_max_entries(MAX_PROTECTED, 0);
+#[map]
+pub static PROT_SAMPLE_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROTECTED, 0);
 
 #[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);

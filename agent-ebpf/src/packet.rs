@@ -9,7 +9,7 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_xdp_load_bytes, programs::XdpContext};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -48,13 +48,15 @@ const OVERLAPPING_FRAGMENT_OFFSET: u16 = 1;
 const UDP_HEADER_LEN: usize = 8;
 const TCP_MIN_HEADER_LEN: usize = 20;
 const ICMP_HEADER_LEN: usize = 4;
+/// The longest payload prefix [`payload_starts_with`] compares.
+pub const PAYLOAD_PREFIX_MAX: usize = agent_common::protect::FP_PAYLOAD_MAX;
 
 /// The packet's headers cannot be trusted: truncated, or lengths that contradict the frame.
 pub struct Malformed;
 
-/// A source address.
+/// An IPv4 or IPv6 address (a source, or a destination).
 #[derive(Clone, Copy)]
-pub enum Source {
+pub enum Address {
     V4([u8; 4]),
     V6([u8; 16]),
 }
@@ -62,7 +64,7 @@ pub enum Source {
 /// What the decision chain needs to know about an IP packet.
 #[derive(Clone, Copy)]
 pub struct Packet {
-    pub source: Source,
+    pub source: Address,
     /// The upper-layer protocol (after IPv6 extension headers).
     pub protocol: u8,
     /// TCP/UDP source and destination ports; `None` for other protocols and for non-first
@@ -70,9 +72,20 @@ pub struct Packet {
     pub ports: Option<(u16, u16)>,
     /// TCP flags (FIN 0x01 … CWR 0x80); `None` unless the TCP header was read.
     pub tcp_flags: Option<u8>,
+    /// The TCP window (0 unless the TCP header was read).
+    pub tcp_window: u16,
+    /// Where the IP header starts: the destination and the other header fields are read from
+    /// it only by the stages that need them ([`destination`], [`ip_fields`]).
+    pub ip_offset: usize,
+    /// Where the transport payload starts (after the TCP or UDP header; the transport header
+    /// itself for other protocols) and where the IP packet ends; both 0 when the transport
+    /// header was not read. Only ever compared and handed to a helper, never added to a packet
+    /// pointer: the verifier then need not tell apart the parser's paths by them.
+    pub payload_offset: u32,
+    pub ip_end: u32,
 }
 
-/// The first 14 bytes of a TCP header: ports, sequence numbers, data offset, flags.
+/// The first 16 bytes of a TCP header: ports, sequence numbers, data offset, flags, window.
 #[repr(C)]
 struct TcpStart {
     source: [u8; 2],
@@ -81,6 +94,7 @@ struct TcpStart {
     ack: [u8; 4],
     data_offset: u8,
     flags: u8,
+    window: [u8; 2],
 }
 
 /// Hop-by-hop, routing and destination options headers share this start.
@@ -200,10 +214,14 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
         return Err(Malformed);
     }
     let mut packet = Packet {
-        source: Source::V4(src),
+        source: Address::V4(src),
         protocol,
         ports: None,
         tcp_flags: None,
+        tcp_window: 0,
+        ip_offset: offset,
+        payload_offset: 0,
+        ip_end: 0,
     };
     if fragment_offset == 0 {
         transport(ctx, offset + header_len, offset + total_len, &mut packet)?;
@@ -212,10 +230,10 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
-    let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
+fn ipv6(ctx: &XdpContext, ip_offset: usize) -> Result<Packet, Malformed> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, ip_offset)?;
     // SAFETY: ptr_at checked that the header lies inside the frame.
-    let (version, payload_len, mut next_header, src) = unsafe {
+    let (version, payload_len, next_header, src) = unsafe {
         (
             (*ip).vcf[0] >> 4,
             (*ip).payload_len,
@@ -224,14 +242,48 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
         )
     };
     let payload_len = usize::from(u16::from_be_bytes(payload_len));
-    let mut offset = offset + size_of::<Ipv6Hdr>();
+    let offset = ip_offset + size_of::<Ipv6Hdr>();
     let ip_end = offset + payload_len;
     if version != 6 || ip_end > frame_len(ctx) {
         return Err(Malformed);
     }
 
+    let upper = upper_layer(ctx, offset, next_header, ip_end)?;
+    let mut packet = Packet {
+        source: Address::V6(src),
+        protocol: upper.protocol,
+        ports: None,
+        tcp_flags: None,
+        tcp_window: 0,
+        ip_offset,
+        payload_offset: 0,
+        ip_end: 0,
+    };
+    if upper.first_fragment {
+        transport(ctx, upper.offset, ip_end, &mut packet)?;
+    }
+    Ok(packet)
+}
+
+/// The upper layer of an IPv6 packet, past its extension headers.
+struct UpperLayer {
+    protocol: u8,
+    /// Where its header starts.
+    offset: usize,
+    /// Not a fragment, or the first one (which holds the upper layer's header).
+    first_fragment: bool,
+}
+
+/// Walks the extension headers from `offset`, where a header of type `next_header` starts, to
+/// the upper layer; the IPv6 packet ends at `ip_end`.
+#[inline(always)]
+fn upper_layer(
+    ctx: &XdpContext,
+    mut offset: usize,
+    mut next_header: u8,
+    ip_end: usize,
+) -> Result<UpperLayer, Malformed> {
     let mut first_fragment = true;
-    let mut upper_layer = None;
     // One pass per extension header, and one more to reach the upper layer.
     for _ in 0..=MAX_IPV6_EXTENSION_HEADERS {
         match next_header {
@@ -265,8 +317,11 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
                 offset += (usize::from(len) + 2) * 4;
             }
             protocol => {
-                upper_layer = Some(protocol);
-                break;
+                return Ok(UpperLayer {
+                    protocol,
+                    offset,
+                    first_fragment,
+                });
             }
         }
         // Each extension header ends inside the IPv6 packet.
@@ -275,17 +330,24 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
         }
     }
     // A chain longer than we walk hides its upper layer: refuse it rather than pass it blind.
-    let protocol = upper_layer.ok_or(Malformed)?;
-    let mut packet = Packet {
-        source: Source::V6(src),
-        protocol,
-        ports: None,
-        tcp_flags: None,
-    };
-    if first_fragment {
-        transport(ctx, offset, ip_end, &mut packet)?;
+    Err(Malformed)
+}
+
+/// The packet's destination address, from the IP header `parse` read.
+#[inline(always)]
+pub fn destination(ctx: &XdpContext, packet: &Packet) -> Result<Address, Malformed> {
+    match packet.source {
+        Address::V4(_) => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, packet.ip_offset)?;
+            // SAFETY: ptr_at checked that the header lies inside the frame.
+            Ok(Address::V4(unsafe { (*ip).dst_addr }))
+        }
+        Address::V6(_) => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, packet.ip_offset)?;
+            // SAFETY: ptr_at checked that the header lies inside the frame.
+            Ok(Address::V6(unsafe { (*ip).dst_addr }))
+        }
     }
-    Ok(packet)
 }
 
 /// Reads the transport header at `offset` into `packet`; the IP packet ends at `ip_end`. Called
@@ -299,18 +361,29 @@ fn transport(
     ip_end: usize,
     packet: &mut Packet,
 ) -> Result<(), Malformed> {
+    packet.payload_offset = offset as u32;
+    packet.ip_end = ip_end as u32;
     match packet.protocol {
         IPPROTO_TCP => {
             let tcp: *const TcpStart = ptr_at(ctx, offset)?;
             // SAFETY: ptr_at checked that the header lies inside the frame.
-            let (source, dest, data_offset, flags) =
-                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).data_offset, (*tcp).flags) };
+            let (source, dest, data_offset, flags, window) = unsafe {
+                (
+                    (*tcp).source,
+                    (*tcp).dest,
+                    (*tcp).data_offset,
+                    (*tcp).flags,
+                    (*tcp).window,
+                )
+            };
             let header_len = usize::from(data_offset >> 4) * 4;
             if header_len < TCP_MIN_HEADER_LEN || offset + header_len > ip_end {
                 return Err(Malformed);
             }
             packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
             packet.tcp_flags = Some(flags);
+            packet.tcp_window = u16::from_be_bytes(window);
+            packet.payload_offset = (offset + header_len) as u32;
         }
         IPPROTO_UDP => {
             // The frame first, then the IP packet: checked the other way round, the compiler
@@ -322,6 +395,7 @@ fn transport(
             // SAFETY: ptr_at checked that the header lies inside the frame.
             let (source, dest) = unsafe { ((*udp).src, (*udp).dst) };
             packet.ports = Some((u16::from_be_bytes(source), u16::from_be_bytes(dest)));
+            packet.payload_offset = (offset + UDP_HEADER_LEN) as u32;
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 if offset + ICMP_HEADER_LEN > ip_end => {
             return Err(Malformed);
@@ -329,6 +403,78 @@ fn transport(
         _ => {}
     }
     Ok(())
+}
+
+/// IP header fields only some stages read.
+pub struct IpFields {
+    /// TTL or hop limit.
+    pub ttl: u8,
+    /// IPv4 total length; IPv6 payload length + 40.
+    pub length: u16,
+    /// IPv4 identification; `None` for IPv6.
+    pub id: Option<u16>,
+}
+
+/// The packet's TTL, length and identification, from the IP header `parse` read.
+#[inline(always)]
+pub fn ip_fields(ctx: &XdpContext, packet: &Packet) -> Result<IpFields, Malformed> {
+    match packet.source {
+        Address::V4(_) => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, packet.ip_offset)?;
+            // SAFETY: ptr_at checked that the header lies inside the frame.
+            let (ttl, length, id) = unsafe { ((*ip).ttl, (*ip).tot_len, (*ip).id) };
+            Ok(IpFields {
+                ttl,
+                length: u16::from_be_bytes(length),
+                id: Some(u16::from_be_bytes(id)),
+            })
+        }
+        Address::V6(_) => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, packet.ip_offset)?;
+            // SAFETY: ptr_at checked that the header lies inside the frame.
+            let (ttl, payload_len) = unsafe { ((*ip).hop_limit, (*ip).payload_len) };
+            Ok(IpFields {
+                ttl,
+                length: u16::from_be_bytes(payload_len).saturating_add(size_of::<Ipv6Hdr>() as u16),
+                id: None,
+            })
+        }
+    }
+}
+
+/// Whether the packet's transport payload starts with the first `len` bytes of `expected`
+/// (1..=8); a payload shorter than that, or one not read, does not.
+#[inline(always)]
+pub fn payload_starts_with(
+    ctx: &XdpContext,
+    packet: &Packet,
+    expected: &[u8; PAYLOAD_PREFIX_MAX],
+    len: usize,
+) -> bool {
+    if packet.ip_end == 0
+        || len == 0
+        || packet.payload_offset as usize + len > packet.ip_end as usize
+    {
+        return false;
+    }
+    // The helper checks the bounds; the mask and +1 keep the length in 1..=8 in a way the
+    // verifier can follow.
+    const _: () = assert!(PAYLOAD_PREFIX_MAX.is_power_of_two());
+    let len = ((len as u32 - 1) & (PAYLOAD_PREFIX_MAX as u32 - 1)) + 1;
+    let mut bytes = [0u8; PAYLOAD_PREFIX_MAX];
+    // SAFETY: the helper writes at most `len` (≤ 8) bytes into the 8-byte buffer.
+    let loaded = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            packet.payload_offset,
+            bytes.as_mut_ptr().cast(),
+            len,
+        )
+    } == 0;
+    // The first `len` bytes are the low ones of a little-endian word: compared under a mask,
+    // without a loop.
+    let mask = u64::MAX >> (64 - 8 * len);
+    loaded && (u64::from_le_bytes(bytes) ^ u64::from_le_bytes(*expected)) & mask == 0
 }
 
 #[inline(always)]

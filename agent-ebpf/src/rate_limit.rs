@@ -12,7 +12,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use crate::{
     lists::mask_v6,
     maps::{BANS, RATE_LIMITS},
-    packet::Source,
+    packet::Address,
 };
 
 /// Attempts at a compare-and-swap before treating a source's packet as over its limit: only a
@@ -23,9 +23,9 @@ const OVER_LIMIT_GAP_NS: u64 = 1_000_000_000;
 
 /// The key of a source for bans and rate limits: its address cut to the configured prefix.
 #[inline(always)]
-pub fn source_key(settings: &RateSettings, source: &Source) -> SourceKey {
+pub fn source_key(settings: &RateSettings, source: &Address) -> SourceKey {
     match source {
-        Source::V4(addr) => {
+        Address::V4(addr) => {
             let prefix = settings.v4_prefix.min(32);
             let host = u32::from_be_bytes(*addr);
             let masked = if prefix == 0 {
@@ -42,7 +42,7 @@ pub fn source_key(settings: &RateSettings, source: &Source) -> SourceKey {
                 addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
             }
         }
-        Source::V6(addr) => SourceKey {
+        Address::V6(addr) => SourceKey {
             family: FAMILY_V6,
             addr: mask_v6(addr, settings.v6_prefix.min(128)),
         },
@@ -171,7 +171,7 @@ unsafe fn count_passed(state: *mut RateState, frame_len: u64) {
 
 /// Conforms (and advances the TAT by `cost`) when the TAT is at most `burst` ahead of `now`.
 #[inline(always)]
-fn gcra(tat: &AtomicU64, cost: u64, burst: u64, now: u64) -> bool {
+pub fn gcra(tat: &AtomicU64, cost: u64, burst: u64, now: u64) -> bool {
     for _ in 0..CAS_ATTEMPTS {
         // A plain read: the compare-and-swap below validates it.
         // SAFETY: `tat` is a valid, aligned u64 in a map value.

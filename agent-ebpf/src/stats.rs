@@ -4,13 +4,14 @@
 use agent_common::{
     lists::hit_index,
     maps::{SLOT_INDEX_MASK, SLOT_NO_ETHERNET},
+    protect::{ProtectHit, protect_hit_index},
     stats::{Action, Counter, Reason, index},
 };
 use aya_ebpf::{maps::PerCpuArray, programs::XdpContext};
 
 use crate::{
     Verdict,
-    maps::{INTERFACE_SLOTS, LIST_HITS, RULE_HITS, STATS},
+    maps::{INTERFACE_SLOTS, LIST_HITS, PROT_HITS, RULE_HITS, STATS},
 };
 
 /// The interface a packet arrived on, as the agent registered it.
@@ -55,6 +56,13 @@ pub fn count(ctx: &XdpContext, slot: u32, verdict: &Verdict, action: Action) -> 
         _ => {}
     }
     seen
+}
+
+/// Counts a packet charged to a protected entry by what the entry made of it (whatever the
+/// mode: in monitor mode the excess passes, and is counted here all the same).
+#[inline(always)]
+pub fn count_protected(entry: u32, hit: ProtectHit, bytes: u64) {
+    add(&PROT_HITS, protect_hit_index(entry, hit), bytes);
 }
 
 #[inline(always)]

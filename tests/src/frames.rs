@@ -141,6 +141,17 @@ impl Frame {
         Self::new(src, Transport::Echo)
     }
 
+    /// The same frame to `dst` (of the source's family) instead of [`DST_V4`] / [`DST_V6`].
+    pub fn to(mut self, dst: &str) -> Self {
+        self.dst = dst.parse().expect("test destination address");
+        assert_eq!(
+            self.dst.is_ipv4(),
+            self.src.is_ipv4(),
+            "one family per frame"
+        );
+        self
+    }
+
     /// An ARP request: not IP.
     pub fn arp() -> Vec<u8> {
         let mut frame = ethernet(&[], ETH_P_ARP);

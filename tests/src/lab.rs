@@ -13,6 +13,8 @@ use crate::netns::{NETNS_DIR, Netns};
 /// The protected host's addresses.
 pub const PROTECTED_V4: &str = "203.0.113.1";
 pub const PROTECTED_V6: &str = "2001:db8:1::1";
+/// A second address of the protected host: a destination that a test protects no entry for.
+pub const PROTECTED_OTHER_V4: &str = "203.0.113.3";
 /// A legitimate client on the outside.
 pub const LEGIT_V4: &str = "203.0.113.2";
 pub const LEGIT_V6: &str = "2001:db8:1::2";
@@ -104,7 +106,11 @@ impl Lab {
                     .expect("sysctl");
             }
         }
-        for (address, prefix) in [(PROTECTED_V4, "24"), (PROTECTED_V6, "64")] {
+        for (address, prefix) in [
+            (PROTECTED_V4, "24"),
+            (PROTECTED_OTHER_V4, "24"),
+            (PROTECTED_V6, "64"),
+        ] {
             p.ip(&[
                 "addr",
                 "add",
@@ -153,7 +159,7 @@ impl Lab {
                 p_if,
             ]);
         }
-        for address in [PROTECTED_V4, PROTECTED_V6] {
+        for address in [PROTECTED_V4, PROTECTED_OTHER_V4, PROTECTED_V6] {
             o.ip(&[
                 "neigh",
                 "replace",

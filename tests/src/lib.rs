@@ -16,6 +16,7 @@ pub mod program;
 pub mod spoofed_flood;
 pub mod systemd_container;
 pub mod traffic;
+pub mod trafgen;
 
 pub use lab::{Lab, Side};
 pub use moat_process::MoatProcess;

@@ -10,6 +10,7 @@ use moat::{
     program::{
         capacities::Capacities,
         counters::{CounterMaps, Framing, Snapshot},
+        fingerprints::FingerprintMaps,
         limiter::LimiterMaps,
         live::LivePolicy,
         loader::{self, Loaded},
@@ -34,6 +35,7 @@ pub struct LoadedProgram {
     pub limiter: LimiterMaps,
     pub counters: CounterMaps,
     pub sampling: SamplingOverride,
+    pub fingerprints: FingerprintMaps,
     /// The name and kernel id of every map the agent resolved.
     pub map_handles: MapHandles,
 }
@@ -54,6 +56,7 @@ impl LoadedProgram {
             limiter,
             mut counters,
             events: _,
+            fingerprints,
             sampling,
             handles: map_handles,
         } = maps;
@@ -68,6 +71,7 @@ impl LoadedProgram {
             limiter,
             counters,
             sampling,
+            fingerprints,
             map_handles,
         }
     }

@@ -1,11 +1,12 @@
-//! A million random and mutated frames through the real program: it never aborts, and no frame
-//! from a blocked source is ever passed, however it is mangled.
+//! A million random and mutated frames through the real program (lists, rules and protected
+//! destinations): it never aborts, and no frame from a blocked source is ever passed, however
+//! it is mangled.
 
 use std::{net::IpAddr, path::Path};
 
 use moat::config::{Cidr, Config, Overrides};
 use moat_tests::{
-    frames::{Extension, Frame, TCP_SYN},
+    frames::{DST_V4, DST_V6, Extension, Frame, TCP_SYN},
     program::{LoadedProgram, XDP_DROP, XDP_PASS, action_name},
 };
 
@@ -175,7 +176,9 @@ fn must_drop(frame: &[u8], blocked: &[Cidr]) -> Option<String> {
 #[test]
 fn a_million_mangled_frames_never_abort_and_never_pass_a_blocked_source() {
     let text = format!(
-        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [{}]\n[[rules]]\nname = \"r\"\nprotocol = \"udp\"\nsrc_ports = [11211]\naction = \"drop\"\n",
+        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [{}]\n[[rules]]\nname = \"r\"\nprotocol = \"udp\"\nsrc_ports = [11211]\naction = \"drop\"\n\
+         [[protect]]\nname = \"v4\"\ndestination = \"{DST_V4}\"\npps = 100000\nbps = \"1Gbit\"\n\
+         [[protect]]\nname = \"v6\"\ndestination = \"{DST_V6}\"\nprotocol = \"udp\"\npps = 100000\n",
         BLOCKED.map(|c| format!("\"{c}\"")).join(", ")
     );
     let policy = Config::from_str_at(&text, Path::new("fuzz.toml"))

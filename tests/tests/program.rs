@@ -21,7 +21,7 @@ use moat::{
     },
 };
 use moat_tests::{
-    frames::{Frame, L3_OFFSET, TCP_SYN},
+    frames::{DST_V4, DST_V6, Frame, L3_OFFSET, TCP_SYN},
     program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS, action_name},
 };
 
@@ -148,6 +148,27 @@ fn the_agent_owns_exactly_the_maps_the_object_declares() {
 
 /// An interface without an Ethernet header (tun, WireGuard, IPIP, GRE, PPP): its frames are IP
 /// packets, parsed from the first byte, and the same policy holds.
+/// The verifier walks every path of the program, up to a million instructions. Every stage adds
+/// to the walk (paths multiply): this keeps the margin in sight, so that the next stage is not
+/// the one that finds the limit on a kernel in the field.
+#[test]
+fn the_verifier_walks_the_program_well_under_its_limit() {
+    const BUDGET: u32 = 900_000;
+    let mut program = LoadedProgram::new(&policy(POLICY));
+    let info = moat::program::loader::program(&mut program.ebpf)
+        .and_then(|p| p.info().map_err(moat::program::loader::LoadError::Verify))
+        .expect("the program's info");
+    let walked = info
+        .verified_instruction_count()
+        .expect("the kernel reports verified instructions (5.16+)");
+    assert!(
+        walked < BUDGET,
+        "the verifier walked {walked} instructions: within {} of its limit",
+        1_000_000 - walked
+    );
+    eprintln!("verifier: {walked} instructions walked (budget {BUDGET})");
+}
+
 #[test]
 fn frames_of_an_ip_only_interface_are_parsed_from_the_ip_header() {
     let mut program = LoadedProgram::with_framing(&policy(POLICY), Framing::Ip);
@@ -728,5 +749,242 @@ fn live_changes_take_effect_whole_and_reach_both_generations() {
         program.run(&Frame::udp("10.200.0.1", 40000, 80).bytes()),
         XDP_DROP,
         "still the second policy"
+    );
+}
+
+/// A protected destination is held to its rate over all sources: a flood forging a new source
+/// per packet passes exactly the burst, the rest is dropped as `dst_limit` and counted on the
+/// entry; other ports, protocols and destinations are untouched; the entry's bucket is shared,
+/// so the same holds for IPv6.
+#[test]
+fn a_protected_destination_is_held_to_its_rate_whatever_the_source() {
+    let mut program = LoadedProgram::new(&policy(&format!(
+        "interfaces = [\"lo\"]\n\
+         [[protect]]\nname = \"dns\"\ndestination = \"{DST_V4}\"\nprotocol = \"udp\"\n\
+         dst_ports = [53]\npps = 1\nburst_packets = 10\n\
+         [[protect]]\nname = \"web6\"\ndestination = \"2001:db8:1::/64\"\nprotocol = \"tcp\"\n\
+         pps = 1\nburst_packets = 5\n"
+    )));
+    let spoofed = |n: u32| format!("198.18.{}.{}", n / 250, n % 250 + 1);
+    let mut dropped = 0;
+    for n in 0..1000 {
+        match program.run(&Frame::udp(&spoofed(n), 40000 + n as u16, 53).bytes()) {
+            XDP_DROP => dropped += 1,
+            XDP_PASS => {}
+            other => panic!("packet {n}: {}", action_name(other)),
+        }
+    }
+    assert_eq!(
+        dropped, 990,
+        "a new source per packet: only the burst of 10 passes"
+    );
+    let snapshot = program.snapshot();
+    let dns = snapshot.protected(0);
+    assert_eq!(
+        (dns.conforming.packets, dns.over.packets),
+        (10, 990),
+        "{dns:?}"
+    );
+    assert_eq!(
+        snapshot
+            .get(TEST_RUN_IF_INDEX, Action::Drop, Reason::DstLimit)
+            .packets,
+        990
+    );
+    for (frame, what) in [
+        (Frame::udp(LEGIT_V4, 40000, 54), "another port"),
+        (Frame::tcp(LEGIT_V4, 40000, 53, TCP_SYN), "another protocol"),
+        (
+            Frame::udp(LEGIT_V4, 40000, 53).to("203.0.113.2"),
+            "another destination",
+        ),
+        (
+            Frame::ping(LEGIT_V4),
+            "a portless packet to a port-bound entry",
+        ),
+    ] {
+        assert_eq!(program.run(&frame.bytes()), XDP_PASS, "{what}");
+    }
+    assert_eq!(
+        program.snapshot().protected(0),
+        dns,
+        "nothing else was charged"
+    );
+
+    // IPv6, a prefix destination, any port.
+    let tcp6 =
+        |host: u32, to: &str| Frame::tcp(&format!("2001:db8:f::{host:x}"), 1, 80, TCP_SYN).to(to);
+    let passed = (0..20)
+        .filter(|&host| program.run(&tcp6(host, "2001:db8:1::99").bytes()) == XDP_PASS)
+        .count();
+    assert_eq!(passed, 5, "the /64's shared burst");
+    assert_eq!(
+        program.run(&tcp6(1, "2001:db8:2::1").bytes()),
+        XDP_PASS,
+        "outside the protected prefix"
+    );
+    assert_eq!(program.snapshot().protected(1).over.packets, 15);
+}
+
+/// A bit limit holds the destination to its bytes; monitor mode passes the excess and counts it
+/// as `would_drop` and on the entry.
+#[test]
+fn a_protected_destinations_bit_limit_holds_and_monitor_mode_only_counts() {
+    let text = format!(
+        "interfaces = [\"lo\"]\n[[protect]]\nname = \"bits\"\ndestination = \"{DST_V4}\"\n\
+         bps = 8000\n"
+    );
+    let frame = Frame::udp(LEGIT_V4, 40000, 443).payload(100).bytes();
+    // 1000 bytes a second, a second's worth of burst: the frames that fit in 1000 bytes.
+    let fit = 1000 / frame.len() as u64 + 1;
+    let mut program = LoadedProgram::new(&policy(&text));
+    program.run_repeated(&frame, 100);
+    let counts = program.snapshot().protected(0);
+    assert!(
+        (fit - 1..=fit).contains(&counts.conforming.packets)
+            && counts.over.packets == 100 - counts.conforming.packets,
+        "{fit} frames of {} bytes fit in a second's 1000 bytes: {counts:?}",
+        frame.len()
+    );
+
+    let mut monitored = policy(&text);
+    monitored.mode = Mode::Monitor;
+    let mut program = LoadedProgram::new(&monitored);
+    assert_eq!(program.run_repeated(&frame, 100), XDP_PASS);
+    let snapshot = program.snapshot();
+    assert_eq!(
+        snapshot
+            .get(TEST_RUN_IF_INDEX, Action::WouldDrop, Reason::DstLimit)
+            .packets,
+        snapshot.protected(0).over.packets
+    );
+    assert!(snapshot.protected(0).over.packets >= 100 - fit);
+}
+
+/// A reload that changes a protected entry puts the new limit in force at once, with an empty
+/// bucket; removing every entry lets the traffic through.
+#[test]
+fn protected_entries_change_live() {
+    let entry = |pps: u32| {
+        format!(
+            "interfaces = [\"lo\"]\n[[protect]]\nname = \"p\"\ndestination = \"{DST_V4}\"\n\
+             pps = {pps}\nburst_packets = {pps}\n"
+        )
+    };
+    let mut program = LoadedProgram::new(&policy(&entry(10)));
+    let frame = Frame::udp(LEGIT_V4, 40000, 443).bytes();
+    assert_eq!(program.run_repeated(&frame, 100), XDP_DROP);
+    program
+        .live
+        .replace(policy(&entry(50)))
+        .expect("a new limit");
+    let before = program.snapshot().protected(0).conforming.packets;
+    assert_eq!(program.run_repeated(&frame, 100), XDP_DROP);
+    assert_eq!(
+        program.snapshot().protected(0).conforming.packets - before,
+        50,
+        "the new burst, from an empty bucket"
+    );
+    program
+        .live
+        .replace(policy("interfaces = [\"lo\"]\n"))
+        .expect("no entry");
+    assert_eq!(program.run_repeated(&frame, 100), XDP_PASS);
+}
+
+/// The program matches a fingerprint exactly as the agent reads the attributes from a sampled
+/// frame: for frames of every shape, a fingerprint of each attribute (and of all of them) made
+/// from the agent's reading drops the frame as `fingerprint`, before the bucket; the same
+/// fingerprint with that attribute's value changed lets it through.
+#[test]
+fn fingerprints_match_what_the_agent_reads_from_samples() {
+    use agent_common::protect::{FP_PAYLOAD, FP_PAYLOAD_MAX, Fingerprint};
+    use moat::observe::fingerprint::{Attributes, FIELDS};
+
+    let mut program = LoadedProgram::new(&policy(&format!(
+        "interfaces = [\"lo\"]\n\
+         [[protect]]\nname = \"v4\"\ndestination = \"{DST_V4}\"\npps = 1000000000\n\
+         [[protect]]\nname = \"v6\"\ndestination = \"{DST_V6}\"\npps = 1000000000\n"
+    )));
+    let frames = [
+        Frame::udp(LEGIT_V4, 1900, 53).payload(40),
+        Frame::tcp(LEGIT_V4, 40000, 80, TCP_SYN).vlan(7).payload(3),
+        Frame::udp(LEGIT_V4, 123, 123).ipv4_options(2).payload(2),
+        Frame::ping(LEGIT_V4),
+        Frame::udp(LEGIT_V6, 1900, 53).payload(12),
+        Frame::tcp(LEGIT_V6, 40000, 443, TCP_SYN | 0x10).qinq(1, 2),
+    ];
+    // The same fingerprint with the value of every attribute it names changed.
+    let changed = |print: &Fingerprint| {
+        let mut print = *print;
+        print.src_port ^= 1;
+        print.ttl ^= 1;
+        print.length ^= 1;
+        print.tcp_flags ^= 1;
+        print.tcp_window ^= 1;
+        print.ip_id ^= 1;
+        let last = (print.payload_len as usize).clamp(1, FP_PAYLOAD_MAX) - 1;
+        print.payload[last] ^= 1;
+        print
+    };
+    let mut checked = 0;
+    for frame in frames {
+        let bytes = frame.bytes();
+        let attributes = Attributes::of_frame(&bytes, false).expect("the agent reads the frame");
+        // IPv4 frames (which have an identification) belong to entry 0, IPv6 ones to entry 1.
+        let entry = u32::from(attributes.ip_id.is_none());
+        let present: Vec<u32> = FIELDS
+            .iter()
+            .copied()
+            .filter(|&field| attributes.fingerprint(field).is_some())
+            .collect();
+        let all = present.iter().fold(0, |all, field| all | field);
+        for fields in present.iter().copied().chain([all]) {
+            let print = attributes.fingerprint(fields).expect("present attributes");
+            program
+                .fingerprints
+                .install(entry, &print)
+                .expect("install the fingerprint");
+            let before = program.snapshot().protected(entry).fingerprint.packets;
+            assert_eq!(
+                program.run(&bytes),
+                XDP_DROP,
+                "{frame:?}: fingerprint {print:?} must match"
+            );
+            assert_eq!(
+                program.snapshot().protected(entry).fingerprint.packets,
+                before + 1
+            );
+            let changed = changed(&print);
+            program
+                .fingerprints
+                .install(entry, &changed)
+                .expect("install the changed fingerprint");
+            assert_eq!(
+                program.run(&bytes),
+                XDP_PASS,
+                "{frame:?}: fingerprint {changed:?} differs in every attribute it names"
+            );
+            checked += 1;
+        }
+        program.fingerprints.remove(entry).expect("remove");
+        assert_eq!(program.run(&bytes), XDP_PASS);
+    }
+    assert!(checked >= 30, "only {checked} fingerprints checked");
+
+    // A payload fingerprint longer than the packet's payload does not match it.
+    let short = Frame::udp(LEGIT_V4, 1900, 53).payload(3).bytes();
+    let mut print = Attributes::of_frame(&short, false)
+        .and_then(|a| a.fingerprint(FP_PAYLOAD))
+        .expect("a payload");
+    assert_eq!(print.payload_len, 3);
+    program.fingerprints.install(0, &print).expect("install");
+    assert_eq!(program.run(&short), XDP_DROP);
+    print.payload_len = 4;
+    program.fingerprints.install(0, &print).expect("install");
+    assert_eq!(
+        program.run(&short),
+        XDP_PASS,
+        "a 4-byte prefix of a 3-byte payload"
     );
 }

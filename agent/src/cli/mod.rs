@@ -2,6 +2,7 @@
 //! it runs and how it renders their replies. Every command but `run`, `config check`, `down`,
 //! `completions` and `manpages` is a client of the daemon's control socket.
 
+mod attacks;
 mod capture;
 mod config;
 mod docs;
@@ -90,6 +91,13 @@ pub enum Command {
     Reload,
     /// The top sources by dropped and by passed packets per second, live like `top`.
     Top(TopArgs),
+    /// The protected destinations ([[protect]]), their traffic, and the running and recent
+    /// attacks on them with their fingerprints.
+    Attacks {
+        /// Print JSON (the format is documented in README).
+        #[arg(long)]
+        json: bool,
+    },
     /// Write sampled dropped (or passed) frames to a pcap file that tcpdump and wireshark read.
     Capture(CaptureArgs),
     /// Work with configuration files.
@@ -127,6 +135,7 @@ impl Command {
             Self::Status { json } => status::status(socket, json),
             Self::Reload => status::reload(socket),
             Self::Top(args) => top::top(socket, &args),
+            Self::Attacks { json } => attacks::attacks(socket, json),
             Self::Capture(args) => capture::capture(socket, args),
             Self::Config {
                 command: ConfigCommand::Check { file },

@@ -4,6 +4,7 @@
 
 mod cidr;
 pub mod list_file;
+pub mod protect;
 pub mod rate_limit;
 pub mod rules;
 
@@ -20,6 +21,7 @@ use toml::Spanned;
 
 pub use self::{
     cidr::Cidr,
+    protect::{ProtectConfig, Protected},
     rate_limit::{RateLimit, RateLimitConfig},
     rules::{PortRange, Protocol, Rule, RuleAction, RuleConfig, TcpFlags},
 };
@@ -168,6 +170,9 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    /// Destinations held to a limit over all their sources.
+    #[serde(default)]
+    pub protect: Vec<ProtectConfig>,
     #[serde(default)]
     pub events: EventsConfig,
     /// Room for entries added while running; see [`DEFAULT_RUNTIME_ENTRIES`].
@@ -259,6 +264,9 @@ pub struct Policy {
     pub blocklist: ListEntries,
     pub rules: Vec<Rule>,
     pub rate_limit: RateLimit,
+    /// Protected destinations, in config order (the first an overlap check lets a packet
+    /// belong to is its entry).
+    pub protect: Vec<Protected>,
     /// One in this many dropped packets is sampled; 0: none.
     pub sample_every: u32,
 }
@@ -360,6 +368,7 @@ impl Config {
             blocklist,
             rules: rules::validate(&self.rules).map_err(|e| self.located(e))?,
             rate_limit: self.rate_limit.validate().map_err(|e| self.located(e))?,
+            protect: protect::validate(&self.protect).map_err(|e| self.located(e))?,
             sample_every,
         };
         Ok(Resolved {
@@ -959,5 +968,146 @@ sample_every = 100
             .collect();
         let e = error(&format!("interfaces = [\"a\"]\n{rules}"));
         assert!(e.contains("129 rules given, at most 128"), "{e}");
+    }
+
+    #[test]
+    fn protected_destinations_parse_with_their_defaults() {
+        let resolved = resolve(
+            r#"
+interfaces = ["veth0"]
+[[protect]]
+name = "dns"
+destination = "203.0.113.53/32"
+protocol = "udp"
+dst_ports = ["53"]
+pps = 20000
+bps = "200Mbit"
+burst_packets = 20000
+attack_after = "1s"
+attack_end_after = "10s"
+fingerprints = "auto"
+[[protect]]
+name = "web"
+destination = "2001:db8::/64"
+protocol = "tcp"
+pps = 50000
+[[protect]]
+name = "dns-tcp"
+destination = "203.0.113.53"
+protocol = "tcp"
+dst_ports = [53]
+bps = "10Mbit"
+fingerprints = "off"
+"#,
+        )
+        .expect("valid");
+        let [dns, web, dns_tcp] = resolved.policy.protect.as_slice() else {
+            panic!("three entries: {:?}", resolved.policy.protect);
+        };
+        assert_eq!(
+            (dns.pps, dns.bps, dns.burst_packets),
+            (20_000, 200_000_000, 20_000)
+        );
+        assert_eq!(
+            dns.dst_ports,
+            vec![PortRange {
+                first: 53,
+                last: 53
+            }]
+        );
+        assert_eq!(web.burst_packets, 50_000, "a second's worth by default");
+        assert_eq!(
+            (web.attack_after, web.attack_end_after),
+            (
+                protect::DEFAULT_ATTACK_AFTER,
+                protect::DEFAULT_ATTACK_END_AFTER
+            )
+        );
+        assert_eq!(web.fingerprints, protect::Fingerprints::Auto);
+        assert_eq!(dns_tcp.fingerprints, protect::Fingerprints::Off);
+        assert_eq!(dns_tcp.destination.to_string(), "203.0.113.53/32");
+    }
+
+    #[test]
+    fn protected_destination_errors_are_located() {
+        let entry = |body: &str| {
+            format!("[[protect]]\nname = \"p\"\ndestination = \"203.0.113.0/24\"\n{body}")
+        };
+        let cases = [
+            (
+                entry("pps = 0\n"),
+                "moat.toml:5:7: protect \"p\": pps = 0 is outside",
+            ),
+            (entry("pps = 2000000000\n"), "pps = 2000000000 is outside"),
+            (entry("bps = \"1kbit\"\n"), "bps = 1000 is outside"),
+            (entry("bps = \"20MB\"\n"), "unknown bit rate unit"),
+            (entry("protocol = \"udp\"\n"), "set pps, bps or both"),
+            (entry("pps = 100\nburst_packets = 1\n"), "under one tick"),
+            (
+                entry("bps = \"1Mbit\"\nburst_packets = 10\n"),
+                "burst_packets needs pps",
+            ),
+            (
+                entry("pps = 100\nattack_after = \"10ms\"\n"),
+                "outside 1s..=24h",
+            ),
+            (
+                entry("pps = 100\nattack_end_after = \"forever\"\n"),
+                "attack_end_after",
+            ),
+            (entry("pps = 100\nfingerprints = \"maybe\"\n"), "line 6"),
+            (
+                entry("pps = 100\nprotocol = \"icmp\"\ndst_ports = [1]\n"),
+                "dst_ports needs protocol",
+            ),
+            (
+                entry("pps = 100\npayload = \"00\"\n"),
+                "unknown field `payload`",
+            ),
+            (
+                "[[protect]]\nname = \"p\"\ndestination = \"203.0.113.1/24\"\npps = 1\n".into(),
+                "host bits set",
+            ),
+            (
+                "[[protect]]\nname = \"p\"\npps = 1\n".into(),
+                "missing field `destination`",
+            ),
+            (
+                format!("{}{}", entry("pps = 100\n"), entry("pps = 100\n")),
+                "protect name \"p\" is used twice",
+            ),
+            (
+                format!(
+                    "{}[[protect]]\nname = \"q\"\ndestination = \"203.0.113.7\"\nprotocol = \"udp\"\npps = 1\n",
+                    entry("pps = 100\ndst_ports = [53]\n")
+                ),
+                "moat.toml:9:15: protect \"q\" overlaps \"p\"",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = error(&format!("interfaces = [\"a\"]\n{text}"));
+            assert!(
+                e.contains(expected),
+                "{text:?}: expected {expected:?} in {e:?}"
+            );
+        }
+        // Disjoint ports or protocols on the same destination do not overlap.
+        resolve(&format!(
+            "interfaces = [\"a\"]\n{}[[protect]]\nname = \"q\"\ndestination = \"203.0.113.7\"\nprotocol = \"udp\"\ndst_ports = [\"54-60\"]\npps = 1\n\
+             [[protect]]\nname = \"r\"\ndestination = \"203.0.113.7\"\nprotocol = \"tcp\"\npps = 1\n",
+            entry("protocol = \"udp\"\npps = 100\ndst_ports = [53]\n")
+        ))
+        .expect("disjoint entries");
+        let too_many: String = (0..=agent_common::protect::MAX_PROTECTED)
+            .map(|i| {
+                format!(
+                    "[[protect]]\nname = \"p{i}\"\ndestination = \"10.0.{}.{}\"\npps = 1\n",
+                    i / 256,
+                    i % 256
+                )
+            })
+            .collect();
+        let e = error(&format!("interfaces = [\"a\"]\n{too_many}"));
+        assert!(e.contains("257 protect entries given, at most 256"), "{e}");
     }
 }

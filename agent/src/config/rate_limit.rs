@@ -127,9 +127,22 @@ pub const CLOCK_TICK_MAX: Duration = Duration::from_millis(10);
 /// The fewest packets whose burst (`burst - 1` intervals) spans [`CLOCK_TICK_MAX`] at `pps`:
 /// within one tick the clock stands still, and a burst shorter than that would drop a source
 /// sending under its limit.
-fn min_burst(pps: u64) -> u64 {
+pub fn min_burst(pps: u64) -> u64 {
     let per_tick = u128::from(pps) * CLOCK_TICK_MAX.as_nanos();
     (per_tick.div_ceil(1_000_000_000) as u64) + 1
+}
+
+/// A bit rate as written (bits/s, or a number with a unit); errors start with `key`.
+pub fn bit_rate(text: &toml::Spanned<BitRateText>, key: &str) -> Result<u64, Located> {
+    match text.get_ref() {
+        BitRateText::Number(n) => {
+            u64::try_from(*n).map_err(|_| (text.span(), format!("{key} = {n} is negative")))
+        }
+        BitRateText::Text(t) => Ok(t
+            .parse::<BitRate>()
+            .map_err(|m| (text.span(), format!("{key}: {m}")))?
+            .0),
+    }
 }
 
 impl RateLimitConfig {
@@ -154,17 +167,7 @@ impl RateLimitConfig {
         let pps = in_range(&self.pps, "pps", 0, 1_000_000_000)?.unwrap_or(0) as u64;
         let bps = match &self.bps {
             None => 0,
-            Some(text) => match text.get_ref() {
-                BitRateText::Number(n) if *n >= 0 => *n as u64,
-                BitRateText::Number(n) => {
-                    return Err((text.span(), format!("rate_limit: bps = {n} is negative")));
-                }
-                BitRateText::Text(t) => {
-                    t.parse::<BitRate>()
-                        .map_err(|m| (text.span(), format!("rate_limit: {m}")))?
-                        .0
-                }
-            },
+            Some(text) => bit_rate(text, "rate_limit: bps")?,
         };
         // A second's worth of packets unless stated, and never less than a tick's: within a
         // tick the clock stands still. A smaller burst (valid before the clock was coarse) is

@@ -41,7 +41,7 @@ impl Protocol {
         }
     }
 
-    fn has_ports(self) -> bool {
+    pub fn has_ports(self) -> bool {
         matches!(self, Self::Tcp | Self::Udp | Self::Any)
     }
 }
@@ -194,20 +194,7 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
                     format!("rule {name:?}: {key} needs protocol tcp, udp or any"),
                 ));
             }
-            list.iter()
-                .map(|p| {
-                    let parsed = match p.get_ref() {
-                        PortText::Number(n) => u16::try_from(*n)
-                            .map(|port| PortRange {
-                                first: port,
-                                last: port,
-                            })
-                            .map_err(|_| format!("{n} is not a port (0-65535)")),
-                        PortText::Text(text) => PortRange::parse(text),
-                    };
-                    parsed.map_err(|message| (p.span(), format!("rule {name:?}: {message}")))
-                })
-                .collect()
+            port_ranges(list, &format!("rule {name:?}"))
         };
         let src_ports = ports(&rule.src_ports, "src_ports")?;
         let dst_ports = ports(&rule.dst_ports, "dst_ports")?;
@@ -236,6 +223,24 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
         });
     }
     Ok(validated)
+}
+
+/// Ports as written, each a number or a range; errors start with `context`.
+pub fn port_ranges(list: &[Spanned<PortText>], context: &str) -> Result<Vec<PortRange>, Located> {
+    list.iter()
+        .map(|p| {
+            let parsed = match p.get_ref() {
+                PortText::Number(n) => u16::try_from(*n)
+                    .map(|port| PortRange {
+                        first: port,
+                        last: port,
+                    })
+                    .map_err(|_| format!("{n} is not a port (0-65535)")),
+                PortText::Text(text) => PortRange::parse(text),
+            };
+            parsed.map_err(|message| (p.span(), format!("{context}: {message}")))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -164,6 +164,9 @@ pub enum Request {
         /// Rows per table.
         limit: u32,
     },
+    /// The protected destinations, their traffic and counters, and the running and recent
+    /// attacks on them.
+    Attacks,
     /// Streams sampled frames (`Reply::Sample`) until `count` were sent, then
     /// `Reply::CaptureDone`; the only request answered with more than one frame.
     Capture {
@@ -222,6 +225,57 @@ pub struct MapFill {
     pub map: String,
     pub entries: u64,
     pub capacity: u64,
+}
+
+/// A protected destination as `moat attacks --json` prints it (a stable format; see README).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectedView {
+    pub protect: String,
+    pub destination: String,
+    pub protocol: String,
+    /// The limits over all sources; null: none.
+    pub pps_limit: Option<u64>,
+    pub bps_limit: Option<u64>,
+    /// The traffic to it in the last second.
+    pub pps: u64,
+    pub bps: u64,
+    pub under_attack: bool,
+    pub attacks_total: u64,
+    /// Packets since the program started: within the limit, over it (dropped as `dst_limit`),
+    /// matching an attack's fingerprint (dropped as `fingerprint`).
+    pub conforming_packets: u64,
+    pub over_packets: u64,
+    pub fingerprint_packets: u64,
+}
+
+/// An attack as `moat attacks --json` prints it (a stable format; see README).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttackView {
+    pub protect: String,
+    pub destination: String,
+    pub protocol: String,
+    /// RFC 3339; `ended` null while it runs.
+    pub started: String,
+    pub ended: Option<String>,
+    pub peak_pps: u64,
+    pub peak_bps: u64,
+    /// Packets dropped (would-be drops in monitor mode) by reason: `dst_limit`, `fingerprint`.
+    pub dropped: std::collections::BTreeMap<String, u64>,
+    /// As `src_port=1900 length=60`; null: none.
+    pub fingerprint: Option<String>,
+    pub fingerprint_installed: Option<String>,
+    /// Why no fingerprint is in force (fingerprints on, none found).
+    pub no_fingerprint: Option<String>,
+    /// Samples of the attack's packets, and how many distinct sources they came from.
+    pub sources_sampled: u64,
+    pub distinct_sources: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttacksView {
+    pub protected: Vec<ProtectedView>,
+    /// Running attacks first, then ended ones, newest first.
+    pub attacks: Vec<AttackView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +372,7 @@ pub enum Reply {
         needs_restart: Vec<String>,
     },
     Top(TopView),
+    Attacks(AttacksView),
     Sample(SampleView),
     /// The end of a capture: frames sent, and frames that matched but were missed because the
     /// capture fell behind.

@@ -50,6 +50,7 @@ impl Daemon {
             Request::Stats => self.stats(),
             Request::Status => Ok(self.status()),
             Request::Top { interval_ms, limit } => self.top(interval_ms, limit),
+            Request::Attacks => self.attacks_report(),
             // The socket server streams captures itself.
             Request::Capture { .. } => Err("a capture needs a connection of its own".into()),
             Request::Reload => self

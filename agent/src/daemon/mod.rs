@@ -4,6 +4,7 @@
 //! server (accept, peer credentials, framing), the request handlers and the state that
 //! outlives the daemon live beside it.
 
+mod attacks;
 mod handlers;
 mod interfaces;
 mod journal;
@@ -46,14 +47,16 @@ use self::{
 use crate::{
     config::{Config, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode},
     observe::{
+        attacks::{AttackWatch, SampleInbox},
         capture::CaptureHub,
         metrics,
         top::{DropTally, TopHistory},
     },
     program::{
         capacities::Capacities,
-        counters::CounterMaps,
+        counters::{CounterMaps, Framing},
         events::EventRing,
+        fingerprints::FingerprintMaps,
         limiter::{ActiveBan, LimiterMaps, LimiterScan},
         live::{self, LivePolicy},
         loader::{self, Loaded},
@@ -146,6 +149,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         &interfaces,
         observers.scrapes,
     )?;
+    let protect = program.live.policy().protect.clone();
     let daemon = Daemon {
         ebpf: program.ebpf,
         live: program.live,
@@ -173,6 +177,9 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         lifted: Vec::new(),
         top: TopHistory::default(),
         ban_expiries: BinaryHeap::new(),
+        attacks: AttackWatch::new(&protect),
+        attack_samples: observers.attack_samples,
+        fingerprints: program.fingerprints,
     };
     daemon
         .serve(
@@ -244,6 +251,7 @@ struct Filled {
     limiter: LimiterMaps,
     counters: CounterMaps,
     events: EventRing,
+    fingerprints: FingerprintMaps,
     sampling: SamplingOverride,
     map_handles: MapHandles,
     /// Saved bans the program could not take back (kept in saves until they expire).
@@ -261,6 +269,7 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         mut limiter,
         mut counters,
         events,
+        fingerprints,
         sampling,
         handles: map_handles,
     } = maps;
@@ -293,6 +302,7 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         limiter,
         counters,
         events,
+        fingerprints,
         sampling,
         map_handles,
         unrestored_bans,
@@ -305,6 +315,8 @@ struct Observers {
     scans: watch::Receiver<Arc<LimiterScan>>,
     captures: Arc<CaptureHub>,
     drops: Arc<Mutex<DropTally>>,
+    /// Samples of protected destinations' traffic, for the attack watch.
+    attack_samples: Arc<Mutex<SampleInbox>>,
     new_bans: mpsc::Receiver<(IpAddr, Duration)>,
     reader: JoinHandle<()>,
     /// The metrics server's end of the scrape channel; the daemon's end is `scrape_requests`.
@@ -344,14 +356,28 @@ fn start_observers(
         .collect();
     let captures = Arc::new(CaptureHub::new(sampling, names)?);
     let drops = Arc::new(Mutex::new(DropTally::default()));
+    let attack_samples = Arc::new(Mutex::new(SampleInbox::default()));
     let (bans, new_bans) = mpsc::channel(BAN_QUEUE);
+    let ip_first = prepared
+        .interfaces
+        .iter()
+        .filter(|t| t.framing == Framing::Ip)
+        .map(|t| t.if_index)
+        .collect();
     let reader = events
-        .spawn_reader(EventSinks::new(captures.sender(), drops.clone(), bans))
+        .spawn_reader(EventSinks::new(
+            captures.sender(),
+            drops.clone(),
+            bans,
+            attack_samples.clone(),
+            ip_first,
+        ))
         .context("polling the program's events")?;
     let (scrapes, scrape_requests) = mpsc::channel(4);
     Ok(Observers {
         scans,
         captures,
+        attack_samples,
         drops,
         new_bans,
         reader,
@@ -464,6 +490,10 @@ pub struct Daemon {
     top: TopHistory,
     /// Bans known to this daemon, soonest expiry first, so that each expiry is logged.
     ban_expiries: BinaryHeap<Reverse<(SystemTime, IpAddr)>>,
+    /// Attacks on the protected destinations, and the samples they are judged by.
+    attacks: AttackWatch,
+    attack_samples: Arc<Mutex<SampleInbox>>,
+    fingerprints: FingerprintMaps,
 }
 
 /// What a reload does not change: refused (the first three), or applied at the next restart.
@@ -521,6 +551,7 @@ impl Daemon {
         let serve = socket.serve(jobs_tx, captures);
         tokio::pin!(serve);
         let mut ban_save = tokio::time::interval(BAN_SAVE_INTERVAL);
+        let mut attack_watch = tokio::time::interval(attacks::TICK);
         loop {
             let next_expiry = self.next_expiry_in();
             let save_at = self.unsaved_since.map(|t| t + STATE_SAVE_DELAY);
@@ -553,6 +584,7 @@ impl Daemon {
                 }
                 () = tokio::time::sleep(next_expiry) => self.expire(SystemTime::now()),
                 _ = ban_save.tick() => self.save_bans_if_changed(),
+                _ = attack_watch.tick() => self.watch_attacks(),
                 () = sleep_until(catch_up_at), if catch_up_at.is_some() => self.live.catch_up(),
                 () = sleep_until(save_at), if save_at.is_some() => {
                     self.save_state();
@@ -708,7 +740,11 @@ impl Daemon {
         }
         let needs_restart = self.settings.needing_restart(&resolved);
         let policy = effective_policy(resolved.policy, &self.dynamic);
+        let protect = policy.protect.clone();
+        // An entry that changes must not meet the fingerprint of the one it replaces.
+        self.remove_changed_fingerprints(&protect);
         self.live.replace(policy)?;
+        self.reconfigure_attacks(&protect);
         if needs_restart.is_empty() {
             info!(cause, "reloaded the configuration");
         } else {

@@ -1,9 +1,10 @@
 //! What the daemon does with each event of the program: a ban is logged once and queued for
 //! saving and for its expiry; a sample of a dropped packet is logged at a bounded rate (so that
 //! a flood cannot flood the journal) and tallied for `moat top`; every sample goes to running
-//! captures.
+//! captures; a sample of a protected destination's traffic goes to the attack watch.
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -14,7 +15,11 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::info;
 
 use crate::{
-    observe::top::DropTally,
+    observe::{
+        attacks::{EntrySample, SampleInbox},
+        fingerprint::Attributes,
+        top::DropTally,
+    },
     program::events::{Decoded, EventHandler, Sample},
 };
 
@@ -35,6 +40,10 @@ pub struct EventSinks {
     pub sample_lines: LineLimiter,
     /// Log lines of bans: a flood of spoofed sources can ban thousands a second.
     pub ban_lines: LineLimiter,
+    /// Samples of protected destinations' traffic, for the attack watch.
+    pub attack_samples: Arc<Mutex<SampleInbox>>,
+    /// Interfaces whose frames start with the IP header (their samples are read so).
+    pub ip_first: HashSet<u32>,
 }
 
 impl EventSinks {
@@ -42,11 +51,15 @@ impl EventSinks {
         captures: broadcast::Sender<Arc<Sample>>,
         drops: Arc<Mutex<DropTally>>,
         bans: mpsc::Sender<(IpAddr, Duration)>,
+        attack_samples: Arc<Mutex<SampleInbox>>,
+        ip_first: HashSet<u32>,
     ) -> Self {
         Self {
             captures,
             drops,
             bans,
+            attack_samples,
+            ip_first,
             sample_lines: LineLimiter::new("dropped packet samples", SAMPLE_LINES_PER_SECOND),
             ban_lines: LineLimiter::new("bans", BAN_LINES_PER_SECOND),
         }
@@ -83,6 +96,18 @@ impl EventHandler for EventSinks {
                 if self.captures.receiver_count() > 0 {
                     // No receiver keeping up is not an error: each capture counts what it missed.
                     let _ = self.captures.send(Arc::new(sample));
+                }
+            }
+            Decoded::Protected(sample) => {
+                let attributes =
+                    Attributes::of_frame(&sample.data, self.ip_first.contains(&sample.if_index));
+                if let Ok(mut inbox) = self.attack_samples.lock() {
+                    inbox.push(EntrySample {
+                        entry: sample.detail,
+                        reason: sample.reason,
+                        source: sample.source,
+                        attributes,
+                    });
                 }
             }
         }
@@ -158,7 +183,13 @@ mod tests {
     fn a_burst_of_bans_gets_a_bounded_number_of_lines() {
         let (captures, _) = broadcast::channel(1);
         let (bans, mut queued) = mpsc::channel(4);
-        let mut sinks = EventSinks::new(captures, Arc::default(), bans);
+        let mut sinks = EventSinks::new(
+            captures,
+            Arc::default(),
+            bans,
+            Arc::default(),
+            HashSet::new(),
+        );
         for i in 0..1000u32 {
             let source = IpAddr::from(i.to_be_bytes());
             sinks.event(Decoded::Ban {

@@ -214,8 +214,21 @@ impl Daemon {
             .map(|info| format!("{:016x}", info.tag()));
         let interfaces = &self.interfaces;
         let interface_name = |if_index| interface_name(interfaces, if_index);
+        let protected = self
+            .attacks
+            .entries()
+            .into_iter()
+            .enumerate()
+            .map(|(index, entry)| metrics::ProtectedReading {
+                name: entry.protect,
+                counts: counters.protected(index as u32),
+                under_attack: entry.under_attack,
+                attacks_total: entry.attacks_total,
+            })
+            .collect();
         let reading = metrics::Reading {
             counters: &counters,
+            protected,
             interface_name: &interface_name,
             list_entries,
             bans_active,

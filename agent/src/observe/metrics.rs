@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::program::counters::Snapshot;
+use crate::program::counters::{ProtectedCounts, Snapshot};
 
 /// A scrape waiting for the daemon to render the metrics.
 pub type Scrape = oneshot::Sender<String>;
@@ -33,6 +33,16 @@ pub struct Reading<'a> {
     /// Whether everything in force is saved (the last save succeeded).
     pub state_saved: bool,
     pub state_save_failures: u64,
+    /// The protected entries, each with whether it is under attack and its attacks so far.
+    pub protected: Vec<ProtectedReading>,
+}
+
+/// One protected entry in a scrape.
+pub struct ProtectedReading {
+    pub name: String,
+    pub counts: ProtectedCounts,
+    pub under_attack: bool,
+    pub attacks_total: u64,
 }
 
 /// The metrics in Prometheus' text exposition format.
@@ -112,6 +122,59 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
         ])
         .set(1);
 
+    let protect_labels = ["protect", "verdict"];
+    let protect_packets = IntCounterVec::new(
+        Opts::new(
+            "moat_protect_packets_total",
+            "Packets to each protected destination, by what its limit made of them: conforming, \
+             over (dropped as dst_limit) or fingerprint (dropped as matching the attack's \
+             fingerprint); in monitor mode the drops are would-be drops.",
+        ),
+        &protect_labels,
+    )?;
+    let protect_bytes = IntCounterVec::new(
+        Opts::new(
+            "moat_protect_bytes_total",
+            "Bytes of the frames counted by moat_protect_packets_total.",
+        ),
+        &protect_labels,
+    )?;
+    let attack_active = IntGaugeVec::new(
+        Opts::new(
+            "moat_attack_active",
+            "1 while the protected destination is under attack.",
+        ),
+        &["protect"],
+    )?;
+    let attacks_total = IntCounterVec::new(
+        Opts::new(
+            "moat_attacks_total",
+            "Attacks on the protected destination since the daemon started.",
+        ),
+        &["protect"],
+    )?;
+    for entry in &reading.protected {
+        for (verdict, counter) in [
+            ("conforming", entry.counts.conforming),
+            ("over", entry.counts.over),
+            ("fingerprint", entry.counts.fingerprint),
+        ] {
+            let values = [entry.name.as_str(), verdict];
+            protect_packets
+                .with_label_values(&values)
+                .inc_by(counter.packets);
+            protect_bytes
+                .with_label_values(&values)
+                .inc_by(counter.bytes);
+        }
+        attack_active
+            .with_label_values(&[entry.name.as_str()])
+            .set(i64::from(entry.under_attack));
+        attacks_total
+            .with_label_values(&[entry.name.as_str()])
+            .inc_by(entry.attacks_total);
+    }
+
     registry.register(Box::new(packets))?;
     registry.register(Box::new(bytes))?;
     registry.register(Box::new(list_entries))?;
@@ -121,6 +184,10 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
     registry.register(Box::new(saved))?;
     registry.register(Box::new(save_failures))?;
     registry.register(Box::new(build))?;
+    registry.register(Box::new(protect_packets))?;
+    registry.register(Box::new(protect_bytes))?;
+    registry.register(Box::new(attack_active))?;
+    registry.register(Box::new(attacks_total))?;
     registry.register(Box::new(ProcessCollector::for_self()))?;
 
     let mut text = Vec::new();
@@ -186,6 +253,18 @@ mod tests {
             program_tag: Some("0123456789abcdef".into()),
             state_saved: false,
             state_save_failures: 2,
+            protected: vec![ProtectedReading {
+                name: "dns".into(),
+                counts: ProtectedCounts {
+                    over: Counter {
+                        packets: 70,
+                        bytes: 4480,
+                    },
+                    ..ProtectedCounts::default()
+                },
+                under_attack: true,
+                attacks_total: 1,
+            }],
         })
         .expect("render");
         for line in [
@@ -197,6 +276,11 @@ mod tests {
             "moat_events_lost_total 3",
             "moat_state_saved 0",
             "moat_state_save_failures_total 2",
+            "moat_protect_packets_total{protect=\"dns\",verdict=\"over\"} 70",
+            "moat_protect_bytes_total{protect=\"dns\",verdict=\"over\"} 4480",
+            "moat_protect_packets_total{protect=\"dns\",verdict=\"conforming\"} 0",
+            "moat_attack_active{protect=\"dns\"} 1",
+            "moat_attacks_total{protect=\"dns\"} 1",
             "# TYPE moat_packets_total counter",
         ] {
             assert!(

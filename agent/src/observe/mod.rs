@@ -3,6 +3,8 @@
 //! reads what the daemon hands it (samples, counter snapshots); none touches a map itself but
 //! through the `program` wing's owners.
 
+pub mod attacks;
 pub mod capture;
+pub mod fingerprint;
 pub mod metrics;
 pub mod top;

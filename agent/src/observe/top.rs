@@ -197,6 +197,7 @@ mod tests {
 
     fn sample(source: &str, weight: u32) -> Sample {
         Sample {
+            detail: 0,
             time: SystemTime::UNIX_EPOCH,
             source: source.parse().expect("address"),
             action: Action::Drop,

@@ -1,4 +1,4 @@
-//! The program's counters (`STATS`, `RULE_HITS`, `LIST_HITS`, `EVENTS_LOST`) and the interface
+//! The program's counters (`STATS`, `RULE_HITS`, `LIST_HITS`, `PROT_HITS`, `EVENTS_LOST`) and the interface
 //! registry (`INTERFACE_SLOTS`): each interface registered at start with its counter slot and
 //! its framing, and every counter read back summed over CPUs, mapped from slots to interfaces.
 
@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use agent_common::{
     maps::{self, MAX_IF_INDEX, SLOT_INDEX_MASK, SLOT_NO_ETHERNET},
+    protect::{ProtectHit, protect_hit_index},
     stats::{Action, Counter, PER_INTERFACE, Reason, index},
 };
 use aya::maps::{Array, MapData, PerCpuArray};
@@ -28,6 +29,7 @@ pub struct CounterMaps {
     stats: Named<PerCpuArray<MapData, Counter>>,
     rule_hits: Named<PerCpuArray<MapData, Counter>>,
     list_hits: Named<PerCpuArray<MapData, Counter>>,
+    protect_hits: Named<PerCpuArray<MapData, Counter>>,
     events_lost: Named<PerCpuArray<MapData, u64>>,
     interface_slots: Named<Array<MapData, u32>>,
 }
@@ -38,6 +40,7 @@ impl CounterMaps {
             stats: Named::resolve(source, maps::STATS)?,
             rule_hits: Named::resolve(source, maps::RULE_HITS)?,
             list_hits: Named::resolve(source, maps::LIST_HITS)?,
+            protect_hits: Named::resolve(source, maps::PROTECT_HITS)?,
             events_lost: Named::resolve(source, maps::EVENTS_LOST)?,
             interface_slots: Named::resolve(source, maps::INTERFACE_SLOTS)?,
         })
@@ -91,6 +94,16 @@ impl CounterMaps {
         Ok(per_cpu.iter().map(|c| c.packets).sum())
     }
 
+    /// The counters of the first `entries` protected entries, summed over CPUs: read once a
+    /// second for attack detection, so only those entries are read.
+    pub fn protected(&self, entries: usize) -> Result<Vec<ProtectedCounts>, MapAccessError> {
+        let len = (entries as u32 * ProtectHit::COUNT).min(self.protect_hits.map.len());
+        let hits = sums_of(&self.protect_hits, len)?;
+        Ok((0..entries as u32)
+            .map(|entry| ProtectedCounts::from_hits(&hits, entry))
+            .collect())
+    }
+
     /// Every counter now, each summed over CPUs.
     pub fn snapshot(&self) -> Result<Snapshot, MapAccessError> {
         let mut interface_of_slot = BTreeMap::new();
@@ -132,6 +145,7 @@ impl CounterMaps {
             rows,
             rule_hits: sums(&self.rule_hits)?,
             list_hits: sums(&self.list_hits)?,
+            protect_hits: sums(&self.protect_hits)?,
             events_lost,
         })
     }
@@ -139,7 +153,15 @@ impl CounterMaps {
 
 /// Each counter of a per-CPU array, summed over CPUs.
 fn sums(array: &Named<PerCpuArray<MapData, Counter>>) -> Result<Vec<Counter>, MapAccessError> {
-    (0..array.map.len())
+    sums_of(array, array.map.len())
+}
+
+/// The first `len` counters of a per-CPU array, summed over CPUs.
+fn sums_of(
+    array: &Named<PerCpuArray<MapData, Counter>>,
+    len: u32,
+) -> Result<Vec<Counter>, MapAccessError> {
+    (0..len)
         .map(|i| {
             array
                 .map
@@ -164,6 +186,38 @@ pub struct Row {
     pub counter: Counter,
 }
 
+/// The packets charged to one protected entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedCounts {
+    /// Within the entry's limit.
+    pub conforming: Counter,
+    /// Over it: dropped as `dst_limit` (passed in monitor mode).
+    pub over: Counter,
+    /// Matching the attack's fingerprint: dropped as `fingerprint` (passed in monitor mode).
+    pub fingerprint: Counter,
+}
+
+impl ProtectedCounts {
+    /// An entry's counters in `PROTECT_HITS` sums.
+    fn from_hits(hits: &[Counter], entry: u32) -> Self {
+        let at = |hit| {
+            hits.get(protect_hit_index(entry, hit) as usize)
+                .copied()
+                .unwrap_or_default()
+        };
+        Self {
+            conforming: at(ProtectHit::Conforming),
+            over: at(ProtectHit::Over),
+            fingerprint: at(ProtectHit::Fingerprint),
+        }
+    }
+
+    /// Every packet charged to the entry.
+    pub fn arrived(&self) -> Counter {
+        self.conforming.plus(self.over).plus(self.fingerprint)
+    }
+}
+
 /// All counters at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -172,6 +226,9 @@ pub struct Snapshot {
     pub rule_hits: Vec<Counter>,
     /// Hits per (list, entry source), indexed by `agent_common::lists::hit_index`.
     pub list_hits: Vec<Counter>,
+    /// Packets per protected entry and `agent_common::protect::ProtectHit`, indexed by
+    /// `agent_common::protect::protect_hit_index`.
+    pub protect_hits: Vec<Counter>,
     /// Events (bans, samples) the ring buffer had no room for.
     pub events_lost: u64,
 }
@@ -184,6 +241,11 @@ impl Snapshot {
             .find(|r| r.if_index == Some(if_index) && r.action == action && r.reason == reason)
             .map(|r| r.counter)
             .unwrap_or_default()
+    }
+
+    /// The packets charged to a protected entry, by what the entry made of them.
+    pub fn protected(&self, entry: u32) -> ProtectedCounts {
+        ProtectedCounts::from_hits(&self.protect_hits, entry)
     }
 
     /// The sum of every counter.

@@ -8,7 +8,7 @@ use std::{
 };
 
 use agent_common::{
-    events::{EVENT_BAN, EVENT_SAMPLE, Event},
+    events::{EVENT_BAN, EVENT_PROTECT_SAMPLE, EVENT_SAMPLE, Event},
     maps,
     stats::{Action, Reason},
 };
@@ -35,6 +35,8 @@ pub struct Sample {
     pub if_index: u32,
     /// How many packets this sample stands for.
     pub weight: u32,
+    /// The list entry source, rule or protected entry that decided.
+    pub detail: u32,
     pub frame_len: u32,
     /// The start of the frame (at most `agent_common::events::SAMPLE_BYTES`).
     pub data: Vec<u8>,
@@ -49,6 +51,9 @@ pub enum Decoded {
         ttl: Duration,
     },
     Sample(Sample),
+    /// A sample of a protected entry's traffic (`detail`: the entry); `reason` is what the entry
+    /// made of it (`no_match`: conformed, `dst_limit`, `fingerprint`).
+    Protected(Sample),
 }
 
 /// What is done with each event; runs on the reader's task.
@@ -124,10 +129,10 @@ pub fn decode(record: &[u8], now: (u64, SystemTime)) -> Option<Decoded> {
             source,
             ttl: Duration::from_nanos(event.expires_at.saturating_sub(event.timestamp)),
         }),
-        EVENT_SAMPLE => {
+        EVENT_SAMPLE | EVENT_PROTECT_SAMPLE => {
             let captured = (event.captured_len as usize).min(event.data.len());
             let age = Duration::from_nanos(now.0.saturating_sub(event.timestamp));
-            Some(Decoded::Sample(Sample {
+            Some(Sample {
                 time: now.1.checked_sub(age).unwrap_or(now.1),
                 source,
                 action: Action::ALL.get(event.action as usize).copied()?,
@@ -135,8 +140,16 @@ pub fn decode(record: &[u8], now: (u64, SystemTime)) -> Option<Decoded> {
                 if_index: event.if_index,
                 weight: event.weight.max(1),
                 frame_len: event.frame_len,
+                detail: event.detail,
                 data: event.data[..captured].to_vec(),
-            }))
+            })
+            .map(|sample| {
+                if event.kind == EVENT_SAMPLE {
+                    Decoded::Sample(sample)
+                } else {
+                    Decoded::Protected(sample)
+                }
+            })
         }
         _ => None,
     }
@@ -175,6 +188,8 @@ mod tests {
             captured_len: 0,
             action: 0,
             weight: 0,
+            detail: 0,
+            _pad: 0,
             data: [0; SAMPLE_BYTES],
         };
         let now = (
@@ -216,6 +231,13 @@ mod tests {
             sample.time,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_000) - Duration::from_millis(1)
         );
+        event.kind = EVENT_PROTECT_SAMPLE;
+        event.reason = Reason::DstLimit as u32;
+        event.detail = 3;
+        let Some(Decoded::Protected(sample)) = decode(&record(&event), now) else {
+            panic!("a protected entry's sample");
+        };
+        assert_eq!((sample.reason, sample.detail), (Reason::DstLimit, 3));
         event.action = 7;
         assert_eq!(decode(&record(&event), now), None, "an unknown action");
     }

@@ -12,6 +12,7 @@ use super::{
     capacities::{Capacities, PrefixCounts},
     lists::{CompiledList, Holdings, ListChange, ListCounts, ListError, ListTable, PrefixHashes},
     map_source::{MapAccessError, MapSource, ResolveError},
+    protect_tables::{ProtectBuckets, ProtectMaps, ProtectTables},
     rule_tables::{RuleMaps, RuleTables},
     settings::{self, SettingsMaps},
     v6_gate::V6Gate,
@@ -42,11 +43,12 @@ pub fn check(policy: &Policy) -> Result<(), ListError> {
     Ok(())
 }
 
-/// One generation's /24 tables and rule tables.
+/// One generation's /24 tables, rule tables and protect tables.
 struct GenerationMaps {
     allowlist: ListTable,
     blocklist: ListTable,
     rules: RuleMaps,
+    protect: ProtectMaps,
 }
 
 impl GenerationMaps {
@@ -58,11 +60,12 @@ impl GenerationMaps {
     }
 }
 
-/// The maps that hold the policy: both generations, the prefix hashes and the IPv6 gate they
-/// share, their settings, and the switch.
+/// The maps that hold the policy: both generations, the prefix hashes, the IPv6 gate and the
+/// protected entries' buckets they share, their settings, and the switch.
 pub struct PolicyMaps {
     generations: [GenerationMaps; GENERATIONS],
     prefixes: PrefixHashes,
+    protect_buckets: ProtectBuckets,
     settings: SettingsMaps,
     v6_gate: V6Gate,
 }
@@ -75,6 +78,7 @@ impl PolicyMaps {
                     allowlist: ListTable::resolve(source, ListKind::Allow, generation)?,
                     blocklist: ListTable::resolve(source, ListKind::Block, generation)?,
                     rules: RuleMaps::resolve(source, generation)?,
+                    protect: ProtectMaps::resolve(source, generation)?,
                 })
             })
             .collect::<Result<_, ResolveError>>()?;
@@ -83,6 +87,7 @@ impl PolicyMaps {
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one set of maps per generation")),
             prefixes: PrefixHashes::resolve(source)?,
+            protect_buckets: ProtectBuckets::resolve(source)?,
             settings: SettingsMaps::resolve(source)?,
             v6_gate: V6Gate::resolve(source)?,
         })
@@ -94,7 +99,8 @@ impl PolicyMaps {
 pub struct PolicyChange {
     pub allowlist: ListChange,
     pub blocklist: ListChange,
-    /// The new mode, rules, rate limit and sampling (its lists are ignored); `None`: unchanged.
+    /// The new mode, rules, rate limit, protected entries and sampling (its lists are
+    /// ignored); `None`: unchanged.
     pub rest: Option<Policy>,
 }
 
@@ -133,9 +139,30 @@ struct Behind {
     generation: usize,
     allowlist: ListChange,
     blocklist: ListChange,
-    rules: Option<RuleTables>,
+    rest: Option<CompiledRest>,
     /// Until then, a packet may still be deciding with that generation.
     due: Instant,
+}
+
+/// The tables compiled from the policy's rules and protected entries: once per change, written
+/// into both generations.
+struct CompiledRest {
+    rules: RuleTables,
+    protect: ProtectTables,
+}
+
+impl CompiledRest {
+    fn compile(policy: &Policy) -> Self {
+        Self {
+            rules: RuleTables::compile(&policy.rules),
+            protect: ProtectTables::compile(&policy.protect),
+        }
+    }
+
+    fn install(&self, maps: &mut GenerationMaps) -> Result<(), MapAccessError> {
+        self.rules.install(&mut maps.rules)?;
+        self.protect.install(&mut maps.protect)
+    }
 }
 
 impl LivePolicy {
@@ -223,7 +250,7 @@ impl LivePolicy {
             behind.generation,
             &behind.allowlist,
             &behind.blocklist,
-            behind.rules.as_ref(),
+            behind.rest.as_ref(),
             None,
         );
         if let Err(e) = written {
@@ -274,6 +301,13 @@ impl LivePolicy {
             ListChange::subset_of(&self.policy.allowlist, touched()),
             ListChange::subset_of(&self.policy.blocklist, touched()),
         );
+        // An entry that changed starts with an empty bucket (harmless to the one in force
+        // meanwhile: at most one burst more passes).
+        if let Some(rest) = &change.rest {
+            self.maps
+                .protect_buckets
+                .reset_changed(&self.policy.protect, &rest.protect)?;
+        }
         let undo = self.take(
             change.allowlist.clone(),
             change.blocklist.clone(),
@@ -284,10 +318,10 @@ impl LivePolicy {
             std::mem::replace(&mut self.block_counts, block_counts),
         );
         // Compiled once, written into both generations.
-        let rules = undo
+        let rest = undo
             .rest
             .is_some()
-            .then(|| RuleTables::compile(&self.policy.rules));
+            .then(|| CompiledRest::compile(&self.policy));
 
         let standby = 1 - self.active;
         let switched = self
@@ -295,7 +329,7 @@ impl LivePolicy {
                 standby,
                 &change.allowlist,
                 &change.blocklist,
-                rules.as_ref(),
+                rest.as_ref(),
                 Some((&in_force.0, &in_force.1)),
             )
             .and_then(|()| Ok(self.maps.settings.activate(standby)?));
@@ -311,7 +345,7 @@ impl LivePolicy {
             generation: 1 - standby,
             allowlist: change.allowlist,
             blocklist: change.blocklist,
-            rules,
+            rest,
             due: Instant::now() + GRACE_PERIOD,
         });
         Ok(())
@@ -330,6 +364,7 @@ impl LivePolicy {
             std::mem::swap(&mut rest.mode, &mut self.policy.mode);
             std::mem::swap(&mut rest.rules, &mut self.policy.rules);
             std::mem::swap(&mut rest.rate_limit, &mut self.policy.rate_limit);
+            std::mem::swap(&mut rest.protect, &mut self.policy.protect);
             std::mem::swap(&mut rest.sample_every, &mut self.policy.sample_every);
             rest
         });
@@ -341,14 +376,14 @@ impl LivePolicy {
     }
 
     /// Brings `generation`, which held the policy before the change, to `self.policy`;
-    /// `rules` are the new rules, compiled, when they changed; `other` is what the other
+    /// `rest` are the new rules and protected entries, compiled, when they changed; `other` is what the other
     /// generation holds of the entries the change touches (`None`: the policy in force).
     fn write(
         &mut self,
         generation: usize,
         allowlist: &ListChange,
         blocklist: &ListChange,
-        rules: Option<&RuleTables>,
+        rest: Option<&CompiledRest>,
         other: Option<(&ListEntries, &ListEntries)>,
     ) -> Result<(), ChangeError> {
         if self.stale[generation] {
@@ -368,8 +403,8 @@ impl LivePolicy {
             .write_change(&self.policy.allowlist, allowlist)?;
         maps.blocklist
             .write_change(&self.policy.blocklist, blocklist)?;
-        if let Some(rules) = rules {
-            rules.install(&mut maps.rules)?;
+        if let Some(rest) = rest {
+            rest.install(maps)?;
         }
         self.write_settings(generation)
     }
@@ -389,9 +424,9 @@ impl LivePolicy {
                 generation.list(kind).install(&compiled)?;
             }
         }
-        let rules = RuleTables::compile(&self.policy.rules);
+        let rest = CompiledRest::compile(&self.policy);
         for generation in 0..GENERATIONS {
-            rules.install(&mut self.maps.generations[generation].rules)?;
+            rest.install(&mut self.maps.generations[generation])?;
             self.write_settings(generation)?;
             self.stale[generation] = false;
         }
@@ -412,7 +447,7 @@ impl LivePolicy {
         self.maps
             .prefixes
             .rebuild(generation, &policy.allowlist, &policy.blocklist)?;
-        RuleTables::compile(&policy.rules).install(&mut self.maps.generations[generation].rules)?;
+        CompiledRest::compile(policy).install(&mut self.maps.generations[generation])?;
         self.write_settings(generation)?;
         self.stale[generation] = false;
         Ok(())

@@ -244,6 +244,7 @@ fn data_of(map: &Map) -> Option<&MapData> {
         | Map::PerCpuArray(data)
         | Map::HashMap(data)
         | Map::LruHashMap(data)
+        | Map::LpmTrie(data)
         | Map::RingBuf(data) => Some(data),
         _ => None,
     }

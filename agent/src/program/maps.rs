@@ -2,13 +2,14 @@
 //! generated objects): a map that is missing, of the wrong type or of the wrong key or value
 //! size is one error, at load, naming it, and so is a map of the object that no part of the
 //! agent owns. Each handle is a private field of its owning module (lists, rule tables,
-//! settings, limiter, counters, events, sampling); only that module reads or writes the map.
+//! settings, limiter, counters, events, fingerprints, sampling); only that module reads or writes the map.
 
 use aya::Ebpf;
 
 use super::{
     counters::{CounterMaps, Snapshot},
     events::EventRing,
+    fingerprints::FingerprintMaps,
     limiter::LimiterMaps,
     live::PolicyMaps,
     map_source::{MapAccessError, MapHandles, MapSource, ProgramMapIds, ResolveError},
@@ -25,6 +26,8 @@ pub struct ProgramMaps {
     pub counters: CounterMaps,
     /// Ban events and packet samples.
     pub events: EventRing,
+    /// The protected entries' attack fingerprints.
+    pub fingerprints: FingerprintMaps,
     /// `moat capture`'s sampling override.
     pub sampling: SamplingOverride,
     /// A handle on every map, for pinning.
@@ -50,6 +53,7 @@ impl ProgramMaps {
         let limiter = LimiterMaps::resolve(&mut source)?;
         let counters = CounterMaps::resolve(&mut source)?;
         let events = EventRing::resolve(&mut source)?;
+        let fingerprints = FingerprintMaps::resolve(&mut source)?;
         let sampling = SamplingOverride::resolve(&mut source)?;
         let left = source.left();
         if !left.is_empty() {
@@ -60,6 +64,7 @@ impl ProgramMaps {
             limiter,
             counters,
             events,
+            fingerprints,
             sampling,
             handles: source.into_handles(),
         })

@@ -8,6 +8,7 @@
 pub mod capacities;
 pub mod counters;
 pub mod events;
+pub mod fingerprints;
 pub mod limiter;
 pub mod lists;
 pub mod live;
@@ -17,6 +18,7 @@ pub mod map_source;
 mod mapped_array;
 pub mod maps;
 pub mod pins;
+pub mod protect_tables;
 pub mod rule_tables;
 pub mod sampling;
 pub mod settings;

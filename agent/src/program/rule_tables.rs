@@ -2,6 +2,7 @@
 //! value, the set of rules it satisfies.
 
 use agent_common::{
+    bitset::BitSet,
     maps,
     rules::{
         NO_PORT, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RULE_DROP, RULE_PASS, RuleMask,
@@ -29,7 +30,7 @@ pub struct RuleMaps {
 }
 
 impl<V: Pod> Named<Array<MapData, V>> {
-    fn set_all(&mut self, values: &[V]) -> Result<(), MapAccessError> {
+    pub(super) fn set_all(&mut self, values: &[V]) -> Result<(), MapAccessError> {
         for (index, value) in (0u32..).zip(values) {
             self.map.set(index, value, 0).map_err(named(self.name))?;
         }
@@ -117,8 +118,12 @@ fn mark_ports(table: &mut [RuleMask], ports: &[PortRange], index: u32) {
     debug_assert!(!table[NO_PORT as usize].contains(index));
 }
 
-fn write_masks(array: &mut MmapArray, masks: &[RuleMask]) -> Result<(), MapAccessError> {
-    let size = size_of::<RuleMask>();
+/// Writes a whole table of sets (rules, protected entries) through its mapping.
+pub(super) fn write_masks<const WORDS: usize>(
+    array: &mut MmapArray,
+    masks: &[BitSet<WORDS>],
+) -> Result<(), MapAccessError> {
+    let size = size_of::<BitSet<WORDS>>();
     array.write(size_of_val(masks), |bytes| {
         for (chunk, mask) in bytes.chunks_exact_mut(size).zip(masks) {
             for (bytes, word) in chunk.chunks_exact_mut(8).zip(mask.words) {

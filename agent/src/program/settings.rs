@@ -54,11 +54,13 @@ pub fn settings(policy: &Policy, allow: ListShape, block: ListShape) -> Settings
         allow,
         block,
         rate: rate_settings(&policy.rate_limit),
+        protect_count: policy.protect.len() as u32,
+        _pad: 0,
     }
 }
 
-const NS_PER_SECOND: u64 = 1_000_000_000;
-const PS_PER_BYTE_AT_1BPS: u64 = 8_000_000_000_000;
+pub const NS_PER_SECOND: u64 = 1_000_000_000;
+pub const PS_PER_BYTE_AT_1BPS: u64 = 8_000_000_000_000;
 
 fn rate_settings(rate: &RateLimit) -> RateSettings {
     let ns_per_packet = NS_PER_SECOND

@@ -13,7 +13,6 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -23,6 +22,7 @@ use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{LEGIT_V4, PROTECTED_V4},
     traffic::ping,
+    trafgen::{self, Payload, UdpFlood},
 };
 
 use crate::{Measured, Options, list::PrefixList};
@@ -237,87 +237,6 @@ fn softirq_ms() -> f64 {
     fields[6] * 1000.0 / hz
 }
 
-/// UDP datagrams that reached the protected host's stack (delivered, no port, or in error).
-fn udp_arrived(lab: &Lab) -> u64 {
-    lab.netns(Side::Protected).enter(|| {
-        // thread-self: this thread is the one in the namespace.
-        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
-        let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
-        let names: Vec<&str> = lines
-            .next()
-            .expect("Udp header")
-            .split_whitespace()
-            .collect();
-        let values: Vec<&str> = lines
-            .next()
-            .expect("Udp values")
-            .split_whitespace()
-            .collect();
-        ["InDatagrams", "NoPorts", "InErrors"]
-            .iter()
-            .map(|name| {
-                let at = names.iter().position(|n| n == name).expect("a Udp counter");
-                values[at].parse::<u64>().expect("a number")
-            })
-            .sum()
-    })
-}
-
-/// A trafgen configuration: one minimum-size UDP frame, from `source` (or random sources).
-fn trafgen_config(lab: &Lab, random: bool) -> PathBuf {
-    let source = if random { "drnd()" } else { ATTACKER };
-    let text = format!(
-        "{{\n  eth(da={}, sa={}, type=0x0800),\n  ipv4(sa={source}, da={PROTECTED_V4}, ttl=64),\n  \
-         udp(sp=40000, dp=9),\n  fill(0x00, 18)\n}}\n",
-        lab.mac(Side::Protected),
-        lab.mac(Side::Outside)
-    );
-    let path = lab.dir().join(if random {
-        "random.trafgen"
-    } else {
-        "one.trafgen"
-    });
-    std::fs::write(&path, text).expect("write the trafgen config");
-    path
-}
-
-/// Runs trafgen on one core for `duration`; returns the packets it sent.
-fn trafgen(lab: &Lab, config: &Path, duration: Duration) -> u64 {
-    let out = lab
-        .netns(Side::Outside)
-        .command("timeout")
-        .args(["-s", "INT", &format!("{}", duration.as_secs_f64())])
-        .args(["trafgen", "--dev", lab.interface(Side::Outside), "--conf"])
-        .arg(config)
-        // A small TX ring: trafgen treats EAGAIN from a full socket send buffer as fatal, and
-        // inside a network namespace it cannot raise the (global) buffer sysctls.
-        .args([
-            "--cpus",
-            "1",
-            "--num",
-            "100000000",
-            "--no-sock-mem",
-            "--ring-size",
-            "256KiB",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run trafgen (netsniff-ng): {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // "     1234567 packets outgoing"
-    text.lines()
-        .find_map(|l| {
-            let l = l.trim();
-            l.strip_suffix("packets outgoing")
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("trafgen printed no packet count:\n{text}"))
-}
-
 /// Legitimate TCP: a client at LEGIT_V4 sends to the protected host for `duration`; bytes
 /// received.
 fn tcp_transfer(lab: &Lab, duration: Duration) -> u64 {
@@ -371,9 +290,9 @@ struct Run {
 fn flood_once(lab: &Lab, filter: &Filter, trafgen_config: &Path, duration: Duration) -> Run {
     let seconds = duration.as_secs_f64();
     let dropped_before = filter.dropped(lab);
-    let arrived_before = udp_arrived(lab);
+    let arrived_before = trafgen::udp_arrived(lab);
     let softirq_before = softirq_ms();
-    let sent = trafgen(lab, trafgen_config, duration);
+    let sent = trafgen::run(lab, trafgen_config, duration, 1, None);
     let softirq = softirq_ms() - softirq_before;
     let dropped = filter.dropped(lab) - dropped_before;
 
@@ -385,7 +304,7 @@ fn flood_once(lab: &Lab, filter: &Filter, trafgen_config: &Path, duration: Durat
             ping(lab, LEGIT_V4, PROTECTED_V4, count)
         });
         let tcp = scope.spawn(|| tcp_transfer(lab, legit_time));
-        trafgen(lab, trafgen_config, duration);
+        trafgen::run(lab, trafgen_config, duration, 1, None);
         (pings.join().expect("ping"), tcp.join().expect("tcp"))
     });
     let run = Run {
@@ -396,7 +315,7 @@ fn flood_once(lab: &Lab, filter: &Filter, trafgen_config: &Path, duration: Durat
         } else {
             softirq / (dropped as f64 / 1e6)
         },
-        leaked: udp_arrived(lab) - arrived_before,
+        leaked: trafgen::udp_arrived(lab) - arrived_before,
         pings_sent: pings.transmitted,
         pings_lost: pings.transmitted - pings.received,
         tcp_mbit: tcp_bytes as f64 * 8.0 / 1e6 / legit_time.as_secs_f64(),
@@ -431,7 +350,22 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> String {
         entries.len()
     );
     for random in [false, true] {
-        let config = trafgen_config(lab, random);
+        let config = UdpFlood {
+            source: (!random).then(|| ATTACKER.parse().expect("an address")),
+            destination: PROTECTED_V4.parse().expect("an address"),
+            src_port: Some(40000),
+            dst_port: 9,
+            ttl: 64,
+            payload: Payload::Fill(0, 18),
+        }
+        .write(
+            lab,
+            if random {
+                "random.trafgen"
+            } else {
+                "one.trafgen"
+            },
+        );
         let mut rows = Vec::new();
         for contender in Contender::ALL {
             println!(

@@ -1,0 +1,372 @@
+//! End to end on a veth pair: protected destinations under floods that forge a new source for
+//! every packet (trafgen, both CPUs, full speed). The aggregate limit holds the passed rate; a
+//! flood whose packets share attributes is fingerprinted and dropped as `fingerprint` while
+//! legitimate traffic to the same service keeps flowing; a flood with nothing in common gets no
+//! fingerprint and the log says why; attacks start and end in the log and in `moat attacks`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use moat::control::protocol::{AttackView, AttacksView};
+use moat_tests::{
+    Lab, MoatProcess, Side,
+    lab::{LEGIT_V4, PROTECTED_OTHER_V4, PROTECTED_V4},
+    traffic::ping,
+    trafgen::{self, Payload, UdpFlood},
+};
+
+const SERVICE_PORT: u16 = 5353;
+const LIMIT: u64 = 2000;
+const BURST: u64 = 100;
+/// How long each flood runs, and the cores trafgen sends from.
+const FLOOD: Duration = Duration::from_secs(6);
+const FLOOD_CPUS: u32 = 2;
+/// Legitimate datagrams per second to the protected service, each from a new ephemeral port.
+const LEGIT_PPS: u64 = 200;
+/// The payload lengths legitimate clients send, in turn; the flood's is one of them.
+const LEGIT_LENGTHS: [usize; 8] = [12, 20, 28, 32, 36, 44, 52, 60];
+const FLOOD_PAYLOAD: usize = 32;
+
+fn start(lab: &Lab, fingerprints: &str) -> MoatProcess {
+    let config = lab.write_config(&format!(
+        "[[protect]]\nname = \"svc\"\ndestination = \"{PROTECTED_V4}\"\nprotocol = \"udp\"\n\
+         dst_ports = [{SERVICE_PORT}]\npps = {LIMIT}\nburst_packets = {BURST}\n\
+         attack_after = \"1s\"\nattack_end_after = \"2s\"\nfingerprints = \"{fingerprints}\"\n"
+    ));
+    MoatProcess::start(lab, &["run", "--config", &config.to_string_lossy()]).0
+}
+
+fn attacks(lab: &Lab) -> AttacksView {
+    let text = MoatProcess::cli(lab, &["attacks", "--json"]).ok("moat attacks --json");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("moat attacks --json: {e}: {text}"))
+}
+
+/// The service's datagrams received so far, by source address.
+type Received = Arc<std::sync::Mutex<HashMap<IpAddr, u64>>>;
+
+/// A UDP service on the protected host that counts what it receives, until `stop`.
+fn serve(lab: &Lab, stop: Arc<AtomicBool>) -> (Received, std::thread::JoinHandle<()>) {
+    let socket = lab.netns(Side::Protected).enter(|| {
+        UdpSocket::bind(SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT)).expect("bind")
+    });
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let received: Received = Arc::default();
+    let counts = received.clone();
+    let handle = std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
+                *counts.lock().expect("counts").entry(peer.ip()).or_default() += 1;
+            }
+        }
+    });
+    (received, handle)
+}
+
+/// A legitimate client: [`LEGIT_PPS`] datagrams a second to the service, each from a new
+/// socket (a new ephemeral port) and with a length from [`LEGIT_LENGTHS`] in turn, until
+/// `stop`; returns how many it sent, read at any time through the counter.
+fn legitimate_client(
+    lab: &Lab,
+    stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    let netns = lab.netns(Side::Outside).path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("open the namespace");
+        // SAFETY: setns on this thread only, with a namespace fd we own.
+        let entered =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns into the outside namespace");
+        let target = SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT);
+        let start = Instant::now();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let due = (start.elapsed().as_secs_f64() * LEGIT_PPS as f64) as u64;
+            while n < due {
+                let socket =
+                    UdpSocket::bind(SocketAddr::new(Lab::addr(LEGIT_V4), 0)).expect("bind");
+                let len = LEGIT_LENGTHS[n as usize % LEGIT_LENGTHS.len()];
+                let payload: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + n) as u8).collect();
+                if socket.send_to(&payload, target).is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
+
+/// A flood to the service from random sources, as a trafgen configuration.
+fn flood_config(
+    lab: &Lab,
+    name: &str,
+    src_port: Option<u16>,
+    payload: Payload,
+) -> std::path::PathBuf {
+    UdpFlood {
+        source: None,
+        destination: PROTECTED_V4.parse().expect("an address"),
+        src_port,
+        dst_port: SERVICE_PORT,
+        ttl: 64,
+        payload,
+    }
+    .write(lab, name)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+fn seconds_between(from: &str, to: &str) -> f64 {
+    let at = |t: &str| humantime::parse_rfc3339(t).unwrap_or_else(|e| panic!("{t}: {e}"));
+    at(to)
+        .duration_since(at(from))
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// A flood from random sources, ports and payloads: nothing to fingerprint (its length and TTL
+/// are legitimate traffic's too). The passed rate is the limit ±10 %, pings to another
+/// address of the host lose nothing, the attack is logged with how spread its sources are,
+/// and the log says why no fingerprint was found.
+#[test]
+fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
+    let lab = Lab::new();
+    let moat = start(&lab, "auto");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (received, server) = serve(&lab, stop.clone());
+    let sent = Arc::default();
+    let client = legitimate_client(&lab, stop.clone(), sent);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let config = flood_config(&lab, "random.trafgen", None, Payload::Random(FLOOD_PAYLOAD));
+    std::thread::scope(|scope| {
+        let flood = scope.spawn(|| trafgen::run(&lab, &config, FLOOD, FLOOD_CPUS, None));
+        std::thread::sleep(Duration::from_millis(1500));
+        let read = |lab: &Lab| {
+            let view = attacks(lab);
+            let entry = view.protected[0].clone();
+            (Instant::now(), entry, trafgen::udp_arrived(lab))
+        };
+        let (t0, before, arrived_before) = read(&lab);
+        let pings = ping(&lab, LEGIT_V4, PROTECTED_OTHER_V4, 200);
+        let (t1, after, arrived_after) = read(&lab);
+        let sent_by_trafgen = flood.join().expect("trafgen");
+
+        let seconds = t1.duration_since(t0).as_secs_f64();
+        let passed = (after.conforming_packets - before.conforming_packets) as f64 / seconds;
+        let over = (after.over_packets - before.over_packets) as f64 / seconds;
+        let arrived = (arrived_after - arrived_before) as f64 / seconds;
+        eprintln!(
+            "random flood: trafgen sent {sent_by_trafgen} in {FLOOD:?}; over {seconds:.1} s moat \
+         passed {passed:.0}/s (limit {LIMIT}/s, legitimate {LEGIT_PPS}/s among them), dropped \
+         {over:.0}/s; the host's UDP stack saw {arrived:.0}/s"
+        );
+        let band = LIMIT as f64 * 0.9..=LIMIT as f64 * 1.1;
+        assert!(
+            band.contains(&passed),
+            "moat passed {passed:.0}/s, want {LIMIT} ± 10 %"
+        );
+        assert!(
+            band.contains(&arrived),
+            "the host received {arrived:.0}/s, want {LIMIT} ± 10 %"
+        );
+        assert!(
+            over > passed * 5.0,
+            "the flood ({over:.0}/s over) was not well above the limit"
+        );
+        assert_eq!(
+            pings.received, pings.transmitted,
+            "pings to another address: {pings:?}"
+        );
+    });
+
+    let log = moat.wait_for_log("no attack fingerprint", 1);
+    let started = log
+        .lines()
+        .find(|l| l.contains("attack started"))
+        .unwrap_or_else(|| panic!("no \"attack started\" line:\n{log}"));
+    assert!(
+        started.contains("protect=svc") || started.contains("protect=\"svc\""),
+        "{started}"
+    );
+    let distinct: u64 = started
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("distinct_sources="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no distinct_sources in {started}"));
+    assert!(
+        distinct > 50,
+        "a random-source flood looks spread: {started}"
+    );
+    let view = attacks(&lab);
+    let attack = &view.attacks[0];
+    assert!(attack.fingerprint.is_none(), "{attack:?}");
+    assert!(
+        attack
+            .no_fingerprint
+            .as_deref()
+            .is_some_and(|why| why.contains("closest") || why.contains("share no")),
+        "{attack:?}"
+    );
+
+    // The flood is over: the attack ends after attack_end_after (2 s), and is logged.
+    wait_for("the attack to end", Duration::from_secs(6), || {
+        attacks(&lab).attacks[0].ended.is_some()
+    });
+    moat.wait_for_log("attack ended", 1);
+    stop.store(true, Ordering::Relaxed);
+    client.join().expect("client");
+    server.join().expect("server");
+    assert!(
+        received
+            .lock()
+            .expect("counts")
+            .contains_key(&Lab::addr(LEGIT_V4))
+    );
+}
+
+/// A reflection-like flood: random sources, but one source port and one payload. A fingerprint
+/// is installed within 3 s of the attack's start; after that at most 1 % of the attack passes
+/// and at most 1 % of the legitimate traffic to the same service is lost; when the flood stops
+/// the fingerprint goes within attack_end_after + 2 s.
+#[test]
+fn a_flood_sharing_attributes_is_fingerprinted_and_legitimate_traffic_flows() {
+    let lab = Lab::new();
+    let moat = start(&lab, "auto");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (received, server) = serve(&lab, stop.clone());
+    let legit_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let client = legitimate_client(&lab, stop.clone(), legit_sent.clone());
+    // A baseline of the service's usual traffic.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let config = flood_config(
+        &lab,
+        "reflection.trafgen",
+        Some(1900),
+        Payload::Fill(0x4d, FLOOD_PAYLOAD),
+    );
+    std::thread::scope(|scope| {
+        let flood = scope.spawn(|| trafgen::run(&lab, &config, FLOOD, FLOOD_CPUS, None));
+        let mut fingerprinted: Option<AttackView> = None;
+        wait_for("a fingerprint", Duration::from_secs(5), || {
+            fingerprinted = attacks(&lab)
+                .attacks
+                .into_iter()
+                .find(|a| a.fingerprint.is_some());
+            fingerprinted.is_some()
+        });
+        let attack = fingerprinted.expect("an attack with a fingerprint");
+        let installed_after = seconds_between(
+            &attack.started,
+            attack
+                .fingerprint_installed
+                .as_deref()
+                .expect("installed at"),
+        );
+        assert!(
+            installed_after <= 3.0,
+            "installed {installed_after} s after the start: {attack:?}"
+        );
+        assert_eq!(
+            attack.fingerprint.as_deref(),
+            Some("src_port=1900"),
+            "{attack:?}"
+        );
+
+        // A window with the fingerprint in force.
+        let legit = Lab::addr(LEGIT_V4);
+        let read = |lab: &Lab| {
+            let entry = attacks(lab).protected[0].clone();
+            let counts = received.lock().expect("counts").clone();
+            let from_legit = counts.get(&legit).copied().unwrap_or(0);
+            let from_others: u64 = counts
+                .iter()
+                .filter(|(ip, _)| **ip != legit)
+                .map(|(_, n)| n)
+                .sum();
+            (
+                entry,
+                from_legit,
+                from_others,
+                legit_sent.load(Ordering::Relaxed),
+            )
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let (before, legit_before, attack_before, sent_before) = read(&lab);
+        std::thread::sleep(Duration::from_secs(2));
+        let (after, legit_after, attack_after, sent_after) = read(&lab);
+        let dropped = (after.fingerprint_packets - before.fingerprint_packets)
+            + (after.over_packets - before.over_packets);
+        let attack_passed = attack_after - attack_before;
+        let legit_sent_window = sent_after - sent_before;
+        let legit_got = legit_after - legit_before;
+        eprintln!(
+            "reflection flood, fingerprint in force: {dropped} attack packets dropped, {attack_passed} \
+         passed; legitimate {legit_got} of {legit_sent_window} received"
+        );
+        assert!(dropped > 10_000, "the flood was running: {dropped} dropped");
+        assert!(
+            attack_passed * 100 <= dropped + attack_passed,
+            "{attack_passed} attack packets passed of {}",
+            dropped + attack_passed
+        );
+        // In flight at either end of the window: a datagram or two either way.
+        assert!(
+            legit_got * 100 + 200 >= legit_sent_window * 99,
+            "legitimate traffic lost: {legit_got} of {legit_sent_window} received"
+        );
+        let _ = flood.join().expect("trafgen");
+    });
+
+    // The flood is over: the fingerprint goes within attack_end_after (2 s) + 2 s.
+    let took = wait_for("the fingerprint to go", Duration::from_secs(8), || {
+        attacks(&lab).attacks[0].ended.is_some()
+    });
+    assert!(took <= Duration::from_secs(6), "{took:?}");
+    let log = moat.wait_for_log("attack ended", 1);
+    assert!(log.contains("attack fingerprint installed"), "{log}");
+    let view = attacks(&lab);
+    assert!(!view.protected[0].under_attack);
+    assert_eq!(view.protected[0].attacks_total, 1);
+    // Once ended, its packets are no longer dropped as `fingerprint`.
+    let before = view.protected[0].fingerprint_packets;
+    let one = trafgen::run(
+        &lab,
+        &UdpFlood {
+            source: Some(Ipv4Addr::new(198, 51, 100, 9)),
+            destination: PROTECTED_V4.parse().expect("an address"),
+            src_port: Some(1900),
+            dst_port: SERVICE_PORT,
+            ttl: 64,
+            payload: Payload::Fill(0x4d, FLOOD_PAYLOAD),
+        }
+        .write(&lab, "after.trafgen"),
+        Duration::from_millis(200),
+        1,
+        Some(500),
+    );
+    assert!(one > 0);
+    assert_eq!(attacks(&lab).protected[0].fingerprint_packets, before);
+    stop.store(true, Ordering::Relaxed);
+    client.join().expect("client");
+    server.join().expect("server");
+}
