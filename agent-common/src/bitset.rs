@@ -16,6 +16,10 @@ impl<const WORDS: usize> Default for BitSet<WORDS> {
 
 impl<const WORDS: usize> BitSet<WORDS> {
     pub const EMPTY: Self = Self { words: [0; WORDS] };
+    /// Every index.
+    pub const FULL: Self = Self {
+        words: [u64::MAX; WORDS],
+    };
 
     #[inline(always)]
     pub fn and(self, other: Self) -> Self {
@@ -49,7 +53,13 @@ impl<const WORDS: usize> BitSet<WORDS> {
         self.words[(index / 64) as usize] & (1 << (index % 64)) != 0
     }
 
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.first().is_none()
+    }
+
     /// Every index of `other` added to this set.
+    #[inline(always)]
     pub fn union(&mut self, other: &Self) {
         for (word, theirs) in self.words.iter_mut().zip(other.words) {
             *word |= theirs;

@@ -41,6 +41,8 @@ pub const RULES_BY_SRC_PORT: [&str; GENERATIONS] = ["RULES_SPORT_0", "RULES_SPOR
 pub const RULES_BY_DST_PORT: [&str; GENERATIONS] = ["RULES_DPORT_0", "RULES_DPORT_1"];
 pub const RULES_BY_TCP_FLAGS: [&str; GENERATIONS] = ["RULES_FLAGS_0", "RULES_FLAGS_1"];
 pub const RULE_ACTIONS: [&str; GENERATIONS] = ["RULE_ACTIONS_0", "RULE_ACTIONS_1"];
+pub const RULES_BY_TTL: [&str; GENERATIONS] = ["RULES_TTL_0", "RULES_TTL_1"];
+pub const RULES_BY_LENGTH: [&str; GENERATIONS] = ["RULES_LEN_0", "RULES_LEN_1"];
 
 /// Protect tables ([`crate::protect`]), per generation: destination prefixes (LPM tries),
 /// protocol and destination port → entries, and each entry's limits.

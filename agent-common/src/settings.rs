@@ -41,7 +41,8 @@ pub struct Settings {
     pub rate: RateSettings,
     /// Number of `[[protect]]` entries in the protect tables; 0 lets the program skip them.
     pub protect_count: u32,
-    pub _pad: u32,
+    /// `rules::RULE_FIELD_*`: the optional fields some rule names.
+    pub rule_fields: u32,
 }
 
 pod!(RateSettings, Settings);

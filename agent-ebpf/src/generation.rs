@@ -34,7 +34,8 @@ macro_rules! cidr_maps {
 }
 
 macro_rules! rule_maps {
-    ($name:ident: $proto:ident, $sport:ident, $dport:ident, $flags:ident, $actions:ident) => {
+    ($name:ident: $proto:ident, $sport:ident, $dport:ident, $flags:ident, $ttl:ident,
+     $length:ident, $actions:ident) => {
         pub struct $name;
         impl RuleMaps for $name {
             #[inline(always)]
@@ -52,6 +53,14 @@ macro_rules! rule_maps {
             #[inline(always)]
             fn by_tcp_flags() -> &'static Array<RuleMask> {
                 &$flags
+            }
+            #[inline(always)]
+            fn by_ttl() -> &'static Array<RuleMask> {
+                &$ttl
+            }
+            #[inline(always)]
+            fn by_length() -> &'static Array<RuleMask> {
+                &$length
             }
             #[inline(always)]
             fn actions() -> &'static Array<u32> {
@@ -91,11 +100,13 @@ macro_rules! protect_maps {
 
 cidr_maps!(Allow0: ALLOW_V4_TAB_0, prefix_slot(0, LIST_ALLOW));
 cidr_maps!(Block0: BLOCK_V4_TAB_0, prefix_slot(0, LIST_BLOCK));
-rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULE_ACTIONS_0);
+rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULES_TTL_0,
+    RULES_LEN_0, RULE_ACTIONS_0);
 protect_maps!(Protect0: PROT_DST4_0, PROT_DST6_0, PROT_PROTO_0, PROT_DPORT_0, PROT_LIMITS_0);
 cidr_maps!(Allow1: ALLOW_V4_TAB_1, prefix_slot(1, LIST_ALLOW));
 cidr_maps!(Block1: BLOCK_V4_TAB_1, prefix_slot(1, LIST_BLOCK));
-rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULE_ACTIONS_1);
+rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULES_TTL_1,
+    RULES_LEN_1, RULE_ACTIONS_1);
 protect_maps!(Protect1: PROT_DST4_1, PROT_DST6_1, PROT_PROTO_1, PROT_DPORT_1, PROT_LIMITS_1);
 
 pub struct Generation0;

@@ -155,7 +155,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
         // An untracked source's ban is in the ban map, read after the rules: a packet a rule
         // drops is dropped either way (and counted under the rule), so a reflection flood
         // from sources the limiter never tracks pays one lookup, not two.
-        return match rule_verdict::<G>(settings, packet) {
+        return match rule_verdict::<G>(ctx, settings, packet) {
             Some(verdict) if verdict.action == Action::Drop => verdict,
             rule => {
                 if state.is_null()
@@ -171,7 +171,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
             }
         };
     }
-    if let Some(verdict) = rule_verdict::<G>(settings, packet) {
+    if let Some(verdict) = rule_verdict::<G>(ctx, settings, packet) {
         return verdict;
     }
     if settings.protect_count == 0 && !settings.rate.is_on() {
@@ -195,11 +195,15 @@ fn clock() -> u64 {
 }
 
 #[inline(always)]
-fn rule_verdict<G: Generation>(settings: &Settings, packet: &Packet) -> Option<Verdict> {
+fn rule_verdict<G: Generation>(
+    ctx: &XdpContext,
+    settings: &Settings,
+    packet: &Packet,
+) -> Option<Verdict> {
     if settings.rule_count == 0 {
         return None;
     }
-    let (rule, action) = rules::first_match::<G::Rules>(packet)?;
+    let (rule, action) = rules::first_match::<G::Rules>(ctx, packet, settings.rule_fields)?;
     Some(if action == RULE_PASS {
         Verdict::pass(Reason::Rule, rule)
     } else {

@@ -14,7 +14,10 @@ use agent_common::{
         Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, ProtectBucket, ProtectLimit, ProtectMask,
     },
     rate_limit::{Ban, RateState, SourceKey},
-    rules::{MAX_RULES, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RuleMask, TCP_FLAGS_TABLE_LEN},
+    rules::{
+        LENGTH_TABLE_LEN, MAX_RULES, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RuleMask,
+        TCP_FLAGS_TABLE_LEN, TTL_TABLE_LEN,
+    },
     settings::Settings,
     stats::{Counter, STATS_LEN},
 };
@@ -41,7 +44,7 @@ pub static V6_PREFIXES: HashMap<V6PrefixKey, PrefixEntry> =
 /// Declares one generation's /24 tables, rule tables and protect tables under the given names.
 macro_rules! generation_maps {
     ($allow_table:ident, $block_table:ident, $proto:ident, $sport:ident, $dport:ident,
-     $flags:ident, $actions:ident, $p_v4:ident, $p_v6:ident, $p_proto:ident, $p_dport:ident,
+     $flags:ident, $actions:ident, $ttl:ident, $length:ident, $p_v4:ident, $p_v6:ident, $p_proto:ident, $p_dport:ident,
      $p_limits:ident) => {
         #[map]
         pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
@@ -59,6 +62,11 @@ macro_rules! generation_maps {
         pub static $flags: Array<RuleMask> = Array::with_max_entries(TCP_FLAGS_TABLE_LEN, 0);
         #[map]
         pub static $actions: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
+        #[map]
+        pub static $ttl: Array<RuleMask> = Array::with_max_entries(TTL_TABLE_LEN, 0);
+        #[map]
+        pub static $length: Array<RuleMask> =
+            Array::with_max_entries(LENGTH_TABLE_LEN, BPF_F_MMAPABLE);
         #[map]
         pub static $p_v4: LpmTrie<[u8; 4], ProtectMask> =
             LpmTrie::with_max_entries(MAX_PROTECTED, 0);
@@ -83,6 +91,8 @@ generation_maps!(
     RULES_DPORT_0,
     RULES_FLAGS_0,
     RULE_ACTIONS_0,
+    RULES_TTL_0,
+    RULES_LEN_0,
     PROT_DST4_0,
     PROT_DST6_0,
     PROT_PROTO_0,
@@ -97,6 +107,8 @@ generation_maps!(
     RULES_DPORT_1,
     RULES_FLAGS_1,
     RULE_ACTIONS_1,
+    RULES_TTL_1,
+    RULES_LEN_1,
     PROT_DST4_1,
     PROT_DST6_1,
     PROT_PROTO_1,

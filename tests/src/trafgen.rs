@@ -61,6 +61,9 @@ impl UdpFlood {
 pub fn run(lab: &Lab, config: &Path, duration: Duration, cpus: u32, rate: Option<u64>) -> u64 {
     let mut command = lab.netns(Side::Outside).command("timeout");
     command
+        // trafgen writes a scratch file into its working directory, which must be writable
+        // (in a VM test the source tree is not).
+        .current_dir(lab.dir())
         .args(["-s", "INT", &format!("{}", duration.as_secs_f64())])
         .args(["trafgen", "--dev", lab.interface(Side::Outside), "--conf"])
         .arg(config)

@@ -1,5 +1,5 @@
-//! A million random and mutated frames through the real program (lists, rules and protected
-//! destinations): it never aborts, and no frame from a blocked source is ever passed, however
+//! A million random and mutated frames through the real program (lists, rules on every field,
+//! protected destinations): it never aborts, and no frame from a blocked source is ever passed, however
 //! it is mangled.
 
 use std::{net::IpAddr, path::Path};
@@ -177,6 +177,7 @@ fn must_drop(frame: &[u8], blocked: &[Cidr]) -> Option<String> {
 fn a_million_mangled_frames_never_abort_and_never_pass_a_blocked_source() {
     let text = format!(
         "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [{}]\n[[rules]]\nname = \"r\"\nprotocol = \"udp\"\nsrc_ports = [11211]\naction = \"drop\"\n\
+         [[rules]]\nname = \"t\"\nprotocol = \"any\"\nttl = [\"0-1\"]\nlength = [\"40-1000\"]\naction = \"pass\"\n\
          [[protect]]\nname = \"v4\"\ndestination = \"{DST_V4}\"\npps = 100000\nbps = \"1Gbit\"\n\
          [[protect]]\nname = \"v6\"\ndestination = \"{DST_V6}\"\nprotocol = \"udp\"\npps = 100000\n",
         BLOCKED.map(|c| format!("\"{c}\"")).join(", ")

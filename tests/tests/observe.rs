@@ -124,7 +124,9 @@ fn metrics_pass_promtool_and_count_a_flood_exactly() {
         &lab,
         &format!(
             "metrics_listen = \"{METRICS}\"\n[blocklist]\ncidrs = [\"{ATTACKER_NET_V4}\", \
-             \"2001:db8:bad::/48\"]\n[rate_limit]\npps = 100000\n"
+             \"2001:db8:bad::/48\"]\n[rate_limit]\npps = 100000\n\
+             [[protect]]\nname = \"web\"\ndestination = \"{PROTECTED_V4}\"\nprotocol = \"tcp\"\n\
+             pps = 100000\n"
         ),
         &[],
     );

@@ -1110,4 +1110,59 @@ fingerprints = "off"
         let e = error(&format!("interfaces = [\"a\"]\n{too_many}"));
         assert!(e.contains("257 protect entries given, at most 256"), "{e}");
     }
+
+    #[test]
+    fn rules_on_ttl_and_length_parse_and_their_errors_are_located() {
+        let resolved = resolve(
+            r#"
+interfaces = ["a"]
+[[rules]]
+name = "low-ttl"
+protocol = "any"
+ttl = [1, "2-5"]
+action = "drop"
+[[rules]]
+name = "big-dns"
+protocol = "udp"
+length = ["1000-1500"]
+action = "drop"
+"#,
+        )
+        .expect("valid");
+        let [ttl, big] = resolved.policy.rules.as_slice() else {
+            panic!("two rules");
+        };
+        assert_eq!(
+            ttl.ttl,
+            vec![
+                PortRange { first: 1, last: 1 },
+                PortRange { first: 2, last: 5 }
+            ]
+        );
+        assert_eq!(
+            big.length,
+            vec![PortRange {
+                first: 1000,
+                last: 1500
+            }]
+        );
+        let rule = |body: &str| {
+            format!("[[rules]]\nname = \"r\"\nprotocol = \"udp\"\naction = \"drop\"\n{body}")
+        };
+        let cases = [
+            (
+                rule("ttl = [300]\n"),
+                "moat.toml:6:8: rule \"r\": ttl 300 is not a TTL",
+            ),
+            (rule("length = [\"9-3\"]\n"), "runs backwards"),
+            (rule("payload = \"abcd\"\n"), "unknown field `payload`"),
+        ];
+        for (text, expected) in cases {
+            let e = error(&format!("interfaces = [\"a\"]\n{text}"));
+            assert!(
+                e.contains(expected),
+                "{text:?}: expected {expected:?} in {e:?}"
+            );
+        }
+    }
 }

@@ -16,6 +16,10 @@ pub struct Rule {
     pub src_ports: Vec<PortRange>,
     pub dst_ports: Vec<PortRange>,
     pub tcp_flags: Option<TcpFlags>,
+    /// Empty: any TTL (hop limit).
+    pub ttl: Vec<PortRange>,
+    /// IP total length (IPv6: payload length + 40); empty: any.
+    pub length: Vec<PortRange>,
     pub action: RuleAction,
 }
 
@@ -158,6 +162,10 @@ pub struct RuleConfig {
     #[serde(default)]
     pub dst_ports: Vec<Spanned<PortText>>,
     pub tcp_flags: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ttl: Vec<Spanned<PortText>>,
+    #[serde(default)]
+    pub length: Vec<Spanned<PortText>>,
     pub action: RuleAction,
 }
 
@@ -213,12 +221,22 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
                 )
             }
         };
+        let ttl = port_ranges(&rule.ttl, &format!("rule {name:?}: ttl"))?;
+        if let Some((range, span)) = ttl.iter().zip(&rule.ttl).find(|(r, _)| r.last > 255) {
+            return Err((
+                span.span(),
+                format!("rule {name:?}: ttl {} is not a TTL (0-255)", range.last),
+            ));
+        }
+        let length = port_ranges(&rule.length, &format!("rule {name:?}: length"))?;
         validated.push(Rule {
             name,
             protocol: rule.protocol,
             src_ports,
             dst_ports,
             tcp_flags,
+            ttl,
+            length,
             action: rule.action,
         });
     }

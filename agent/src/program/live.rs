@@ -13,7 +13,7 @@ use super::{
     lists::{CompiledList, Holdings, ListChange, ListCounts, ListError, ListTable, PrefixHashes},
     map_source::{MapAccessError, MapSource, ResolveError},
     protect_tables::{ProtectBuckets, ProtectMaps, ProtectTables},
-    rule_tables::{RuleMaps, RuleTables},
+    rule_tables::{self, RuleMaps, RuleTables},
     settings::{self, SettingsMaps},
     v6_gate::V6Gate,
 };
@@ -458,6 +458,7 @@ impl LivePolicy {
             &self.policy,
             self.allow_counts.shape(ListKind::Allow)?,
             self.block_counts.shape(ListKind::Block)?,
+            rule_tables::optional_fields(&self.policy.rules),
         );
         Ok(self.maps.settings.write(generation, settings)?)
     }

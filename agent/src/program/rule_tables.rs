@@ -1,12 +1,12 @@
-//! Rules → the lookup tables of `agent_common::rules`: for every protocol, port and TCP flags
-//! value, the set of rules it satisfies.
+//! Rules → the lookup tables of `agent_common::rules`: for every protocol, port, TCP flags, TTL
+//! and IP length value, the set of rules it satisfies.
 
 use agent_common::{
     bitset::BitSet,
     maps,
     rules::{
-        NO_PORT, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RULE_DROP, RULE_PASS, RuleMask,
-        TCP_FLAGS_TABLE_LEN,
+        LENGTH_TABLE_LEN, NO_PORT, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RULE_DROP,
+        RULE_FIELD_LENGTH, RULE_FIELD_TTL, RULE_PASS, RuleMask, TCP_FLAGS_TABLE_LEN, TTL_TABLE_LEN,
     },
 };
 use aya::{
@@ -27,6 +27,8 @@ pub struct RuleMaps {
     actions: Named<Array<MapData, u32>>,
     by_src_port: MmapArray,
     by_dst_port: MmapArray,
+    by_ttl: Named<Array<MapData, RuleMask>>,
+    by_length: MmapArray,
 }
 
 impl<V: Pod> Named<Array<MapData, V>> {
@@ -46,6 +48,8 @@ impl RuleMaps {
             actions: Named::resolve(source, maps::RULE_ACTIONS[generation])?,
             by_src_port: MmapArray::resolve(source, maps::RULES_BY_SRC_PORT[generation])?,
             by_dst_port: MmapArray::resolve(source, maps::RULES_BY_DST_PORT[generation])?,
+            by_ttl: Named::resolve(source, maps::RULES_BY_TTL[generation])?,
+            by_length: MmapArray::resolve(source, maps::RULES_BY_LENGTH[generation])?,
         })
     }
 }
@@ -55,7 +59,27 @@ pub struct RuleTables {
     pub by_src_port: Vec<RuleMask>,
     pub by_dst_port: Vec<RuleMask>,
     pub by_tcp_flags: Vec<RuleMask>,
+    pub by_ttl: Vec<RuleMask>,
+    pub by_length: Vec<RuleMask>,
     pub actions: Vec<u32>,
+}
+
+/// `agent_common::rules::RULE_FIELD_*`: the optional fields some rule names (the program reads
+/// and looks up only those).
+pub fn optional_fields(rules: &[Rule]) -> u32 {
+    rules.iter().fold(0, |fields, rule| {
+        fields
+            | if rule.ttl.is_empty() {
+                0
+            } else {
+                RULE_FIELD_TTL
+            }
+            | if rule.length.is_empty() {
+                0
+            } else {
+                RULE_FIELD_LENGTH
+            }
+    })
 }
 
 impl RuleTables {
@@ -65,6 +89,8 @@ impl RuleTables {
             by_src_port: vec![RuleMask::EMPTY; PORT_TABLE_LEN as usize],
             by_dst_port: vec![RuleMask::EMPTY; PORT_TABLE_LEN as usize],
             by_tcp_flags: vec![RuleMask::EMPTY; TCP_FLAGS_TABLE_LEN as usize],
+            by_ttl: vec![RuleMask::EMPTY; TTL_TABLE_LEN as usize],
+            by_length: vec![RuleMask::EMPTY; LENGTH_TABLE_LEN as usize],
             actions: Vec::with_capacity(rules.len()),
         };
         for (index, rule) in (0u32..).zip(rules) {
@@ -85,6 +111,8 @@ impl RuleTables {
                     }
                 }
             }
+            mark_values(&mut tables.by_ttl, &rule.ttl, index);
+            mark_values(&mut tables.by_length, &rule.length, index);
             tables.actions.push(match rule.action {
                 RuleAction::Drop => RULE_DROP,
                 RuleAction::Pass => RULE_PASS,
@@ -100,7 +128,24 @@ impl RuleTables {
         maps.by_tcp_flags.set_all(&self.by_tcp_flags)?;
         maps.actions.set_all(&self.actions)?;
         write_masks(&mut maps.by_src_port, &self.by_src_port)?;
-        write_masks(&mut maps.by_dst_port, &self.by_dst_port)
+        write_masks(&mut maps.by_dst_port, &self.by_dst_port)?;
+        maps.by_ttl.set_all(&self.by_ttl)?;
+        write_masks(&mut maps.by_length, &self.by_length)
+    }
+}
+
+/// No values listed: every value. Otherwise only the listed ones (TTLs, lengths).
+fn mark_values(table: &mut [RuleMask], ranges: &[PortRange], index: u32) {
+    if ranges.is_empty() {
+        table.iter_mut().for_each(|m| m.insert(index));
+        return;
+    }
+    for range in ranges {
+        for value in range.first..=range.last {
+            if let Some(mask) = table.get_mut(usize::from(value)) {
+                mask.insert(index);
+            }
+        }
     }
 }
 
@@ -156,6 +201,8 @@ mod tests {
             src_ports: ranges(src),
             dst_ports: ranges(dst),
             tcp_flags: flags,
+            ttl: Vec::new(),
+            length: Vec::new(),
             action: RuleAction::Drop,
         }
     }

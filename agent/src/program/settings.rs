@@ -41,8 +41,9 @@ impl SettingsMaps {
     }
 }
 
-/// The settings a policy gives the program, with its lists' shapes.
-pub fn settings(policy: &Policy, allow: ListShape, block: ListShape) -> Settings {
+/// The settings a policy gives the program, with its lists' shapes and the optional fields its
+/// rules name (`RuleTables::fields`).
+pub fn settings(policy: &Policy, allow: ListShape, block: ListShape, rule_fields: u32) -> Settings {
     Settings {
         mode: match policy.mode {
             Mode::Enforce => MODE_ENFORCE,
@@ -55,7 +56,7 @@ pub fn settings(policy: &Policy, allow: ListShape, block: ListShape) -> Settings
         block,
         rate: rate_settings(&policy.rate_limit),
         protect_count: policy.protect.len() as u32,
-        _pad: 0,
+        rule_fields,
     }
 }
 

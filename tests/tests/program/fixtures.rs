@@ -48,6 +48,18 @@ name = "telnet"
 protocol = "tcp"
 dst_ports = [23]
 action = "drop"
+[[rules]]
+name = "ttl-expiring"
+protocol = "udp"
+dst_ports = [7001]
+ttl = ["0-1"]
+action = "drop"
+[[rules]]
+name = "mid-size"
+protocol = "udp"
+dst_ports = [7002]
+length = ["100-200"]
+action = "drop"
 "#;
 
 pub const LEGIT_V4: &str = "203.0.113.9";
@@ -128,6 +140,15 @@ pub fn cases() -> Vec<Case> {
         case("allowlisted inside a blocked /24", Frame::udp("198.51.100.200", 11211, 2).bytes(), Pass, Allowlist),
         case("allowlisted IPv4", Frame::tcp("192.0.2.10", 1, 23, TCP_SYN).bytes(), Pass, Allowlist),
         case("allowlisted IPv6", Frame::udp("2001:db8:a11::1", 11211, 2).bytes(), Pass, Allowlist),
+        // Rules on TTL and IP length.
+        case("UDP with TTL 1", patched(Frame::udp(LEGIT_V4, 40000, 7001).bytes(), &[(22, 1)]), Drop, Rule),
+        case("UDP with TTL 64 to the TTL rule's port", Frame::udp(LEGIT_V4, 40000, 7001).bytes(), Pass, NoMatch),
+        case("IPv6 UDP with hop limit 0", patched(Frame::udp(LEGIT_V6, 40000, 7001).bytes(), &[(21, 0)]), Drop, Rule),
+        case("UDP of IP length 128", Frame::udp(LEGIT_V4, 40000, 7002).payload(100).bytes(), Drop, Rule),
+        case("UDP of IP length 46", Frame::udp(LEGIT_V4, 40000, 7002).bytes(), Pass, NoMatch),
+        case("IPv6 UDP of length 108", Frame::udp(LEGIT_V6, 40000, 7002).payload(60).bytes(), Drop, Rule),
+        case("IP length 128 in QinQ", Frame::udp(LEGIT_V4, 40000, 7002).payload(100).qinq(1, 2).bytes(), Drop, Rule),
+        case("TTL 1 on a later fragment", patched(Frame::udp(LEGIT_V4, 40000, 7001).ipv4_fragment(185, false).bytes(), &[(22, 1)]), Pass, NoMatch),
         // Rules.
         case("memcached reflection", Frame::udp(LEGIT_V4, 11211, 80).bytes(), Drop, Rule),
         case("memcached reflection in QinQ", Frame::udp(LEGIT_V4, 11211, 80).qinq(1, 2).bytes(), Drop, Rule),
