@@ -13,6 +13,13 @@ pub const MAX_PROTECTED: u32 = 256;
 /// A set of protected entries: bit `i` is entry `i` in config order.
 pub type ProtectMask = BitSet<{ (MAX_PROTECTED / 64) as usize }>;
 
+/// The destination-port table of the protect stage: one entry per port, [`crate::rules::NO_PORT`]
+/// for packets without ports (other protocols), and [`PROTECT_FRAGMENT`] for later fragments
+/// (no ports read, but TCP or UDP traffic to the destination all the same: charged to the
+/// entries of their protocol, port-bound or not).
+pub const PROTECT_PORT_TABLE_LEN: u32 = crate::rules::PORT_TABLE_LEN + 1;
+pub const PROTECT_FRAGMENT: u32 = crate::rules::PORT_TABLE_LEN;
+
 /// An entry's limits, in the units of [`crate::settings::RateSettings`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

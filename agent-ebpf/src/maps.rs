@@ -11,7 +11,8 @@ use agent_common::{
         MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY,
     },
     protect::{
-        Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, ProtectBucket, ProtectLimit, ProtectMask,
+        Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, PROTECT_PORT_TABLE_LEN, ProtectBucket,
+        ProtectLimit, ProtectMask,
     },
     rate_limit::{Ban, RateState, SourceKey},
     rules::{
@@ -77,7 +78,7 @@ macro_rules! generation_maps {
         pub static $p_proto: Array<ProtectMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
         #[map]
         pub static $p_dport: Array<ProtectMask> =
-            Array::with_max_entries(PORT_TABLE_LEN, BPF_F_MMAPABLE);
+            Array::with_max_entries(PROTECT_PORT_TABLE_LEN, BPF_F_MMAPABLE);
         #[map]
         pub static $p_limits: Array<ProtectLimit> = Array::with_max_entries(MAX_PROTECTED, 0);
     };

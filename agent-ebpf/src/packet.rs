@@ -79,7 +79,7 @@ pub struct Packet {
     pub ip_offset: usize,
     /// Where the transport payload starts (after the TCP or UDP header; the transport header
     /// itself for other protocols) and where the IP packet ends; both 0 when the transport
-    /// header was not read. Only ever compared and handed to a helper, never added to a packet
+    /// header was not read (a later fragment). Only ever compared and handed to a helper, never added to a packet
     /// pointer: the verifier then need not tell apart the parser's paths by them.
     pub payload_offset: u32,
     pub ip_end: u32,
@@ -226,6 +226,7 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Malformed> {
     if fragment_offset == 0 {
         transport(ctx, offset + header_len, offset + total_len, &mut packet)?;
     }
+
     Ok(packet)
 }
 
@@ -262,6 +263,7 @@ fn ipv6(ctx: &XdpContext, ip_offset: usize) -> Result<Packet, Malformed> {
     if upper.first_fragment {
         transport(ctx, upper.offset, ip_end, &mut packet)?;
     }
+
     Ok(packet)
 }
 

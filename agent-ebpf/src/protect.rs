@@ -3,7 +3,9 @@
 //! `agent_common::protect`).
 
 use agent_common::{
-    protect::{PROTECT_SAMPLE_INTERVAL_NS, ProtectHit, ProtectLimit, ProtectMask},
+    protect::{
+        PROTECT_FRAGMENT, PROTECT_SAMPLE_INTERVAL_NS, ProtectHit, ProtectLimit, ProtectMask,
+    },
     rules::NO_PORT,
     stats::Reason,
 };
@@ -37,7 +39,13 @@ fn entry<M: ProtectMaps>(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
         Address::V4(addr) => M::by_v4().get(Key::new(32, addr))?,
         Address::V6(addr) => M::by_v6().get(Key::new(128, addr))?,
     };
-    let port = packet.ports.map_or(NO_PORT, |(_, dst)| u32::from(dst));
+    // A later fragment has no ports but belongs to its port-bound entries' traffic all the same.
+    let port = match packet.ports {
+        Some((_, dst)) => u32::from(dst),
+        // No transport header read: a later fragment.
+        None if packet.ip_end == 0 => PROTECT_FRAGMENT,
+        None => NO_PORT,
+    };
     by_destination
         .and(*M::by_protocol().get(u32::from(packet.protocol))?)
         .and(*M::by_dst_port().get(port)?)
@@ -97,7 +105,8 @@ fn conforms<M: ProtectMaps>(entry: u32, frame_len: u64, now: u64) -> bool {
             && (limit.ps_per_byte == 0
                 || gcra(
                     AtomicU64::from_ptr(&raw mut (*bucket).bits_tat),
-                    frame_len * limit.ps_per_byte / 1000,
+                    // Rounded up: a small frame never costs nothing.
+                    (frame_len * limit.ps_per_byte).div_ceil(1000),
                     limit.bits_burst_ns,
                     now,
                 ))

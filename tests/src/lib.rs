@@ -17,6 +17,7 @@ pub mod spoofed_flood;
 pub mod systemd_container;
 pub mod traffic;
 pub mod trafgen;
+pub mod udp_service;
 
 pub use lab::{Lab, Side};
 pub use moat_process::MoatProcess;

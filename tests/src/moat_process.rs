@@ -116,6 +116,13 @@ impl MoatProcess {
         Self::cli_as(lab, args, None, &socket)
     }
 
+    /// `moat attacks --json`, decoded: the protected destinations and their attacks.
+    pub fn attacks(lab: &Lab) -> moat::control::protocol::AttacksView {
+        let text = Self::cli(lab, &["attacks", "--json"]).ok("moat attacks --json");
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("moat attacks --json printed {text:?}: {e}"))
+    }
+
     /// Runs a client command in the test's own namespace, as an operator's shell does: no
     /// `nsenter` around it (a client needs none), so that timing it times moat alone.
     pub fn cli_here(lab: &Lab, args: &[&str]) -> CliOutput {

@@ -4,6 +4,10 @@
 
 use std::{net::IpAddr, path::Path};
 
+use agent_common::protect::{
+    FP_LENGTH, FP_PAYLOAD, FP_PAYLOAD_MAX, FP_SRC_PORT, FP_TCP_FLAGS, FP_TCP_WINDOW, FP_TTL,
+    Fingerprint,
+};
 use moat::config::{Cidr, Config, Overrides};
 use moat_tests::{
     frames::{DST_V4, DST_V6, Extension, Frame, TCP_SYN},
@@ -188,6 +192,37 @@ fn a_million_mangled_frames_never_abort_and_never_pass_a_blocked_source() {
         .policy;
     let blocked: Vec<Cidr> = BLOCKED.iter().map(|c| c.parse().expect("CIDR")).collect();
     let mut program = LoadedProgram::new(&policy);
+    // An attack fingerprint on each protected destination, matching seeds of both, so that
+    // mangled frames go through the fingerprint's reads too.
+    let payload = |len: usize| {
+        let mut bytes = [0u8; FP_PAYLOAD_MAX];
+        bytes[..len].fill(0xab);
+        bytes
+    };
+    let tcp_syn_from_port_1 = Fingerprint {
+        fields: FP_SRC_PORT | FP_TCP_FLAGS | FP_TCP_WINDOW | FP_TTL | FP_PAYLOAD,
+        src_port: 1,
+        tcp_flags: TCP_SYN,
+        tcp_window: 0xffff,
+        ttl: 64,
+        payload_len: 4,
+        payload: payload(4),
+        ..Fingerprint::default()
+    };
+    let udp_from_port_53 = Fingerprint {
+        fields: FP_SRC_PORT | FP_LENGTH | FP_PAYLOAD,
+        src_port: 53,
+        length: 40 + 8 + 18,
+        payload_len: 8,
+        payload: payload(8),
+        ..Fingerprint::default()
+    };
+    for (entry, print) in [(0, tcp_syn_from_port_1), (1, udp_from_port_53)] {
+        program
+            .fingerprints
+            .install(entry, &print)
+            .expect("install a fingerprint");
+    }
 
     let seed = std::env::var("MOAT_FUZZ_SEED")
         .ok()

@@ -146,8 +146,6 @@ fn the_agent_owns_exactly_the_maps_the_object_declares() {
     );
 }
 
-/// An interface without an Ethernet header (tun, WireGuard, IPIP, GRE, PPP): its frames are IP
-/// packets, parsed from the first byte, and the same policy holds.
 /// The verifier walks every path of the program, up to a million instructions. Every stage adds
 /// to the walk (paths multiply): this keeps the margin in sight, so that the next stage is not
 /// the one that finds the limit on a kernel in the field.
@@ -169,6 +167,8 @@ fn the_verifier_walks_the_program_well_under_its_limit() {
     eprintln!("verifier: {walked} instructions walked (budget {BUDGET})");
 }
 
+/// An interface without an Ethernet header (tun, WireGuard, IPIP, GRE, PPP): its frames are IP
+/// packets, parsed from the first byte, and the same policy holds.
 #[test]
 fn frames_of_an_ip_only_interface_are_parsed_from_the_ip_header() {
     let mut program = LoadedProgram::with_framing(&policy(POLICY), Framing::Ip);
@@ -800,7 +800,11 @@ fn a_protected_destination_is_held_to_its_rate_whatever_the_source() {
         ),
         (
             Frame::ping(LEGIT_V4),
-            "a portless packet to a port-bound entry",
+            "ICMP, which has no ports, to a port-bound entry",
+        ),
+        (
+            Frame::tcp(LEGIT_V4, 40000, 53, TCP_SYN).ipv4_fragment(185, false),
+            "a later fragment of another protocol",
         ),
     ] {
         assert_eq!(program.run(&frame.bytes()), XDP_PASS, "{what}");
@@ -810,6 +814,10 @@ fn a_protected_destination_is_held_to_its_rate_whatever_the_source() {
         dns,
         "nothing else was charged"
     );
+    // A later UDP fragment carries no port, but is the entry's traffic all the same.
+    let fragment = Frame::udp(&spoofed(5000), 40000, 53).ipv4_fragment(185, false);
+    assert_eq!(program.run(&fragment.bytes()), XDP_DROP, "a later fragment");
+    assert_eq!(program.snapshot().protected(0).over.packets, 991);
 
     // IPv6, a prefix destination, any port.
     let tcp6 =
@@ -885,6 +893,10 @@ fn protected_entries_change_live() {
         50,
         "the new burst, from an empty bucket"
     );
+    // The daemon restarts a changed entry's counters (so that it inherits none).
+    assert_ne!(program.snapshot().protected(0), Default::default());
+    program.counters.reset_protected([0]).expect("reset");
+    assert_eq!(program.snapshot().protected(0), Default::default());
     program
         .live
         .replace(policy("interfaces = [\"lo\"]\n"))
@@ -898,7 +910,7 @@ fn protected_entries_change_live() {
 /// fingerprint with that attribute's value changed lets it through.
 #[test]
 fn fingerprints_match_what_the_agent_reads_from_samples() {
-    use agent_common::protect::{FP_PAYLOAD, FP_PAYLOAD_MAX, Fingerprint};
+    use agent_common::protect::{FP_PAYLOAD, FP_PAYLOAD_MAX, FP_SRC_PORT, Fingerprint};
     use moat::observe::fingerprint::{Attributes, FIELDS};
 
     let mut program = LoadedProgram::new(&policy(&format!(
@@ -971,6 +983,27 @@ fn fingerprints_match_what_the_agent_reads_from_samples() {
         assert_eq!(program.run(&bytes), XDP_PASS);
     }
     assert!(checked >= 30, "only {checked} fingerprints checked");
+
+    // The agent learns from whole packets only; the program applies the fingerprint to a first
+    // fragment as well (it carries the transport header and the payload's start).
+    let whole = Frame::udp(LEGIT_V4, 1900, 53).payload(40);
+    let print = Attributes::of_frame(&whole.bytes(), false)
+        .and_then(|a| a.fingerprint(FP_SRC_PORT | FP_PAYLOAD))
+        .expect("a UDP fingerprint");
+    program.fingerprints.install(0, &print).expect("install");
+    assert_eq!(program.run(&whole.bytes()), XDP_DROP);
+    let first_fragment = whole.ipv4_fragment(0, true).bytes();
+    assert!(Attributes::of_frame(&first_fragment, false).is_none());
+    assert_eq!(program.run(&first_fragment), XDP_DROP, "a first fragment");
+    let later_fragment = Frame::udp(LEGIT_V4, 1900, 53)
+        .payload(40)
+        .ipv4_fragment(185, false)
+        .bytes();
+    assert_eq!(
+        program.run(&later_fragment),
+        XDP_PASS,
+        "a later fragment has no port or payload start to match"
+    );
 
     // A payload fingerprint longer than the packet's payload does not match it.
     let short = Frame::udp(LEGIT_V4, 1900, 53).payload(3).bytes();

@@ -5,21 +5,17 @@
 //! fingerprint and the log says why; attacks start and end in the log and in `moat attacks`.
 
 use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use moat::control::protocol::{AttackView, AttacksView};
 use moat_tests::{
-    Lab, MoatProcess, Side,
+    Lab, MoatProcess,
     lab::{LEGIT_V4, PROTECTED_OTHER_V4, PROTECTED_V4},
     traffic::ping,
     trafgen::{self, Payload, UdpFlood},
+    udp_service::{UdpClient, UdpService},
 };
 
 const SERVICE_PORT: u16 = 5353;
@@ -33,6 +29,8 @@ const LEGIT_PPS: u64 = 200;
 /// The payload lengths legitimate clients send, in turn; the flood's is one of them.
 const LEGIT_LENGTHS: [usize; 8] = [12, 20, 28, 32, 36, 44, 52, 60];
 const FLOOD_PAYLOAD: usize = 32;
+/// The service's usual traffic before a flood: three of the agent's seconds.
+const BASELINE: Duration = Duration::from_millis(3500);
 
 fn start(lab: &Lab, fingerprints: &str) -> MoatProcess {
     let config = lab.write_config(&format!(
@@ -44,67 +42,11 @@ fn start(lab: &Lab, fingerprints: &str) -> MoatProcess {
 }
 
 fn attacks(lab: &Lab) -> AttacksView {
-    let text = MoatProcess::cli(lab, &["attacks", "--json"]).ok("moat attacks --json");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("moat attacks --json: {e}: {text}"))
+    MoatProcess::attacks(lab)
 }
 
-/// The service's datagrams received so far, by source address.
-type Received = Arc<std::sync::Mutex<HashMap<IpAddr, u64>>>;
-
-/// A UDP service on the protected host that counts what it receives, until `stop`.
-fn serve(lab: &Lab, stop: Arc<AtomicBool>) -> (Received, std::thread::JoinHandle<()>) {
-    let socket = lab.netns(Side::Protected).enter(|| {
-        UdpSocket::bind(SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT)).expect("bind")
-    });
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
-    let received: Received = Arc::default();
-    let counts = received.clone();
-    let handle = std::thread::spawn(move || {
-        let mut buffer = [0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
-                *counts.lock().expect("counts").entry(peer.ip()).or_default() += 1;
-            }
-        }
-    });
-    (received, handle)
-}
-
-/// A legitimate client: [`LEGIT_PPS`] datagrams a second to the service, each from a new
-/// socket (a new ephemeral port) and with a length from [`LEGIT_LENGTHS`] in turn, until
-/// `stop`; returns how many it sent, read at any time through the counter.
-fn legitimate_client(
-    lab: &Lab,
-    stop: Arc<AtomicBool>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-) -> std::thread::JoinHandle<()> {
-    let netns = lab.netns(Side::Outside).path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).expect("open the namespace");
-        // SAFETY: setns on this thread only, with a namespace fd we own.
-        let entered =
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns into the outside namespace");
-        let target = SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT);
-        let start = Instant::now();
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let due = (start.elapsed().as_secs_f64() * LEGIT_PPS as f64) as u64;
-            while n < due {
-                let socket =
-                    UdpSocket::bind(SocketAddr::new(Lab::addr(LEGIT_V4), 0)).expect("bind");
-                let len = LEGIT_LENGTHS[n as usize % LEGIT_LENGTHS.len()];
-                let payload: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + n) as u8).collect();
-                if socket.send_to(&payload, target).is_ok() {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-                n += 1;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    })
+fn service_address() -> SocketAddr {
+    SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT)
 }
 
 /// A flood to the service from random sources, as a trafgen configuration.
@@ -150,11 +92,16 @@ fn seconds_between(from: &str, to: &str) -> f64 {
 fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
     let lab = Lab::new();
     let moat = start(&lab, "auto");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (received, server) = serve(&lab, stop.clone());
-    let sent = Arc::default();
-    let client = legitimate_client(&lab, stop.clone(), sent);
-    std::thread::sleep(Duration::from_millis(1500));
+    let service = UdpService::start(&lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
+    let _client = UdpClient::start(
+        &lab,
+        Lab::addr(LEGIT_V4),
+        service_address(),
+        LEGIT_PPS,
+        &LEGIT_LENGTHS,
+    );
+    // The service's usual traffic: a second joins the baseline once the next is quiet too.
+    std::thread::sleep(BASELINE);
 
     let config = flood_config(&lab, "random.trafgen", None, Payload::Random(FLOOD_PAYLOAD));
     std::thread::scope(|scope| {
@@ -232,14 +179,9 @@ fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
         attacks(&lab).attacks[0].ended.is_some()
     });
     moat.wait_for_log("attack ended", 1);
-    stop.store(true, Ordering::Relaxed);
-    client.join().expect("client");
-    server.join().expect("server");
     assert!(
-        received
-            .lock()
-            .expect("counts")
-            .contains_key(&Lab::addr(LEGIT_V4))
+        service.received(Lab::addr(LEGIT_V4)).0 > 0,
+        "the legitimate client reached the service"
     );
 }
 
@@ -251,12 +193,16 @@ fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
 fn a_flood_sharing_attributes_is_fingerprinted_and_legitimate_traffic_flows() {
     let lab = Lab::new();
     let moat = start(&lab, "auto");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (received, server) = serve(&lab, stop.clone());
-    let legit_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let client = legitimate_client(&lab, stop.clone(), legit_sent.clone());
+    let service = UdpService::start(&lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
+    let client = UdpClient::start(
+        &lab,
+        Lab::addr(LEGIT_V4),
+        service_address(),
+        LEGIT_PPS,
+        &LEGIT_LENGTHS,
+    );
     // A baseline of the service's usual traffic.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(BASELINE);
 
     let config = flood_config(
         &lab,
@@ -296,19 +242,8 @@ fn a_flood_sharing_attributes_is_fingerprinted_and_legitimate_traffic_flows() {
         let legit = Lab::addr(LEGIT_V4);
         let read = |lab: &Lab| {
             let entry = attacks(lab).protected[0].clone();
-            let counts = received.lock().expect("counts").clone();
-            let from_legit = counts.get(&legit).copied().unwrap_or(0);
-            let from_others: u64 = counts
-                .iter()
-                .filter(|(ip, _)| **ip != legit)
-                .map(|(_, n)| n)
-                .sum();
-            (
-                entry,
-                from_legit,
-                from_others,
-                legit_sent.load(Ordering::Relaxed),
-            )
+            let (from_legit, from_others) = service.received(legit);
+            (entry, from_legit, from_others, client.sent())
         };
         std::thread::sleep(Duration::from_millis(300));
         let (before, legit_before, attack_before, sent_before) = read(&lab);
@@ -366,7 +301,4 @@ fn a_flood_sharing_attributes_is_fingerprinted_and_legitimate_traffic_flows() {
     );
     assert!(one > 0);
     assert_eq!(attacks(&lab).protected[0].fingerprint_packets, before);
-    stop.store(true, Ordering::Relaxed);
-    client.join().expect("client");
-    server.join().expect("server");
 }

@@ -89,6 +89,24 @@ pub fn render(view: &TopView, out: &mut String) {
     table(out, "DROPPED FROM", &view.dropped);
     let _ = writeln!(out);
     table(out, "PASSED FROM", &view.passed);
+    if !view.protected.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<42} {:>13} {:>12} {:>13} ATTACK",
+            "PROTECTED (last second)", "PKT/S", "MBIT/S", "DROPPED/S"
+        );
+        for entry in &view.protected {
+            let _ = writeln!(
+                out,
+                "{:<42} {:>13} {:>12.1} {:>13} {}",
+                entry.protect,
+                group(entry.packets_per_second),
+                entry.bits_per_second as f64 / 1e6,
+                group(entry.dropped_packets_per_second),
+                if entry.under_attack { "yes" } else { "no" }
+            );
+        }
+    }
 }
 
 fn table(out: &mut String, title: &str, rows: &[TopRow]) {
@@ -129,6 +147,7 @@ fn group(value: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::protocol::TopProtected;
 
     #[test]
     fn numbers_are_grouped_by_thousands() {
@@ -154,10 +173,25 @@ mod tests {
             passed: vec![row("192.0.2.1", "no_match", 300)],
             passed_by_source: true,
             sample_every: 1000,
+            protected: vec![TopProtected {
+                protect: "dns".into(),
+                packets_per_second: 650_000,
+                bits_per_second: 400_000_000,
+                dropped_packets_per_second: 640_000,
+                under_attack: true,
+            }],
         };
         let mut screen = String::new();
         render(&view, &mut screen);
         assert!(screen.contains("dropped 120,000 pkt/s, passed 300 pkt/s"));
+        assert!(
+            screen.lines().any(|l| l.starts_with("dns")
+                && l.contains("650,000")
+                && l.contains("400.0")
+                && l.contains("640,000")
+                && l.ends_with("yes")),
+            "{screen}"
+        );
         assert!(screen.lines().any(|l| l.starts_with("198.51.100.7")
             && l.contains("blocklist")
             && l.contains("120,000")

@@ -1040,12 +1040,20 @@ fingerprints = "off"
             ),
             (entry("pps = 2000000000\n"), "pps = 2000000000 is outside"),
             (entry("bps = \"1kbit\"\n"), "bps = 1000 is outside"),
+            (
+                entry("bps = \"2Tbit\"\n"),
+                "is outside 8000..=1000000000000",
+            ),
+            (
+                entry("pps = 1\nprotocol = \"icmpv6\"\n"),
+                "protocol icmpv6 never reaches an IPv4 destination",
+            ),
             (entry("bps = \"20MB\"\n"), "unknown bit rate unit"),
             (entry("protocol = \"udp\"\n"), "set pps, bps or both"),
             (entry("pps = 100\nburst_packets = 1\n"), "under one tick"),
             (
                 entry("bps = \"1Mbit\"\nburst_packets = 10\n"),
-                "burst_packets needs pps",
+                "moat.toml:6:17: protect \"p\": burst_packets needs pps",
             ),
             (
                 entry("pps = 100\nattack_after = \"10ms\"\n"),
@@ -1091,7 +1099,13 @@ fingerprints = "off"
                 "{text:?}: expected {expected:?} in {e:?}"
             );
         }
-        // Disjoint ports or protocols on the same destination do not overlap.
+        // Disjoint ports or protocols on the same destination do not overlap, nor do ports and
+        // a protocol without them.
+        resolve(&format!(
+            "interfaces = [\"a\"]\n{}[[protect]]\nname = \"q\"\ndestination = \"203.0.113.7\"\nprotocol = \"icmp\"\npps = 1\n",
+            entry("protocol = \"any\"\npps = 100\ndst_ports = [53]\n")
+        ))
+        .expect("ports and icmp");
         resolve(&format!(
             "interfaces = [\"a\"]\n{}[[protect]]\nname = \"q\"\ndestination = \"203.0.113.7\"\nprotocol = \"udp\"\ndst_ports = [\"54-60\"]\npps = 1\n\
              [[protect]]\nname = \"r\"\ndestination = \"203.0.113.7\"\nprotocol = \"tcp\"\npps = 1\n",

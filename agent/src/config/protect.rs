@@ -8,6 +8,9 @@ use toml::Spanned;
 
 use agent_common::protect::MAX_PROTECTED;
 
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
 use super::{
     Cidr,
     rate_limit::{BitRateText, bit_rate, min_burst},
@@ -25,7 +28,7 @@ const LONGEST_ATTACK_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// what no interface carries.
 const MAX_PPS: i64 = 1_000_000_000;
 const MIN_BPS: u64 = 8_000;
-const MAX_BPS: u64 = 10_000_000_000_000;
+const MAX_BPS: u64 = 1_000_000_000_000;
 
 /// Whether an attack on the entry is answered with a fingerprint rule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -74,22 +77,28 @@ pub struct Protected {
 
 impl Protected {
     /// Whether a packet could belong to both entries: the destinations overlap (one holds the
-    /// other), and so do the protocols and the ports.
+    /// other), and so do the protocols and the ports. An entry with ports takes only TCP and
+    /// UDP (and their later fragments), so it shares nothing with one of another protocol.
     fn overlaps(&self, other: &Self) -> bool {
         let (a, b) = (self.destination.net(), other.destination.net());
         let destinations = a.contains(&b.network()) || b.contains(&a.network());
-        let protocols = match (self.protocol.number(), other.protocol.number()) {
-            (Some(x), Some(y)) => x == y,
-            _ => true,
+        let carries_ports = |n: u8| n == IPPROTO_TCP || n == IPPROTO_UDP;
+        let (protocols, shared_has_ports) = match (self.protocol.number(), other.protocol.number())
+        {
+            (Some(x), Some(y)) => (x == y, x == y && carries_ports(x)),
+            (Some(x), None) | (None, Some(x)) => (true, carries_ports(x)),
+            (None, None) => (true, true),
         };
-        let ports = self.dst_ports.is_empty()
-            || other.dst_ports.is_empty()
-            || self.dst_ports.iter().any(|x| {
+        let ports = match (self.dst_ports.is_empty(), other.dst_ports.is_empty()) {
+            (true, true) => true,
+            (true, false) | (false, true) => shared_has_ports,
+            (false, false) => self.dst_ports.iter().any(|x| {
                 other
                     .dst_ports
                     .iter()
                     .any(|y| x.first <= y.last && y.first <= x.last)
-            });
+            }),
+        };
         destinations && protocols && ports
     }
 }
@@ -142,6 +151,25 @@ impl ProtectConfig {
             )
         })?;
         let protocol = self.protocol.unwrap_or(Protocol::Any);
+        let family_mismatch = match protocol {
+            Protocol::Icmp => !destination.net().addr().is_ipv4(),
+            Protocol::Icmpv6 => destination.net().addr().is_ipv4(),
+            _ => false,
+        };
+        if family_mismatch {
+            return Err((
+                self.destination.span(),
+                format!(
+                    "{context}: protocol {} never reaches an {} destination",
+                    format!("{protocol:?}").to_lowercase(),
+                    if destination.net().addr().is_ipv4() {
+                        "IPv4"
+                    } else {
+                        "IPv6"
+                    }
+                ),
+            ));
+        }
         if !self.dst_ports.is_empty() && !protocol.has_ports() {
             return Err((
                 self.name.span(),
@@ -183,11 +211,8 @@ impl ProtectConfig {
         }
         let burst_packets = match &self.burst_packets {
             None => pps.max(min_burst(pps)),
-            Some(_) if pps == 0 => {
-                return Err((
-                    self.name.span(),
-                    format!("{context}: burst_packets needs pps"),
-                ));
+            Some(burst) if pps == 0 => {
+                return Err((burst.span(), format!("{context}: burst_packets needs pps")));
             }
             Some(burst) if (1..=MAX_PPS).contains(burst.get_ref()) => *burst.get_ref() as u64,
             Some(burst) => {

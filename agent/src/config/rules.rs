@@ -69,7 +69,7 @@ impl PortRange {
         let port = |p: &str| {
             p.trim()
                 .parse::<u16>()
-                .map_err(|_| format!("{p:?} is not a port (0-65535)"))
+                .map_err(|_| format!("{p:?} is not a number in 0-65535"))
         };
         let (first, last) = match text.split_once('-') {
             Some((a, b)) => (port(a)?, port(b)?),
@@ -243,7 +243,8 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
     Ok(validated)
 }
 
-/// Ports as written, each a number or a range; errors start with `context`.
+/// Ports (or other 16-bit values: TTLs, lengths) as written, each a number or a range; errors
+/// start with `context`.
 pub fn port_ranges(list: &[Spanned<PortText>], context: &str) -> Result<Vec<PortRange>, Located> {
     list.iter()
         .map(|p| {
@@ -253,7 +254,7 @@ pub fn port_ranges(list: &[Spanned<PortText>], context: &str) -> Result<Vec<Port
                         first: port,
                         last: port,
                     })
-                    .map_err(|_| format!("{n} is not a port (0-65535)")),
+                    .map_err(|_| format!("{n} is outside 0-65535")),
                 PortText::Text(text) => PortRange::parse(text),
             };
             parsed.map_err(|message| (p.span(), format!("{context}: {message}")))

@@ -323,6 +323,20 @@ pub struct TopView {
     pub passed: Vec<TopRow>,
     pub passed_by_source: bool,
     pub sample_every: u32,
+    /// The protected destinations' traffic in the attack watch's last second.
+    #[serde(default)]
+    pub protected: Vec<TopProtected>,
+}
+
+/// A protected destination in `moat top`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopProtected {
+    pub protect: String,
+    pub packets_per_second: u64,
+    pub bits_per_second: u64,
+    /// Over its limit or matching its attack's fingerprint.
+    pub dropped_packets_per_second: u64,
+    pub under_attack: bool,
 }
 
 /// One captured frame.

@@ -70,22 +70,27 @@ impl Daemon {
                             baseline_coverage = format!("{:.1}%", judged.baseline_coverage * 100.0),
                             "attack fingerprint installed: its packets are dropped as `fingerprint`"
                         ),
-                        Err(e) => warn!(
-                            protect,
-                            fingerprint,
-                            error = %crate::error_chain(&e),
-                            "could not install the attack fingerprint; the aggregate limit acts alone"
-                        ),
+                        Err(e) => {
+                            warn!(
+                                protect,
+                                fingerprint,
+                                error = %crate::error_chain(&e),
+                                "could not install the attack fingerprint; the aggregate limit acts alone (retried next second)"
+                            );
+                            self.attacks.fingerprint_failed(entry);
+                        }
                     }
                 }
                 Change::NoFingerprint { entry, why } => info!(
                     protect = self.protect_name(entry),
                     why, "no attack fingerprint; the aggregate limit acts alone"
                 ),
-                Change::Ended { entry, attack } => {
-                    if attack.fingerprint.is_some()
-                        && let Err(e) = self.fingerprints.remove(entry)
-                    {
+                Change::Ended {
+                    entry,
+                    attack,
+                    remove_fingerprint,
+                } => {
+                    if remove_fingerprint && let Err(e) = self.fingerprints.remove(entry) {
                         warn!(protect = attack.protect, error = %crate::error_chain(&e), "could not remove the attack fingerprint");
                     }
                     log_ended(&attack);
@@ -102,17 +107,22 @@ impl Daemon {
             .map_or_else(String::new, |p| p.name.clone())
     }
 
-    /// Removes the fingerprints of the entries `new` changes, before it is put in force.
-    pub(super) fn remove_changed_fingerprints(&mut self, new: &[Protected]) {
+    /// Before `new` is put in force: removes the fingerprints of the entries it changes (an
+    /// entry must not meet the fingerprint of the one it replaces) and restarts their
+    /// counters (nor inherit its counts).
+    pub(super) fn forget_changed_entries(&mut self, new: &[Protected]) {
         let old = &self.live.policy().protect;
-        let changed: Vec<u32> = (0..old.len())
+        let changed: Vec<u32> = (0..old.len().max(new.len()))
             .filter(|&i| new.get(i) != old.get(i))
             .map(|i| i as u32)
             .collect();
-        for entry in changed {
+        for &entry in &changed {
             if let Err(e) = self.fingerprints.remove(entry) {
                 warn!(entry, error = %crate::error_chain(&e), "could not remove an attack fingerprint");
             }
+        }
+        if let Err(e) = self.counters.reset_protected(changed) {
+            warn!(error = %crate::error_chain(&e), "could not restart the changed protected entries' counters");
         }
         self.attacks.forget_fingerprints_of_changed(new);
     }

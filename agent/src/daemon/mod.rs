@@ -741,8 +741,7 @@ impl Daemon {
         let needs_restart = self.settings.needing_restart(&resolved);
         let policy = effective_policy(resolved.policy, &self.dynamic);
         let protect = policy.protect.clone();
-        // An entry that changes must not meet the fingerprint of the one it replaces.
-        self.remove_changed_fingerprints(&protect);
+        self.forget_changed_entries(&protect);
         self.live.replace(policy)?;
         self.reconfigure_attacks(&protect);
         if needs_restart.is_empty() {

@@ -9,7 +9,7 @@ use tracing::warn;
 use super::{Daemon, interfaces::interface_name};
 use crate::{
     config::{ListKind, Mode},
-    control::protocol::{CounterView, InterfaceView, MapFill, Reply, StatusView},
+    control::protocol::{CounterView, InterfaceView, MapFill, Reply, StatusView, TopProtected},
     observe::{
         metrics,
         top::{Reading, ViewOptions},
@@ -187,7 +187,20 @@ impl Daemon {
             passed_by_source,
             sample_every,
         };
-        Ok(Reply::Top(self.top.view(reading, &options)))
+        let mut view = self.top.view(reading, &options);
+        view.protected = self
+            .attacks
+            .entries()
+            .into_iter()
+            .map(|entry| TopProtected {
+                protect: entry.protect,
+                packets_per_second: entry.pps,
+                bits_per_second: entry.bps,
+                dropped_packets_per_second: entry.dropped_pps,
+                under_attack: entry.under_attack,
+            })
+            .collect();
+        Ok(Reply::Top(view))
     }
 
     /// The Prometheus metrics, read now.

@@ -18,9 +18,15 @@ use crate::{
     program::counters::ProtectedCounts,
 };
 
-/// Samples kept per entry: of its usual traffic (the baseline), and of an attack.
-const BASELINE_SAMPLES: usize = 2000;
+/// Samples kept per entry: of its usual traffic (the baseline: at most
+/// [`BASELINE_SAMPLES_PER_SECOND`] of each second, so that it spans a minute or more), and of
+/// an attack.
+const BASELINE_SAMPLES: usize = 6000;
+const BASELINE_SAMPLES_PER_SECOND: usize = 100;
 const ATTACK_SAMPLES: usize = 2000;
+/// The ticks come about a second apart, give or take the timer's jitter: a duration within
+/// this of its mark counts as reached.
+const TICK_JITTER: std::time::Duration = std::time::Duration::from_millis(200);
 /// Distinct sources counted per attack; past this the count says "at least".
 const MAX_DISTINCT_SOURCES: usize = 65_536;
 /// Ended attacks `moat attacks` remembers.
@@ -38,15 +44,16 @@ pub struct EntrySample {
 }
 
 /// Samples on their way from the event reader to the watch. Bounded: past
-/// [`SampleInbox::CAPACITY`] between two ticks, the newest are left out (the program samples
-/// each entry at a bounded rate, so only a great many entries reach it).
+/// [`SampleInbox::CAPACITY`] between two ticks the newest are left out (the program samples
+/// each entry at most 500 times a second per CPU).
 #[derive(Debug, Default)]
 pub struct SampleInbox {
     samples: Vec<EntrySample>,
 }
 
 impl SampleInbox {
-    pub const CAPACITY: usize = 16_384;
+    /// A second's samples of 16 busy entries on 8 CPUs (500 per entry and CPU).
+    pub const CAPACITY: usize = 65_536;
 
     pub fn push(&mut self, sample: EntrySample) {
         if self.samples.len() < Self::CAPACITY {
@@ -102,10 +109,12 @@ pub enum Change {
         entry: u32,
         why: String,
     },
-    /// The attack ended: remove the entry's fingerprint, if any.
+    /// The attack ended: remove the entry's fingerprint, if it had one in force
+    /// (`remove_fingerprint`; a reload removes the changed entries' fingerprints itself).
     Ended {
         entry: u32,
         attack: Attack,
+        remove_fingerprint: bool,
     },
 }
 
@@ -123,12 +132,14 @@ struct Watched {
     under_since: Option<Instant>,
     attack: Option<Attack>,
     attacks_total: u64,
-    /// The last rates seen (packets and bits per second).
-    rate: (u64, u64),
+    /// The last rates seen: packets and bits per second, and packets dropped per second.
+    rate: (u64, u64, u64),
     baseline: VecDeque<Attributes>,
-    /// Conforming samples since the last tick: the baseline's only if that second turns out
-    /// to be under the limit (a flood's first second conforms in part, and is no baseline).
+    /// Conforming samples since the last tick, and those of the second before: the
+    /// baseline's only once the second after theirs is under the limit too (a flood's first
+    /// moments conform, within the burst, and are no baseline).
     pending_baseline: Vec<Attributes>,
+    probation_baseline: Vec<Attributes>,
     attack_samples: VecDeque<Attributes>,
     sources: HashSet<IpAddr>,
     sources_sampled: u64,
@@ -148,9 +159,10 @@ impl Watched {
             under_since: None,
             attack: None,
             attacks_total: 0,
-            rate: (0, 0),
+            rate: (0, 0, 0),
             baseline: VecDeque::new(),
             pending_baseline: Vec::new(),
+            probation_baseline: Vec::new(),
             attack_samples: VecDeque::new(),
             sources: HashSet::new(),
             sources_sampled: 0,
@@ -177,9 +189,10 @@ pub struct EntryState {
     pub protocol: String,
     pub pps_limit: u64,
     pub bps_limit: u64,
-    /// The traffic to it in the last second.
+    /// The traffic to it in the last second, and what of it was dropped.
     pub pps: u64,
     pub bps: u64,
+    pub dropped_pps: u64,
     pub under_attack: bool,
     pub attacks_total: u64,
 }
@@ -206,32 +219,81 @@ impl AttackWatch {
         self.entries.is_empty()
     }
 
-    /// Takes a new configuration: an entry defined as before at the same index keeps its
-    /// state; any other starts afresh, and an attack on a changed or removed entry ends here
-    /// (returned, for the daemon to remove its fingerprint and log it).
+    /// Takes a new configuration. Entries are matched by name: one that still watches the
+    /// same traffic (destination, protocol, ports) keeps its baseline, its attack and its
+    /// count of attacks, whatever else changed; its fingerprint, removed by the reload, is
+    /// looked for again. One that watches other traffic, or is gone, ends its attack here
+    /// (returned, to be logged).
     pub fn reconfigure(&mut self, protect: &[Protected], wall: SystemTime) -> Vec<Change> {
         let mut old: Vec<Option<Watched>> = self.entries.drain(..).map(Some).collect();
         let mut changes = Vec::new();
         for (index, entry) in protect.iter().enumerate() {
-            let kept = old
-                .get_mut(index)
-                .and_then(|slot| slot.take_if(|w| w.protect == *entry));
-            self.entries
-                .push(kept.unwrap_or_else(|| Watched::new(entry.clone())));
+            let found = old
+                .iter()
+                .position(|w| w.as_ref().is_some_and(|w| w.protect.name == entry.name));
+            let Some(mut watched) = found.and_then(|at| old[at].take()) else {
+                self.entries.push(Watched::new(entry.clone()));
+                continue;
+            };
+            let at = found.unwrap_or(index);
+            let same_traffic = watched.protect.destination == entry.destination
+                && watched.protect.protocol == entry.protocol
+                && watched.protect.dst_ports == entry.dst_ports;
+            if !same_traffic {
+                if let Some(ended) = self.end(&mut watched, wall) {
+                    changes.push(Change::Ended {
+                        entry: at as u32,
+                        attack: ended,
+                        remove_fingerprint: false,
+                    });
+                }
+                watched.baseline.clear();
+            }
+            if at != index || watched.protect != *entry {
+                // Its counters restart (or are another index's): the next tick only reads.
+                watched.last = None;
+                watched.fingerprint = None;
+            }
+            watched.fingerprints = entry.fingerprints;
+            watched.protect = entry.clone();
+            self.entries.push(watched);
         }
         for (index, watched) in old.into_iter().enumerate() {
             if let Some(mut watched) = watched
-                && let Some(mut attack) = watched.attack.take()
+                && let Some(ended) = self.end(&mut watched, wall)
             {
-                attack.ended = Some(wall);
-                self.remember(attack.clone());
                 changes.push(Change::Ended {
                     entry: index as u32,
-                    attack,
+                    attack: ended,
+                    remove_fingerprint: false,
                 });
             }
         }
         changes
+    }
+
+    /// Ends `watched`'s attack, if any, and remembers it.
+    fn end(&mut self, watched: &mut Watched, wall: SystemTime) -> Option<Attack> {
+        let mut attack = watched.attack.take()?;
+        attack.ended = Some(wall);
+        watched.under_since = None;
+        watched.over_since = None;
+        watched.fingerprint = None;
+        watched.clear_attack_samples();
+        self.remember(attack.clone());
+        Some(attack)
+    }
+
+    /// The daemon could not install the fingerprint `tick` reported for `entry`: none is in
+    /// force, and the next tick looks again.
+    pub fn fingerprint_failed(&mut self, entry: u32) {
+        if let Some(watched) = self.entries.get_mut(entry as usize) {
+            watched.fingerprint = None;
+            if let Some(attack) = &mut watched.attack {
+                attack.fingerprint = None;
+                attack.fingerprint_installed = None;
+            }
+        }
     }
 
     /// Before a configuration that changes some entries is put in force (their fingerprints
@@ -241,10 +303,6 @@ impl AttackWatch {
         for (index, watched) in self.entries.iter_mut().enumerate() {
             if protect.get(index) != Some(&watched.protect) {
                 watched.fingerprint = None;
-                if let Some(attack) = &mut watched.attack {
-                    attack.fingerprint = None;
-                    attack.fingerprint_installed = None;
-                }
             }
         }
     }
@@ -307,23 +365,30 @@ impl AttackWatch {
             let before_arrived = before.arrived();
             let pps = (delta(arrived.packets, before_arrived.packets) as f64 / elapsed) as u64;
             let bps = (delta(arrived.bytes, before_arrived.bytes) as f64 * 8.0 / elapsed) as u64;
-            watched.rate = (pps, bps);
             let over = delta(counts.over.packets, before.over.packets);
             let fingerprinted = delta(counts.fingerprint.packets, before.fingerprint.packets);
+            watched.rate = (pps, bps, ((over + fingerprinted) as f64 / elapsed) as u64);
             // Over the limit: some traffic was over it, or (with a fingerprint dropping the
             // attack before the bucket) more arrived than the limit allows.
             let limit = &watched.protect;
-            let over_limit = over > 0
+            // (A few packets over it in a second, under 1 % of them, are a burst's edge or
+            // CPUs racing on the bucket, not an attack.)
+            let arrived_packets = delta(arrived.packets, before_arrived.packets);
+            let over_limit = over * 100 > arrived_packets
                 || (limit.pps != 0 && pps > limit.pps)
                 || (limit.bps != 0 && bps > limit.bps);
             let pending = std::mem::take(&mut watched.pending_baseline);
-            if !over_limit && watched.attack.is_none() {
-                for attributes in pending {
+            let probation = std::mem::take(&mut watched.probation_baseline);
+            if !over_limit && watched.attack.is_none() && watched.over_since.is_none() {
+                // The second before this one was under the limit, and so is this one.
+                let step = probation.len().div_ceil(BASELINE_SAMPLES_PER_SECOND).max(1);
+                for attributes in probation.into_iter().step_by(step) {
                     if watched.baseline.len() == BASELINE_SAMPLES {
                         watched.baseline.pop_front();
                     }
                     watched.baseline.push_back(attributes);
                 }
+                watched.probation_baseline = pending;
             }
 
             if let Some(attack) = &mut watched.attack {
@@ -336,16 +401,22 @@ impl AttackWatch {
                 if over_limit {
                     watched.under_since = None;
                 } else if now.saturating_duration_since(*watched.under_since.get_or_insert(then))
+                    + TICK_JITTER
                     >= limit.attack_end_after
                 {
                     let mut attack = watched.attack.take().unwrap_or_else(|| unreachable!());
                     attack.ended = Some(wall);
+                    let remove_fingerprint = watched.fingerprint.is_some();
                     watched.under_since = None;
                     watched.over_since = None;
                     watched.fingerprint = None;
                     watched.clear_attack_samples();
                     ended.push(attack.clone());
-                    changes.push(Change::Ended { entry, attack });
+                    changes.push(Change::Ended {
+                        entry,
+                        attack,
+                        remove_fingerprint,
+                    });
                     continue;
                 }
             } else if over_limit {
@@ -355,7 +426,7 @@ impl AttackWatch {
                     watched.streak_peak.0.max(pps),
                     watched.streak_peak.1.max(bps),
                 );
-                if now.saturating_duration_since(since) >= limit.attack_after {
+                if now.saturating_duration_since(since) + TICK_JITTER >= limit.attack_after {
                     let attack = Attack {
                         protect: limit.name.clone(),
                         destination: limit.destination.to_string(),
@@ -439,6 +510,7 @@ impl AttackWatch {
                 bps_limit: w.protect.bps,
                 pps: w.rate.0,
                 bps: w.rate.1,
+                dropped_pps: w.rate.2,
                 under_attack: w.attack.is_some(),
                 attacks_total: w.attacks_total,
             })
@@ -539,6 +611,8 @@ mod tests {
         for n in 0..200 {
             watch.sample(sample(Reason::NoMatch, 30_000 + n as u16, n));
         }
+        // A second's samples join the baseline once the next second is under the limit too.
+        assert!(clock.tick(&mut watch, (500, 0, 0)).is_empty());
         assert!(clock.tick(&mut watch, (500, 0, 0)).is_empty());
         // A flood from source port 1900: over the limit for two seconds → an attack. Its
         // first second's conforming packets are no baseline (else the flood's own port would
@@ -592,6 +666,63 @@ mod tests {
         assert_eq!(watch.attacks().len(), 1, "remembered as ended");
     }
 
+    /// A flood's first moments conform (within the burst) and a reload mid-attack keeps the
+    /// baseline: neither stops the fingerprint.
+    #[test]
+    fn the_baseline_keeps_a_floods_first_moments_out_and_outlives_a_reload() {
+        let mut watch = AttackWatch::new(&[protected(1000)]);
+        let mut clock = Clock {
+            start: Instant::now(),
+            second: 0,
+            totals: (0, 0, 0),
+        };
+        clock.tick(&mut watch, (0, 0, 0));
+        for second in 0..3u16 {
+            for n in 0..100u16 {
+                watch.sample(sample(Reason::NoMatch, 30_000 + n * 3 + second, n.into()));
+            }
+            clock.tick(&mut watch, (500, 0, 0));
+        }
+        // The flood starts: its first packets conform, in a second still under the limit …
+        for n in 0..400 {
+            watch.sample(sample(Reason::NoMatch, 1900, n));
+        }
+        assert!(clock.tick(&mut watch, (900, 0, 0)).is_empty());
+        // … and the next second is over it: those samples were no baseline.
+        for n in 0..300 {
+            watch.sample(sample(Reason::DstLimit, 1900, n));
+        }
+        assert!(clock.tick(&mut watch, (1000, 50_000, 0)).is_empty());
+        let changes = clock.tick(&mut watch, (1000, 50_000, 0));
+        assert!(
+            matches!(
+                changes.as_slice(),
+                [Change::Started { .. }, Change::Fingerprint { .. }]
+            ),
+            "{changes:?}"
+        );
+        // A reload that raises the limit: the fingerprint (removed with the entry's old
+        // definition) is found again from the same baseline at the next tick.
+        assert!(
+            watch
+                .reconfigure(&[protected(5000)], SystemTime::UNIX_EPOCH)
+                .is_empty()
+        );
+        assert!(
+            clock.tick(&mut watch, (1000, 50_000, 0)).is_empty(),
+            "counters re-read"
+        );
+        for n in 0..300 {
+            watch.sample(sample(Reason::DstLimit, 1900, n));
+        }
+        let changes = clock.tick(&mut watch, (1000, 50_000, 0));
+        assert!(
+            matches!(changes.as_slice(), [Change::Fingerprint { entry: 0, .. }]),
+            "{changes:?}"
+        );
+        assert_eq!(watch.entries()[0].attacks_total, 1, "the same attack");
+    }
+
     #[test]
     fn a_short_burst_over_the_limit_is_no_attack_and_no_baseline_means_no_fingerprint() {
         let mut watch = AttackWatch::new(&[protected(1000)]);
@@ -624,23 +755,23 @@ mod tests {
             clock.tick(&mut watch, (1000, 10, 0)).is_empty(),
             "said once"
         );
-        // A reload that changes the entry ends its attack.
+        // A reload that changes the entry's limit keeps its attack, and its count; one that
+        // changes its destination ends it.
         let changes = watch.reconfigure(&[protected(2000)], SystemTime::UNIX_EPOCH);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert!(watch.entries()[0].under_attack);
+        let mut moved = protected(2000);
+        moved.destination = "203.0.113.54/32".parse().expect("a CIDR");
+        let changes = watch.reconfigure(&[moved], SystemTime::UNIX_EPOCH);
         assert!(matches!(
             changes.as_slice(),
-            [Change::Ended { entry: 0, .. }]
+            [Change::Ended {
+                entry: 0,
+                remove_fingerprint: false,
+                ..
+            }]
         ));
         assert!(!watch.entries()[0].under_attack);
-        // One that keeps it keeps its state.
-        clock.tick(&mut watch, (0, 10, 0));
-        clock.tick(&mut watch, (0, 10, 0));
-        let changes = clock.tick(&mut watch, (0, 10, 0));
-        assert!(matches!(changes.as_slice(), [Change::Started { .. }, ..]));
-        assert!(
-            watch
-                .reconfigure(&[protected(2000)], SystemTime::UNIX_EPOCH)
-                .is_empty()
-        );
-        assert!(watch.entries()[0].under_attack);
+        assert_eq!(watch.entries()[0].attacks_total, 1);
     }
 }

@@ -49,6 +49,10 @@ impl Attributes {
             LaxSlicedPacket::from_ethernet(frame).ok()?
         };
         let offset_in_frame = |slice: &[u8]| slice.as_ptr() as usize - frame.as_ptr() as usize;
+        // Fragments never match a fingerprint (nor, in the program, are they matched by one).
+        if packet.ip_payload().is_some_and(|p| p.fragmented) {
+            return None;
+        }
         let mut attributes = Self::default();
         // Where the IP packet ends by its header, in frame offsets.
         let ip_end = match packet.net.as_ref()? {

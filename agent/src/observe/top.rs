@@ -102,6 +102,7 @@ impl TopHistory {
                 passed: Vec::new(),
                 passed_by_source: options.passed_by_source,
                 sample_every: options.sample_every,
+                protected: Vec::new(),
             },
             Some(base) => {
                 let elapsed = current
@@ -139,6 +140,7 @@ impl TopHistory {
                     passed,
                     passed_by_source: options.passed_by_source,
                     sample_every: options.sample_every,
+                    protected: Vec::new(),
                 }
             }
         };

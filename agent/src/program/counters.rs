@@ -9,7 +9,10 @@ use agent_common::{
     protect::{ProtectHit, protect_hit_index},
     stats::{Action, Counter, PER_INTERFACE, Reason, index},
 };
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::{
+    maps::{Array, MapData, MapError, PerCpuArray, PerCpuValues},
+    sys::SyscallError,
+};
 use tracing::warn;
 
 use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
@@ -92,6 +95,37 @@ impl CounterMaps {
             .get(&index(slot, action, reason), 0)
             .map_err(named(self.stats.name))?;
         Ok(per_cpu.iter().map(|c| c.packets).sum())
+    }
+
+    /// Zeroes the counters of protected entries whose definition a reload changed, so that an
+    /// entry never inherits the counts of the one that had its place.
+    pub fn reset_protected(
+        &mut self,
+        entries: impl IntoIterator<Item = u32>,
+    ) -> Result<(), MapAccessError> {
+        let name = self.protect_hits.name;
+        let failed = |call: &'static str, io_error| MapAccessError::Map {
+            map: name,
+            source: MapError::SyscallError(SyscallError { call, io_error }),
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| failed("nr_cpus", e))?;
+        let zeros = || {
+            PerCpuValues::try_from(vec![Counter::default(); cpus])
+                .map_err(|e| failed("PerCpuValues", e))
+        };
+        for entry in entries {
+            for hit in [
+                ProtectHit::Conforming,
+                ProtectHit::Over,
+                ProtectHit::Fingerprint,
+            ] {
+                self.protect_hits
+                    .map
+                    .set(protect_hit_index(entry, hit), zeros()?, 0)
+                    .map_err(named(name))?;
+            }
+        }
+        Ok(())
     }
 
     /// The counters of the first `entries` protected entries, summed over CPUs: read once a

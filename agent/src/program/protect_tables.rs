@@ -6,8 +6,11 @@ use std::net::IpAddr;
 
 use agent_common::{
     maps,
-    protect::{MAX_PROTECTED, ProtectBucket, ProtectLimit, ProtectMask},
-    rules::{NO_PORT, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN},
+    protect::{
+        MAX_PROTECTED, PROTECT_FRAGMENT, PROTECT_PORT_TABLE_LEN, ProtectBucket, ProtectLimit,
+        ProtectMask,
+    },
+    rules::{NO_PORT, PROTOCOL_TABLE_LEN},
 };
 use aya::maps::{
     Array, MapData, MapError,
@@ -61,7 +64,7 @@ impl ProtectTables {
             v4: Vec::new(),
             v6: Vec::new(),
             by_protocol: vec![ProtectMask::EMPTY; PROTOCOL_TABLE_LEN as usize],
-            by_dst_port: vec![ProtectMask::EMPTY; PORT_TABLE_LEN as usize],
+            by_dst_port: vec![ProtectMask::EMPTY; PROTECT_PORT_TABLE_LEN as usize],
             limits: Vec::with_capacity(entries.len()),
         };
         // The trie answers with the longest prefix only: each prefix carries every entry whose
@@ -132,7 +135,9 @@ fn write_trie<const N: usize>(
     Ok(())
 }
 
-/// No ports listed: every port, and packets without one. Otherwise only the listed ports.
+/// No ports listed: every port, packets without one and later fragments. Otherwise the listed
+/// ports and later fragments (which carry no ports, but are the same traffic); never packets of
+/// a protocol without ports.
 fn mark_ports(table: &mut [ProtectMask], ports: &[PortRange], index: u32) {
     if ports.is_empty() {
         table.iter_mut().for_each(|m| m.insert(index));
@@ -143,6 +148,7 @@ fn mark_ports(table: &mut [ProtectMask], ports: &[PortRange], index: u32) {
             table[usize::from(port)].insert(index);
         }
     }
+    table[PROTECT_FRAGMENT as usize].insert(index);
     debug_assert!(!table[NO_PORT as usize].contains(index));
 }
 
@@ -218,9 +224,17 @@ mod tests {
         }
     }
 
+    /// Where a packet's port column is: its port, none, or (a later fragment) the fragments'.
+    #[derive(Clone, Copy)]
+    enum Port {
+        Is(u16),
+        None,
+        Fragment,
+    }
+
     /// The entry of a packet, as the program finds it: the longest prefix holding the
     /// destination, intersected with the protocol's and the port's sets.
-    fn entry_of(t: &ProtectTables, dst: IpAddr, protocol: u8, port: Option<u16>) -> Option<u32> {
+    fn entry_of(t: &ProtectTables, dst: IpAddr, protocol: u8, port: Port) -> Option<u32> {
         let by_destination = match dst {
             IpAddr::V4(addr) => {
                 t.v4.iter()
@@ -241,7 +255,11 @@ mod tests {
                     .map(|(.., mask)| *mask)
             }
         }?;
-        let port = port.map_or(NO_PORT as usize, usize::from);
+        let port = match port {
+            Port::Is(port) => usize::from(port),
+            Port::None => NO_PORT as usize,
+            Port::Fragment => PROTECT_FRAGMENT as usize,
+        };
         by_destination
             .and(t.by_protocol[usize::from(protocol)])
             .and(t.by_dst_port[port])
@@ -256,25 +274,36 @@ mod tests {
             entry("2001:db8::/64", Protocol::Any, &[]),
         ]);
         let dns: IpAddr = "203.0.113.53".parse().expect("an address");
-        assert_eq!(entry_of(&t, dns, 17, Some(53)), Some(1));
+        assert_eq!(entry_of(&t, dns, 17, Port::Is(53)), Some(1));
         assert_eq!(
-            entry_of(&t, dns, 6, Some(443)),
+            entry_of(&t, dns, 6, Port::Is(443)),
             Some(0),
             "the /24 is not hidden by the /32 inside it"
         );
-        assert_eq!(entry_of(&t, dns, 17, Some(54)), None);
+        assert_eq!(entry_of(&t, dns, 17, Port::Is(54)), None);
+        assert_eq!(
+            entry_of(&t, dns, 17, Port::Fragment),
+            Some(1),
+            "a later fragment of UDP to the host is the port-bound entry's"
+        );
+        assert_eq!(
+            entry_of(&t, dns, 1, Port::None),
+            None,
+            "ICMP is no port-bound entry's"
+        );
         let other: IpAddr = "203.0.113.9".parse().expect("an address");
-        assert_eq!(entry_of(&t, other, 17, Some(53)), None);
-        assert_eq!(entry_of(&t, other, 6, Some(443)), Some(0));
+        assert_eq!(entry_of(&t, other, 17, Port::Is(53)), None);
+        assert_eq!(entry_of(&t, other, 6, Port::Is(443)), Some(0));
         let v6: IpAddr = "2001:db8::1".parse().expect("an address");
         assert_eq!(
-            entry_of(&t, v6, 58, None),
+            entry_of(&t, v6, 58, Port::None),
             Some(2),
             "any port: portless too"
         );
-        assert_eq!(entry_of(&t, v6, 17, Some(1)), Some(2));
+        assert_eq!(entry_of(&t, v6, 17, Port::Is(1)), Some(2));
+        assert_eq!(entry_of(&t, v6, 17, Port::Fragment), Some(2));
         let outside: IpAddr = "2001:db8:1::1".parse().expect("an address");
-        assert_eq!(entry_of(&t, outside, 17, Some(1)), None);
+        assert_eq!(entry_of(&t, outside, 17, Port::Is(1)), None);
         assert_eq!(t.limits[1].ns_per_packet, 1_000_000);
         assert_eq!(t.limits[1].packets_burst_ns, 999_000_000);
     }

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: moat measured beside its peers on this machine, written as Markdown to
 //! the file given as the first argument (the xtask puts it into BENCHMARKS.md).
 //!
-//! `moat-bench OUTPUT.md [--quick] [--only per-packet|flood|control-plane]`
+//! `moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|control-plane]`
 //!
 //! Every measure is repeated; tables give the median and the min–max, and ratios of medians.
 
@@ -10,6 +10,7 @@ mod flood;
 mod floor;
 mod list;
 mod per_packet;
+mod protect;
 
 use std::{fmt::Write as _, path::PathBuf};
 
@@ -33,10 +34,11 @@ pub struct Options {
     only: Option<String>,
 }
 
-const SECTIONS: [&str; 3] = ["per-packet", "flood", "control-plane"];
+const SECTIONS: [&str; 4] = ["per-packet", "flood", "protect", "control-plane"];
 
 fn options() -> Options {
-    let usage = "usage: moat-bench OUTPUT.md [--quick] [--only per-packet|flood|control-plane]";
+    let usage =
+        "usage: moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|control-plane]";
     let mut output = None;
     let mut quick = false;
     let mut only = None;
@@ -143,6 +145,9 @@ fn main() {
     }
     if runs("flood") {
         let _ = write!(text, "{}", flood::run(&lab, &list, &options));
+    }
+    if runs("protect") {
+        let _ = write!(text, "{}", protect::run(&lab, &options));
     }
     if runs("control-plane") {
         let table = control_plane::run(&lab, &list, &options);

@@ -376,7 +376,7 @@ const CONTENDERS: usize = 5;
 
 /// ns/packet of a scenario's frames (one frame: one test run of `repeat` packets; many: one
 /// run of each, their times averaged); checks every verdict.
-fn sample(
+pub fn sample(
     program: BorrowedFd,
     frames: &[Vec<u8>],
     expected: u32,
