@@ -106,4 +106,22 @@ pub const FP_PAYLOAD_MAX: usize = 8;
 /// per CPU (the agent's baseline and attack samples, for fingerprints).
 pub const PROTECT_SAMPLE_INTERVAL_NS: u64 = 2_000_000;
 
-pod!(ProtectMask, ProtectLimit, ProtectBucket, Fingerprint);
+/// The pacing of one entry's samples on one CPU (`PROT_SAMPLE_AT`): each sample carries, as
+/// its weight, the packets it stands for, so that a CPU that sees few packets (sampled nearly
+/// all) does not outweigh one that sees a flood (sampled one in thousands).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SamplePacing {
+    /// No sample before this time (monotonic ns).
+    pub next_ns: u64,
+    /// Packets charged on this CPU since its last sample.
+    pub unsampled: u64,
+}
+
+pod!(
+    ProtectMask,
+    ProtectLimit,
+    ProtectBucket,
+    Fingerprint,
+    SamplePacing
+);

@@ -52,17 +52,17 @@ pub fn sample(ctx: &XdpContext, verdict: &Verdict, action: Action, weight: u32) 
     write_sample(ctx, EVENT_SAMPLE, verdict, action, weight);
 }
 
-/// A sample of the traffic of protected entry `entry`; `reason` says what the entry made of
-/// the packet (`no_match`: it conformed).
+/// A sample of the traffic of protected entry `entry`, standing for `weight` packets; `reason`
+/// says what the entry made of the packet (`no_match`: it conformed).
 #[inline(always)]
-pub fn protect_sample(ctx: &XdpContext, source: &Address, entry: u32, reason: Reason) {
+pub fn protect_sample(ctx: &XdpContext, source: &Address, entry: u32, reason: Reason, weight: u32) {
     let action = if reason == Reason::NoMatch {
         Action::Pass
     } else {
         Action::Drop
     };
     let verdict = Verdict::new(action, reason, entry).with_source(source);
-    write_sample(ctx, EVENT_PROTECT_SAMPLE, &verdict, action, 1);
+    write_sample(ctx, EVENT_PROTECT_SAMPLE, &verdict, action, weight);
 }
 
 #[inline(always)]

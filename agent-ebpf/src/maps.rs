@@ -12,7 +12,7 @@ use agent_common::{
     },
     protect::{
         Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, PROTECT_PORT_TABLE_LEN, ProtectBucket,
-        ProtectLimit, ProtectMask,
+        ProtectLimit, ProtectMask, SamplePacing,
     },
     rate_limit::{Ban, RateState, SourceKey},
     rules::{
@@ -134,7 +134,8 @@ pub static PROT_HITS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(PROTE
 #[map]
 pub static PROT_PRINTS: Array<Fingerprint> = Array::with_max_entries(MAX_PROTECTED, 0);
 #[map]
-pub static PROT_SAMPLE_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROTECTED, 0);
+pub static PROT_SAMPLE_AT: PerCpuArray<SamplePacing> =
+    PerCpuArray::with_max_entries(MAX_PROTECTED, 0);
 
 #[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);

@@ -118,15 +118,25 @@ fn conforms<M: ProtectMaps>(entry: u32, frame_len: u64, now: u64) -> bool {
 /// fingerprints from.
 #[inline(always)]
 fn sample(ctx: &XdpContext, packet: &Packet, entry: u32, reason: Reason, now: u64) {
-    let Some(next) = PROT_SAMPLE_AT.get_ptr_mut(entry) else {
+    let Some(pacing) = PROT_SAMPLE_AT.get_ptr_mut(entry) else {
         return;
     };
     // SAFETY: a per-CPU value: no other program run touches it concurrently.
-    unsafe {
-        if now < *next {
+    let weight = unsafe {
+        if now < (*pacing).next_ns {
+            (*pacing).unsampled += 1;
             return;
         }
-        *next = now + PROTECT_SAMPLE_INTERVAL_NS;
-    }
-    events::protect_sample(ctx, &packet.source, entry, reason);
+        (*pacing).next_ns = now + PROTECT_SAMPLE_INTERVAL_NS;
+        let weight = (*pacing).unsampled + 1;
+        (*pacing).unsampled = 0;
+        weight
+    };
+    events::protect_sample(
+        ctx,
+        &packet.source,
+        entry,
+        reason,
+        weight.min(u64::from(u32::MAX)) as u32,
+    );
 }

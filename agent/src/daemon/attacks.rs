@@ -99,6 +99,14 @@ impl Daemon {
         }
     }
 
+    /// At stop: a fingerprint lives as long as its attack, which no one watches once the daemon
+    /// is gone (the pinned program keeps enforcing the rest).
+    pub(super) fn remove_all_fingerprints(&mut self) {
+        if let Err(e) = self.fingerprints.clear() {
+            warn!(error = %crate::error_chain(&e), "could not remove the attack fingerprints");
+        }
+    }
+
     fn protect_name(&self, entry: u32) -> String {
         self.live
             .policy()

@@ -783,6 +783,7 @@ impl Daemon {
     fn stop(mut self) {
         self.live.catch_up();
         self.save_state();
+        self.remove_all_fingerprints();
         log_counters(&self.counters, &self.interfaces);
         for interface in self.interfaces.drain(..) {
             match interface.link {

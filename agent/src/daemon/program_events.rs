@@ -100,7 +100,11 @@ impl EventHandler for EventSinks {
             }
             Decoded::Protected(sample) => {
                 let attributes =
-                    Attributes::of_frame(&sample.data, self.ip_first.contains(&sample.if_index));
+                    Attributes::of_frame(&sample.data, self.ip_first.contains(&sample.if_index))
+                        .map(|attributes| Attributes {
+                            weight: sample.weight,
+                            ..attributes
+                        });
                 if let Ok(mut inbox) = self.attack_samples.lock() {
                     inbox.push(EntrySample {
                         entry: sample.detail,

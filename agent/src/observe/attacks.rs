@@ -380,9 +380,9 @@ impl AttackWatch {
             let pending = std::mem::take(&mut watched.pending_baseline);
             let probation = std::mem::take(&mut watched.probation_baseline);
             if !over_limit && watched.attack.is_none() && watched.over_since.is_none() {
-                // The second before this one was under the limit, and so is this one.
-                let step = probation.len().div_ceil(BASELINE_SAMPLES_PER_SECOND).max(1);
-                for attributes in probation.into_iter().step_by(step) {
+                // The second before this one was under the limit, and so is this one. Its
+                // first samples, in a row: every n-th would alias with traffic that repeats.
+                for attributes in probation.into_iter().take(BASELINE_SAMPLES_PER_SECOND) {
                     if watched.baseline.len() == BASELINE_SAMPLES {
                         watched.baseline.pop_front();
                     }
@@ -574,6 +574,13 @@ mod tests {
         }
     }
 
+    /// 300 samples of a flood from source port 1900, over the limit.
+    fn flood_samples(watch: &mut AttackWatch) {
+        for n in 0..300 {
+            watch.sample(sample(Reason::DstLimit, 1900, n));
+        }
+    }
+
     /// Feeds one second: the entry's counters move by `(conforming, over, fingerprint)`.
     struct Clock {
         start: Instant,
@@ -689,9 +696,7 @@ mod tests {
         }
         assert!(clock.tick(&mut watch, (900, 0, 0)).is_empty());
         // … and the next second is over it: those samples were no baseline.
-        for n in 0..300 {
-            watch.sample(sample(Reason::DstLimit, 1900, n));
-        }
+        flood_samples(&mut watch);
         assert!(clock.tick(&mut watch, (1000, 50_000, 0)).is_empty());
         let changes = clock.tick(&mut watch, (1000, 50_000, 0));
         assert!(
@@ -712,9 +717,7 @@ mod tests {
             clock.tick(&mut watch, (1000, 50_000, 0)).is_empty(),
             "counters re-read"
         );
-        for n in 0..300 {
-            watch.sample(sample(Reason::DstLimit, 1900, n));
-        }
+        flood_samples(&mut watch);
         let changes = clock.tick(&mut watch, (1000, 50_000, 0));
         assert!(
             matches!(changes.as_slice(), [Change::Fingerprint { entry: 0, .. }]),
@@ -740,9 +743,7 @@ mod tests {
         assert!(clock.tick(&mut watch, (1000, 10, 0)).is_empty());
         assert!(watch.attacks().is_empty());
         // Now a real one, with no baseline: no fingerprint, said once.
-        for n in 0..300 {
-            watch.sample(sample(Reason::DstLimit, 1900, n));
-        }
+        flood_samples(&mut watch);
         let changes = clock.tick(&mut watch, (1000, 10, 0));
         assert!(
             matches!(

@@ -37,6 +37,9 @@ pub struct Attributes {
     pub payload: [u8; FP_PAYLOAD_MAX],
     pub payload_captured: usize,
     pub payload_len: usize,
+    /// The packets this sample stands for (the program paces samples per CPU and says how
+    /// many it passed over); 0 counts as 1.
+    pub weight: u32,
 }
 
 impl Attributes {
@@ -53,7 +56,10 @@ impl Attributes {
         if packet.ip_payload().is_some_and(|p| p.fragmented) {
             return None;
         }
-        let mut attributes = Self::default();
+        let mut attributes = Self {
+            weight: 1,
+            ..Self::default()
+        };
         // Where the IP packet ends by its header, in frame offsets.
         let ip_end = match packet.net.as_ref()? {
             LaxNetSlice::Ipv4(ip) => {
@@ -89,6 +95,11 @@ impl Attributes {
         attributes.payload[..attributes.payload_captured]
             .copy_from_slice(&payload[..attributes.payload_captured]);
         Some(attributes)
+    }
+
+    /// The packets the sample stands for.
+    pub fn packets(&self) -> u64 {
+        u64::from(self.weight.max(1))
     }
 
     /// Whether the program would find that the packet matches `print`.
@@ -243,8 +254,14 @@ pub fn find(attack: &[Attributes], baseline: &[Attributes]) -> Result<Judged, No
     if baseline.len() < MIN_BASELINE_SAMPLES {
         return Err(NoFingerprint::TooFewBaselineSamples(baseline.len()));
     }
+    // Shares of the packets the samples stand for, not of the samples.
     let coverage = |print: &Fingerprint, samples: &[Attributes]| {
-        samples.iter().filter(|s| s.matches(print)).count() as f64 / samples.len() as f64
+        let matching: u64 = samples
+            .iter()
+            .filter(|s| s.matches(print))
+            .map(Attributes::packets)
+            .sum();
+        matching as f64 / samples.iter().map(Attributes::packets).sum::<u64>() as f64
     };
     let mut closest: Option<Judged> = None;
     for size in 1..=MAX_ATTRIBUTES {
@@ -302,9 +319,11 @@ fn combinations(size: usize) -> Vec<Vec<u32>> {
 /// them all.
 fn most_common(samples: &[Attributes], fields: &[u32]) -> Option<Fingerprint> {
     let fields = fields.iter().fold(0, |all, field| all | field);
-    let mut counts: HashMap<Fingerprint, usize> = HashMap::new();
-    for print in samples.iter().filter_map(|s| s.fingerprint(fields)) {
-        *counts.entry(print).or_default() += 1;
+    let mut counts: HashMap<Fingerprint, u64> = HashMap::new();
+    for sample in samples {
+        if let Some(print) = sample.fingerprint(fields) {
+            *counts.entry(print).or_default() += sample.packets();
+        }
     }
     counts
         .into_iter()
@@ -390,6 +409,22 @@ mod tests {
         assert_eq!(judged.print.src_port, 123);
         assert_eq!(judged.attack_coverage, 1.0);
         assert_eq!(Described(&judged.print).to_string(), "src_port=123");
+    }
+
+    /// Samples stand for the packets the program passed over: a flood on one CPU, sampled one
+    /// in thousands, outweighs legitimate packets over the limit on another, sampled all.
+    #[test]
+    fn coverage_counts_packets_not_samples() {
+        let mut attack: Vec<Attributes> = (0..60u16)
+            .map(|i| Attributes {
+                weight: 1000,
+                ..udp(1900, 64, &[i as u8; 20])
+            })
+            .collect();
+        attack.extend((0..40u16).map(|i| udp(40_000 + i, 64, &[i as u8; 30])));
+        let judged = find(&attack, &baseline()).expect("a fingerprint");
+        assert_eq!(Described(&judged.print).to_string(), "src_port=1900");
+        assert!(judged.attack_coverage > 0.99, "{judged:?}");
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! lifetime, and the program's per-CPU pacing of their samples (`PROT_SAMPLE_AT`, which only
 //! the program writes).
 
-use agent_common::{maps, protect::Fingerprint};
+use agent_common::{
+    maps,
+    protect::{Fingerprint, MAX_PROTECTED, SamplePacing},
+};
 use aya::maps::{Array, MapData, PerCpuArray};
 
 use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
@@ -11,7 +14,7 @@ use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
 pub struct FingerprintMaps {
     prints: Named<Array<MapData, Fingerprint>>,
     /// Held so that the map has an owner; the program alone writes it.
-    _sample_at: Named<PerCpuArray<MapData, u64>>,
+    _sample_at: Named<PerCpuArray<MapData, SamplePacing>>,
 }
 
 impl FingerprintMaps {
@@ -33,5 +36,10 @@ impl FingerprintMaps {
     /// Removes the fingerprint of `entry`, if any.
     pub fn remove(&mut self, entry: u32) -> Result<(), MapAccessError> {
         self.install(entry, &Fingerprint::default())
+    }
+
+    /// Removes every fingerprint.
+    pub fn clear(&mut self) -> Result<(), MapAccessError> {
+        (0..MAX_PROTECTED).try_for_each(|entry| self.remove(entry))
     }
 }
