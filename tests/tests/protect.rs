@@ -166,13 +166,16 @@ fn a_random_flood_is_held_to_the_limit_and_gets_no_fingerprint() {
         started.contains("protect=svc") || started.contains("protect=\"svc\""),
         "{started}"
     );
-    let distinct: u64 = started
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("distinct_sources="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no distinct_sources in {started}"));
+    let field = |name: &str| -> u64 {
+        started
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {started}"))
+    };
+    let (sampled, distinct) = (field("sources_sampled"), field("distinct_sources"));
     assert!(
-        distinct > 50,
+        sampled >= 10 && distinct * 10 >= sampled * 9,
         "a random-source flood looks spread: {started}"
     );
     let view = attacks(&lab);

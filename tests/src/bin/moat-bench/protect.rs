@@ -130,10 +130,15 @@ fn per_packet_table(lab: &Lab, options: &Options) -> Table {
                 "moat",
             ));
             let counted = program.snapshot().get(1, action, reason).packets - before;
-            assert_eq!(
-                counted,
-                u64::from(options.repeat),
-                "{}: counted under {}/{}",
+            // Over a 1 pps limit, one packet a second still conforms.
+            let allowed = if xdp == XDP_DROP {
+                options.repeat / 1000
+            } else {
+                0
+            };
+            assert!(
+                counted + u64::from(allowed) >= u64::from(options.repeat),
+                "{}: {counted} counted under {}/{}",
                 row.name,
                 action.name(),
                 reason.name()
