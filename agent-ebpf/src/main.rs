@@ -212,8 +212,9 @@ fn rule_verdict<G: Generation>(
 }
 
 /// The verdict of the protected destinations (when any is configured): a drop when the packet
-/// matches its destination's attack fingerprint or is over its limit. Before the per-source limiter, so that the excess of a
-/// flood forging a new source per packet makes no limiter state (evicting real clients').
+/// matches its destination's attack fingerprint or is over its limit. Before the per-source
+/// limiter, so that the excess of a flood forging a new source per packet makes no limiter
+/// state (evicting real clients').
 #[inline(always)]
 fn protected<G: Generation>(
     ctx: &XdpContext,

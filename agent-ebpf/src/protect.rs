@@ -39,10 +39,10 @@ fn entry<M: ProtectMaps>(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
         Address::V4(addr) => M::by_v4().get(Key::new(32, addr))?,
         Address::V6(addr) => M::by_v6().get(Key::new(128, addr))?,
     };
-    // A later fragment has no ports but belongs to its port-bound entries' traffic all the same.
+    // A later fragment (no transport header read) has no ports, but is its port-bound
+    // entries' traffic all the same.
     let port = match packet.ports {
         Some((_, dst)) => u32::from(dst),
-        // No transport header read: a later fragment.
         None if packet.ip_end == 0 => PROTECT_FRAGMENT,
         None => NO_PORT,
     };
