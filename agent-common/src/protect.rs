@@ -103,7 +103,8 @@ pub const FP_PAYLOAD: u32 = 1 << 6;
 pub const FP_PAYLOAD_MAX: usize = 8;
 
 /// The program samples the traffic of each protected entry, at most once per this interval
-/// per CPU (the agent's baseline and attack samples, for fingerprints).
+/// per CPU, at random among the packets past it (the agent's baseline and attack samples, for
+/// fingerprints).
 pub const PROTECT_SAMPLE_INTERVAL_NS: u64 = 2_000_000;
 
 /// The pacing of one entry's samples on one CPU (`PROT_SAMPLE_AT`): each sample carries, as

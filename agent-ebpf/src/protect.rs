@@ -10,9 +10,13 @@ use agent_common::{
     stats::Reason,
 };
 use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
     maps::{Array, LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
+
+/// Past its interval, a sample is taken with a chance of one in this many per packet.
+const SAMPLE_CHANCE: u32 = 4;
 use core::sync::atomic::AtomicU64;
 
 use crate::{
@@ -121,9 +125,11 @@ fn sample(ctx: &XdpContext, packet: &Packet, entry: u32, reason: Reason, now: u6
     let Some(pacing) = PROT_SAMPLE_AT.get_ptr_mut(entry) else {
         return;
     };
-    // SAFETY: a per-CPU value: no other program run touches it concurrently.
+    // SAFETY: a per-CPU value: no other program run touches it concurrently. Past the
+    // interval, each packet is taken with a chance of 1 in 4 rather than the first one: the
+    // first after a clock tick is often traffic that timers pace, and would stand for all.
     let weight = unsafe {
-        if now < (*pacing).next_ns {
+        if now < (*pacing).next_ns || bpf_get_prandom_u32() & (SAMPLE_CHANCE - 1) != 0 {
             (*pacing).unsampled += 1;
             return;
         }
