@@ -161,7 +161,7 @@ impl ProtectConfig {
                 self.destination.span(),
                 format!(
                     "{context}: protocol {} never reaches an {} destination",
-                    format!("{protocol:?}").to_lowercase(),
+                    protocol.name(),
                     if destination.net().addr().is_ipv4() {
                         "IPv4"
                     } else {

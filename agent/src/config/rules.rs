@@ -34,6 +34,17 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// As the config writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Icmpv6 => "icmpv6",
+            Self::Any => "any",
+        }
+    }
+
     /// IP protocol numbers the rule applies to; `None` for any.
     pub fn number(self) -> Option<u8> {
         match self {

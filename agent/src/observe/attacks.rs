@@ -430,7 +430,7 @@ impl AttackWatch {
                     let attack = Attack {
                         protect: limit.name.clone(),
                         destination: limit.destination.to_string(),
-                        protocol: format!("{:?}", limit.protocol).to_lowercase(),
+                        protocol: limit.protocol.name().into(),
                         started: wall - now.saturating_duration_since(since),
                         ended: None,
                         peak_pps: watched.streak_peak.0,
@@ -505,7 +505,7 @@ impl AttackWatch {
             .map(|w| EntryState {
                 protect: w.protect.name.clone(),
                 destination: w.protect.destination.to_string(),
-                protocol: format!("{:?}", w.protect.protocol).to_lowercase(),
+                protocol: w.protect.protocol.name().into(),
                 pps_limit: w.protect.pps,
                 bps_limit: w.protect.bps,
                 pps: w.rate.0,

@@ -20,8 +20,8 @@ use aya::maps::{
 use super::{
     map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
-    rule_tables::write_masks,
-    settings::{NS_PER_SECOND, PS_PER_BYTE_AT_1BPS},
+    rule_tables::{mark_values, write_masks},
+    settings::{self, NS_PER_SECOND},
 };
 use crate::config::{Cidr, PortRange, Protected};
 
@@ -139,30 +139,20 @@ fn write_trie<const N: usize>(
 /// ports and later fragments (which carry no ports, but are the same traffic); never packets of
 /// a protocol without ports.
 fn mark_ports(table: &mut [ProtectMask], ports: &[PortRange], index: u32) {
-    if ports.is_empty() {
-        table.iter_mut().for_each(|m| m.insert(index));
-        return;
+    mark_values(table, ports, index);
+    if !ports.is_empty() {
+        table[PROTECT_FRAGMENT as usize].insert(index);
+        debug_assert!(!table[NO_PORT as usize].contains(index));
     }
-    for range in ports {
-        for port in range.first..=range.last {
-            table[usize::from(port)].insert(index);
-        }
-    }
-    table[PROTECT_FRAGMENT as usize].insert(index);
-    debug_assert!(!table[NO_PORT as usize].contains(index));
 }
 
 /// An entry's limits as the program applies them: `burst_packets` back to back conform (the
 /// TAT may run `burst - 1` intervals ahead); the bit bucket holds one second's worth.
 fn limit(entry: &Protected) -> ProtectLimit {
-    let ns_per_packet = NS_PER_SECOND
-        .checked_div(entry.pps)
-        .map_or(0, |ns| ns.max(1));
+    let ns_per_packet = settings::ns_per_packet(entry.pps);
     ProtectLimit {
         ns_per_packet,
-        ps_per_byte: PS_PER_BYTE_AT_1BPS
-            .checked_div(entry.bps)
-            .map_or(0, |ps| ps.max(1)),
+        ps_per_byte: settings::ps_per_byte(entry.bps),
         packets_burst_ns: ns_per_packet * entry.burst_packets.saturating_sub(1),
         bits_burst_ns: NS_PER_SECOND,
     }

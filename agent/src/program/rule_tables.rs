@@ -134,8 +134,12 @@ impl RuleTables {
     }
 }
 
-/// No values listed: every value. Otherwise only the listed ones (TTLs, lengths).
-fn mark_values(table: &mut [RuleMask], ranges: &[PortRange], index: u32) {
+/// No values listed: every value. Otherwise only the listed ones (ports, TTLs, lengths).
+pub(super) fn mark_values<const WORDS: usize>(
+    table: &mut [BitSet<WORDS>],
+    ranges: &[PortRange],
+    index: u32,
+) {
     if ranges.is_empty() {
         table.iter_mut().for_each(|m| m.insert(index));
         return;
@@ -151,16 +155,8 @@ fn mark_values(table: &mut [RuleMask], ranges: &[PortRange], index: u32) {
 
 /// No ports listed: every port, and packets without one. Otherwise only the listed ports.
 fn mark_ports(table: &mut [RuleMask], ports: &[PortRange], index: u32) {
-    if ports.is_empty() {
-        table.iter_mut().for_each(|m| m.insert(index));
-        return;
-    }
-    for range in ports {
-        for port in range.first..=range.last {
-            table[usize::from(port)].insert(index);
-        }
-    }
-    debug_assert!(!table[NO_PORT as usize].contains(index));
+    mark_values(table, ports, index);
+    debug_assert!(ports.is_empty() || !table[NO_PORT as usize].contains(index));
 }
 
 /// Writes a whole table of sets (rules, protected entries) through its mapping.

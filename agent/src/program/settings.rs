@@ -61,15 +61,23 @@ pub fn settings(policy: &Policy, allow: ListShape, block: ListShape, rule_fields
 }
 
 pub const NS_PER_SECOND: u64 = 1_000_000_000;
-pub const PS_PER_BYTE_AT_1BPS: u64 = 8_000_000_000_000;
+const PS_PER_BYTE_AT_1BPS: u64 = 8_000_000_000_000;
+
+/// A packet limit as the program's GCRA takes it: nanoseconds per packet; 0: no limit.
+pub fn ns_per_packet(pps: u64) -> u64 {
+    NS_PER_SECOND.checked_div(pps).map_or(0, |ns| ns.max(1))
+}
+
+/// A bit limit as the program's GCRA takes it: picoseconds per byte; 0: no limit.
+pub fn ps_per_byte(bps: u64) -> u64 {
+    PS_PER_BYTE_AT_1BPS
+        .checked_div(bps)
+        .map_or(0, |ps| ps.max(1))
+}
 
 fn rate_settings(rate: &RateLimit) -> RateSettings {
-    let ns_per_packet = NS_PER_SECOND
-        .checked_div(rate.pps)
-        .map_or(0, |ns| ns.max(1));
-    let ps_per_byte = PS_PER_BYTE_AT_1BPS
-        .checked_div(rate.bps)
-        .map_or(0, |ps| ps.max(1));
+    let ns_per_packet = ns_per_packet(rate.pps);
+    let ps_per_byte = ps_per_byte(rate.bps);
     // burst_packets back to back conform: the TAT may run (burst - 1) intervals ahead. With
     // only a bit limit, one second's worth of bits.
     let burst_ns = if ns_per_packet != 0 {
