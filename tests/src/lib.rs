@@ -8,6 +8,7 @@
 pub mod bpf_syscall;
 pub mod control_socket;
 pub mod frames;
+pub mod heavy;
 pub mod lab;
 pub mod metrics;
 pub mod moat_process;

@@ -12,6 +12,7 @@ use std::{
 
 use moat_tests::{
     Lab, MoatProcess, Side, bpf_syscall, control_socket,
+    heavy::heavy,
     lab::{ATTACKER_NET_V4, ATTACKER_V4, PROTECTED_V4},
     moat_process::moat_bin,
     netns,
@@ -21,16 +22,6 @@ use serde_json::Value;
 
 /// The uid and gid of `nobody`: an unprivileged local user.
 const NOBODY: u32 = 65534;
-
-/// Held by the tests that load the machine (a 128 MiB request, filling the limiter's maps) or
-/// time the daemon, so that they never run beside each other (under emulation above all).
-static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    HEAVY
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn status(lab: &Lab) -> Value {
     let out = MoatProcess::cli(lab, &["status", "--json"]).ok("status --json");

@@ -169,7 +169,8 @@ impl Daemon {
                 fingerprint_packets: counts.fingerprint.packets,
             })
             .collect();
-        let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        // Milliseconds: how long a fingerprint took is a matter of fractions of a second.
+        let time = |t: SystemTime| humantime::format_rfc3339_millis(t).to_string();
         let attacks = self
             .attacks
             .attacks()
