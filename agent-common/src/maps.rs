@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 6;
+pub const PINNED_LAYOUT_VERSION: u32 = 7;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
@@ -43,6 +43,9 @@ pub const RULES_BY_TCP_FLAGS: [&str; GENERATIONS] = ["RULES_FLAGS_0", "RULES_FLA
 pub const RULE_ACTIONS: [&str; GENERATIONS] = ["RULE_ACTIONS_0", "RULE_ACTIONS_1"];
 pub const RULES_BY_TTL: [&str; GENERATIONS] = ["RULES_TTL_0", "RULES_TTL_1"];
 pub const RULES_BY_LENGTH: [&str; GENERATIONS] = ["RULES_LEN_0", "RULES_LEN_1"];
+/// Payload columns ([`crate::rules::PayloadColumn`]) and the hash of the bytes read at them.
+pub const RULES_PAYLOAD_COLUMNS: [&str; GENERATIONS] = ["RULES_PCOL_0", "RULES_PCOL_1"];
+pub const RULES_BY_PAYLOAD: [&str; GENERATIONS] = ["RULES_PAYLOAD_0", "RULES_PAYLOAD_1"];
 
 /// Protect tables ([`crate::protect`]), per generation: destination prefixes (LPM tries),
 /// protocol and destination port → entries, and each entry's limits.
@@ -61,6 +64,12 @@ pub const PROTECT_HITS: &str = "PROT_HITS";
 pub const PROTECT_FINGERPRINTS: &str = "PROT_PRINTS";
 /// Per-CPU, per protected entry: the earliest time of the next sample (monotonic ns).
 pub const PROTECT_SAMPLE_AT: &str = "PROT_SAMPLE_AT";
+
+/// Per-CPU, one slot: the packet the program parsed, for the stages it runs as global
+/// functions. Scratch space: the agent never reads or writes it.
+pub const PACKET: &str = "PACKET";
+/// The program's scratch maps: its working space, which the agent neither owns nor pins.
+pub const SCRATCH: [&str; 1] = [PACKET];
 
 /// Per-CPU packet and byte counters, indexed by [`crate::stats::index`].
 pub const STATS: &str = "STATS";

@@ -100,7 +100,7 @@ pub const FP_TCP_WINDOW: u32 = 1 << 4;
 pub const FP_IP_ID: u32 = 1 << 5;
 pub const FP_PAYLOAD: u32 = 1 << 6;
 /// The longest payload prefix a fingerprint compares.
-pub const FP_PAYLOAD_MAX: usize = 8;
+pub const FP_PAYLOAD_MAX: usize = crate::rules::PAYLOAD_MAX;
 
 /// The program samples the traffic of each protected entry, at most once per this interval
 /// per CPU, at random among the packets past it (the agent's baseline and attack samples, for

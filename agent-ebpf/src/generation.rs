@@ -6,18 +6,18 @@
 use agent_common::{
     lists::{LIST_ALLOW, LIST_BLOCK, prefix_slot},
     protect::{ProtectLimit, ProtectMask},
-    rules::RuleMask,
+    rules::{PayloadColumn, PayloadKey, RuleMask},
 };
-use aya_ebpf::maps::{Array, LpmTrie};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie};
 
 use crate::{lists::CidrMaps, maps::*, protect::ProtectMaps, rules::RuleMaps};
 
 /// One generation: its allowlist, blocklist, rule tables and protect tables.
 pub trait Generation {
+    /// Its index (the stage functions take it as an argument, see `subprograms`).
+    const ID: u32;
     type Allow: CidrMaps;
     type Block: CidrMaps;
-    type Rules: RuleMaps;
-    type Protect: ProtectMaps;
 }
 
 macro_rules! cidr_maps {
@@ -35,7 +35,7 @@ macro_rules! cidr_maps {
 
 macro_rules! rule_maps {
     ($name:ident: $proto:ident, $sport:ident, $dport:ident, $flags:ident, $ttl:ident,
-     $length:ident, $actions:ident) => {
+     $length:ident, $pcol:ident, $payload:ident, $actions:ident) => {
         pub struct $name;
         impl RuleMaps for $name {
             #[inline(always)]
@@ -61,6 +61,14 @@ macro_rules! rule_maps {
             #[inline(always)]
             fn by_length() -> &'static Array<RuleMask> {
                 &$length
+            }
+            #[inline(always)]
+            fn payload_columns() -> &'static Array<PayloadColumn> {
+                &$pcol
+            }
+            #[inline(always)]
+            fn by_payload() -> &'static HashMap<PayloadKey, RuleMask> {
+                &$payload
             }
             #[inline(always)]
             fn actions() -> &'static Array<u32> {
@@ -101,28 +109,26 @@ macro_rules! protect_maps {
 cidr_maps!(Allow0: ALLOW_V4_TAB_0, prefix_slot(0, LIST_ALLOW));
 cidr_maps!(Block0: BLOCK_V4_TAB_0, prefix_slot(0, LIST_BLOCK));
 rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULES_TTL_0,
-    RULES_LEN_0, RULE_ACTIONS_0);
+    RULES_LEN_0, RULES_PCOL_0, RULES_PAYLOAD_0, RULE_ACTIONS_0);
 protect_maps!(Protect0: PROT_DST4_0, PROT_DST6_0, PROT_PROTO_0, PROT_DPORT_0, PROT_LIMITS_0);
 cidr_maps!(Allow1: ALLOW_V4_TAB_1, prefix_slot(1, LIST_ALLOW));
 cidr_maps!(Block1: BLOCK_V4_TAB_1, prefix_slot(1, LIST_BLOCK));
 rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULES_TTL_1,
-    RULES_LEN_1, RULE_ACTIONS_1);
+    RULES_LEN_1, RULES_PCOL_1, RULES_PAYLOAD_1, RULE_ACTIONS_1);
 protect_maps!(Protect1: PROT_DST4_1, PROT_DST6_1, PROT_PROTO_1, PROT_DPORT_1, PROT_LIMITS_1);
 
 pub struct Generation0;
 impl Generation for Generation0 {
+    const ID: u32 = 0;
     type Allow = Allow0;
     type Block = Block0;
-    type Rules = Rules0;
-    type Protect = Protect0;
 }
 
 pub struct Generation1;
 impl Generation for Generation1 {
+    const ID: u32 = 1;
     type Allow = Allow1;
     type Block = Block1;
-    type Rules = Rules1;
-    type Protect = Protect1;
 }
 
 /// The generation in force (0 or 1).

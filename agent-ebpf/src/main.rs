@@ -17,6 +17,7 @@ mod protect;
 mod rate_limit;
 mod rules;
 mod stats;
+mod subprograms;
 
 use agent_common::{
     lists::SOURCE_RATE_LIMIT,
@@ -141,6 +142,9 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     if let Some(source) = lists::lookup::<G::Block>(&settings.block, &packet.source) {
         return Verdict::drop(Reason::Blocklist, source);
     }
+    if settings.rule_count != 0 || settings.protect_count != 0 {
+        subprograms::hand_over(packet);
+    }
     // Bans and rate limits need the source's key and the clock: read them only for those. (No
     // Option holds them across the rules: kernels before 6.x reject the partial register spills
     // LLVM makes of such an Option.)
@@ -155,7 +159,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
         // An untracked source's ban is in the ban map, read after the rules: a packet a rule
         // drops is dropped either way (and counted under the rule), so a reflection flood
         // from sources the limiter never tracks pays one lookup, not two.
-        return match rule_verdict::<G>(ctx, settings, packet) {
+        return match rule_verdict::<G>(ctx, settings) {
             Some(verdict) if verdict.action == Action::Drop => verdict,
             rule => {
                 if state.is_null()
@@ -165,20 +169,20 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
                 }
                 match rule {
                     Some(verdict) => verdict,
-                    None => protected::<G>(ctx, settings, packet, now)
+                    None => protected::<G>(ctx, settings, now)
                         .unwrap_or_else(|| limit(ctx, settings, &key, state, now)),
                 }
             }
         };
     }
-    if let Some(verdict) = rule_verdict::<G>(ctx, settings, packet) {
+    if let Some(verdict) = rule_verdict::<G>(ctx, settings) {
         return verdict;
     }
     if settings.protect_count == 0 && !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
     let now = clock();
-    if let Some(verdict) = protected::<G>(ctx, settings, packet, now) {
+    if let Some(verdict) = protected::<G>(ctx, settings, now) {
         return verdict;
     }
     let key = rate_limit::source_key(&settings.rate, &packet.source);
@@ -195,15 +199,11 @@ fn clock() -> u64 {
 }
 
 #[inline(always)]
-fn rule_verdict<G: Generation>(
-    ctx: &XdpContext,
-    settings: &Settings,
-    packet: &Packet,
-) -> Option<Verdict> {
+fn rule_verdict<G: Generation>(ctx: &XdpContext, settings: &Settings) -> Option<Verdict> {
     if settings.rule_count == 0 {
         return None;
     }
-    let (rule, action) = rules::first_match::<G::Rules>(ctx, packet, settings.rule_fields)?;
+    let (rule, action) = subprograms::first_rule(ctx, G::ID, settings.rule_fields)?;
     Some(if action == RULE_PASS {
         Verdict::pass(Reason::Rule, rule)
     } else {
@@ -216,17 +216,11 @@ fn rule_verdict<G: Generation>(
 /// limiter, so that the excess of a flood forging a new source per packet makes no limiter
 /// state (evicting real clients').
 #[inline(always)]
-fn protected<G: Generation>(
-    ctx: &XdpContext,
-    settings: &Settings,
-    packet: &Packet,
-    now: u64,
-) -> Option<Verdict> {
+fn protected<G: Generation>(ctx: &XdpContext, settings: &Settings, now: u64) -> Option<Verdict> {
     if settings.protect_count == 0 {
         return None;
     }
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    let (entry, reason) = protect::judge::<G::Protect>(ctx, packet, frame_len, now)?;
+    let (entry, reason) = subprograms::protected(ctx, G::ID, now)?;
     Some(Verdict::drop(reason, entry))
 }
 

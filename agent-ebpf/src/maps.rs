@@ -16,8 +16,9 @@ use agent_common::{
     },
     rate_limit::{Ban, RateState, SourceKey},
     rules::{
-        LENGTH_TABLE_LEN, MAX_RULES, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RuleMask,
-        TCP_FLAGS_TABLE_LEN, TTL_TABLE_LEN,
+        LENGTH_TABLE_LEN, MAX_RULES, PAYLOAD_COLUMNS, PAYLOAD_TABLE_LEN, PORT_TABLE_LEN,
+        PROTOCOL_TABLE_LEN, PayloadColumn, PayloadKey, RuleMask, TCP_FLAGS_TABLE_LEN,
+        TTL_TABLE_LEN,
     },
     settings::Settings,
     stats::{Counter, STATS_LEN},
@@ -27,6 +28,8 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
+
+use crate::packet::Packet;
 
 #[map]
 pub static ACTIVE_GEN: Array<u32> = Array::with_max_entries(1, 0);
@@ -45,7 +48,8 @@ pub static V6_PREFIXES: HashMap<V6PrefixKey, PrefixEntry> =
 /// Declares one generation's /24 tables, rule tables and protect tables under the given names.
 macro_rules! generation_maps {
     ($allow_table:ident, $block_table:ident, $proto:ident, $sport:ident, $dport:ident,
-     $flags:ident, $actions:ident, $ttl:ident, $length:ident, $p_v4:ident, $p_v6:ident, $p_proto:ident, $p_dport:ident,
+     $flags:ident, $actions:ident, $ttl:ident, $length:ident, $pcol:ident, $payload:ident,
+     $p_v4:ident, $p_v6:ident, $p_proto:ident, $p_dport:ident,
      $p_limits:ident) => {
         #[map]
         pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
@@ -68,6 +72,11 @@ macro_rules! generation_maps {
         #[map]
         pub static $length: Array<RuleMask> =
             Array::with_max_entries(LENGTH_TABLE_LEN, BPF_F_MMAPABLE);
+        #[map]
+        pub static $pcol: Array<PayloadColumn> = Array::with_max_entries(PAYLOAD_COLUMNS, 0);
+        #[map]
+        pub static $payload: HashMap<PayloadKey, RuleMask> =
+            HashMap::with_max_entries(PAYLOAD_TABLE_LEN, 0);
         #[map]
         pub static $p_v4: LpmTrie<[u8; 4], ProtectMask> =
             LpmTrie::with_max_entries(MAX_PROTECTED, 0);
@@ -94,6 +103,8 @@ generation_maps!(
     RULE_ACTIONS_0,
     RULES_TTL_0,
     RULES_LEN_0,
+    RULES_PCOL_0,
+    RULES_PAYLOAD_0,
     PROT_DST4_0,
     PROT_DST6_0,
     PROT_PROTO_0,
@@ -110,6 +121,8 @@ generation_maps!(
     RULE_ACTIONS_1,
     RULES_TTL_1,
     RULES_LEN_1,
+    RULES_PCOL_1,
+    RULES_PAYLOAD_1,
     PROT_DST4_1,
     PROT_DST6_1,
     PROT_PROTO_1,
@@ -136,6 +149,10 @@ pub static PROT_PRINTS: Array<Fingerprint> = Array::with_max_entries(MAX_PROTECT
 #[map]
 pub static PROT_SAMPLE_AT: PerCpuArray<SamplePacing> =
     PerCpuArray::with_max_entries(MAX_PROTECTED, 0);
+
+/// The parsed packet, handed to the stage functions (see `subprograms`).
+#[map]
+pub static PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);

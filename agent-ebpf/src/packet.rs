@@ -49,7 +49,7 @@ const UDP_HEADER_LEN: usize = 8;
 const TCP_MIN_HEADER_LEN: usize = 20;
 const ICMP_HEADER_LEN: usize = 4;
 /// The longest payload prefix [`payload_starts_with`] compares.
-pub const PAYLOAD_PREFIX_MAX: usize = agent_common::protect::FP_PAYLOAD_MAX;
+pub const PAYLOAD_PREFIX_MAX: usize = agent_common::rules::PAYLOAD_MAX;
 
 /// The packet's headers cannot be trusted: truncated, or lengths that contradict the frame.
 pub struct Malformed;
@@ -444,6 +444,29 @@ pub fn ip_fields(ctx: &XdpContext, packet: &Packet) -> Result<IpFields, Malforme
     }
 }
 
+/// The `len` bytes (1..=8) at `offset` into the packet's transport payload, zero-padded to
+/// eight; `None` when the payload is shorter than that, or was not read (a later fragment).
+#[inline(always)]
+pub fn payload_at(
+    ctx: &XdpContext,
+    packet: &Packet,
+    offset: u16,
+    len: u16,
+) -> Option<[u8; PAYLOAD_PREFIX_MAX]> {
+    let start = packet.payload_offset + u32::from(offset);
+    if packet.ip_end == 0 || len == 0 || start + u32::from(len) > packet.ip_end {
+        return None;
+    }
+    // The helper checks the bounds; the mask and +1 keep the length in 1..=8 in a way the
+    // verifier can follow.
+    const _: () = assert!(PAYLOAD_PREFIX_MAX.is_power_of_two());
+    let len = ((u32::from(len) - 1) & (PAYLOAD_PREFIX_MAX as u32 - 1)) + 1;
+    let mut bytes = [0u8; PAYLOAD_PREFIX_MAX];
+    // SAFETY: the helper writes at most `len` (≤ 8) bytes into the 8-byte buffer.
+    let loaded = unsafe { bpf_xdp_load_bytes(ctx.ctx, start, bytes.as_mut_ptr().cast(), len) };
+    (loaded == 0).then_some(bytes)
+}
+
 /// Whether the packet's transport payload starts with the first `len` bytes of `expected`
 /// (1..=8); a payload shorter than that, or one not read, does not.
 #[inline(always)]
@@ -453,30 +476,13 @@ pub fn payload_starts_with(
     expected: &[u8; PAYLOAD_PREFIX_MAX],
     len: usize,
 ) -> bool {
-    if packet.ip_end == 0
-        || len == 0
-        || packet.payload_offset as usize + len > packet.ip_end as usize
-    {
-        return false;
-    }
-    // The helper checks the bounds; the mask and +1 keep the length in 1..=8 in a way the
-    // verifier can follow.
-    const _: () = assert!(PAYLOAD_PREFIX_MAX.is_power_of_two());
-    let len = ((len as u32 - 1) & (PAYLOAD_PREFIX_MAX as u32 - 1)) + 1;
-    let mut bytes = [0u8; PAYLOAD_PREFIX_MAX];
-    // SAFETY: the helper writes at most `len` (≤ 8) bytes into the 8-byte buffer.
-    let loaded = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.ctx,
-            packet.payload_offset,
-            bytes.as_mut_ptr().cast(),
-            len,
-        )
-    } == 0;
+    let len = len.min(PAYLOAD_PREFIX_MAX);
     // The first `len` bytes are the low ones of a little-endian word: compared under a mask,
-    // without a loop.
-    let mask = u64::MAX >> (64 - 8 * len);
-    loaded && (u64::from_le_bytes(bytes) ^ u64::from_le_bytes(*expected)) & mask == 0
+    // without a loop (the bytes past `len` are zero in what was read, not in `expected`).
+    let mask = u64::MAX.checked_shr(64 - 8 * len as u32).unwrap_or(0);
+    payload_at(ctx, packet, 0, len as u16).is_some_and(|bytes| {
+        (u64::from_le_bytes(bytes) ^ u64::from_le_bytes(*expected)) & mask == 0
+    })
 }
 
 #[inline(always)]

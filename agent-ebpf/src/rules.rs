@@ -1,9 +1,15 @@
 //! Stateless rules: the lookup tables of the packet's fields intersect to the set of matching
-//! rules; the first wins. The TTL and length tables are read only when some rule names those
-//! fields.
+//! rules; the first wins. The TTL, length and payload tables are read only when some rule names
+//! those fields.
 
-use agent_common::rules::{NO_PORT, NOT_TCP, RULE_FIELD_LENGTH, RULE_FIELD_TTL, RuleMask};
-use aya_ebpf::{maps::Array, programs::XdpContext};
+use agent_common::rules::{
+    NO_PORT, NOT_TCP, PAYLOAD_COLUMNS, PayloadColumn, PayloadKey, RULE_FIELD_LENGTH,
+    RULE_FIELD_PAYLOAD, RULE_FIELD_TTL, RuleMask,
+};
+use aya_ebpf::{
+    maps::{Array, HashMap},
+    programs::XdpContext,
+};
 
 use crate::packet::{self, Packet};
 
@@ -15,6 +21,8 @@ pub trait RuleMaps {
     fn by_tcp_flags() -> &'static Array<RuleMask>;
     fn by_ttl() -> &'static Array<RuleMask>;
     fn by_length() -> &'static Array<RuleMask>;
+    fn payload_columns() -> &'static Array<PayloadColumn>;
+    fn by_payload() -> &'static HashMap<PayloadKey, RuleMask>;
     fn actions() -> &'static Array<u32>;
 }
 
@@ -42,7 +50,7 @@ pub fn first_match<M: RuleMaps>(
     Some((rule, *M::actions().get(rule)?))
 }
 
-/// The rules the packet's TTL and length satisfy (those some rule names).
+/// The rules the packet's TTL, length and payload satisfy (those some rule names).
 #[inline(always)]
 fn optional_fields<M: RuleMaps>(
     ctx: &XdpContext,
@@ -57,6 +65,25 @@ fn optional_fields<M: RuleMaps>(
         }
         if fields & RULE_FIELD_LENGTH != 0 {
             matching = matching.and(*M::by_length().get(u32::from(ip.length))?);
+        }
+    }
+    if fields & RULE_FIELD_PAYLOAD != 0 {
+        // A loop over the columns (at most four), not over the rules.
+        for column in 0..PAYLOAD_COLUMNS {
+            let Some(at) = M::payload_columns().get(column) else {
+                break;
+            };
+            if at.len == 0 {
+                break;
+            }
+            // SAFETY: a hash lookup by value; the value is copied out at once.
+            let hit = packet::payload_at(ctx, packet, at.offset, at.len)
+                .and_then(|bytes| unsafe { M::by_payload().get(PayloadKey { column, bytes }) })
+                .copied()
+                .unwrap_or(RuleMask::EMPTY);
+            let mut column_matches = at.others;
+            column_matches.union(&hit);
+            matching = matching.and(column_matches);
         }
     }
     Some(matching)

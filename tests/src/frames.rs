@@ -96,6 +96,8 @@ pub struct Frame {
     extensions: Vec<Extension>,
     transport: Transport,
     payload: usize,
+    /// What the payload starts with (the rest is 0xab).
+    payload_start: Vec<u8>,
 }
 
 impl Frame {
@@ -112,6 +114,7 @@ impl Frame {
             extensions: Vec::new(),
             transport,
             payload: 18,
+            payload_start: Vec::new(),
         }
     }
 
@@ -195,6 +198,13 @@ impl Frame {
         self
     }
 
+    /// A payload of exactly `bytes`.
+    pub fn payload_bytes(mut self, bytes: &[u8]) -> Self {
+        self.payload = bytes.len();
+        self.payload_start = bytes.to_vec();
+        self
+    }
+
     /// Overrides the EtherType after the VLAN tags.
     pub fn ether_type(mut self, ether_type: u16) -> Self {
         self.ether_type = Some(ether_type);
@@ -234,7 +244,10 @@ impl Frame {
                 vec![kind, 0, 0, 0, 0, 1, 0, 1]
             }
         };
-        bytes.resize(bytes.len() + self.payload, 0xab);
+        let header = bytes.len();
+        bytes.resize(header + self.payload, 0xab);
+        let start = self.payload_start.len().min(self.payload);
+        bytes[header..header + start].copy_from_slice(&self.payload_start[..start]);
         bytes
     }
 

@@ -1126,6 +1126,46 @@ fingerprints = "off"
     }
 
     #[test]
+    fn rules_on_payload_bytes_parse() {
+        let resolved = resolve(
+            r#"
+interfaces = ["a"]
+[[rules]]
+name = "stats"
+protocol = "udp"
+payload = "0x7374617473"
+payload_offset = 8
+action = "drop"
+[[rules]]
+name = "get"
+protocol = "tcp"
+payload = "474554"
+action = "drop"
+"#,
+        )
+        .expect("valid");
+        let payloads: Vec<_> = resolved
+            .policy
+            .rules
+            .iter()
+            .map(|r| r.payload.clone())
+            .collect();
+        assert_eq!(
+            payloads,
+            vec![
+                Some(rules::PayloadMatch {
+                    offset: 8,
+                    bytes: b"stats".to_vec()
+                }),
+                Some(rules::PayloadMatch {
+                    offset: 0,
+                    bytes: b"GET".to_vec()
+                }),
+            ]
+        );
+    }
+
+    #[test]
     fn rules_on_ttl_and_length_parse_and_their_errors_are_located() {
         let resolved = resolve(
             r#"
@@ -1169,7 +1209,34 @@ action = "drop"
                 "moat.toml:6:8: rule \"r\": ttl 300 is not a TTL",
             ),
             (rule("length = [\"9-3\"]\n"), "runs backwards"),
-            (rule("payload = \"abcd\"\n"), "unknown field `payload`"),
+            (
+                rule("payload = \"0x010203040506070809\"\n"),
+                "moat.toml:6:11: rule \"r\": payload \"0x010203040506070809\" is 9 bytes: 1 to 8 are matched",
+            ),
+            (
+                rule("payload = \"xyz\"\n"),
+                "moat.toml:6:11: rule \"r\": payload \"xyz\" is not hex",
+            ),
+            (
+                rule("payload = \"01\"\npayload_offset = 9001\n"),
+                "moat.toml:7:18: rule \"r\": payload_offset 9001 is outside 0-9000",
+            ),
+            (
+                rule("payload_offset = 4\n"),
+                "moat.toml:6:18: rule \"r\": payload_offset without payload",
+            ),
+            (rule("payload = [1, 2]\n"), "line 6, column 11"),
+            (
+                (0..5)
+                    .map(|i| {
+                        format!(
+                            "[[rules]]\nname = \"p{i}\"\nprotocol = \"udp\"\npayload = \"01\"\n\
+                             payload_offset = {i}\naction = \"drop\"\n"
+                        )
+                    })
+                    .collect(),
+                "rule \"p4\": payloads are matched at 4 distinct (payload_offset, length) pairs at most",
+            ),
         ];
         for (text, expected) in cases {
             let e = error(&format!("interfaces = [\"a\"]\n{text}"));

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Deserialize;
 use toml::Spanned;
 
-use agent_common::rules::MAX_RULES;
+use agent_common::rules::{MAX_RULES, PAYLOAD_COLUMNS, PAYLOAD_MAX, PAYLOAD_OFFSET_MAX};
 
 /// A rule after validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,7 +20,37 @@ pub struct Rule {
     pub ttl: Vec<PortRange>,
     /// IP total length (IPv6: payload length + 40); empty: any.
     pub length: Vec<PortRange>,
+    /// Bytes the transport payload holds at an offset; `None`: any.
+    pub payload: Option<PayloadMatch>,
     pub action: RuleAction,
+}
+
+/// 1..=8 bytes at an offset into the transport payload (after the TCP or UDP header; for ICMP,
+/// from the ICMP header).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadMatch {
+    pub offset: u16,
+    pub bytes: Vec<u8>,
+}
+
+impl PayloadMatch {
+    /// `hex` (an optional `0x` and 1 to 8 bytes in hex) at `offset`.
+    fn parse(hex: &str, offset: i64) -> Result<Self, String> {
+        let digits = hex.strip_prefix("0x").unwrap_or(hex);
+        let bytes =
+            hex::decode(digits).map_err(|e| format!("payload {hex:?} is not hex bytes: {e}"))?;
+        if bytes.is_empty() || bytes.len() > PAYLOAD_MAX {
+            return Err(format!(
+                "payload {hex:?} is {} bytes: 1 to {PAYLOAD_MAX} are matched",
+                bytes.len()
+            ));
+        }
+        let offset = u16::try_from(offset)
+            .ok()
+            .filter(|o| *o <= PAYLOAD_OFFSET_MAX)
+            .ok_or_else(|| format!("payload_offset {offset} is outside 0-{PAYLOAD_OFFSET_MAX}"))?;
+        Ok(Self { offset, bytes })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -177,6 +207,8 @@ pub struct RuleConfig {
     pub ttl: Vec<Spanned<PortText>>,
     #[serde(default)]
     pub length: Vec<Spanned<PortText>>,
+    pub payload: Option<Spanned<String>>,
+    pub payload_offset: Option<Spanned<i64>>,
     pub action: RuleAction,
 }
 
@@ -195,6 +227,8 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
         ));
     }
     let mut validated: Vec<Rule> = Vec::with_capacity(rules.len());
+    // The distinct (offset, length) pairs payloads are matched at: the program reads each.
+    let mut payload_columns: Vec<(u16, usize)> = Vec::new();
     for rule in rules {
         let name = rule.name.get_ref().trim().to_string();
         if name.is_empty() {
@@ -240,6 +274,40 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
             ));
         }
         let length = port_ranges(&rule.length, &format!("rule {name:?}: length"))?;
+        let payload = match (&rule.payload, &rule.payload_offset) {
+            (None, None) => None,
+            (None, Some(offset)) => {
+                return Err((
+                    offset.span(),
+                    format!("rule {name:?}: payload_offset without payload"),
+                ));
+            }
+            (Some(hex), offset) => Some(
+                PayloadMatch::parse(hex.get_ref(), offset.as_ref().map_or(0, |o| *o.get_ref()))
+                    .map_err(|m| {
+                        let span = match offset {
+                            Some(o) if m.starts_with("payload_offset") => o.span(),
+                            _ => hex.span(),
+                        };
+                        (span, format!("rule {name:?}: {m}"))
+                    })?,
+            ),
+        };
+        if let (Some(matched), Some(hex)) = (&payload, &rule.payload) {
+            let column = (matched.offset, matched.bytes.len());
+            if !payload_columns.contains(&column) {
+                if payload_columns.len() == PAYLOAD_COLUMNS as usize {
+                    return Err((
+                        hex.span(),
+                        format!(
+                            "rule {name:?}: payloads are matched at {PAYLOAD_COLUMNS} distinct \
+                             (payload_offset, length) pairs at most; this is a fifth"
+                        ),
+                    ));
+                }
+                payload_columns.push(column);
+            }
+        }
         validated.push(Rule {
             name,
             protocol: rule.protocol,
@@ -248,6 +316,7 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
             tcp_flags,
             ttl,
             length,
+            payload,
             action: rule.action,
         });
     }
@@ -297,6 +366,35 @@ mod tests {
         assert!(PortRange::parse("20-10").is_err());
         assert!(PortRange::parse("http").is_err());
         assert!(PortRange::parse("-5").is_err());
+    }
+
+    #[test]
+    fn payloads_parse() {
+        assert_eq!(
+            PayloadMatch::parse("0x4d2d5345", 2),
+            Ok(PayloadMatch {
+                offset: 2,
+                bytes: vec![0x4d, 0x2d, 0x53, 0x45]
+            })
+        );
+        assert_eq!(
+            PayloadMatch::parse("ffFF", 0).map(|p| p.bytes),
+            Ok(vec![0xff, 0xff])
+        );
+        for (hex, offset) in [
+            ("", 0),
+            ("0x", 0),
+            ("abc", 0),
+            ("zz", 0),
+            ("010203040506070809", 0),
+            ("01", -1),
+            ("01", 9001),
+        ] {
+            assert!(
+                PayloadMatch::parse(hex, offset).is_err(),
+                "{hex:?} at {offset}"
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::{
     capacities::Capacities,
-    map_source::{ResolveError, is_data_section},
+    map_source::{ResolveError, is_program_private},
     maps::ProgramMaps,
     pins::LinkMode,
 };
@@ -45,7 +45,7 @@ pub enum LoadError {
     },
 }
 
-/// The names of the maps the embedded object declares (its data sections left out), read from
+/// The names of the maps the embedded object declares (its private maps left out), read from
 /// the object file itself.
 pub fn object_map_names() -> Result<std::collections::BTreeSet<String>, LoadError> {
     if PROGRAM_OBJECT.is_empty() {
@@ -55,7 +55,7 @@ pub fn object_map_names() -> Result<std::collections::BTreeSet<String>, LoadErro
     Ok(object
         .maps
         .into_keys()
-        .filter(|name| !is_data_section(name))
+        .filter(|name| !is_program_private(name))
         .collect())
 }
 

@@ -136,9 +136,10 @@ fn duplicate_error(io_error: std::io::Error) -> MapError {
     })
 }
 
-/// The compiler's data sections (`.rodata`, `.bss`) are maps in the object, not maps of moat's.
-pub fn is_data_section(name: &str) -> bool {
-    name.starts_with('.')
+/// Maps that are the program's own working space, not moat's: the compiler's data sections
+/// (`.rodata`, `.bss`) and the program's scratch maps. No part of the agent owns or pins them.
+pub fn is_program_private(name: &str) -> bool {
+    name.starts_with('.') || agent_common::maps::SCRATCH.contains(&name)
 }
 
 /// Where the owners take their maps from while the program's maps are resolved.
@@ -165,20 +166,20 @@ impl<'a> MapSource<'a> {
     }
 
     /// The maps not taken yet: what is left in the object, or what the program has that was
-    /// not opened. The compiler's data sections are not counted.
+    /// not opened. The program's private maps are not counted.
     pub fn left(&self) -> Vec<String> {
         let taken: BTreeSet<&str> = self.taken.iter().map(|(name, _)| *name).collect();
         match &self.from {
             Origin::Object(ebpf) => ebpf
                 .maps()
                 .map(|(name, _)| name.to_string())
-                .filter(|name| !is_data_section(name))
+                .filter(|name| !is_program_private(name))
                 .collect(),
             Origin::Program(ids) => ids
                 .maps
                 .iter()
                 .map(|(_, name)| name.clone())
-                .filter(|name| !is_data_section(name) && !taken.contains(name.as_str()))
+                .filter(|name| !is_program_private(name) && !taken.contains(name.as_str()))
                 .collect(),
         }
     }

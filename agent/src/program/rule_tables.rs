@@ -1,17 +1,19 @@
 //! Rules → the lookup tables of `agent_common::rules`: for every protocol, port, TCP flags, TTL
-//! and IP length value, the set of rules it satisfies.
+//! and IP length value, and every payload matched, the set of rules it satisfies.
 
 use agent_common::{
     bitset::BitSet,
     maps,
     rules::{
-        LENGTH_TABLE_LEN, NO_PORT, PORT_TABLE_LEN, PROTOCOL_TABLE_LEN, RULE_DROP,
-        RULE_FIELD_LENGTH, RULE_FIELD_TTL, RULE_PASS, RuleMask, TCP_FLAGS_TABLE_LEN, TTL_TABLE_LEN,
+        LENGTH_TABLE_LEN, NO_PORT, PAYLOAD_COLUMNS, PAYLOAD_MAX, PORT_TABLE_LEN,
+        PROTOCOL_TABLE_LEN, PayloadColumn, PayloadKey, RULE_DROP, RULE_FIELD_LENGTH,
+        RULE_FIELD_PAYLOAD, RULE_FIELD_TTL, RULE_PASS, RuleMask, TCP_FLAGS_TABLE_LEN,
+        TTL_TABLE_LEN,
     },
 };
 use aya::{
     Pod,
-    maps::{Array, MapData},
+    maps::{Array, HashMap, MapData},
 };
 
 use super::{
@@ -29,6 +31,8 @@ pub struct RuleMaps {
     by_dst_port: MmapArray,
     by_ttl: Named<Array<MapData, RuleMask>>,
     by_length: MmapArray,
+    payload_columns: Named<Array<MapData, PayloadColumn>>,
+    by_payload: Named<HashMap<MapData, PayloadKey, RuleMask>>,
 }
 
 impl<V: Pod> Named<Array<MapData, V>> {
@@ -50,6 +54,8 @@ impl RuleMaps {
             by_dst_port: MmapArray::resolve(source, maps::RULES_BY_DST_PORT[generation])?,
             by_ttl: Named::resolve(source, maps::RULES_BY_TTL[generation])?,
             by_length: MmapArray::resolve(source, maps::RULES_BY_LENGTH[generation])?,
+            payload_columns: Named::resolve(source, maps::RULES_PAYLOAD_COLUMNS[generation])?,
+            by_payload: Named::resolve(source, maps::RULES_BY_PAYLOAD[generation])?,
         })
     }
 }
@@ -61,6 +67,9 @@ pub struct RuleTables {
     pub by_tcp_flags: Vec<RuleMask>,
     pub by_ttl: Vec<RuleMask>,
     pub by_length: Vec<RuleMask>,
+    /// Every slot of the columns, the unused ones zero.
+    pub payload_columns: Vec<PayloadColumn>,
+    pub by_payload: std::collections::BTreeMap<PayloadKey, RuleMask>,
     pub actions: Vec<u32>,
 }
 
@@ -79,6 +88,11 @@ pub fn optional_fields(rules: &[Rule]) -> u32 {
             } else {
                 RULE_FIELD_LENGTH
             }
+            | if rule.payload.is_none() {
+                0
+            } else {
+                RULE_FIELD_PAYLOAD
+            }
     })
 }
 
@@ -91,8 +105,22 @@ impl RuleTables {
             by_tcp_flags: vec![RuleMask::EMPTY; TCP_FLAGS_TABLE_LEN as usize],
             by_ttl: vec![RuleMask::EMPTY; TTL_TABLE_LEN as usize],
             by_length: vec![RuleMask::EMPTY; LENGTH_TABLE_LEN as usize],
+            payload_columns: vec![PayloadColumn::default(); PAYLOAD_COLUMNS as usize],
+            by_payload: std::collections::BTreeMap::new(),
             actions: Vec::with_capacity(rules.len()),
         };
+        // The columns in first-use order (the config allows at most PAYLOAD_COLUMNS).
+        let mut columns: Vec<(u16, usize)> = Vec::new();
+        for payload in rules.iter().filter_map(|r| r.payload.as_ref()) {
+            let column = (payload.offset, payload.bytes.len());
+            if !columns.contains(&column) && columns.len() < PAYLOAD_COLUMNS as usize {
+                columns.push(column);
+            }
+        }
+        for (slot, &(offset, len)) in tables.payload_columns.iter_mut().zip(&columns) {
+            slot.offset = offset;
+            slot.len = len as u16;
+        }
         for (index, rule) in (0u32..).zip(rules) {
             match rule.protocol.number() {
                 Some(number) => tables.by_protocol[usize::from(number)].insert(index),
@@ -113,6 +141,24 @@ impl RuleTables {
             }
             mark_values(&mut tables.by_ttl, &rule.ttl, index);
             mark_values(&mut tables.by_length, &rule.length, index);
+            let own_column = rule.payload.as_ref().and_then(|payload| {
+                let at = (payload.offset, payload.bytes.len());
+                let column = columns.iter().position(|c| *c == at)?;
+                let mut bytes = [0; PAYLOAD_MAX];
+                bytes[..payload.bytes.len()].copy_from_slice(&payload.bytes);
+                Some(PayloadKey {
+                    column: column as u32,
+                    bytes,
+                })
+            });
+            for (column, slot) in (0u32..).zip(&mut tables.payload_columns) {
+                match own_column {
+                    Some(key) if key.column == column => {
+                        tables.by_payload.entry(key).or_default().insert(index);
+                    }
+                    _ => slot.others.insert(index),
+                }
+            }
             tables.actions.push(match rule.action {
                 RuleAction::Drop => RULE_DROP,
                 RuleAction::Pass => RULE_PASS,
@@ -130,7 +176,26 @@ impl RuleTables {
         write_masks(&mut maps.by_src_port, &self.by_src_port)?;
         write_masks(&mut maps.by_dst_port, &self.by_dst_port)?;
         maps.by_ttl.set_all(&self.by_ttl)?;
-        write_masks(&mut maps.by_length, &self.by_length)
+        write_masks(&mut maps.by_length, &self.by_length)?;
+        maps.payload_columns.set_all(&self.payload_columns)?;
+        // The hash is not in force (its generation is not): old keys go, new ones come.
+        let mut stale = Vec::new();
+        for key in maps.by_payload.map.keys() {
+            let key = key.map_err(named(maps.by_payload.name))?;
+            if !self.by_payload.contains_key(&key) {
+                stale.push(key);
+            }
+        }
+        for key in &stale {
+            maps.by_payload.remove_if_present(key)?;
+        }
+        for (key, rules) in &self.by_payload {
+            maps.by_payload
+                .map
+                .insert(key, rules, 0)
+                .map_err(named(maps.by_payload.name))?;
+        }
+        Ok(())
     }
 }
 
@@ -199,6 +264,7 @@ mod tests {
             tcp_flags: flags,
             ttl: Vec::new(),
             length: Vec::new(),
+            payload: None,
             action: RuleAction::Drop,
         }
     }
@@ -247,6 +313,58 @@ mod tests {
         assert_eq!(first(&t, 6, Some((1, 9)), Some(0x02)), Some(3));
         assert_eq!(first(&t, 17, None, None), None, "a fragment has no ports");
         assert_eq!(first(&t, 1, None, None), None);
+    }
+
+    #[test]
+    fn payloads_are_looked_up_by_column_and_other_rules_match_any_bytes() {
+        let with_payload = |offset: u16, bytes: &[u8]| Rule {
+            payload: Some(crate::config::rules::PayloadMatch {
+                offset,
+                bytes: bytes.to_vec(),
+            }),
+            ..rule(Protocol::Udp, &[], &[], None)
+        };
+        let t = RuleTables::compile(&[
+            with_payload(8, b"stats"),
+            rule(Protocol::Udp, &[(53, 53)], &[], None),
+            with_payload(0, b"\xff"),
+            with_payload(8, b"gets "),
+        ]);
+        assert_eq!(
+            optional_fields(&[with_payload(0, b"x")]),
+            RULE_FIELD_PAYLOAD
+        );
+        let layout: Vec<(u16, u16)> = t
+            .payload_columns
+            .iter()
+            .map(|c| (c.offset, c.len))
+            .collect();
+        assert_eq!(layout, [(8, 5), (0, 1), (0, 0), (0, 0)]);
+        // Column 0 (5 bytes at 8) binds rules 0 and 3; the others match whatever it holds.
+        assert_eq!(
+            (0..4)
+                .filter(|&i| t.payload_columns[0].others.contains(i))
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(
+            (0..4)
+                .filter(|&i| t.payload_columns[1].others.contains(i))
+                .collect::<Vec<_>>(),
+            [0, 1, 3]
+        );
+        let key = |column, bytes: &[u8]| {
+            let mut padded = [0; PAYLOAD_MAX];
+            padded[..bytes.len()].copy_from_slice(bytes);
+            PayloadKey {
+                column,
+                bytes: padded,
+            }
+        };
+        assert!(t.by_payload[&key(0, b"stats")].contains(0));
+        assert!(t.by_payload[&key(0, b"gets ")].contains(3));
+        assert!(t.by_payload[&key(1, b"\xff")].contains(2));
+        assert_eq!(t.by_payload.len(), 3);
     }
 
     #[test]

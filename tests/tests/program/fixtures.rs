@@ -60,7 +60,30 @@ protocol = "udp"
 dst_ports = [7002]
 length = ["100-200"]
 action = "drop"
+[[rules]]
+name = "stats-probe"
+protocol = "udp"
+dst_ports = [7003]
+payload = "0x7374617473"
+payload_offset = 8
+action = "drop"
+[[rules]]
+name = "marked"
+protocol = "any"
+dst_ports = [7003]
+payload = "ff"
+action = "drop"
+[[rules]]
+name = "get-request"
+protocol = "tcp"
+dst_ports = [7004]
+payload = "474554"
+action = "drop"
 "#;
+
+/// memcached's UDP frame header (8 bytes) and a "stats" command: what the `stats-probe` rule
+/// matches (at payload offset 8).
+const STATS_PROBE: &[u8] = b"\0\0\0\0\0\x01\0\0stats\r\n";
 
 pub const LEGIT_V4: &str = "203.0.113.9";
 pub const LEGIT_V6: &str = "2001:db8:1::2";
@@ -148,6 +171,17 @@ pub fn cases() -> Vec<Case> {
         case("UDP of IP length 46", Frame::udp(LEGIT_V4, 40000, 7002).bytes(), Pass, NoMatch),
         case("IPv6 UDP of length 108", Frame::udp(LEGIT_V6, 40000, 7002).payload(60).bytes(), Drop, Rule),
         case("IP length 128 in QinQ", Frame::udp(LEGIT_V4, 40000, 7002).payload(100).qinq(1, 2).bytes(), Drop, Rule),
+        case("UDP with \"stats\" at payload offset 8", Frame::udp(LEGIT_V4, 40000, 7003).payload_bytes(STATS_PROBE).bytes(), Drop, Rule),
+        case("IPv6 UDP with \"stats\" at payload offset 8", Frame::udp(LEGIT_V6, 40000, 7003).payload_bytes(STATS_PROBE).bytes(), Drop, Rule),
+        case("UDP with \"statz\" at payload offset 8", Frame::udp(LEGIT_V4, 40000, 7003).payload_bytes(b"\0\0\0\0\0\x01\0\0statz\r\n").bytes(), Pass, NoMatch),
+        case("UDP payload ending inside the matched bytes", Frame::udp(LEGIT_V4, 40000, 7003).payload_bytes(&STATS_PROBE[..12]).bytes(), Pass, NoMatch),
+        case("UDP payload starting with 0xff (a second column)", Frame::udp(LEGIT_V4, 40000, 7003).payload_bytes(&[0xff, 1, 2]).bytes(), Drop, Rule),
+        case("the matched bytes only in Ethernet padding", patched(padded(Frame::udp(LEGIT_V4, 40000, 7003).payload(0).bytes(), 18), &[(L3_OFFSET + 28, 0xff)]), Pass, NoMatch),
+        case("TCP GET in QinQ", Frame::tcp(LEGIT_V4, 40000, 7004, TCP_ACK | TCP_PSH).payload_bytes(b"GET / HTTP/1.1").qinq(1, 2).bytes(), Drop, Rule),
+        case("IPv6 TCP GET behind extension headers", v6_exts(Frame::tcp(LEGIT_V6, 40000, 7004, TCP_ACK | TCP_PSH).payload_bytes(b"GET /")).bytes(), Drop, Rule),
+        case("TCP POST", Frame::tcp(LEGIT_V4, 40000, 7004, TCP_ACK | TCP_PSH).payload_bytes(b"POST /").bytes(), Pass, NoMatch),
+        case("TCP SYN without payload to the payload rule's port", Frame::tcp(LEGIT_V4, 40000, 7004, TCP_SYN).payload(0).bytes(), Pass, NoMatch),
+        case("a later fragment of a stats probe", Frame::udp(LEGIT_V4, 40000, 7003).payload_bytes(STATS_PROBE).ipv4_fragment(185, false).bytes(), Pass, NoMatch),
         case("TTL 1 on a later fragment", patched(Frame::udp(LEGIT_V4, 40000, 7001).ipv4_fragment(185, false).bytes(), &[(22, 1)]), Pass, NoMatch),
         // Rules.
         case("memcached reflection", Frame::udp(LEGIT_V4, 11211, 80).bytes(), Drop, Rule),

@@ -1,0 +1,103 @@
+//! The stages after the lists and bans — rules and protected destinations — as global BPF
+//! functions. The verifier checks a global function once, on its own, and each call to it as
+//! one instruction; inlined, a stage is walked again for every path that reaches it (each
+//! generation, with and without bans), and the paths of the stages before it multiply its own.
+//! That walk, not the instruction count, is what bounds the program (a million instructions).
+//!
+//! A global function takes only the context and scalars, so the parsed packet reaches it
+//! through a per-CPU slot ([`PACKET`]): the program run that writes it is the one that reads it
+//! (XDP runs without preemption), and nothing else touches it.
+
+use agent_common::stats::Reason;
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
+
+use crate::{
+    generation::{Protect0, Protect1, Rules0, Rules1},
+    maps::PACKET,
+    packet::Packet,
+    protect, rules,
+};
+
+/// A stage found nothing to say.
+const NONE: u64 = u64::MAX;
+
+/// Hands `packet` to the stage functions; false when the slot cannot be had (never, for a
+/// one-slot array: the caller then lets the stages pass).
+#[inline(always)]
+pub fn hand_over(packet: &Packet) -> bool {
+    match PACKET.get_ptr_mut(0) {
+        Some(slot) => {
+            // SAFETY: this CPU's slot, used only within this program run.
+            unsafe { *slot = *packet };
+            true
+        }
+        None => false,
+    }
+}
+
+/// The first matching rule and its action, of generation `generation`'s rules (see
+/// [`rules::first_match`]).
+#[inline(always)]
+pub fn first_rule(ctx: &XdpContext, generation: u32, fields: u32) -> Option<(u32, u32)> {
+    unpack(moat_rules(ctx.ctx, generation, fields))
+}
+
+/// The protected entry that drops the packet and why (see [`protect::judge`]).
+#[inline(always)]
+pub fn protected(ctx: &XdpContext, generation: u32, now: u64) -> Option<(u32, Reason)> {
+    let (entry, reason) = unpack(moat_protect(ctx.ctx, generation, now))?;
+    Some((
+        entry,
+        if reason == Reason::Fingerprint as u32 {
+            Reason::Fingerprint
+        } else {
+            Reason::DstLimit
+        },
+    ))
+}
+
+#[inline(always)]
+fn pack(value: Option<(u32, u32)>) -> u64 {
+    value.map_or(NONE, |(low, high)| (u64::from(high) << 32) | u64::from(low))
+}
+
+#[inline(always)]
+fn unpack(packed: u64) -> Option<(u32, u32)> {
+    (packed != NONE).then_some((packed as u32, (packed >> 32) as u32))
+}
+
+/// The handed-over packet.
+#[inline(always)]
+fn packet<'a>() -> Option<&'a Packet> {
+    PACKET.get(0)
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_rules(ctx: *mut xdp_md, generation: u32, fields: u32) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    let Some(packet) = packet() else {
+        return NONE;
+    };
+    pack(if generation == 0 {
+        rules::first_match::<Rules0>(&ctx, packet, fields)
+    } else {
+        rules::first_match::<Rules1>(&ctx, packet, fields)
+    })
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_protect(ctx: *mut xdp_md, generation: u32, now: u64) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    let Some(packet) = packet() else {
+        return NONE;
+    };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let judged = if generation == 0 {
+        protect::judge::<Protect0>(&ctx, packet, frame_len, now)
+    } else {
+        protect::judge::<Protect1>(&ctx, packet, frame_len, now)
+    };
+    pack(judged.map(|(entry, reason)| (entry, reason as u32)))
+}
