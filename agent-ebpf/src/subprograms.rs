@@ -6,7 +6,9 @@
 //!
 //! A global function takes only the context and scalars, so the parsed packet reaches it
 //! through a per-CPU slot ([`PACKET`]): the program run that writes it is the one that reads it
-//! (XDP runs without preemption), and nothing else touches it.
+//! (XDP runs without preemption), and nothing else touches it. (Passing it in registers, packed
+//! into two words, was tried: 6.18 took it, but Linux 6.1's verifier then walked the list stage
+//! past its limit.)
 
 use agent_common::stats::Reason;
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
@@ -21,17 +23,13 @@ use crate::{
 /// A stage found nothing to say.
 const NONE: u64 = u64::MAX;
 
-/// Hands `packet` to the stage functions; false when the slot cannot be had (never, for a
-/// one-slot array: the caller then lets the stages pass).
+/// Hands `packet` to the stage functions. (Slot 0 of a one-slot array is always there; were it
+/// not, the stage functions could not read it either, and would find nothing.)
 #[inline(always)]
-pub fn hand_over(packet: &Packet) -> bool {
-    match PACKET.get_ptr_mut(0) {
-        Some(slot) => {
-            // SAFETY: this CPU's slot, used only within this program run.
-            unsafe { *slot = *packet };
-            true
-        }
-        None => false,
+pub fn hand_over(packet: &Packet) {
+    if let Some(slot) = PACKET.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used only within this program run.
+        unsafe { *slot = *packet };
     }
 }
 

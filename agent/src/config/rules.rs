@@ -36,7 +36,10 @@ pub struct PayloadMatch {
 impl PayloadMatch {
     /// `hex` (an optional `0x` and 1 to 8 bytes in hex) at `offset`.
     fn parse(hex: &str, offset: i64) -> Result<Self, String> {
-        let digits = hex.strip_prefix("0x").unwrap_or(hex);
+        let digits = hex
+            .strip_prefix("0x")
+            .or_else(|| hex.strip_prefix("0X"))
+            .unwrap_or(hex);
         let bytes =
             hex::decode(digits).map_err(|e| format!("payload {hex:?} is not hex bytes: {e}"))?;
         if bytes.is_empty() || bytes.len() > PAYLOAD_MAX {

@@ -67,7 +67,7 @@ pub struct RuleTables {
     pub by_tcp_flags: Vec<RuleMask>,
     pub by_ttl: Vec<RuleMask>,
     pub by_length: Vec<RuleMask>,
-    /// Every slot of the columns, the unused ones zero.
+    /// Every slot of the columns, the unused ones of length 0.
     pub payload_columns: Vec<PayloadColumn>,
     pub by_payload: std::collections::BTreeMap<PayloadKey, RuleMask>,
     pub actions: Vec<u32>,
@@ -152,10 +152,13 @@ impl RuleTables {
                 })
             });
             for (column, slot) in (0u32..).zip(&mut tables.payload_columns) {
-                match own_column {
-                    Some(key) if key.column == column => {
+                match (&rule.payload, own_column) {
+                    (Some(_), Some(key)) if key.column == column => {
                         tables.by_payload.entry(key).or_default().insert(index);
                     }
+                    // A payload with no column (the config refuses a fifth): in no column's
+                    // others, so the rule matches nothing rather than any payload.
+                    (Some(_), None) => {}
                     _ => slot.others.insert(index),
                 }
             }

@@ -79,6 +79,12 @@ protocol = "tcp"
 dst_ports = [7004]
 payload = "474554"
 action = "drop"
+[[rules]]
+name = "marked-echo"
+protocol = "icmp"
+payload = "cafe"
+payload_offset = 8
+action = "drop"
 "#;
 
 /// memcached's UDP frame header (8 bytes) and a "stats" command: what the `stats-probe` rule
@@ -181,6 +187,10 @@ pub fn cases() -> Vec<Case> {
         case("IPv6 TCP GET behind extension headers", v6_exts(Frame::tcp(LEGIT_V6, 40000, 7004, TCP_ACK | TCP_PSH).payload_bytes(b"GET /")).bytes(), Drop, Rule),
         case("TCP POST", Frame::tcp(LEGIT_V4, 40000, 7004, TCP_ACK | TCP_PSH).payload_bytes(b"POST /").bytes(), Pass, NoMatch),
         case("TCP SYN without payload to the payload rule's port", Frame::tcp(LEGIT_V4, 40000, 7004, TCP_SYN).payload(0).bytes(), Pass, NoMatch),
+        case("the matched bytes ending where the IP packet ends", Frame::udp(LEGIT_V4, 40000, 7003).payload_bytes(&STATS_PROBE[..13]).bytes(), Drop, Rule),
+        case("ICMP echo with 0xcafe after its 8-byte header", Frame::ping(LEGIT_V4).payload_bytes(&[0xca, 0xfe, 0]).bytes(), Drop, Rule),
+        case("ICMP echo with 0xcafe one byte later", Frame::ping(LEGIT_V4).payload_bytes(&[0, 0xca, 0xfe]).bytes(), Pass, NoMatch),
+        case("a later fragment of a marked echo (no port to exclude it)", Frame::ping(LEGIT_V4).payload_bytes(&[0xca, 0xfe, 0]).ipv4_fragment(185, false).bytes(), Pass, NoMatch),
         case("a later fragment of a stats probe", Frame::udp(LEGIT_V4, 40000, 7003).payload_bytes(STATS_PROBE).ipv4_fragment(185, false).bytes(), Pass, NoMatch),
         case("TTL 1 on a later fragment", patched(Frame::udp(LEGIT_V4, 40000, 7001).ipv4_fragment(185, false).bytes(), &[(22, 1)]), Pass, NoMatch),
         // Rules.
