@@ -1,7 +1,8 @@
 //! The two generations of the policy's /24 tables, rule tables and protect tables (the prefix
 //! hashes are shared, each entry saying which generation holds it); `ACTIVE_GEN` says which one
-//! is in force (see `agent_common::maps::GENERATIONS`). The decision code is compiled once per
-//! generation, each copy loading its own maps directly.
+//! is in force (see `agent_common::maps::GENERATIONS`). The lists' stages are compiled once per
+//! generation, each copy loading its own maps directly; the rules and protect stages, global
+//! functions (see `subprograms`), pick their generation's maps by its index.
 
 use agent_common::{
     lists::{LIST_ALLOW, LIST_BLOCK, prefix_slot},
@@ -12,7 +13,7 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie};
 
 use crate::{lists::CidrMaps, maps::*, protect::ProtectMaps, rules::RuleMaps};
 
-/// One generation: its allowlist, blocklist, rule tables and protect tables.
+/// One generation, as the inlined stages see it: its index, allowlist and blocklist.
 pub trait Generation {
     /// Its index (the stage functions take it as an argument, see `subprograms`).
     const ID: u32;

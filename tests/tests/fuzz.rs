@@ -196,8 +196,8 @@ fn a_million_mangled_frames_never_abort_and_never_pass_a_blocked_source() {
     let mut program = LoadedProgram::new(&policy);
     // An attack fingerprint on each protected destination, matching seeds of both, so that
     // mangled frames go through the fingerprint's reads too. (The payload rules read every
-    // TCP and UDP frame but match none of the seeds, whose payloads are 0xab: they would
-    // decide before the fingerprints.)
+    // frame's payload but match none of the seeds — payloads of 0xab, ICMP headers — since
+    // they would decide before the fingerprints.)
     let payload = |len: usize| {
         let mut bytes = [0u8; FP_PAYLOAD_MAX];
         bytes[..len].fill(0xab);
