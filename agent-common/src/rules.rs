@@ -33,7 +33,6 @@ pub const LENGTH_TABLE_LEN: u32 = 65_536;
 /// looks up only those.
 pub const RULE_FIELD_TTL: u32 = 1 << 0;
 pub const RULE_FIELD_LENGTH: u32 = 1 << 1;
-
 pub const RULE_FIELD_PAYLOAD: u32 = 1 << 2;
 
 /// The most payload bytes a rule matches.
