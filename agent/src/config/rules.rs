@@ -25,8 +25,8 @@ pub struct Rule {
     pub action: RuleAction,
 }
 
-/// 1..=8 bytes at an offset into the transport payload (after the TCP or UDP header; for ICMP,
-/// from the ICMP header).
+/// 1..=8 bytes at an offset into the transport payload (after the TCP or UDP header; for other
+/// protocols, from their header).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PayloadMatch {
     pub offset: u16,
@@ -35,25 +35,37 @@ pub struct PayloadMatch {
 
 impl PayloadMatch {
     /// `hex` (an optional `0x` and 1 to 8 bytes in hex) at `offset`.
+    #[cfg(test)]
     fn parse(hex: &str, offset: i64) -> Result<Self, String> {
-        let digits = hex
-            .strip_prefix("0x")
-            .or_else(|| hex.strip_prefix("0X"))
-            .unwrap_or(hex);
-        let bytes =
-            hex::decode(digits).map_err(|e| format!("payload {hex:?} is not hex bytes: {e}"))?;
-        if bytes.is_empty() || bytes.len() > PAYLOAD_MAX {
-            return Err(format!(
-                "payload {hex:?} is {} bytes: 1 to {PAYLOAD_MAX} are matched",
-                bytes.len()
-            ));
-        }
-        let offset = u16::try_from(offset)
-            .ok()
-            .filter(|o| *o <= PAYLOAD_OFFSET_MAX)
-            .ok_or_else(|| format!("payload_offset {offset} is outside 0-{PAYLOAD_OFFSET_MAX}"))?;
-        Ok(Self { offset, bytes })
+        Ok(Self {
+            offset: payload_offset(offset)?,
+            bytes: payload_bytes(hex)?,
+        })
     }
+}
+
+/// A payload as written: an optional `0x` and 1 to 8 bytes in hex.
+fn payload_bytes(hex: &str) -> Result<Vec<u8>, String> {
+    let digits = hex
+        .strip_prefix("0x")
+        .or_else(|| hex.strip_prefix("0X"))
+        .unwrap_or(hex);
+    let bytes =
+        hex::decode(digits).map_err(|e| format!("payload {hex:?} is not hex bytes: {e}"))?;
+    if bytes.is_empty() || bytes.len() > PAYLOAD_MAX {
+        return Err(format!(
+            "payload {hex:?} is {} bytes: 1 to {PAYLOAD_MAX} are matched",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+fn payload_offset(offset: i64) -> Result<u16, String> {
+    u16::try_from(offset)
+        .ok()
+        .filter(|o| *o <= PAYLOAD_OFFSET_MAX)
+        .ok_or_else(|| format!("payload_offset {offset} is outside 0-{PAYLOAD_OFFSET_MAX}"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -285,16 +297,17 @@ pub fn validate(rules: &[RuleConfig]) -> Result<Vec<Rule>, Located> {
                     format!("rule {name:?}: payload_offset without payload"),
                 ));
             }
-            (Some(hex), offset) => Some(
-                PayloadMatch::parse(hex.get_ref(), offset.as_ref().map_or(0, |o| *o.get_ref()))
-                    .map_err(|m| {
-                        let span = match offset {
-                            Some(o) if m.starts_with("payload_offset") => o.span(),
-                            _ => hex.span(),
-                        };
-                        (span, format!("rule {name:?}: {m}"))
-                    })?,
-            ),
+            (Some(hex), offset) => {
+                let at =
+                    |span: std::ops::Range<usize>, m: String| (span, format!("rule {name:?}: {m}"));
+                Some(PayloadMatch {
+                    bytes: payload_bytes(hex.get_ref()).map_err(|m| at(hex.span(), m))?,
+                    offset: match offset {
+                        None => 0,
+                        Some(o) => payload_offset(*o.get_ref()).map_err(|m| at(o.span(), m))?,
+                    },
+                })
+            }
         };
         if let (Some(matched), Some(hex)) = (&payload, &rule.payload) {
             let column = (matched.offset, matched.bytes.len());
