@@ -121,21 +121,15 @@ impl Attributes {
     /// The fingerprint naming this packet's values of the attributes in `fields` (`FP_*`
     /// bits); `None` when the packet lacks one of them.
     pub fn fingerprint(&self, fields: u32) -> Option<Fingerprint> {
-        FIELDS
-            .iter()
-            .filter(|&&field| fields & field != 0)
-            .try_fold(Fingerprint::default(), |print, &field| {
-                Some(combine(&print, &self.value(field)?))
-            })
+        let mut print = Fingerprint::default();
+        for &field in FIELDS.iter().filter(|&&field| fields & field != 0) {
+            self.name_in(&mut print, field)?;
+        }
+        Some(print)
     }
 
-    /// This packet's value of one attribute, as a fingerprint naming only it; `None` when the
-    /// packet has none.
-    fn value(&self, field: u32) -> Option<Fingerprint> {
-        let mut print = Fingerprint {
-            fields: field,
-            ..Fingerprint::default()
-        };
+    /// Names this packet's value of one attribute in `print`; `None` when the packet has none.
+    fn name_in(&self, print: &mut Fingerprint, field: u32) -> Option<()> {
         match field {
             FP_SRC_PORT => print.src_port = self.src_port?,
             FP_TTL => print.ttl = self.ttl,
@@ -153,7 +147,8 @@ impl Attributes {
             }
             _ => return None,
         }
-        Some(print)
+        print.fields |= field;
+        Some(())
     }
 }
 
@@ -167,35 +162,6 @@ pub const FIELDS: [u32; 7] = [
     FP_TCP_WINDOW,
     FP_IP_ID,
 ];
-
-/// Two fingerprints combined (their fields are disjoint).
-fn combine(a: &Fingerprint, b: &Fingerprint) -> Fingerprint {
-    let mut print = *a;
-    print.fields |= b.fields;
-    if b.fields & FP_SRC_PORT != 0 {
-        print.src_port = b.src_port;
-    }
-    if b.fields & FP_TTL != 0 {
-        print.ttl = b.ttl;
-    }
-    if b.fields & FP_LENGTH != 0 {
-        print.length = b.length;
-    }
-    if b.fields & FP_TCP_FLAGS != 0 {
-        print.tcp_flags = b.tcp_flags;
-    }
-    if b.fields & FP_TCP_WINDOW != 0 {
-        print.tcp_window = b.tcp_window;
-    }
-    if b.fields & FP_IP_ID != 0 {
-        print.ip_id = b.ip_id;
-    }
-    if b.fields & FP_PAYLOAD != 0 {
-        print.payload = b.payload;
-        print.payload_len = b.payload_len;
-    }
-    print
-}
 
 /// A fingerprint and how much of each sample set it matches.
 #[derive(Clone, Copy, Debug, PartialEq)]
