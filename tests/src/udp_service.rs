@@ -13,7 +13,35 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Lab, Side};
+use crate::{
+    Lab, Side,
+    lab::{LEGIT_V4, PROTECTED_V4},
+};
+
+/// The protected UDP service's port.
+pub const SERVICE_PORT: u16 = 5353;
+/// Legitimate datagrams per second to the service, each from a new ephemeral port.
+pub const LEGIT_PPS: u64 = 200;
+/// The payload lengths legitimate clients send, in turn.
+pub const LEGIT_LENGTHS: [usize; 8] = [12, 20, 28, 32, 36, 44, 52, 60];
+/// The service's usual traffic before a flood: three of the agent's seconds (a second joins
+/// the attack baseline once the next is quiet too).
+pub const BASELINE: Duration = Duration::from_millis(3500);
+
+/// The service on [`PROTECTED_V4`] and a client on [`LEGIT_V4`] sending it its usual traffic,
+/// after [`BASELINE`] of it.
+pub fn usual_traffic(lab: &Lab) -> (UdpService, UdpClient) {
+    let service = UdpService::start(lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
+    let client = UdpClient::start(
+        lab,
+        Lab::addr(LEGIT_V4),
+        SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT),
+        LEGIT_PPS,
+        &LEGIT_LENGTHS,
+    );
+    std::thread::sleep(BASELINE);
+    (service, client)
+}
 
 /// Datagrams received so far, by source address.
 type Received = Arc<Mutex<HashMap<IpAddr, u64>>>;

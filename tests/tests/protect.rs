@@ -5,7 +5,7 @@
 //! fingerprint and the log says why; attacks start and end in the log and in `moat attacks`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -19,10 +19,9 @@ use moat_tests::{
     lab::{LEGIT_V4, PROTECTED_OTHER_V4, PROTECTED_V4},
     traffic::ping,
     trafgen::{self, Payload, UdpFlood},
-    udp_service::{UdpClient, UdpService},
+    udp_service::{LEGIT_PPS, SERVICE_PORT, UdpClient, UdpService, usual_traffic},
 };
 
-const SERVICE_PORT: u16 = 5353;
 const LIMIT: u64 = 2000;
 /// Half a second's worth: an emulated guest's clock can stand still for tens of milliseconds,
 /// and a burst shorter than that would cost allowance the rate is owed.
@@ -30,13 +29,8 @@ const BURST: u64 = LIMIT / 2;
 /// How long each flood runs, and the cores trafgen sends from.
 const FLOOD: Duration = Duration::from_secs(10);
 const FLOOD_CPUS: u32 = 2;
-/// Legitimate datagrams per second to the protected service, each from a new ephemeral port.
-const LEGIT_PPS: u64 = 200;
-/// The payload lengths legitimate clients send, in turn; the flood's is one of them.
-const LEGIT_LENGTHS: [usize; 8] = [12, 20, 28, 32, 36, 44, 52, 60];
+/// One of the legitimate clients' payload lengths.
 const FLOOD_PAYLOAD: usize = 32;
-/// The service's usual traffic before a flood: three of the agent's seconds.
-const BASELINE: Duration = Duration::from_millis(3500);
 
 /// moat protecting the service (fingerprints on, by default), and its program's id.
 fn start(lab: &Lab) -> (MoatProcess, u32) {
@@ -52,19 +46,11 @@ fn attacks(lab: &Lab) -> AttacksView {
     MoatProcess::attacks(lab)
 }
 
-/// moat, the service and a legitimate client, after [`BASELINE`] of the service's usual
-/// traffic (a second joins the baseline once the next is quiet too).
+/// moat, the service and a legitimate client, after the baseline of the service's usual
+/// traffic ([`usual_traffic`]).
 fn start_with_usual_traffic(lab: &Lab) -> ((MoatProcess, u32), UdpService, UdpClient) {
     let moat = start(lab);
-    let service = UdpService::start(lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
-    let client = UdpClient::start(
-        lab,
-        Lab::addr(LEGIT_V4),
-        SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT),
-        LEGIT_PPS,
-        &LEGIT_LENGTHS,
-    );
-    std::thread::sleep(BASELINE);
+    let (service, client) = usual_traffic(lab);
     (moat, service, client)
 }
 

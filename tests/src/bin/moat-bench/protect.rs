@@ -7,7 +7,6 @@
 
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     os::fd::AsFd as _,
     path::Path,
     time::{Duration, Instant},
@@ -21,16 +20,13 @@ use moat_tests::{
     lab::{LEGIT_V4, PROTECTED_V4},
     program::{LoadedProgram, XDP_DROP, XDP_PASS},
     trafgen::{self, Payload, UdpFlood},
-    udp_service::{UdpClient, UdpService},
+    udp_service::{LEGIT_PPS, SERVICE_PORT, usual_traffic},
 };
 
 use crate::{Measured, Options, Table, floor, per_packet};
 
 const SOURCE: &str = "192.0.2.10";
-const SERVICE_PORT: u16 = 5353;
 const LIMIT: u64 = 10_000;
-const LEGIT_PPS: u64 = 200;
-const LEGIT_LENGTHS: [usize; 8] = [12, 20, 28, 32, 36, 44, 52, 60];
 const FLOOD_CPUS: u32 = 2;
 /// The flood's packets share a source port and a payload (as a reflection's do).
 const FLOOD_SRC_PORT: u16 = 1900;
@@ -191,16 +187,7 @@ struct FloodRun {
 
 fn flood_once(lab: &Lab, config: &Path, duration: Duration) -> FloodRun {
     let (_moat, _) = MoatProcess::start(lab, &["run", "--config", &config.to_string_lossy()]);
-    let service = UdpService::start(lab, Lab::addr(PROTECTED_V4), SERVICE_PORT);
-    let client = UdpClient::start(
-        lab,
-        Lab::addr(LEGIT_V4),
-        SocketAddr::new(Lab::addr(PROTECTED_V4), SERVICE_PORT),
-        LEGIT_PPS,
-        &LEGIT_LENGTHS,
-    );
-    // The baseline: the service's usual traffic (a second joins it once the next is quiet).
-    std::thread::sleep(Duration::from_millis(3500));
+    let (service, client) = usual_traffic(lab);
     let flood = UdpFlood {
         source: None,
         destination: PROTECTED_V4.parse().expect("an address"),
