@@ -142,9 +142,6 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     if let Some(source) = lists::lookup::<G::Block>(&settings.block, &packet.source) {
         return Verdict::drop(Reason::Blocklist, source);
     }
-    if settings.rule_count != 0 || settings.protect_count != 0 {
-        subprograms::hand_over(packet);
-    }
     // Bans and rate limits need the source's key and the clock: read them only for those. (No
     // Option holds them across the rules: kernels before 6.x reject the partial register spills
     // LLVM makes of such an Option.)
@@ -156,6 +153,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
         if rate_limit::banned_by_state(state, now) {
             return Verdict::drop(Reason::Ban, SOURCE_RATE_LIMIT);
         }
+        hand_over(settings, packet);
         // An untracked source's ban is in the ban map, read after the rules: a packet a rule
         // drops is dropped either way (and counted under the rule), so a reflection flood
         // from sources the limiter never tracks pays one lookup, not two.
@@ -175,6 +173,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
             }
         };
     }
+    hand_over(settings, packet);
     if let Some(verdict) = rule_verdict::<G>(ctx, settings) {
         return verdict;
     }
@@ -187,6 +186,15 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     }
     let key = rate_limit::source_key(&settings.rate, &packet.source);
     limit(ctx, settings, &key, rate_limit::state(&key), now)
+}
+
+/// Hands the packet to the stages that run as global functions, when some will run: not before
+/// a ban has had its say, so that a banned source's flood does not pay for it.
+#[inline(always)]
+fn hand_over(settings: &Settings, packet: &Packet) {
+    if settings.rule_count != 0 || settings.protect_count != 0 {
+        subprograms::hand_over(packet);
+    }
 }
 
 /// The clock of bans and rate limits: CLOCK_MONOTONIC at tick resolution (Linux 5.11). About a

@@ -148,7 +148,7 @@ fn the_agent_owns_exactly_the_maps_the_object_declares() {
 
 /// The verifier walks every path of the program, up to a million instructions. Every stage adds
 /// to the walk (paths multiply): this keeps the margin in sight, so that the next stage is not
-/// the one that finds the limit on a kernel in the field. (About 121,000 on 6.18 and 373,000 on
+/// the one that finds the limit on a kernel in the field. (About 124,000 on 6.18 and 382,000 on
 /// 6.1 since the rules and protect stages became global functions; the budget keeps 6.1 clear
 /// of the limit by 40 %.)
 #[test]
