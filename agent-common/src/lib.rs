@@ -13,6 +13,7 @@ pub mod rate_limit;
 pub mod rules;
 pub mod settings;
 pub mod stats;
+pub mod syn_proxy;
 
 /// Implements `aya::Pod` for types user space reads from or writes to maps.
 macro_rules! pod {

@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 7;
+pub const PINNED_LAYOUT_VERSION: u32 = 8;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
@@ -65,11 +65,22 @@ pub const PROTECT_FINGERPRINTS: &str = "PROT_PRINTS";
 /// Per-CPU, per protected entry: the earliest time of the next sample (monotonic ns).
 pub const PROTECT_SAMPLE_AT: &str = "PROT_SAMPLE_AT";
 
+/// `[syn_proxy]` ([`crate::syn_proxy::SynProxySettings`]), one slot per generation.
+pub const SYN_PROXY: &str = "SYN_PROXY";
+/// Sources whose SYN cookie checked out, with the time their verification expires (monotonic
+/// ns), keyed like the rate limiter (LRU: a flood of handshakes evicts the oldest).
+pub const VERIFIED: &str = "VERIFIED";
+/// Default capacity of [`VERIFIED`].
+pub const VERIFIED_DEFAULT_CAPACITY: u32 = 65_536;
+/// Per-CPU, one slot: the SYN-cookie stage's copies of headers
+/// ([`crate::syn_proxy::SynScratch`]).
+pub const SYN_SCRATCH: &str = "SYN_SCRATCH";
+
 /// Per-CPU, one slot: the packet the program parsed, for the stages it runs as global
 /// functions. Scratch space: the agent never reads or writes it.
 pub const PACKET: &str = "PACKET";
 /// The program's scratch maps: its working space, which the agent neither owns nor pins.
-pub const SCRATCH: [&str; 1] = [PACKET];
+pub const SCRATCH: [&str; 2] = [PACKET, SYN_SCRATCH];
 
 /// Per-CPU packet and byte counters, indexed by [`crate::stats::index`].
 pub const STATS: &str = "STATS";

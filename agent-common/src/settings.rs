@@ -23,6 +23,10 @@ pub struct RateSettings {
     /// Prefix lengths that key a source.
     pub v4_prefix: u32,
     pub v6_prefix: u32,
+    /// 1: only a source the SYN proxy verified (see `maps::VERIFIED`) is banned; the excess of
+    /// any other is dropped, but it is never banned (its address may be forged).
+    pub ban_verified_only: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -43,6 +47,9 @@ pub struct Settings {
     pub protect_count: u32,
     /// `rules::RULE_FIELD_*`: the optional fields some rule names.
     pub rule_fields: u32,
+    /// 1 when `[syn_proxy]` is on: its settings are the generation's `SYN_PROXY` slot.
+    pub syn_proxy: u32,
+    pub _pad: u32,
 }
 
 pod!(RateSettings, Settings);

@@ -27,17 +27,29 @@ pub enum Action {
     Drop = 1,
     /// Monitor mode: the policy said drop, the packet was passed.
     WouldDrop = 2,
+    /// Answered from the program (a SYN cookie's SYN-ACK), sent back out with `XDP_TX`.
+    Tx = 3,
+    /// Monitor mode: the program would have answered; the packet was passed.
+    WouldTx = 4,
 }
 
 impl Action {
-    pub const COUNT: u32 = 3;
-    pub const ALL: [Self; Self::COUNT as usize] = [Self::Pass, Self::Drop, Self::WouldDrop];
+    pub const COUNT: u32 = 5;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::Pass,
+        Self::Drop,
+        Self::WouldDrop,
+        Self::Tx,
+        Self::WouldTx,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Self::Pass => "pass",
             Self::Drop => "drop",
             Self::WouldDrop => "would_drop",
+            Self::Tx => "tx",
+            Self::WouldTx => "would_tx",
         }
     }
 }
@@ -67,10 +79,12 @@ pub enum Reason {
     DstLimit = 8,
     /// The packet matched the attack fingerprint of its protected destination.
     Fingerprint = 9,
+    /// A SYN to a `[syn_proxy]` port, answered with a SYN cookie.
+    SynCookie = 10,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::NoMatch,
         Self::NotIp,
@@ -82,6 +96,7 @@ impl Reason {
         Self::RateLimit,
         Self::DstLimit,
         Self::Fingerprint,
+        Self::SynCookie,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -96,6 +111,7 @@ impl Reason {
             Self::RateLimit => "rate_limit",
             Self::DstLimit => "dst_limit",
             Self::Fingerprint => "fingerprint",
+            Self::SynCookie => "syn_cookie",
         }
     }
 

@@ -18,12 +18,13 @@ mod rate_limit;
 mod rules;
 mod stats;
 mod subprograms;
+mod syn_proxy;
 
 use agent_common::{
     lists::SOURCE_RATE_LIMIT,
     rate_limit::{FAMILY_V4, FAMILY_V6, RateState, SourceKey},
     rules::RULE_PASS,
-    settings::{MODE_MONITOR, Settings},
+    settings::{MODE_ENFORCE, MODE_MONITOR, Settings},
     stats::{Action, Reason},
 };
 use aya_ebpf::{
@@ -35,6 +36,8 @@ use crate::{
     maps::{CAPTURE, SETTINGS},
     packet::{Address, Malformed, Packet},
     rate_limit::Limit,
+    stats::Interface,
+    syn_proxy::Outcome,
 };
 
 /// What the policy decided for a packet, and why.
@@ -94,9 +97,9 @@ pub fn moat(ctx: XdpContext) -> u32 {
     let verdict = match packet::parse(&ctx, interface.no_ethernet) {
         Ok(Some(packet)) => {
             let verdict = if generation == 0 {
-                decide::<Generation0>(&ctx, settings, &packet)
+                decide::<Generation0>(&ctx, settings, interface, &packet)
             } else {
-                decide::<Generation1>(&ctx, settings, &packet)
+                decide::<Generation1>(&ctx, settings, interface, &packet)
             };
             verdict.with_source(&packet.source)
         }
@@ -108,8 +111,12 @@ pub fn moat(ctx: XdpContext) -> u32 {
         action => action,
     };
     let seen = stats::count(&ctx, interface.slot, &verdict, action);
+    if action == Action::Tx {
+        // The frame is the SYN-ACK now: nothing of the SYN is left to sample.
+        return xdp_action::XDP_TX;
+    }
     let capture = CAPTURE.get(0);
-    if action == Action::Pass {
+    if matches!(action, Action::Pass | Action::WouldTx) {
         // Passed packets are sampled only while `moat capture --passed` runs.
         if let Some(capture) = capture
             && capture.passed_every != 0
@@ -135,7 +142,12 @@ pub fn moat(ctx: XdpContext) -> u32 {
 /// The decision chain for an IP packet, in the order packets meet it; the first stage that
 /// decides wins.
 #[inline(always)]
-fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet) -> Verdict {
+fn decide<G: Generation>(
+    ctx: &XdpContext,
+    settings: &Settings,
+    interface: Interface,
+    packet: &Packet,
+) -> Verdict {
     if let Some(source) = lists::lookup::<G::Allow>(&settings.allow, &packet.source) {
         return Verdict::pass(Reason::Allowlist, source);
     }
@@ -167,7 +179,8 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
                 }
                 match rule {
                     Some(verdict) => verdict,
-                    None => protected::<G>(ctx, settings, now)
+                    None => syn_proxy::<G>(ctx, settings, interface, now)
+                        .or_else(|| protected::<G>(ctx, settings, now))
                         .unwrap_or_else(|| limit(ctx, settings, &key, state, now)),
                 }
             }
@@ -177,10 +190,13 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
     if let Some(verdict) = rule_verdict::<G>(ctx, settings) {
         return verdict;
     }
-    if settings.protect_count == 0 && !settings.rate.is_on() {
+    if settings.protect_count == 0 && settings.syn_proxy == 0 && !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
     let now = clock();
+    if let Some(verdict) = syn_proxy::<G>(ctx, settings, interface, now) {
+        return verdict;
+    }
     if let Some(verdict) = protected::<G>(ctx, settings, now) {
         return verdict;
     }
@@ -192,7 +208,7 @@ fn decide<G: Generation>(ctx: &XdpContext, settings: &Settings, packet: &Packet)
 /// a ban has had its say, so that a banned source's flood does not pay for it.
 #[inline(always)]
 fn hand_over(settings: &Settings, packet: &Packet) {
-    if settings.rule_count != 0 || settings.protect_count != 0 {
+    if settings.rule_count != 0 || settings.protect_count != 0 || settings.syn_proxy != 0 {
         subprograms::hand_over(packet);
     }
 }
@@ -217,6 +233,28 @@ fn rule_verdict<G: Generation>(ctx: &XdpContext, settings: &Settings) -> Option<
     } else {
         Verdict::drop(Reason::Rule, rule)
     })
+}
+
+/// The SYN proxy's verdict (when `[syn_proxy]` is on): a SYN answered with a cookie, or one
+/// that would be in monitor mode. Before the protected destinations and the limiter: a SYN
+/// flood forging its sources makes no state anywhere.
+#[inline(always)]
+fn syn_proxy<G: Generation>(
+    ctx: &XdpContext,
+    settings: &Settings,
+    interface: Interface,
+    now: u64,
+) -> Option<Verdict> {
+    if settings.syn_proxy == 0 {
+        return None;
+    }
+    let enforce = settings.mode == MODE_ENFORCE;
+    match subprograms::syn_proxy(ctx, G::ID, enforce, !interface.no_ethernet, now) {
+        Outcome::Continue | Outcome::Syn => None,
+        Outcome::Answered => Some(Verdict::new(Action::Tx, Reason::SynCookie, 0)),
+        Outcome::WouldAnswer => Some(Verdict::new(Action::WouldTx, Reason::SynCookie, 0)),
+        Outcome::Malformed => Some(Verdict::drop(Reason::Malformed, 0)),
+    }
 }
 
 /// The verdict of the protected destinations (when any is configured): a drop when the packet

@@ -8,7 +8,7 @@ use agent_common::{
     lists::{LIST_HITS_LEN, PrefixEntry, V4_TABLE_LEN, V4PrefixKey, V6_GATE_WORDS, V6PrefixKey},
     maps::{
         BANS_DEFAULT_CAPACITY, EVENTS_BYTES, GENERATIONS, LONG_PREFIXES_DEFAULT_CAPACITY,
-        MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY,
+        MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY, VERIFIED_DEFAULT_CAPACITY,
     },
     protect::{
         Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, PROTECT_PORT_TABLE_LEN, ProtectBucket,
@@ -22,6 +22,7 @@ use agent_common::{
     },
     settings::Settings,
     stats::{Counter, STATS_LEN},
+    syn_proxy::{SynProxySettings, SynScratch},
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
@@ -139,6 +140,15 @@ pub static BANS: LruHashMap<SourceKey, Ban> =
 #[map]
 pub static RATE_LIMITS: LruHashMap<SourceKey, RateState> =
     LruHashMap::with_max_entries(RATE_LIMITS_DEFAULT_CAPACITY, 0);
+
+#[map]
+pub static SYN_PROXY: Array<SynProxySettings> = Array::with_max_entries(GENERATIONS as u32, 0);
+/// Verified sources and when their verification expires (see `syn_proxy`).
+#[map]
+pub static VERIFIED: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(VERIFIED_DEFAULT_CAPACITY, 0);
+#[map]
+pub static SYN_SCRATCH: PerCpuArray<SynScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static PROT_BUCKETS: Array<ProtectBucket> = Array::with_max_entries(MAX_PROTECTED, 0);

@@ -11,7 +11,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 
 use crate::{
     lists::mask_v6,
-    maps::{BANS, RATE_LIMITS},
+    maps::{BANS, RATE_LIMITS, VERIFIED},
     packet::Address,
 };
 
@@ -135,7 +135,10 @@ pub fn charge(
             (*state).over_since = now;
             return Limit::Over;
         }
-        if settings.ban_ttl_ns != 0 && now - over_since >= settings.ban_after_ns {
+        if settings.ban_ttl_ns != 0
+            && now - over_since >= settings.ban_after_ns
+            && (settings.ban_verified_only == 0 || verified(key, now))
+        {
             let expires_at = now + settings.ban_ttl_ns;
             let ban = Ban {
                 expires_at,
@@ -155,6 +158,14 @@ pub fn charge(
         }
     }
     Limit::Over
+}
+
+/// Whether the SYN proxy verified the source (`ban = "verified"`): one whose address may be
+/// forged is never banned, whatever it sends; its excess is dropped all the same.
+#[inline(always)]
+pub fn verified(key: &SourceKey, now: u64) -> bool {
+    // SAFETY: the value is a u64 written whole.
+    unsafe { VERIFIED.get(key) }.is_some_and(|until| now < *until)
 }
 
 /// Adds a conforming packet to the source's totals. Plain adds, not atomic ones (which cost

@@ -1,5 +1,5 @@
-//! The stages after the lists and bans — rules and protected destinations — as global BPF
-//! functions. The verifier checks a global function once, on its own, and each call to it as
+//! The stages after the lists and bans — rules, the SYN proxy and protected destinations — as
+//! global BPF functions. The verifier checks a global function once, on its own, and each call to it as
 //! one instruction; inlined, a stage is walked again for every path that reaches it (each
 //! generation, with and without bans), and the paths of the stages before it multiply its own.
 //! That walk, not the instruction count, is what bounds the program (a million instructions).
@@ -15,9 +15,10 @@ use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 
 use crate::{
     generation::{Protect0, Protect1, Rules0, Rules1},
-    maps::PACKET,
+    maps::{PACKET, SETTINGS, SYN_PROXY},
     packet::Packet,
-    protect, rules,
+    protect, rate_limit, rules,
+    syn_proxy::{self, Outcome},
 };
 
 /// A stage found nothing to say.
@@ -52,6 +53,25 @@ pub fn protected(ctx: &XdpContext, generation: u32, now: u64) -> Option<(u32, Re
             Reason::DstLimit
         },
     ))
+}
+
+/// The SYN proxy's outcome for the packet (see [`syn_proxy::classify`] and
+/// [`syn_proxy::answer`]); `ethernet`: the frame has MAC addresses to swap.
+#[inline(always)]
+pub fn syn_proxy(
+    ctx: &XdpContext,
+    generation: u32,
+    enforce: bool,
+    ethernet: bool,
+    now: u64,
+) -> Outcome {
+    match Outcome::from_u64(moat_syn_classify(ctx.ctx, generation, now)) {
+        Outcome::Syn if ethernet => {
+            Outcome::from_u64(moat_syn_answer(ctx.ctx, generation, u32::from(enforce)))
+        }
+        // Without Ethernet, the stack's synproxy answers.
+        _ => Outcome::Continue,
+    }
 }
 
 #[inline(always)]
@@ -98,4 +118,29 @@ pub extern "C" fn moat_protect(ctx: *mut xdp_md, generation: u32, now: u64) -> u
         protect::judge::<Protect1>(&ctx, packet, frame_len, now)
     };
     pack(judged.map(|(entry, reason)| (entry, reason as u32)))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_syn_classify(ctx: *mut xdp_md, generation: u32, now: u64) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    let (Some(packet), Some(settings), Some(policy)) = (
+        packet(),
+        SYN_PROXY.get(generation),
+        SETTINGS.get(generation),
+    ) else {
+        return Outcome::Continue as u64;
+    };
+    let key = rate_limit::source_key(&policy.rate, &packet.source);
+    syn_proxy::classify(&ctx, packet, settings, &key, now) as u64
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_syn_answer(ctx: *mut xdp_md, generation: u32, enforce: u32) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    let (Some(packet), Some(settings)) = (packet(), SYN_PROXY.get(generation)) else {
+        return Outcome::Continue as u64;
+    };
+    syn_proxy::answer(&ctx, packet, settings, enforce != 0) as u64
 }

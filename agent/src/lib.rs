@@ -1,7 +1,8 @@
 //! moat's agent, in wings (ARCHITECTURE.md draws them): `config` turns TOML into a validated
 //! policy; `program` is the data path's user half, everything that touches the XDP object;
 //! `control` is the socket's wire contract and its client; `daemon` is `moat run`; `observe` is
-//! what the daemon offers watchers (top, capture, metrics); `cli` is the command line. The
+//! what the daemon offers watchers (top, capture, metrics); `netfilter` is what `[syn_proxy]`
+//! sets up beside the program (nftables synproxy, sysctls); `cli` is the command line. The
 //! `moat` binary is a thin dispatcher over this library; the tests drive it directly.
 
 pub mod cli;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod logging;
+pub mod netfilter;
 pub mod observe;
 pub mod program;
 

@@ -98,6 +98,8 @@ pub struct Frame {
     payload: usize,
     /// What the payload starts with (the rest is 0xab).
     payload_start: Vec<u8>,
+    /// TCP options (a multiple of four bytes, or the data offset will not say where they end).
+    tcp_options: Vec<u8>,
 }
 
 impl Frame {
@@ -115,7 +117,23 @@ impl Frame {
             transport,
             payload: 18,
             payload_start: Vec::new(),
+            tcp_options: Vec::new(),
         }
+    }
+
+    /// TCP options after the header's 20 bytes; the data offset counts them (padded with
+    /// end-of-options to a multiple of four).
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        self.tcp_options = options.to_vec();
+        self.tcp_options.resize(options.len().div_ceil(4) * 4, 0);
+        self
+    }
+
+    /// TCP options that claim more than the header holds: the data offset counts only
+    /// `words` of them.
+    pub fn tcp_options_truncated(mut self, options: &[u8], words: usize) -> Self {
+        self.tcp_options = options[..words * 4].to_vec();
+        self
     }
 
     pub fn udp(src: &str, src_port: u16, dst_port: u16) -> Self {
@@ -223,11 +241,13 @@ impl Frame {
     fn transport_bytes(&self) -> Vec<u8> {
         let mut bytes = match self.transport {
             Transport::Tcp { src, dst, flags } => {
-                let mut tcp = Vec::with_capacity(20);
+                let mut tcp = Vec::with_capacity(20 + self.tcp_options.len());
                 tcp.extend_from_slice(&src.to_be_bytes());
                 tcp.extend_from_slice(&dst.to_be_bytes());
                 tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
-                tcp.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+                let words = (5 + self.tcp_options.len() / 4) as u8;
+                tcp.extend_from_slice(&[words << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+                tcp.extend_from_slice(&self.tcp_options);
                 tcp
             }
             Transport::Udp { src, dst } => {

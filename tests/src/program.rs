@@ -23,6 +23,7 @@ use moat::{
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 /// The interface test runs arrive on: the test process's loopback device.
 pub const TEST_RUN_IF_INDEX: u32 = 1;
@@ -98,6 +99,25 @@ impl LoadedProgram {
             .return_value
     }
 
+    /// Runs the program once on `frame`; returns the XDP action and the frame as the program
+    /// left it (rewritten, for an answer sent back out).
+    pub fn run_out(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program = loader::program(&mut self.ebpf).expect("the program");
+        // Room for a frame that grows (a SYN-ACK may be longer than its SYN).
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.data_out = Some(&mut out);
+        let result = program.test_run(options).unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN failed on a {}-byte frame: {e}",
+                frame.len()
+            )
+        });
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
     /// The program's fd (a duplicate), for callers that run it themselves.
     pub fn fd(&mut self) -> std::os::fd::OwnedFd {
         use std::os::fd::AsFd as _;
@@ -128,6 +148,7 @@ pub fn action_name(action: u32) -> &'static str {
         XDP_ABORTED => "XDP_ABORTED",
         XDP_DROP => "XDP_DROP",
         XDP_PASS => "XDP_PASS",
+        XDP_TX => "XDP_TX",
         _ => "unexpected XDP action",
     }
 }

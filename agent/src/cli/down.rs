@@ -1,4 +1,5 @@
-//! `moat down`: detach moat from every interface and remove its pins, with no daemon running.
+//! `moat down`: detach moat from every interface and remove its pins (and what `[syn_proxy]`
+//! set up in netfilter), with no daemon running.
 
 use std::path::PathBuf;
 
@@ -37,6 +38,9 @@ pub fn down(socket: Option<PathBuf>, args: DownArgs) -> anyhow::Result<()> {
     }
     let pins = PinDir::new(&paths.bpffs);
     let detached = pins.remove_all().context("removing the pins")?;
+    // After the program: no SYN-ACK of its is left for synproxy to check.
+    crate::netfilter::remove(&paths.state_dir)
+        .context("removing netfilter's synproxy ([syn_proxy])")?;
     if detached.is_empty() {
         println!("nothing pinned at {}", paths.bpffs.display());
     } else {

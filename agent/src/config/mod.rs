@@ -7,6 +7,7 @@ pub mod list_file;
 pub mod protect;
 pub mod rate_limit;
 pub mod rules;
+pub mod syn_proxy;
 
 use std::{
     collections::BTreeMap,
@@ -22,8 +23,9 @@ use toml::Spanned;
 pub use self::{
     cidr::Cidr,
     protect::{ProtectConfig, Protected},
-    rate_limit::{RateLimit, RateLimitConfig},
+    rate_limit::{BanScope, RateLimit, RateLimitConfig},
     rules::{PortRange, Protocol, Rule, RuleAction, RuleConfig, TcpFlags},
+    syn_proxy::{SynProxy, SynProxyConfig},
 };
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
@@ -173,6 +175,8 @@ pub struct Config {
     /// Destinations held to a limit over all their sources.
     #[serde(default)]
     pub protect: Vec<ProtectConfig>,
+    /// SYN cookies answered by the program, in front of netfilter's synproxy.
+    pub syn_proxy: Option<Spanned<SynProxyConfig>>,
     #[serde(default)]
     pub events: EventsConfig,
     /// Room for entries added while running; see [`DEFAULT_RUNTIME_ENTRIES`].
@@ -267,6 +271,7 @@ pub struct Policy {
     /// Protected destinations, in config order (the first an overlap check lets a packet
     /// belong to is its entry).
     pub protect: Vec<Protected>,
+    pub syn_proxy: Option<SynProxy>,
     /// One in this many dropped packets is sampled; 0: none.
     pub sample_every: u32,
 }
@@ -362,13 +367,32 @@ impl Config {
                 )
             })?,
         };
+        let syn_proxy = self
+            .syn_proxy
+            .as_ref()
+            .map(|table| table.get_ref().validate(table.span()))
+            .transpose()
+            .map_err(|e| self.located(e))?;
+        let rate_limit = self.rate_limit.validate().map_err(|e| self.located(e))?;
+        if let Some(ban) = &self.rate_limit.ban
+            && rate_limit.ban_scope == BanScope::Verified
+            && syn_proxy.is_none()
+        {
+            return Err(self.invalid(
+                &ban.span(),
+                "rate_limit: ban = \"verified\" needs [syn_proxy]: only the SYN proxy verifies \
+                 sources"
+                    .into(),
+            ));
+        }
         let policy = Policy {
             mode: self.mode,
             allowlist: self.resolve_list(&self.allowlist)?,
             blocklist,
             rules: rules::validate(&self.rules).map_err(|e| self.located(e))?,
-            rate_limit: self.rate_limit.validate().map_err(|e| self.located(e))?,
+            rate_limit,
             protect: protect::validate(&self.protect).map_err(|e| self.located(e))?,
+            syn_proxy,
             sample_every,
         };
         Ok(Resolved {

@@ -59,6 +59,19 @@ pub struct RateLimitConfig {
     pub ipv4_prefix: Option<toml::Spanned<i64>>,
     pub ipv6_prefix: Option<toml::Spanned<i64>>,
     pub max_sources: Option<toml::Spanned<i64>>,
+    pub ban: Option<toml::Spanned<BanScope>>,
+}
+
+/// Which sources over their limit may be banned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BanScope {
+    /// Any source (its address may be forged: a flood forging a client's address gets the
+    /// client banned).
+    #[default]
+    Any,
+    /// Only sources the SYN proxy verified (they completed a handshake from that address).
+    Verified,
 }
 
 /// The rate limiter after validation.
@@ -80,6 +93,7 @@ pub struct RateLimit {
     pub ipv6_prefix: u8,
     /// Sources the limiter tracks at once (LRU).
     pub max_sources: u32,
+    pub ban_scope: BanScope,
 }
 
 impl Default for RateLimit {
@@ -94,6 +108,7 @@ impl Default for RateLimit {
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             max_sources: agent_common::maps::RATE_LIMITS_DEFAULT_CAPACITY,
+            ban_scope: BanScope::Any,
         }
     }
 }
@@ -208,6 +223,7 @@ impl RateLimitConfig {
             ipv4_prefix,
             ipv6_prefix,
             max_sources,
+            ban_scope: self.ban.as_ref().map_or(BanScope::Any, |b| *b.get_ref()),
         })
     }
 }

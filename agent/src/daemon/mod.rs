@@ -139,6 +139,12 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         program.events,
         program.sampling,
     )?;
+    // Before the program answers a SYN, synproxy must be there to check the cookie it sent.
+    crate::netfilter::sync(
+        program.live.policy().syn_proxy.as_ref(),
+        &prepared.config.paths.state_dir,
+    )
+    .context("setting up netfilter for [syn_proxy]")?;
     let interfaces = attach(&mut program.ebpf, &prepared, &program.map_handles)?;
     let metrics = prepared.metrics.take();
     announce(
@@ -742,7 +748,17 @@ impl Daemon {
         let policy = effective_policy(resolved.policy, &self.dynamic);
         let protect = policy.protect.clone();
         self.forget_changed_entries(&protect);
+        // synproxy goes in before the program answers SYNs, and out after it stopped.
+        let syn_proxy = policy.syn_proxy.clone();
+        if syn_proxy.is_some() {
+            crate::netfilter::sync(syn_proxy.as_ref(), self.store.dir())
+                .context("setting up netfilter for [syn_proxy]")?;
+        }
         self.live.replace(policy)?;
+        if syn_proxy.is_none() {
+            crate::netfilter::sync(None, self.store.dir())
+                .context("removing netfilter's synproxy")?;
+        }
         self.reconfigure_attacks(&protect);
         if needs_restart.is_empty() {
             info!(cause, "reloaded the configuration");
@@ -785,6 +801,16 @@ impl Daemon {
         self.save_state();
         self.remove_all_fingerprints();
         log_counters(&self.counters, &self.interfaces);
+        let pinned = self
+            .interfaces
+            .iter()
+            .any(|i| matches!(i.link, Attachment::Pinned(_)));
+        if !pinned
+            && self.live.policy().syn_proxy.is_some()
+            && let Err(e) = crate::netfilter::remove(self.store.dir())
+        {
+            warn!(error = %crate::error_chain(&e), "could not remove netfilter's synproxy");
+        }
         for interface in self.interfaces.drain(..) {
             match interface.link {
                 // Closing the only fd of an unpinned link detaches it.

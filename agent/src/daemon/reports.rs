@@ -152,7 +152,10 @@ impl Daemon {
         for row in &counters.rows {
             match row.action {
                 Action::Pass => passed_total = passed_total.plus(row.counter),
-                Action::Drop | Action::WouldDrop => dropped_total = dropped_total.plus(row.counter),
+                // A SYN answered with a cookie never reaches the stack either.
+                Action::Drop | Action::WouldDrop | Action::Tx | Action::WouldTx => {
+                    dropped_total = dropped_total.plus(row.counter)
+                }
             }
         }
         let policy = self.live.policy();

@@ -1,10 +1,11 @@
-//! The rate limiter's two maps, as the agent sees them: `RATE_LIMITS` (per-source state, read
+//! The rate limiter's maps, as the agent sees them: `RATE_LIMITS` (per-source state, read
 //! for `moat top` and counts; it carries a copy of the source's ban, which the program checks
 //! first) and `BANS` (the list of record: read for listing and saving, written back on start so
 //! that a ban outlives a restart, and by `block del` to lift one). The program stamps a ban's
 //! expiry with `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick resolution, the same clock as
 //! CLOCK_MONOTONIC a tick behind at most); the agent converts to wall-clock time, which is what
-//! survives a reboot.
+//! survives a reboot. `VERIFIED` (sources the SYN proxy verified, keyed like the limiter) is
+//! only counted.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -32,6 +33,7 @@ pub struct ActiveBan {
 pub struct LimiterMaps {
     bans: Named<HashMap<MapData, SourceKey, Ban>>,
     sources: Named<HashMap<MapData, SourceKey, RateState>>,
+    verified: Named<HashMap<MapData, SourceKey, u64>>,
 }
 
 /// A `BANS` entry as a ban in force at (`now_ns` on the program's clock, `now` on the wall
@@ -92,6 +94,8 @@ pub struct LimiterScan {
     pub ban_entries: u64,
     /// Sources the limiter tracks.
     pub sources: u64,
+    /// Sources the SYN proxy verified, still verified.
+    pub verified: u64,
     /// Packets and bytes each source passed (sources that passed any).
     pub passed: Vec<(IpAddr, Counter)>,
     /// Whether the walk saw every entry before its deadline (else the numbers are a floor).
@@ -104,6 +108,7 @@ pub struct LimiterScan {
 pub struct LimiterReader {
     bans: Named<HashMap<MapData, SourceKey, Ban>>,
     sources: Named<HashMap<MapData, SourceKey, RateState>>,
+    verified: Named<HashMap<MapData, SourceKey, u64>>,
 }
 
 impl LimiterReader {
@@ -144,6 +149,15 @@ impl LimiterReader {
                 scan.passed.push((source, counter));
             }
         }
+        for item in self.verified.map.iter() {
+            if std::time::Instant::now() > deadline {
+                scan.complete = false;
+                break;
+            }
+            if item.is_ok_and(|(_, until)| until > now_ns) {
+                scan.verified += 1;
+            }
+        }
         scan
     }
 }
@@ -158,6 +172,7 @@ impl LimiterMaps {
         };
         let bans = reopen(self.bans.name, self.bans.map.map())?;
         let sources = reopen(self.sources.name, self.sources.map.map())?;
+        let verified = reopen(self.verified.name, self.verified.map.map())?;
         Ok(LimiterReader {
             bans: Named {
                 name: self.bans.name,
@@ -167,6 +182,10 @@ impl LimiterMaps {
                 name: self.sources.name,
                 map: HashMap::try_from(sources).map_err(named(self.sources.name))?,
             },
+            verified: Named {
+                name: self.verified.name,
+                map: HashMap::try_from(verified).map_err(named(self.verified.name))?,
+            },
         })
     }
 
@@ -174,6 +193,7 @@ impl LimiterMaps {
         Ok(Self {
             bans: Named::resolve(source, maps::BANS)?,
             sources: Named::resolve(source, maps::RATE_LIMITS)?,
+            verified: Named::resolve(source, maps::VERIFIED)?,
         })
     }
 

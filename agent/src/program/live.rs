@@ -460,6 +460,7 @@ impl LivePolicy {
             self.block_counts.shape(ListKind::Block)?,
             rule_tables::optional_fields(&self.policy.rules),
         );
-        Ok(self.maps.settings.write(generation, settings)?)
+        let syn_proxy = settings::syn_proxy_settings(&self.policy);
+        Ok(self.maps.settings.write(generation, settings, syn_proxy)?)
     }
 }

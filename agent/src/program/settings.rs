@@ -1,19 +1,23 @@
 //! The settings record (mode, sampling, rule count, list shapes, rate limit) of each generation,
 //! and the switch that puts one generation in force: the `SETTINGS` and `ACTIVE_GEN` maps.
 
+use std::net::IpAddr;
+
 use agent_common::{
     lists::ListShape,
     maps,
     settings::{MODE_ENFORCE, MODE_MONITOR, RateSettings, Settings},
+    syn_proxy::{MAX_PORT_SPANS, PortSpan, SynProxySettings, V4Destination, V6Destination},
 };
 use aya::maps::{Array, MapData};
 
 use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
-use crate::config::{Mode, Policy, RateLimit};
+use crate::config::{BanScope, Mode, Policy, RateLimit, syn_proxy::REPLY_TTL};
 
 /// The settings of both generations and the generation in force; only this module writes them.
 pub struct SettingsMaps {
     settings: Named<Array<MapData, Settings>>,
+    syn_proxy: Named<Array<MapData, SynProxySettings>>,
     active: Named<Array<MapData, u32>>,
 }
 
@@ -21,11 +25,23 @@ impl SettingsMaps {
     pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
         Ok(Self {
             settings: Named::resolve(source, maps::SETTINGS)?,
+            syn_proxy: Named::resolve(source, maps::SYN_PROXY)?,
             active: Named::resolve(source, maps::ACTIVE_GENERATION)?,
         })
     }
 
-    pub fn write(&mut self, generation: usize, settings: Settings) -> Result<(), MapAccessError> {
+    /// Writes one generation's settings and `[syn_proxy]` (its slot first: the settings say
+    /// whether the program reads it).
+    pub fn write(
+        &mut self,
+        generation: usize,
+        settings: Settings,
+        syn_proxy: SynProxySettings,
+    ) -> Result<(), MapAccessError> {
+        self.syn_proxy
+            .map
+            .set(generation as u32, syn_proxy, 0)
+            .map_err(named(self.syn_proxy.name))?;
         self.settings
             .map
             .set(generation as u32, settings, 0)
@@ -57,7 +73,60 @@ pub fn settings(policy: &Policy, allow: ListShape, block: ListShape, rule_fields
         rate: rate_settings(&policy.rate_limit),
         protect_count: policy.protect.len() as u32,
         rule_fields,
+        syn_proxy: u32::from(policy.syn_proxy.is_some()),
+        _pad: 0,
     }
+}
+
+/// `[syn_proxy]` as the program reads it (all zero when it is off).
+pub fn syn_proxy_settings(policy: &Policy) -> SynProxySettings {
+    let Some(proxy) = &policy.syn_proxy else {
+        return SynProxySettings::default();
+    };
+    let mut settings = SynProxySettings {
+        port_count: proxy.ports.len().min(MAX_PORT_SPANS) as u32,
+        all_destinations: u32::from(proxy.destinations.is_empty()),
+        mss_v4: proxy.mss,
+        mss_v6: proxy.mss_v6(),
+        wscale: proxy.wscale,
+        sack: u8::from(proxy.sack),
+        timestamps: u8::from(proxy.timestamps),
+        ttl: REPLY_TTL,
+        verified_ttl_ns: proxy.verified_ttl.as_nanos().min(u128::from(u64::MAX / 2)) as u64,
+        ..SynProxySettings::default()
+    };
+    for (span, range) in settings.ports.iter_mut().zip(&proxy.ports) {
+        *span = PortSpan {
+            first: range.first,
+            last: range.last,
+        };
+    }
+    // The config holds at most MAX_DESTINATIONS of each family.
+    for cidr in &proxy.destinations {
+        let net = cidr.net();
+        match (net.network(), net.netmask()) {
+            (IpAddr::V4(addr), IpAddr::V4(mask)) => {
+                if let Some(slot) = settings.v4.get_mut(settings.v4_count as usize) {
+                    *slot = V4Destination {
+                        addr: addr.octets(),
+                        mask: mask.octets(),
+                    };
+                    settings.v4_count += 1;
+                }
+            }
+            (IpAddr::V6(addr), IpAddr::V6(mask)) => {
+                if let Some(slot) = settings.v6.get_mut(settings.v6_count as usize) {
+                    *slot = V6Destination {
+                        addr: addr.octets(),
+                        mask: mask.octets(),
+                    };
+                    settings.v6_count += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    settings
 }
 
 pub const NS_PER_SECOND: u64 = 1_000_000_000;
@@ -95,6 +164,8 @@ fn rate_settings(rate: &RateLimit) -> RateSettings {
             .map_or(0, |ttl| ttl.as_nanos().min(u128::from(u64::MAX / 2)) as u64),
         v4_prefix: u32::from(rate.ipv4_prefix),
         v6_prefix: u32::from(rate.ipv6_prefix),
+        ban_verified_only: u32::from(rate.ban_scope == BanScope::Verified),
+        _pad: 0,
     }
 }
 
