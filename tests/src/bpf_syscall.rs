@@ -13,6 +13,8 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_XDP: u32 = 37;
 
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -131,6 +133,23 @@ pub fn load_xdp(instructions: &[u64]) -> Result<OwnedFd, String> {
         let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
         format!("{e}: {}", String::from_utf8_lossy(&log[..end]))
     })
+}
+
+/// A program that returns XDP_PASS and does nothing else: `r0 = 2; exit`.
+pub fn load_xdp_pass() -> OwnedFd {
+    const MOV64_R0_PASS: u64 = 0xb7 | (2 << 32);
+    const EXIT: u64 = 0x95;
+    load_xdp(&[MOV64_R0_PASS, EXIT]).unwrap_or_else(|e| panic!("loading an XDP_PASS program: {e}"))
+}
+
+/// Attaches `program` to interface `if_index` of the calling thread's network namespace, as a
+/// link that lasts as long as the returned fd.
+pub fn link_xdp(program: BorrowedFd, if_index: u32) -> std::io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, program.as_raw_fd() as u32)
+        .put_u32(4, if_index)
+        .put_u32(8, BPF_XDP);
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
 }
 
 /// Runs `program` on `frame` `repeat` times in the kernel; returns the last XDP action and the

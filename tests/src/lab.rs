@@ -269,6 +269,18 @@ impl Lab {
     }
 
     /// Parses one of the lab's address constants.
+    /// An XDP program that passes everything, on the outside end, until the returned link is
+    /// dropped: a veth end receives the frames its peer's program sends back (XDP_TX) only
+    /// while it runs XDP itself.
+    pub fn receive_xdp_tx(&self) -> std::os::fd::OwnedFd {
+        use std::os::fd::AsFd as _;
+        let program = crate::bpf_syscall::load_xdp_pass();
+        let if_index = self.if_index(Side::Outside);
+        self.outside
+            .enter(|| crate::bpf_syscall::link_xdp(program.as_fd(), if_index))
+            .unwrap_or_else(|e| panic!("attaching an XDP_PASS program to the outside end: {e}"))
+    }
+
     pub fn addr(text: &str) -> IpAddr {
         text.parse().expect("lab address constant")
     }

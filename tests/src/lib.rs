@@ -16,6 +16,7 @@ pub mod netns;
 pub mod program;
 pub mod spoofed_flood;
 pub mod systemd_container;
+pub mod tcp_service;
 pub mod traffic;
 pub mod trafgen;
 pub mod udp_service;

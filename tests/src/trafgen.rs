@@ -3,7 +3,7 @@
 //! for a bounded time; and the protected host's UDP counters, to see what reached its stack.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -50,6 +50,71 @@ impl UdpFlood {
             random_or(self.src_port.map(|p| p.to_string())),
             self.dst_port,
         );
+        let path = lab.dir().join(name);
+        std::fs::write(&path, text).expect("write the trafgen config");
+        path
+    }
+}
+
+/// A SYN flood forging a new source address, source port and sequence number for every
+/// packet, to `destination:dst_port`; each SYN carries an MSS option, as real ones do.
+#[derive(Clone, Debug)]
+pub struct SynFlood {
+    pub destination: IpAddr,
+    pub dst_port: u16,
+}
+
+impl SynFlood {
+    /// Writes the trafgen configuration into the lab's directory as `name`: raw bytes, since
+    /// trafgen's header helpers take no random addresses.
+    pub fn write(&self, lab: &Lab, name: &str) -> PathBuf {
+        let bytes = |data: &[u8]| {
+            data.iter()
+                .map(|b| format!("{b:#04x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mac = |side| {
+            let text = lab.mac(side);
+            let octets: Vec<u8> = text
+                .split(':')
+                .map(|o| u8::from_str_radix(o, 16).expect("a MAC octet"))
+                .collect();
+            bytes(&octets)
+        };
+        let port = bytes(&self.dst_port.to_be_bytes());
+        // Ports, seq, ack 0, 6 words, SYN, window, checksum (computed), urgent, MSS 1460.
+        let tcp = |checksum: &str| {
+            format!(
+                "drnd(2), {port}, drnd(4), 0, 0, 0, 0, 0x60, 0x02, 0xfa, 0xf0, {checksum},                  0, 0, 0x02, 0x04, 0x05, 0xb4"
+            )
+        };
+        let text = match self.destination {
+            IpAddr::V4(destination) => format!(
+                "{{
+  {}, {}, 0x08, 0x00,
+  0x45, 0, 0, 44, drnd(2), 0x40, 0, 64, 6,                  csumip(14, 33), drnd(4), {},
+  {}
+}}
+",
+                mac(Side::Protected),
+                mac(Side::Outside),
+                bytes(&destination.octets()),
+                tcp("csumtcp(14, 34)"),
+            ),
+            IpAddr::V6(destination) => format!(
+                "{{
+  {}, {}, 0x86, 0xdd,
+  0x60, 0, 0, 0, 0, 24, 6, 64, 0x20, 0x01, 0x0d, 0xb8,                  drnd(12), {},
+  {}
+}}
+",
+                mac(Side::Protected),
+                mac(Side::Outside),
+                bytes(&destination.octets()),
+                tcp("csumtcp6(14, 54)"),
+            ),
+        };
         let path = lab.dir().join(name);
         std::fs::write(&path, text).expect("write the trafgen config");
         path

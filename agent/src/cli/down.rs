@@ -18,6 +18,10 @@ pub struct DownArgs {
     /// The pin directory; overrides the config's `bpffs`.
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
+    /// The state directory (where `[syn_proxy]` saved the sysctls it changed); overrides the
+    /// config's `state_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 pub fn down(socket: Option<PathBuf>, args: DownArgs) -> anyhow::Result<()> {
     let config = match &args.config {
@@ -27,6 +31,7 @@ pub fn down(socket: Option<PathBuf>, args: DownArgs) -> anyhow::Result<()> {
     let paths = config.resolve_paths(&Overrides {
         socket,
         bpffs: args.bpffs.clone(),
+        state_dir: args.state_dir.clone(),
         ..Overrides::default()
     })?;
     if std::os::unix::net::UnixStream::connect(&paths.socket).is_ok() {

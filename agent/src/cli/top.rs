@@ -86,6 +86,9 @@ pub fn render(view: &TopView, out: &mut String) {
             "needs [rate_limit] in the config"
         }
     );
+    if let Some(verified) = view.verified_sources {
+        let _ = writeln!(out, "SYN proxy: {} verified sources\n", group(verified));
+    }
     table(out, "DROPPED FROM", &view.dropped);
     let _ = writeln!(out);
     table(out, "PASSED FROM", &view.passed);
@@ -173,6 +176,7 @@ mod tests {
             passed: vec![row("192.0.2.1", "no_match", 300)],
             passed_by_source: true,
             sample_every: 1000,
+            verified_sources: Some(3),
             protected: vec![TopProtected {
                 protect: "dns".into(),
                 packets_per_second: 650_000,

@@ -326,6 +326,9 @@ pub struct TopView {
     /// The protected destinations' traffic in the attack watch's last second.
     #[serde(default)]
     pub protected: Vec<TopProtected>,
+    /// Sources the SYN proxy verified; null without `[syn_proxy]`.
+    #[serde(default)]
+    pub verified_sources: Option<u64>,
 }
 
 /// A protected destination in `moat top`.

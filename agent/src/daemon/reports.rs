@@ -96,6 +96,13 @@ impl Daemon {
                 capacity: u64::from(capacities.rate_sources),
             });
         }
+        if self.live.policy().syn_proxy.is_some() {
+            fills.push(MapFill {
+                map: "verified sources (SYN proxy)".into(),
+                entries: scan.verified,
+                capacity: u64::from(agent_common::maps::VERIFIED_DEFAULT_CAPACITY),
+            });
+        }
         Reply::Status(Box::new(StatusView {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -191,6 +198,10 @@ impl Daemon {
             sample_every,
         };
         let mut view = self.top.view(reading, &options);
+        view.verified_sources = policy
+            .syn_proxy
+            .is_some()
+            .then(|| self.limiter_scan().verified);
         view.protected = self
             .attacks
             .entries()
@@ -224,7 +235,8 @@ impl Daemon {
             list_entries.push((name, "ipv6", v6));
         }
         let bans_active = self.bans_in_force_now().len() as u64;
-        let rate_limited_sources = self.limiter_scan().sources;
+        let scan = self.limiter_scan();
+        let (rate_limited_sources, verified_sources) = (scan.sources, scan.verified);
         let program_tag = self
             .program_info()
             .map(|info| format!("{:016x}", info.tag()));
@@ -249,6 +261,7 @@ impl Daemon {
             list_entries,
             bans_active,
             rate_limited_sources,
+            verified_sources,
             program_tag,
             state_saved: self.persistence.error.is_none(),
             state_save_failures: self.persistence.failures,

@@ -29,6 +29,8 @@ pub struct Reading<'a> {
     pub list_entries: Vec<(&'static str, &'static str, u64)>,
     pub bans_active: u64,
     pub rate_limited_sources: u64,
+    /// Sources the SYN proxy verified (0 without `[syn_proxy]`).
+    pub verified_sources: u64,
     pub program_tag: Option<String>,
     /// Whether everything in force is saved (the last save succeeded).
     pub state_saved: bool,
@@ -93,6 +95,11 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
         "Sources the rate limiter is tracking.",
     )?;
     sources.set(reading.rate_limited_sources as i64);
+    let verified = IntGauge::new(
+        "moat_verified_sources",
+        "Sources that completed a handshake through the SYN proxy, still verified.",
+    )?;
+    verified.set(reading.verified_sources as i64);
     let events_lost = IntCounter::new(
         "moat_events_lost_total",
         "Bans and samples the program could not report because the ring buffer was full.",
@@ -180,6 +187,7 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
     registry.register(Box::new(list_entries))?;
     registry.register(Box::new(bans))?;
     registry.register(Box::new(sources))?;
+    registry.register(Box::new(verified))?;
     registry.register(Box::new(events_lost))?;
     registry.register(Box::new(saved))?;
     registry.register(Box::new(save_failures))?;
@@ -250,6 +258,7 @@ mod tests {
             list_entries: vec![("blocklist", "ipv4", 12), ("blocklist", "ipv6", 2)],
             bans_active: 4,
             rate_limited_sources: 9,
+            verified_sources: 4,
             program_tag: Some("0123456789abcdef".into()),
             state_saved: false,
             state_save_failures: 2,
@@ -273,6 +282,7 @@ mod tests {
             "moat_list_entries{family=\"ipv6\",list=\"blocklist\"} 2",
             "moat_bans_active 4",
             "moat_rate_limited_sources 9",
+            "moat_verified_sources 4",
             "moat_events_lost_total 3",
             "moat_state_saved 0",
             "moat_state_save_failures_total 2",

@@ -103,6 +103,7 @@ impl TopHistory {
                 passed_by_source: options.passed_by_source,
                 sample_every: options.sample_every,
                 protected: Vec::new(),
+                verified_sources: None,
             },
             Some(base) => {
                 let elapsed = current
@@ -141,6 +142,7 @@ impl TopHistory {
                     passed_by_source: options.passed_by_source,
                     sample_every: options.sample_every,
                     protected: Vec::new(),
+                    verified_sources: None,
                 }
             }
         };
