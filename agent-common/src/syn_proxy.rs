@@ -165,7 +165,9 @@ impl SynProxySettings {
 pub struct SynScratch {
     /// The IPv4 (20 bytes) or IPv6 (40 bytes) header.
     pub ip: [u8; 40],
-    /// The TCP header, options included (up to 60 bytes).
+    /// The TCP header, options included (up to 60 bytes). Fields follow it: the bound the
+    /// verifier is shown for a header's length (83, see the program's `syn_proxy`) stays
+    /// inside the slot.
     pub tcp: [u8; TCP_BUFFER],
     /// The Ethernet addresses (destination, source).
     pub macs: [u8; 12],
@@ -207,7 +209,7 @@ pub fn parse_options(
 ) -> Result<(), MalformedOptions> {
     let byte = |at: usize| tcp[at & TCP_BUFFER_MASK];
     // Volatile: stores the compiler may not keep in registers instead (see `SynOptions`).
-    let out = options as *mut SynOptions;
+    let out = core::ptr::from_mut(options);
     // SAFETY: `out` is a valid, exclusive reference turned pointer.
     let store = |value: SynOptions| unsafe { core::ptr::write_volatile(out, value) };
     // SAFETY: as above.

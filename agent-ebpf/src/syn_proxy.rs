@@ -190,11 +190,16 @@ pub fn answer(
             return Outcome::Continue;
         }
         // The length from the data offset (the parser checked it against the IP packet): a
-        // 4-bit field times four, a bound the verifier sees.
-        let tcp_len = u32::from(slot.tcp[12] >> 4) * 4;
-        if tcp_len < TCP_HEADER_MIN as u32 {
+        // 4-bit field times four, 20 to 60 once checked. Rewritten after the check as a value
+        // the verifier bounds by arithmetic alone (20 to 83; the same value for every length
+        // that passed): Linux 6.1's verifier does not carry a check to a copy the compiler
+        // spilled before it, and the helpers need a length it knows is not 0. (black_box keeps
+        // the compiler from folding the rewrite away.)
+        let tcp_len = core::hint::black_box(u64::from(slot.tcp[12] >> 4) * 4);
+        if tcp_len < TCP_HEADER_MIN as u64 {
             return Outcome::Continue;
         }
+        let tcp_len = (((tcp_len - TCP_HEADER_MIN as u64) & 63) + TCP_HEADER_MIN as u64) as u32;
         if tcp_len > TCP_HEADER_MIN as u32
             && bpf_xdp_load_bytes(ctx.ctx, tcp_offset, tcp.cast(), tcp_len) != 0
         {

@@ -143,6 +143,16 @@ impl LoadedProgram {
     }
 }
 
+/// The XDP action the program returns for a counted `action`.
+pub fn xdp_action(action: agent_common::stats::Action) -> u32 {
+    use agent_common::stats::Action;
+    match action {
+        Action::Drop => XDP_DROP,
+        Action::Tx => XDP_TX,
+        Action::Pass | Action::WouldDrop | Action::WouldTx => XDP_PASS,
+    }
+}
+
 pub fn action_name(action: u32) -> &'static str {
     match action {
         XDP_ABORTED => "XDP_ABORTED",

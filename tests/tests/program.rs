@@ -22,7 +22,7 @@ use moat::{
 };
 use moat_tests::{
     frames::{DST_V4, DST_V6, Frame, L3_OFFSET, TCP_SYN},
-    program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS, action_name},
+    program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS, action_name, xdp_action},
 };
 
 #[path = "program/fixtures.rs"]
@@ -35,13 +35,6 @@ fn policy(text: &str) -> Policy {
         .and_then(|c| c.resolve(&Overrides::default()))
         .unwrap_or_else(|e| panic!("fixture policy: {e}"))
         .policy
-}
-
-fn xdp_action(action: Action) -> u32 {
-    match action {
-        Action::Drop => XDP_DROP,
-        Action::Pass | Action::WouldDrop => XDP_PASS,
-    }
 }
 
 /// The program's action on one UDP packet from `source`.

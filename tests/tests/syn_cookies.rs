@@ -16,7 +16,7 @@ use etherparse::{
 use moat::config::{Config, Mode, Overrides, Policy};
 use moat_tests::{
     frames::{Extension, Frame, TCP_ACK, TCP_SYN},
-    program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, XDP_PASS, XDP_TX, action_name},
+    program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, action_name, xdp_action},
 };
 
 const CLIENT_V4: &str = "192.0.2.10";
@@ -188,11 +188,7 @@ fn expect(program: &mut LoadedProgram, frame: &[u8], action: Action, reason: Rea
     let before = program.snapshot();
     let (returned, out) = program.run_out(frame);
     let after = program.snapshot();
-    let expected = match action {
-        Action::Drop => XDP_DROP,
-        Action::Tx => XDP_TX,
-        _ => XDP_PASS,
-    };
+    let expected = xdp_action(action);
     assert_eq!(
         returned,
         expected,

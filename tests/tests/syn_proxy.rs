@@ -16,6 +16,7 @@ use moat_tests::{
     Lab, MoatProcess, Side,
     heavy::heavy,
     lab::{PROTECTED_V4, PROTECTED_V6},
+    moat_process::moat_bin,
     tcp_service::{EchoService, TCP_SERVICE_PORT, exchange, exchanges, tcp_ext},
     trafgen::{self, SynFlood},
 };
@@ -163,18 +164,32 @@ fn legitimate_connections_complete_through_a_spoofed_syn_flood() {
     drop(running);
 }
 
+/// Whether moat's nftables table is in the protected namespace.
+fn table_listed(lab: &Lab) -> bool {
+    lab.netns(Side::Protected)
+        .command("nft")
+        .args(["list", "table", "inet", "moat"])
+        .output()
+        .expect("nft")
+        .status
+        .success()
+}
+
+fn sysctl(lab: &Lab, name: &str) -> String {
+    let out = lab
+        .netns(Side::Protected)
+        .command("sysctl")
+        .args(["-n", name])
+        .output()
+        .expect("sysctl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The table and the sysctls follow `[syn_proxy]` through reloads, stay with the pinned
+/// program when the daemon stops, and go with `moat down`, the sysctls back as they were.
 #[test]
-fn moat_down_removes_the_table_and_restores_the_sysctls() {
+fn the_netfilter_setup_follows_the_config_and_moat_down_removes_it() {
     let lab = Lab::new();
-    let sysctl = |name: &str| {
-        let out = lab
-            .netns(Side::Protected)
-            .command("sysctl")
-            .args(["-n", name])
-            .output()
-            .expect("sysctl");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     // A value synproxy cannot work with, to be put back afterwards.
     let set = lab
         .netns(Side::Protected)
@@ -184,22 +199,31 @@ fn moat_down_removes_the_table_and_restores_the_sysctls() {
         .expect("sysctl");
     assert!(set.success());
     let running = start(&lab);
-    assert_eq!(sysctl("net.ipv4.tcp_timestamps"), "1");
-    assert_eq!(sysctl("net.netfilter.nf_conntrack_tcp_loose"), "0");
+    assert!(table_listed(&lab));
+    assert_eq!(sysctl(&lab, "net.ipv4.tcp_timestamps"), "1");
+    assert_eq!(sysctl(&lab, "net.netfilter.nf_conntrack_tcp_loose"), "0");
+
+    let with_proxy = std::fs::read_to_string(lab.dir().join("moat.toml")).expect("config");
+    lab.write_config("");
+    MoatProcess::cli(&lab, &["reload"]).ok("moat reload without [syn_proxy]");
+    assert!(
+        !table_listed(&lab),
+        "a reload without [syn_proxy] removes the table"
+    );
+    assert_eq!(
+        sysctl(&lab, "net.ipv4.tcp_timestamps"),
+        "0",
+        "and restores the sysctl"
+    );
+    std::fs::write(lab.dir().join("moat.toml"), with_proxy).expect("config");
+    MoatProcess::cli(&lab, &["reload"]).ok("moat reload with [syn_proxy]");
+    assert!(table_listed(&lab), "a reload with [syn_proxy] puts it back");
+    assert_eq!(sysctl(&lab, "net.ipv4.tcp_timestamps"), "1");
+
     let (status, log) = running.moat.stop(libc::SIGTERM);
     assert!(status.success(), "moat stops cleanly:\n{log}");
-    // The program stays pinned, and with it the table it needs.
-    let listed = |lab: &Lab| {
-        lab.netns(Side::Protected)
-            .command("nft")
-            .args(["list", "table", "inet", "moat"])
-            .output()
-            .expect("nft")
-            .status
-            .success()
-    };
     assert!(
-        listed(&lab),
+        table_listed(&lab),
         "the table stays while the pinned program answers SYNs"
     );
     MoatProcess::cli(
@@ -213,10 +237,48 @@ fn moat_down_removes_the_table_and_restores_the_sysctls() {
         ],
     )
     .ok("moat down");
-    assert!(!listed(&lab), "moat down removes the table");
+    assert!(!table_listed(&lab), "moat down removes the table");
     assert_eq!(
-        sysctl("net.ipv4.tcp_timestamps"),
+        sysctl(&lab, "net.ipv4.tcp_timestamps"),
         "0",
         "moat down puts the sysctl back"
     );
+}
+
+/// Without nftables, `[syn_proxy]` cannot work: moat refuses to start, saying what is missing,
+/// and attaches nothing.
+#[test]
+fn without_nft_moat_refuses_to_start() {
+    let lab = Lab::new();
+    let config = lab.write_config(&format!("[syn_proxy]\nports = [{TCP_SERVICE_PORT}]\n"));
+    let out = std::process::Command::new("/usr/bin/nsenter")
+        .arg(format!(
+            "--net={}",
+            lab.netns(Side::Protected).path().display()
+        ))
+        .arg("--")
+        .arg(moat_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(lab.socket())
+        .arg("--state-dir")
+        .arg(lab.state_dir())
+        .arg("--bpffs")
+        .arg(lab.bpffs())
+        // nft lives in /usr/sbin.
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("run moat");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "moat must not start without nft:\n{text}"
+    );
+    assert!(
+        text.contains("[syn_proxy] needs nftables"),
+        "the error names what is missing:\n{text}"
+    );
+    assert_eq!(lab.xdp(Side::Protected), None, "nothing attached");
 }

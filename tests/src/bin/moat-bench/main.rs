@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: moat measured beside its peers on this machine, written as Markdown to
 //! the file given as the first argument (the xtask puts it into BENCHMARKS.md).
 //!
-//! `moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|control-plane]`
+//! `moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|syn-flood|control-plane]`
 //!
 //! Every measure is repeated; tables give the median and the min–max, and ratios of medians.
 
@@ -11,6 +11,7 @@ mod floor;
 mod list;
 mod per_packet;
 mod protect;
+mod syn_flood;
 
 use std::{fmt::Write as _, path::PathBuf};
 
@@ -34,11 +35,16 @@ pub struct Options {
     only: Option<String>,
 }
 
-const SECTIONS: [&str; 4] = ["per-packet", "flood", "protect", "control-plane"];
+const SECTIONS: [&str; 5] = [
+    "per-packet",
+    "flood",
+    "protect",
+    "syn-flood",
+    "control-plane",
+];
 
 fn options() -> Options {
-    let usage =
-        "usage: moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|control-plane]";
+    let usage = "usage: moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|syn-flood|control-plane]";
     let mut output = None;
     let mut quick = false;
     let mut only = None;
@@ -148,6 +154,9 @@ fn main() {
     }
     if runs("protect") {
         let _ = write!(text, "{}", protect::run(&lab, &options));
+    }
+    if runs("syn-flood") {
+        let _ = write!(text, "{}", syn_flood::run(&options));
     }
     if runs("control-plane") {
         let table = control_plane::run(&lab, &list, &options);
