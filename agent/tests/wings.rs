@@ -1,13 +1,21 @@
 //! The wings' direction (ARCHITECTURE.md), checked on the source: `program` never reaches
 //! `daemon`, `cli` or `observe`; `control` never reaches `daemon`; `config` reaches no other
-//! wing; and `agent/src` holds only main.rs, lib.rs and logging.rs beside the wing folders.
+//! wing; `netfilter` reaches only `config`; and `agent/src` holds only main.rs, lib.rs and logging.rs beside the wing folders.
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
 };
 
-const WINGS: [&str; 6] = ["cli", "config", "control", "daemon", "observe", "program"];
+const WINGS: [&str; 7] = [
+    "cli",
+    "config",
+    "control",
+    "daemon",
+    "netfilter",
+    "observe",
+    "program",
+];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
@@ -110,6 +118,10 @@ fn each_wing_reaches_only_the_wings_below_it() {
             &["daemon", "cli", "observe", "control", "program"][..],
         ),
         ("observe", &["daemon", "cli"][..]),
+        (
+            "netfilter",
+            &["daemon", "cli", "observe", "control", "program"][..],
+        ),
     ] {
         let reached = reached_wings(wing);
         for other in forbidden {
