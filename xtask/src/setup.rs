@@ -20,8 +20,8 @@ const TOOLCHAIN: &str = "nightly";
 /// bpf-linker release known to build against LLVM 21–23 here; bump deliberately.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages, each with a file that shows it is installed: the lab's tools (`ip` and
-/// `nsenter` build it, `ping` sends through it, `tcpdump` reads `moat capture`'s files,
-/// `promtool` checks the metrics), the VM tests' (QEMU, busybox for virtme-ng's guest, and
+/// `nsenter` build it, `ping` sends through it, `trafgen` floods it, `nft` holds the SYN
+/// proxy's table, `tcpdump` reads `moat capture`'s files, `promtool` checks the metrics), the VM tests' (QEMU, busybox for virtme-ng's guest, and
 /// Debian's 6.1 kernel image) and the package's (`cargo xtask package` computes dependencies
 /// with dpkg-shlibdeps; its test runs lintian, boots systemd in a throwaway container and scrapes
 /// the metrics of the service there with curl).
@@ -30,6 +30,8 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "/usr/bin/ping"),
     ("util-linux", "/usr/bin/nsenter"),
     ("tcpdump", "/usr/bin/tcpdump"),
+    ("netsniff-ng", "/usr/sbin/trafgen"),
+    ("nftables", "/usr/sbin/nft"),
     ("prometheus", "/usr/bin/promtool"),
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
@@ -39,13 +41,8 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("systemd-container", "/usr/bin/systemd-nspawn"),
     ("curl", "/usr/bin/curl"),
 ];
-/// What only `cargo xtask bench` uses: its peers (xdp-filter, nftables) and its traffic
-/// generator (trafgen).
-const BENCH_PACKAGES: &[(&str, &str)] = &[
-    ("xdp-tools", "/usr/sbin/xdp-filter"),
-    ("nftables", "/usr/sbin/nft"),
-    ("netsniff-ng", "/usr/sbin/trafgen"),
-];
+/// What only `cargo xtask bench` uses: its peer (xdp-filter).
+const BENCH_PACKAGES: &[(&str, &str)] = &[("xdp-tools", "/usr/sbin/xdp-filter")];
 /// Debian's kernel image package (for the VM tests) and the release series it must provide.
 const DEBIAN_KERNEL_PACKAGE: &str = "linux-image-amd64";
 const DEBIAN_KERNEL_SERIES: &str = "vmlinuz-6.1.";
