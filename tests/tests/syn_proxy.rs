@@ -15,9 +15,10 @@ use moat::program::counters::Snapshot;
 use moat_tests::{
     Lab, MoatProcess, Side,
     heavy::heavy,
-    lab::{PROTECTED_V4, PROTECTED_V6},
+    lab::{LEGIT_V4, PROTECTED_V4, PROTECTED_V6},
     moat_process::moat_bin,
     tcp_service::{EchoService, TCP_SERVICE_PORT, exchange, exchanges, tcp_ext},
+    traffic::udp_paced,
     trafgen::{self, SynFlood},
 };
 
@@ -45,22 +46,27 @@ struct Running {
 /// moat with the SYN proxy on the service's port, the service, and the outside end made able
 /// to receive what the program sends back.
 fn start(lab: &Lab) -> Running {
+    start_with(lab, "", &[])
+}
+
+/// [`start`] with more configuration (`extra`, after `[syn_proxy]`) and arguments.
+fn start_with(lab: &Lab, extra: &str, args: &[&str]) -> Running {
     let receive = lab.receive_xdp_tx();
     let v4 = EchoService::start(lab, service_address(PROTECTED_V4));
     let v6 = EchoService::start(lab, service_address(PROTECTED_V6));
     let config = lab.write_config(&format!(
-        "[syn_proxy]\nports = [{TCP_SERVICE_PORT}]\nverified_ttl = \"1m\"\n"
+        "[syn_proxy]\nports = [{TCP_SERVICE_PORT}]\nverified_ttl = \"1m\"\n{extra}"
     ));
-    let (moat, id) = MoatProcess::start(
-        lab,
-        &[
-            "run",
-            "--config",
-            &config.to_string_lossy(),
-            "--iface",
-            lab.interface(Side::Protected),
-        ],
-    );
+    let config = config.to_string_lossy();
+    let mut all = vec![
+        "run",
+        "--config",
+        &config,
+        "--iface",
+        lab.interface(Side::Protected),
+    ];
+    all.extend_from_slice(args);
+    let (moat, id) = MoatProcess::start(lab, &all);
     Running {
         moat,
         id,
@@ -162,6 +168,76 @@ fn legitimate_connections_complete_through_a_spoofed_syn_flood() {
     flood_and_exchange(&lab, id, PROTECTED_V4);
     flood_and_exchange(&lab, id, PROTECTED_V6);
     drop(running);
+}
+
+/// In generic mode the kernel sends the program's SYN-ACKs out through the stack's transmit
+/// path: the handshakes complete the same.
+#[test]
+fn generic_mode_answers_syns_too() {
+    let lab = Lab::new();
+    let running = start_with(&lab, "", &["--xdp-mode", "generic"]);
+    assert_eq!(
+        lab.xdp(Side::Protected).map(|(_, mode)| mode),
+        Some("generic")
+    );
+    for address in [PROTECTED_V4, PROTECTED_V6] {
+        exchange(&lab, service_address(address), 0)
+            .unwrap_or_else(|e| panic!("{address}: an exchange in generic mode fails: {e}"));
+    }
+    assert_eq!(
+        answered(running.id, &lab),
+        2,
+        "both SYNs answered by the program"
+    );
+}
+
+/// The review's case, on the wire: a stream with a client's address at 8× its limit for 3 s
+/// (it may be forged: the address never proved itself) has its excess dropped but bans nobody
+/// with `ban = "verified"`; once the address completes a handshake, the same stream bans it.
+#[test]
+fn with_ban_verified_a_stream_bans_its_source_only_once_the_source_is_verified() {
+    let lab = Lab::new();
+    let running = start_with(
+        &lab,
+        "[rate_limit]\npps = 50\nburst_packets = 50\nban_after = \"1s\"\nban_ttl = \"10m\"\n\
+         ban = \"verified\"\n",
+        &[],
+    );
+    let if_index = lab.if_index(Side::Protected);
+    let counted = |reason| {
+        Snapshot::of_program(running.id)
+            .expect("counters")
+            .get(if_index, Action::Drop, reason)
+            .packets
+    };
+    let stream = || {
+        udp_paced(
+            &lab,
+            Lab::addr(LEGIT_V4),
+            Lab::addr(PROTECTED_V4),
+            400,
+            Duration::from_secs(3),
+        )
+    };
+    stream();
+    assert!(counted(Reason::RateLimit) > 500, "the excess is dropped");
+    assert_eq!(
+        counted(Reason::Ban),
+        0,
+        "an unverified source is never banned"
+    );
+    assert!(
+        !running.moat.log_text().contains("banned"),
+        "no ban logged:\n{}",
+        running.moat.log_text()
+    );
+    // The address proves itself (the exchange's own packets are within the limit again).
+    std::thread::sleep(Duration::from_secs(2));
+    exchange(&lab, service_address(PROTECTED_V4), 0)
+        .unwrap_or_else(|e| panic!("the client's exchange fails: {e}"));
+    stream();
+    running.moat.wait_for_log("banned", 1);
+    assert!(counted(Reason::Ban) > 0, "the verified source is banned");
 }
 
 /// Whether moat's nftables table is in the protected namespace.
