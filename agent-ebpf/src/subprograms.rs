@@ -17,7 +17,7 @@ use crate::{
     generation::{Protect0, Protect1, Rules0, Rules1},
     maps::{PACKET, SETTINGS, SYN_PROXY},
     packet::Packet,
-    protect, rate_limit, rules,
+    protect, rules,
     syn_proxy::{self, Outcome},
 };
 
@@ -131,8 +131,7 @@ pub extern "C" fn moat_syn_classify(ctx: *mut xdp_md, generation: u32, now: u64)
     ) else {
         return Outcome::Continue as u64;
     };
-    let key = rate_limit::source_key(&policy.rate, &packet.source);
-    syn_proxy::classify(&ctx, packet, settings, &key, now) as u64
+    syn_proxy::classify(&ctx, packet, settings, &policy.rate, now) as u64
 }
 
 #[unsafe(no_mangle)]

@@ -10,6 +10,7 @@
 
 use agent_common::{
     rate_limit::SourceKey,
+    settings::RateSettings,
     syn_proxy::{
         Advertised, SynProxySettings, SynScratch, TCP_ACK, TCP_FIN, TCP_HEADER_MIN, TCP_RST,
         TCP_SYN, parse_options, write_syn_ack,
@@ -78,7 +79,7 @@ pub fn classify(
     ctx: &XdpContext,
     packet: &Packet,
     settings: &SynProxySettings,
-    key: &SourceKey,
+    rate: &RateSettings,
     now: u64,
 ) -> Outcome {
     let (Some(flags), Some((_, port))) = (packet.tcp_flags, packet.ports) else {
@@ -98,7 +99,9 @@ pub fn classify(
     match flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) {
         TCP_SYN => Outcome::Syn,
         TCP_ACK => {
-            verify(ctx, packet, settings, key, now);
+            // Verified sources are keyed as the rate limiter keys them: a ban falls on that key.
+            let key = rate_limit::source_key(rate, &packet.source);
+            verify(ctx, packet, settings, &key, now);
             Outcome::Continue
         }
         _ => Outcome::Continue,
@@ -235,17 +238,17 @@ pub fn answer(
             now_ms,
             &mut slot.reply,
         );
-        // The pseudo header: the addresses (as the SYN-ACK carries them), protocol, length.
-        let addresses = if v4 {
+        // The pseudo header: protocol and length (as seed: the helper adds it with its carry),
+        // then the addresses as the SYN-ACK carries them.
+        let seed =
+            u32::from(u16::from(IPPROTO_TCP).to_be()) + u32::from((reply_len as u16).to_be());
+        let pseudo = if v4 {
             reply_ipv4(&mut slot.ip, reply_len as u16, settings.ttl);
-            checksum_add(slot.ip.as_mut_ptr().add(12), 8, 0)
+            checksum_add(slot.ip.as_mut_ptr().add(12), 8, seed)
         } else {
             reply_ipv6(&mut slot.ip, reply_len as u16, settings.ttl);
-            checksum_add(slot.ip.as_mut_ptr().add(8), 32, 0)
+            checksum_add(slot.ip.as_mut_ptr().add(8), 32, seed)
         };
-        let pseudo = addresses
-            + u32::from(u16::from(IPPROTO_TCP).to_be())
-            + u32::from((reply_len as u16).to_be());
         let sum = checksum_add(slot.reply.as_mut_ptr(), reply_len as u32, pseudo);
         slot.reply[16..18].copy_from_slice(&fold(sum));
         // The MACs swapped, read before the frame changes length.

@@ -455,7 +455,7 @@ fn with_ban_verified_only_a_verified_source_is_banned() {
 }
 
 #[test]
-fn ban_verified_without_the_syn_proxy_is_refused() {
+fn ban_verified_without_the_syn_proxy_or_a_ban_ttl_is_refused() {
     let error = Config::from_str_at(
         "interfaces = [\"lo\"]\n[rate_limit]\npps = 10\nban_ttl = \"1m\"\nban = \"verified\"\n",
         Path::new("moat.toml"),

@@ -376,14 +376,20 @@ impl Config {
         let rate_limit = self.rate_limit.validate().map_err(|e| self.located(e))?;
         if let Some(ban) = &self.rate_limit.ban
             && rate_limit.ban_scope == BanScope::Verified
-            && syn_proxy.is_none()
         {
-            return Err(self.invalid(
-                &ban.span(),
-                "rate_limit: ban = \"verified\" needs [syn_proxy]: only the SYN proxy verifies \
-                 sources"
-                    .into(),
-            ));
+            let missing = if syn_proxy.is_none() {
+                Some("[syn_proxy]: only the SYN proxy verifies sources")
+            } else if !rate_limit.bans() {
+                Some("a rate limit and ban_ttl: without them nobody is banned")
+            } else {
+                None
+            };
+            if let Some(missing) = missing {
+                return Err(self.invalid(
+                    &ban.span(),
+                    format!("rate_limit: ban = \"verified\" needs {missing}"),
+                ));
+            }
         }
         let policy = Policy {
             mode: self.mode,

@@ -85,6 +85,9 @@ impl SynProxyConfig {
                 .get_ref()
                 .parse()
                 .map_err(|m| (text.span(), format!("syn_proxy: destinations: {m}")))?;
+            if destinations.contains(&cidr) {
+                continue;
+            }
             let same_family = destinations
                 .iter()
                 .filter(|d| d.net().network().is_ipv4() == cidr.net().network().is_ipv4())
@@ -95,9 +98,7 @@ impl SynProxyConfig {
                     format!("syn_proxy: at most {MAX_DESTINATIONS} destinations per family"),
                 ));
             }
-            if !destinations.contains(&cidr) {
-                destinations.push(cidr);
-            }
+            destinations.push(cidr);
         }
         let in_range =
             |value: &Option<Spanned<i64>>, key: &str, range: std::ops::RangeInclusive<i64>| {

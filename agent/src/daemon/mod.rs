@@ -45,7 +45,9 @@ use self::{
     state::{Dynamic, StateStore},
 };
 use crate::{
-    config::{Config, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode},
+    config::{
+        Config, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode, syn_proxy::SynProxy,
+    },
     observe::{
         attacks::{AttackWatch, SampleInbox},
         capture::CaptureHub,
@@ -140,21 +142,32 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         program.sampling,
     )?;
     // Before the program answers a SYN, synproxy must be there to check the cookie it sent.
-    crate::netfilter::sync(
-        program.live.policy().syn_proxy.as_ref(),
-        &prepared.config.paths.state_dir,
-    )
-    .context("setting up netfilter for [syn_proxy]")?;
-    let interfaces = attach(&mut program.ebpf, &prepared, &program.map_handles)?;
-    let metrics = prepared.metrics.take();
-    announce(
-        &mut program.ebpf,
-        &prepared,
-        metrics,
-        &program.live,
-        &interfaces,
-        observers.scrapes,
-    )?;
+    let state_dir = prepared.config.paths.state_dir.clone();
+    crate::netfilter::sync(netfilter_wanted(program.live.policy()), &state_dir)
+        .context("setting up netfilter for [syn_proxy]")?;
+    let attached =
+        attach(&mut program.ebpf, &prepared, &program.map_handles).and_then(|interfaces| {
+            let metrics = prepared.metrics.take();
+            announce(
+                &mut program.ebpf,
+                &prepared,
+                metrics,
+                &program.live,
+                &interfaces,
+                observers.scrapes,
+            )
+            .map(|()| interfaces)
+        });
+    let interfaces = match attached {
+        Ok(interfaces) => interfaces,
+        Err(e) => {
+            // A start that fails leaves the host as it found it.
+            if let Err(undo) = crate::netfilter::remove(&state_dir) {
+                warn!(error = %crate::error_chain(&undo), "could not remove netfilter's synproxy");
+            }
+            return Err(e);
+        }
+    };
     let protect = program.live.policy().protect.clone();
     let daemon = Daemon {
         ebpf: program.ebpf,
@@ -749,15 +762,24 @@ impl Daemon {
         let protect = policy.protect.clone();
         self.forget_changed_entries(&protect);
         // synproxy goes in before the program answers SYNs, and out after it stopped.
-        let syn_proxy = policy.syn_proxy.clone();
-        if syn_proxy.is_some() {
-            crate::netfilter::sync(syn_proxy.as_ref(), self.store.dir())
+        let wanted = netfilter_wanted(&policy).cloned();
+        let had = netfilter_wanted(self.live.policy()).cloned();
+        if wanted.is_some() {
+            crate::netfilter::sync(wanted.as_ref(), self.store.dir())
                 .context("setting up netfilter for [syn_proxy]")?;
         }
-        self.live.replace(policy)?;
-        if syn_proxy.is_none() {
-            crate::netfilter::sync(None, self.store.dir())
-                .context("removing netfilter's synproxy")?;
+        if let Err(e) = self.live.replace(policy) {
+            // The running policy stays: so does the netfilter set-up it had.
+            if let Err(undo) = crate::netfilter::sync(had.as_ref(), self.store.dir()) {
+                warn!(error = %crate::error_chain(&undo), "could not put netfilter back as it was");
+            }
+            return Err(e.into());
+        }
+        // The new policy is in force whatever happens here: a failure is the log's.
+        if wanted.is_none()
+            && let Err(e) = crate::netfilter::sync(None, self.store.dir())
+        {
+            warn!(error = %crate::error_chain(&e), "could not remove netfilter's synproxy");
         }
         self.reconfigure_attacks(&protect);
         if needs_restart.is_empty() {
@@ -805,12 +827,6 @@ impl Daemon {
             .interfaces
             .iter()
             .any(|i| matches!(i.link, Attachment::Pinned(_)));
-        if !pinned
-            && self.live.policy().syn_proxy.is_some()
-            && let Err(e) = crate::netfilter::remove(self.store.dir())
-        {
-            warn!(error = %crate::error_chain(&e), "could not remove netfilter's synproxy");
-        }
         for interface in self.interfaces.drain(..) {
             match interface.link {
                 // Closing the only fd of an unpinned link detaches it.
@@ -838,7 +854,21 @@ impl Daemon {
                 }
             }
         }
+        // After the program is detached: no SYN-ACK of its is left for synproxy to check.
+        if !pinned && let Err(e) = crate::netfilter::remove(self.store.dir()) {
+            warn!(error = %crate::error_chain(&e), "could not remove netfilter's synproxy");
+        }
     }
+}
+
+/// What netfilter must hold for `policy`: synproxy behind the program's SYN cookies, in enforce
+/// mode only (in monitor mode the SYNs go on to the stack untouched, and moat changes nothing
+/// of it).
+fn netfilter_wanted(policy: &Policy) -> Option<&SynProxy> {
+    policy
+        .syn_proxy
+        .as_ref()
+        .filter(|_| policy.mode == Mode::Enforce)
 }
 
 /// Bans of the program before this one (same boot, same layout) or else from the state file.

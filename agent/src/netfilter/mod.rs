@@ -5,16 +5,21 @@
 //!
 //! Installed before the program is attached (a SYN-ACK must never go out with nobody to check
 //! its cookie), replaced whole on a reload, and removed with the program: on `moat down`, on a
-//! reload without `[syn_proxy]`, and when an unpinned daemon stops.
+//! reload without `[syn_proxy]`, and when an unpinned daemon stops. A marker in the state
+//! directory records that moat installed something, so that a host that never used the SYN
+//! proxy is never touched (not even `nft` is run).
 
 pub mod ruleset;
 pub mod sysctl;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tracing::info;
 
 use crate::config::syn_proxy::SynProxy;
+
+/// In the state directory while moat's table may be installed.
+pub const MARKER: &str = "syn-proxy-installed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetfilterError {
@@ -22,35 +27,66 @@ pub enum NetfilterError {
     Ruleset(#[from] ruleset::RulesetError),
     #[error(transparent)]
     Sysctl(#[from] sysctl::SysctlError),
+    #[error("cannot {action} {path}: {source}")]
+    Marker {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Puts the host in the state `syn_proxy` asks for: its table and sysctls, or none of them.
+/// A failure leaves none of them.
 pub fn sync(syn_proxy: Option<&SynProxy>, state_dir: &Path) -> Result<(), NetfilterError> {
-    match syn_proxy {
-        Some(proxy) => {
-            ruleset::install(proxy)?;
-            // After the table: the conntrack sysctl exists once the table's `ct` rules have
-            // loaded conntrack.
-            sysctl::apply(state_dir)?;
-            info!(
-                table = ruleset::TABLE,
-                "netfilter synproxy in place behind the XDP SYN cookies"
-            );
-            Ok(())
-        }
-        None => remove(state_dir),
+    let Some(proxy) = syn_proxy else {
+        return remove(state_dir);
+    };
+    let marker = state_dir.join(MARKER);
+    sysctl::write_durably(&marker, b"").map_err(|source| NetfilterError::Marker {
+        action: "write",
+        path: marker.clone(),
+        source,
+    })?;
+    // The table first: the conntrack sysctl exists once its `ct` rules have loaded conntrack.
+    let installed = ruleset::install(proxy)
+        .map_err(NetfilterError::from)
+        .and_then(|()| sysctl::apply(state_dir).map_err(NetfilterError::from));
+    if let Err(e) = installed {
+        // Nothing half done: the table and the sysctls go back as they were.
+        let _ = remove(state_dir);
+        return Err(e);
     }
+    info!(
+        table = ruleset::TABLE,
+        "netfilter synproxy in place behind the XDP SYN cookies"
+    );
+    Ok(())
 }
 
-/// Removes moat's table and puts the saved sysctls back; nothing to remove is not an error.
+/// Removes moat's table and puts the saved sysctls back; nothing is done (and `nft` is not
+/// run) unless moat installed them.
 pub fn remove(state_dir: &Path) -> Result<(), NetfilterError> {
-    let removed = ruleset::remove()?;
-    let restored = sysctl::restore(state_dir)?;
-    if removed || restored {
-        info!(
-            table = ruleset::TABLE,
-            "netfilter synproxy removed, sysctls restored"
-        );
+    let marker = state_dir.join(MARKER);
+    let saved = sysctl::saved(state_dir);
+    if !marker.exists() && !saved {
+        return Ok(());
     }
+    ruleset::remove()?;
+    sysctl::restore(state_dir)?;
+    match std::fs::remove_file(&marker) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(NetfilterError::Marker {
+                action: "remove",
+                path: marker,
+                source,
+            });
+        }
+    }
+    info!(
+        table = ruleset::TABLE,
+        "netfilter synproxy removed, sysctls restored"
+    );
     Ok(())
 }

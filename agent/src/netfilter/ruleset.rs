@@ -4,9 +4,10 @@
 //!
 //! - prerouting, before conntrack: SYNs are not tracked (`notrack`), so that a SYN the program
 //!   did not answer reaches synproxy untracked;
-//! - input: an untracked SYN or an ACK conntrack does not know (`ct state invalid,untracked`)
-//!   goes to `synproxy`, which answers the SYN with a cookie, or checks the ACK's cookie and
-//!   opens the connection to the listener; what is still invalid then is dropped.
+//! - input, and forward (for servers behind this host): an untracked SYN or an ACK conntrack
+//!   does not know (`ct state invalid,untracked`) goes to `synproxy`, which answers the SYN with
+//!   a cookie, or checks the ACK's cookie and opens the connection to the server; what is still
+//!   invalid then is dropped.
 
 use std::{
     io::Write as _,
@@ -31,8 +32,8 @@ pub enum RulesetError {
     #[error("[syn_proxy] needs nftables: cannot run `nft` ({0}); install the nftables package")]
     NftMissing(std::io::Error),
     #[error(
-        "nftables refused moat's synproxy table; the kernel may lack nftables synproxy or \
-         connection tracking (nft_synproxy, nf_synproxy_core, nf_conntrack): {0}"
+        "nftables refused moat's synproxy table: {0} (does the kernel lack nftables synproxy or \
+         connection tracking: nft_synproxy, nf_synproxy_core, nf_conntrack?)"
     )]
     Refused(String),
     #[error("cannot talk to nft: {0}")]
@@ -125,6 +126,7 @@ pub fn batch(proxy: &SynProxy) -> Value {
         json!({ "add": { "table": table() } }),
         chain("syn_notrack", "prerouting", PRIORITY_RAW),
         chain("syn_proxy", "input", PRIORITY_FILTER),
+        chain("syn_proxy_forward", "forward", PRIORITY_FILTER),
     ];
     let ports = ports_match(&proxy.ports);
     for family in [Family::V4, Family::V6] {
@@ -165,26 +167,28 @@ pub fn batch(proxy: &SynProxy) -> Value {
                 json!({ "notrack": null }),
             ],
         ));
-        commands.push(rule(
-            "syn_proxy",
-            vec![
-                to.clone(),
-                ports.clone(),
-                json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } },
-                                   "right": ["invalid", "untracked"] } }),
-                json!({ "synproxy": { "mss": mss, "wscale": proxy.wscale, "flags": flags } }),
-            ],
-        ));
-        commands.push(rule(
-            "syn_proxy",
-            vec![
-                to,
-                ports.clone(),
-                json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } },
-                                   "right": "invalid" } }),
-                json!({ "drop": null }),
-            ],
-        ));
+        for chain in ["syn_proxy", "syn_proxy_forward"] {
+            commands.push(rule(
+                chain,
+                vec![
+                    to.clone(),
+                    ports.clone(),
+                    json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } },
+                                       "right": ["invalid", "untracked"] } }),
+                    json!({ "synproxy": { "mss": mss, "wscale": proxy.wscale, "flags": flags } }),
+                ],
+            ));
+            commands.push(rule(
+                chain,
+                vec![
+                    to.clone(),
+                    ports.clone(),
+                    json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } },
+                                       "right": "invalid" } }),
+                    json!({ "drop": null }),
+                ],
+            ));
+        }
     }
     json!({ "nftables": commands })
 }
@@ -233,15 +237,15 @@ fn apply(batch: &Value) -> Result<(), RulesetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::syn_proxy::SynProxyConfig;
+    use crate::config::{Config, Overrides};
 
     fn proxy(text: &str) -> SynProxy {
-        #[derive(serde::Deserialize)]
-        struct File {
-            syn_proxy: SynProxyConfig,
-        }
-        let file: File = toml::from_str(text).expect("toml");
-        file.syn_proxy.validate(0..0).expect("valid")
+        Config::from_str_at(&format!("interfaces = [\"lo\"]\n{text}"), "t.toml".as_ref())
+            .and_then(|c| c.resolve(&Overrides::default()))
+            .expect("a valid config")
+            .policy
+            .syn_proxy
+            .expect("[syn_proxy]")
     }
 
     fn rules(batch: &Value) -> Vec<&Value> {
@@ -257,13 +261,18 @@ mod tests {
     fn every_family_gets_its_rules_and_mss() {
         let batch = batch(&proxy("[syn_proxy]\nports = [80, \"8000-8100\"]"));
         let rules = rules(&batch);
-        assert_eq!(rules.len(), 6, "notrack, synproxy, drop for each family");
+        assert_eq!(
+            rules.len(),
+            10,
+            "notrack, and synproxy and drop in input and forward, for each family"
+        );
         let synproxies: Vec<&Value> = rules
             .iter()
             .filter_map(|r| r["expr"].as_array()?.iter().find_map(|e| e.get("synproxy")))
             .collect();
         assert_eq!(synproxies[0]["mss"], 1460);
-        assert_eq!(synproxies[1]["mss"], 1440);
+        assert_eq!(synproxies[1]["mss"], 1460, "forward");
+        assert_eq!(synproxies[2]["mss"], 1440);
         assert_eq!(synproxies[0]["flags"], json!(["timestamp", "sack-perm"]));
         assert_eq!(
             rules[0]["expr"][1]["match"]["right"],
@@ -277,7 +286,7 @@ mod tests {
             "[syn_proxy]\nports = [443]\ndestinations = [\"192.0.2.0/24\"]\ntimestamps = false",
         ));
         let rules = rules(&batch);
-        assert_eq!(rules.len(), 3);
+        assert_eq!(rules.len(), 5);
         assert_eq!(
             rules[0]["expr"][0]["match"]["right"],
             json!({ "set": [{ "prefix": { "addr": "192.0.2.0", "len": 24 } }] })
