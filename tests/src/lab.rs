@@ -281,6 +281,36 @@ impl Lab {
             .unwrap_or_else(|e| panic!("attaching an XDP_PASS program to the outside end: {e}"))
     }
 
+    /// The counters named in `names`, in order, of group `group` ("Udp", "TcpExt", …) in
+    /// `/proc/net/<file>` ("snmp", "netstat") of `side`'s namespace: what `nstat` reads.
+    pub fn kernel_counters(&self, side: Side, file: &str, group: &str, names: &[&str]) -> Vec<u64> {
+        self.netns(side).enter(|| {
+            // thread-self: this thread is the one in the namespace.
+            let path = format!("/proc/thread-self/net/{file}");
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+            let prefix = format!("{group}:");
+            let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+            let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
+                panic!("no {group} counters in {path}");
+            };
+            let header: Vec<&str> = header.split_whitespace().collect();
+            let values: Vec<&str> = values.split_whitespace().collect();
+            names
+                .iter()
+                .map(|name| {
+                    let at = header
+                        .iter()
+                        .position(|n| n == name)
+                        .unwrap_or_else(|| panic!("no {group} counter {name} in {path}"));
+                    values[at]
+                        .parse()
+                        .unwrap_or_else(|e| panic!("{group} {name} = {:?}: {e}", values[at]))
+                })
+                .collect()
+        })
+    }
+
     pub fn addr(text: &str) -> IpAddr {
         text.parse().expect("lab address constant")
     }

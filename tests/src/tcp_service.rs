@@ -141,30 +141,5 @@ pub fn exchanges(
 
 /// The protected host's TcpExt counters named in `names`, in order.
 pub fn tcp_ext(lab: &Lab, names: &[&str]) -> Vec<u64> {
-    lab.netns(Side::Protected).enter(|| {
-        // thread-self: this thread is the one in the namespace.
-        let netstat =
-            std::fs::read_to_string("/proc/thread-self/net/netstat").expect("read netstat");
-        let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
-        let header: Vec<&str> = lines
-            .next()
-            .expect("TcpExt names")
-            .split_whitespace()
-            .collect();
-        let values: Vec<&str> = lines
-            .next()
-            .expect("TcpExt values")
-            .split_whitespace()
-            .collect();
-        names
-            .iter()
-            .map(|name| {
-                let at = header
-                    .iter()
-                    .position(|n| n.strip_prefix("TcpExt:").unwrap_or(n) == *name || n == name)
-                    .unwrap_or_else(|| panic!("no TcpExt counter {name}"));
-                values[at].parse().expect("a counter")
-            })
-            .collect()
-    })
+    lab.kernel_counters(Side::Protected, "netstat", "TcpExt", names)
 }

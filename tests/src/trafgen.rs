@@ -167,26 +167,12 @@ pub fn run(lab: &Lab, config: &Path, duration: Duration, cpus: u32, rate: Option
 
 /// UDP datagrams that reached the protected host's stack (delivered, no port, or in error).
 pub fn udp_arrived(lab: &Lab) -> u64 {
-    lab.netns(Side::Protected).enter(|| {
-        // thread-self: this thread is the one in the namespace.
-        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
-        let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
-        let names: Vec<&str> = lines
-            .next()
-            .expect("Udp header")
-            .split_whitespace()
-            .collect();
-        let values: Vec<&str> = lines
-            .next()
-            .expect("Udp values")
-            .split_whitespace()
-            .collect();
-        ["InDatagrams", "NoPorts", "InErrors"]
-            .iter()
-            .map(|name| {
-                let at = names.iter().position(|n| n == name).expect("a Udp counter");
-                values[at].parse::<u64>().expect("a number")
-            })
-            .sum()
-    })
+    lab.kernel_counters(
+        Side::Protected,
+        "snmp",
+        "Udp",
+        &["InDatagrams", "NoPorts", "InErrors"],
+    )
+    .iter()
+    .sum()
 }

@@ -140,13 +140,7 @@ fn legitimate_connections_complete_through_a_spoofed_syn_flood() {
     let lab = Lab::new();
     let running = start(&lab);
     let id = running.id;
-    let table = lab
-        .netns(Side::Protected)
-        .command("nft")
-        .args(["list", "table", "inet", "moat"])
-        .output()
-        .expect("nft");
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = table_text(&lab);
     assert!(
         table.contains("synproxy mss 1460 wscale 7 timestamp sack-perm")
             && table.contains("synproxy mss 1440"),
@@ -266,15 +260,19 @@ fn with_ban_verified_a_stream_bans_its_source_only_once_the_source_is_verified()
     assert!(counted(Reason::Ban) > 0, "the verified source is banned");
 }
 
-/// Whether moat's nftables table is in the protected namespace.
-fn table_listed(lab: &Lab) -> bool {
-    lab.netns(Side::Protected)
+/// moat's nftables table in the protected namespace, as `nft` lists it; empty when absent.
+fn table_text(lab: &Lab) -> String {
+    let out = lab
+        .netns(Side::Protected)
         .command("nft")
         .args(["list", "table", "inet", "moat"])
         .output()
-        .expect("nft")
-        .status
-        .success()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn table_listed(lab: &Lab) -> bool {
+    !table_text(lab).is_empty()
 }
 
 fn set_sysctl(lab: &Lab, assignment: &str) {
@@ -321,9 +319,20 @@ fn the_netfilter_setup_follows_the_config_and_moat_down_removes_it() {
         "0",
         "and restores the sysctl"
     );
-    std::fs::write(lab.dir().join("moat.toml"), with_proxy).expect("config");
+    std::fs::write(lab.dir().join("moat.toml"), &with_proxy).expect("config");
     MoatProcess::cli(&lab, &["reload"]).ok("moat reload with [syn_proxy]");
     assert!(table_listed(&lab), "a reload with [syn_proxy] puts it back");
+    // Another port: the table ends with the new one only (it covered both during the switch).
+    let other_port = TCP_SERVICE_PORT + 1;
+    lab.write_config(&format!("[syn_proxy]\nports = [{other_port}]\n"));
+    MoatProcess::cli(&lab, &["reload"]).ok("moat reload with another port");
+    let table = table_text(&lab);
+    assert!(
+        table.contains(&other_port.to_string()) && !table.contains(&TCP_SERVICE_PORT.to_string()),
+        "the table follows the port:\n{table}"
+    );
+    std::fs::write(lab.dir().join("moat.toml"), &with_proxy).expect("config");
+    MoatProcess::cli(&lab, &["reload"]).ok("moat reload back");
     assert_eq!(sysctl(&lab, "net.ipv4.tcp_timestamps"), "1");
     // An operator's own change while moat runs (2: timestamps on, without offsets) is theirs:
     // moat does not put its saved value over it.

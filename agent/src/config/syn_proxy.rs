@@ -62,6 +62,31 @@ impl SynProxy {
     pub fn mss_v6(&self) -> u16 {
         self.mss - IPV6_MSS_REDUCTION
     }
+
+    /// `self`, covering `other`'s ports and destinations as well: what netfilter holds while a
+    /// reload switches from `other` to `self`, so that a SYN the old program answered still
+    /// finds synproxy for its final ACK.
+    pub fn covering(&self, other: &Self) -> Self {
+        let mut ports = self.ports.clone();
+        ports.extend(other.ports.iter().filter(|p| !self.ports.contains(p)));
+        let destinations = if self.destinations.is_empty() || other.destinations.is_empty() {
+            Vec::new()
+        } else {
+            let mut all = self.destinations.clone();
+            all.extend(
+                other
+                    .destinations
+                    .iter()
+                    .filter(|d| !self.destinations.contains(d)),
+            );
+            all
+        };
+        Self {
+            ports,
+            destinations,
+            ..self.clone()
+        }
+    }
 }
 
 impl SynProxyConfig {
@@ -171,6 +196,26 @@ mod tests {
         assert_eq!((proxy.mss, proxy.mss_v6(), proxy.wscale), (1460, 1440, 7));
         assert!(proxy.sack && proxy.timestamps && proxy.destinations.is_empty());
         assert_eq!(proxy.verified_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_reload_covers_the_old_ports_and_destinations_too() {
+        let old =
+            config("[syn_proxy]\nports = [80, 443]\ndestinations = [\"192.0.2.0/24\"]").unwrap();
+        let new = config(
+            "[syn_proxy]\nports = [443, 8443]\ndestinations = [\"198.51.100.0/24\"]\nmss = 1400",
+        )
+        .unwrap();
+        let bridge = new.covering(&old);
+        let ports: Vec<u16> = bridge.ports.iter().map(|p| p.first).collect();
+        assert_eq!(ports, [443, 8443, 80]);
+        assert_eq!(bridge.destinations.len(), 2);
+        assert_eq!(bridge.mss, 1400, "the new settings");
+        let everywhere = config("[syn_proxy]\nports = [80]").unwrap();
+        assert!(
+            new.covering(&everywhere).destinations.is_empty(),
+            "all stays all"
+        );
     }
 
     #[test]

@@ -764,8 +764,12 @@ impl Daemon {
         // synproxy goes in before the program answers SYNs, and out after it stopped.
         let wanted = netfilter_wanted(&policy).cloned();
         let had = netfilter_wanted(self.live.policy()).cloned();
-        if wanted.is_some() {
-            crate::netfilter::sync(wanted.as_ref(), self.store.dir())
+        if let Some(new) = &wanted {
+            // Until the switch, the old program still answers the old ports.
+            let bridge = had
+                .as_ref()
+                .map_or_else(|| new.clone(), |old| new.covering(old));
+            crate::netfilter::sync(Some(&bridge), self.store.dir())
                 .context("setting up netfilter for [syn_proxy]")?;
         }
         if let Err(e) = self.live.replace(policy) {
@@ -776,10 +780,10 @@ impl Daemon {
             return Err(e.into());
         }
         // The new policy is in force whatever happens here: a failure is the log's.
-        if wanted.is_none()
-            && let Err(e) = crate::netfilter::sync(None, self.store.dir())
+        if (wanted.is_none() || had.is_some())
+            && let Err(e) = crate::netfilter::sync(wanted.as_ref(), self.store.dir())
         {
-            warn!(error = %crate::error_chain(&e), "could not remove netfilter's synproxy");
+            warn!(error = %crate::error_chain(&e), "could not bring netfilter to the new [syn_proxy]");
         }
         self.reconfigure_attacks(&protect);
         if needs_restart.is_empty() {

@@ -168,26 +168,16 @@ pub fn batch(proxy: &SynProxy) -> Value {
             ],
         ));
         for chain in ["syn_proxy", "syn_proxy_forward"] {
-            commands.push(rule(
-                chain,
-                vec![
-                    to.clone(),
-                    ports.clone(),
-                    json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } },
-                                       "right": ["invalid", "untracked"] } }),
-                    json!({ "synproxy": { "mss": mss, "wscale": proxy.wscale, "flags": flags } }),
-                ],
-            ));
-            commands.push(rule(
-                chain,
-                vec![
-                    to.clone(),
-                    ports.clone(),
-                    json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } },
-                                       "right": "invalid" } }),
-                    json!({ "drop": null }),
-                ],
-            ));
+            let synproxy =
+                json!({ "synproxy": { "mss": mss, "wscale": proxy.wscale, "flags": flags } });
+            for (states, verdict) in [
+                (json!(["invalid", "untracked"]), synproxy),
+                (json!("invalid"), json!({ "drop": null })),
+            ] {
+                let state = json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } },
+                                               "right": states } });
+                commands.push(rule(chain, vec![to.clone(), ports.clone(), state, verdict]));
+            }
         }
     }
     json!({ "nftables": commands })
