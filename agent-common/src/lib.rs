@@ -14,6 +14,7 @@ pub mod rules;
 pub mod settings;
 pub mod stats;
 pub mod syn_proxy;
+pub mod tcp;
 
 /// Implements `aya::Pod` for types user space reads from or writes to maps.
 macro_rules! pod {

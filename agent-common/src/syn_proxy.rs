@@ -12,17 +12,14 @@
 //! Without a client timestamp there is nowhere to keep the client's options: MSS alone.
 //! Checksums are the program's (the kernel's checksum helper sums them).
 
-use crate::pod;
+use crate::{
+    pod,
+    tcp::{ACK, SYN},
+};
 
 /// Port ranges and destination prefixes one configuration may hold (per family).
 pub const MAX_PORT_SPANS: usize = 16;
 pub const MAX_DESTINATIONS: usize = 16;
-
-/// TCP flags.
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 /// TCP option kinds.
 const OPT_EOL: u8 = 0;
@@ -300,7 +297,7 @@ pub fn write_syn_ack(
     reply[4..8].copy_from_slice(&cookie.to_be_bytes());
     let ack = u32::from_be_bytes([syn[4], syn[5], syn[6], syn[7]]).wrapping_add(1);
     reply[8..12].copy_from_slice(&ack.to_be_bytes());
-    reply[13] = TCP_SYN | TCP_ACK;
+    reply[13] = SYN | ACK;
     // Window 0 (bytes 14-15), checksum (16-17) and urgent pointer (18-19) stay 0.
     reply[20] = OPT_MSS;
     reply[21] = OPT_MSS_LEN;
@@ -349,7 +346,7 @@ mod tests {
         tcp[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
         let len = TCP_HEADER_MIN + options.len();
         tcp[12] = ((len / 4) as u8) << 4;
-        tcp[13] = TCP_SYN;
+        tcp[13] = SYN;
         tcp[TCP_HEADER_MIN..len].copy_from_slice(options);
         (tcp, len)
     }

@@ -12,9 +12,9 @@ use agent_common::{
     rate_limit::SourceKey,
     settings::RateSettings,
     syn_proxy::{
-        Advertised, SynProxySettings, SynScratch, TCP_ACK, TCP_FIN, TCP_HEADER_MIN, TCP_RST,
-        TCP_SYN, parse_options, write_syn_ack,
+        Advertised, SynProxySettings, SynScratch, TCP_HEADER_MIN, parse_options, write_syn_ack,
     },
+    tcp::{ACK, FIN, RST, SYN},
 };
 use aya_ebpf::{
     bindings::{iphdr, ipv6hdr, tcphdr},
@@ -96,9 +96,9 @@ pub fn classify(
     if !covered {
         return Outcome::Continue;
     }
-    match flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) {
-        TCP_SYN => Outcome::Syn,
-        TCP_ACK => {
+    match flags & (SYN | ACK | RST | FIN) {
+        SYN => Outcome::Syn,
+        ACK => {
             // Verified sources are keyed as the rate limiter keys them: a ban falls on that key.
             let key = rate_limit::source_key(rate, &packet.source);
             verify(ctx, packet, settings, &key, now);

@@ -10,11 +10,9 @@ use std::net::IpAddr;
 pub const DST_V4: &str = "203.0.113.1";
 pub const DST_V6: &str = "2001:db8:1::1";
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
-pub const TCP_URG: u8 = 0x20;
+pub use agent_common::tcp::{
+    ACK as TCP_ACK, FIN as TCP_FIN, PSH as TCP_PSH, RST as TCP_RST, SYN as TCP_SYN, URG as TCP_URG,
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;

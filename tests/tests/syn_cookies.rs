@@ -15,13 +15,12 @@ use etherparse::{
 };
 use moat::config::{Config, Mode, Overrides, Policy};
 use moat_tests::{
-    frames::{Extension, Frame, TCP_ACK, TCP_SYN},
+    frames::{Extension, Frame, TCP_ACK, TCP_RST, TCP_SYN},
     program::{LoadedProgram, TEST_RUN_IF_INDEX, XDP_DROP, action_name, xdp_action},
 };
 
 const CLIENT_V4: &str = "192.0.2.10";
 const CLIENT_V6: &str = "2001:db8:c::10";
-const TCP_RST: u8 = 0x04;
 /// The SYN's sequence number (the frame builder's).
 const SYN_SEQ: u32 = 1;
 const CLIENT_TSVAL: u32 = 0x0102_0304;

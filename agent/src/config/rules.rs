@@ -148,16 +148,7 @@ pub struct TcpFlags {
     pub set: u8,
 }
 
-const TCP_FLAG_NAMES: [(&str, u8); 8] = [
-    ("FIN", 0x01),
-    ("SYN", 0x02),
-    ("RST", 0x04),
-    ("PSH", 0x08),
-    ("ACK", 0x10),
-    ("URG", 0x20),
-    ("ECE", 0x40),
-    ("CWR", 0x80),
-];
+const TCP_FLAG_NAMES: [(&str, u8); 8] = agent_common::tcp::FLAGS;
 
 impl TcpFlags {
     /// `"MASK/SET"`, each a comma-separated list of FIN, SYN, RST, PSH, ACK, URG, ECE, CWR, or
