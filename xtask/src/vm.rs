@@ -14,7 +14,7 @@ use anyhow::{Context as _, anyhow, bail};
 use crate::{
     command::{build_binaries, cargo, describe, output, run, workspace_root},
     setup,
-    test_results::count_before,
+    test_results::{count_before, failures_section},
 };
 
 /// virtme-ng release this project is tested with (PyPI), installed in a venv under target/.
@@ -22,10 +22,11 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 /// A healthy KVM guest boots in seconds; one that hangs is given up on after this.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(25);
 /// One integration test binary inside a VM, and the whole pass. Under software emulation the
-/// control-plane tests take about 4 minutes and the whole pass about 27 here (each program
-/// load alone takes 10 s): room for a slower machine, well inside CI's 90.
-const TEST_BINARY_TIMEOUT: Duration = Duration::from_secs(8 * 60);
-const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// control-plane tests take about 5 minutes and the whole pass 20 to 27 here, 34 on CI's
+/// machine (each program load alone takes 6 to 13 s): room for a slower machine, inside
+/// CI's 90.
+const TEST_BINARY_TIMEOUT: Duration = Duration::from_secs(12 * 60);
+const VM_TIMEOUT: Duration = Duration::from_secs(50 * 60);
 const VM_MEMORY: &str = "2G";
 
 /// `cargo xtask vm-test`'s options.
@@ -83,6 +84,11 @@ struct Outcome {
     passed: u64,
     failed: u64,
     binaries_failed: Vec<String>,
+    /// What each failed binary printed about its failures, for CI's log (the VM's files stay
+    /// behind on the machine that ran it).
+    failure_reports: Vec<(String, String)>,
+    /// How long each binary ran, as libtest reported it: where the pass's time goes.
+    durations: Vec<String>,
     verified_insns: String,
     load_ms: String,
 }
@@ -268,6 +274,8 @@ fn collect(out: &Path, tests: &[(String, PathBuf)], runner: String) -> anyhow::R
         passed: 0,
         failed: 0,
         binaries_failed: Vec::new(),
+        failure_reports: Vec::new(),
+        durations: Vec::new(),
         verified_insns: field("verified_insns"),
         load_ms: field("load_ms"),
     };
@@ -281,15 +289,44 @@ fn collect(out: &Path, tests: &[(String, PathBuf)], runner: String) -> anyhow::R
         for result in log.lines().filter_map(|l| l.strip_prefix("test result: ")) {
             outcome.passed += count_before(result, " passed");
             outcome.failed += count_before(result, " failed");
+            if let Some((_, took)) = result.rsplit_once("finished in ") {
+                outcome.durations.push(format!("{name} {took}"));
+            }
         }
-        if read(&format!("{name}.rc")).trim() != "0" {
+        let rc = read(&format!("{name}.rc"));
+        if rc.trim() != "0" {
             outcome.binaries_failed.push(name.clone());
+            outcome
+                .failure_reports
+                .push((name.clone(), failure_report(&log, rc.trim())));
         }
     }
     Ok(outcome)
 }
 
+/// Lines of a failed binary's log that CI prints at most.
+const FAILURE_REPORT_LINES: usize = 200;
+
+/// Why a test binary failed, for CI's log: its exit and what libtest said about the failures
+/// (or, when `timeout` killed it before it could, the end of its log).
+fn failure_report(log: &str, rc: &str) -> String {
+    let why = match rc {
+        "124" => format!(
+            "killed after {} s (the binary's time limit)",
+            TEST_BINARY_TIMEOUT.as_secs()
+        ),
+        "" => "no exit status (the VM stopped first)".to_string(),
+        code => format!("exit status {code}"),
+    };
+    format!("{why}\n{}", failures_section(log, FAILURE_REPORT_LINES))
+}
+
 fn print_table(outcomes: &[Outcome]) {
+    for o in outcomes {
+        for (name, report) in &o.failure_reports {
+            println!("\n---- {name} on {} ({}): {report}", o.kernel, o.runner);
+        }
+    }
     println!();
     println!(
         "{:<22} {:<22} {:>7} {:>7} {:>15} {:>10}",
@@ -300,6 +337,7 @@ fn print_table(outcomes: &[Outcome]) {
             "{:<22} {:<22} {:>7} {:>7} {:>15} {:>10}",
             o.kernel, o.runner, o.passed, o.failed, o.verified_insns, o.load_ms
         );
+        println!("    took: {}", o.durations.join(", "));
         for failure in &o.binaries_failed {
             println!("    failed: {failure}");
         }
