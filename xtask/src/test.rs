@@ -75,7 +75,8 @@ pub fn run_all(options: Options) -> anyhow::Result<()> {
                 "--no-fail-fast",
             ])
             .env("MOAT_BIN", &moat)
-            .env("MOAT_DEB", &deb),
+            .env("MOAT_DEB", &deb)
+            .env("MOAT_NATS_SERVER", setup::nats_server()),
     )?;
     // One closing line for every test binary together.
     println!(

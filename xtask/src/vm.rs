@@ -140,8 +140,10 @@ pub fn run_all(targets: &[Target]) -> anyhow::Result<()> {
 /// the service is what the other binaries test), and the protected destinations' floods
 /// (`protect`: they judge rates and timings at trafgen's full speed, which an emulated guest
 /// reaches at a hundredth of the host's, with a clock that stalls; the kernel side of
-/// protected destinations and fingerprints is tested in the guest by `program` and `fuzz`).
-const HOST_ONLY_TESTS: &[&str] = &["package", "protect"];
+/// protected destinations and fingerprints is tested in the guest by `program` and `fuzz`),
+/// and the fleet's (`fleet`: NATS and moat's user space; what it writes goes through the same
+/// list maps `control` tests in the guest).
+const HOST_ONLY_TESTS: &[&str] = &["package", "protect", "fleet"];
 
 /// The integration test binaries (name, path), plus the probe and moat itself, freshly built.
 fn build() -> anyhow::Result<Vec<(String, PathBuf)>> {

@@ -178,13 +178,19 @@ fn show(socket: &Path, list: ListKind, json: bool) -> anyhow::Result<()> {
         expires_at,
         comment,
         source,
+        origin,
     } in &entries
     {
+        // A fleet entry names the node that published it.
+        let comment = match (origin, comment) {
+            (Some(origin), Some(comment)) => format!("[{origin}] {comment}"),
+            (Some(origin), None) => format!("[{origin}]"),
+            (None, comment) => comment.clone().unwrap_or_default(),
+        };
         writeln!(
             out,
-            "{cidr:<43} {source:<10} {:<20} {}",
+            "{cidr:<43} {source:<10} {:<20} {comment}",
             expires_at.as_deref().unwrap_or("-"),
-            comment.as_deref().unwrap_or("")
         )?;
     }
     writeln!(out, "{} entries", entries.len())?;

@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use super::{print_json, unexpected};
 use crate::control::{
     client::call,
-    protocol::{Reply, Request, StatusView},
+    protocol::{FleetView, Reply, Request, StatusView},
 };
 
 pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
@@ -29,6 +29,7 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         state_dir,
         config,
         persistence_error,
+        fleet,
     } = *status;
     println!(
         "moat {version}, pid {pid}, up {}",
@@ -78,7 +79,42 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             println!("map        {}: {} of {}", m.map, m.entries, m.capacity);
         }
     }
+    if let Some(fleet) = fleet {
+        print_fleet(&fleet);
+    }
     Ok(())
+}
+
+fn print_fleet(fleet: &FleetView) {
+    let connection = match (fleet.connected, &fleet.server) {
+        (true, Some(server)) => format!("connected to {server}"),
+        (true, None) => "connected".to_string(),
+        (false, _) => "DOWN: enforcing locally; changes made here are queued".to_string(),
+    };
+    println!(
+        "fleet      node {} in bucket {}, sharing [{}]: {connection}",
+        fleet.node,
+        fleet.bucket,
+        fleet.share.join(", ")
+    );
+    println!(
+        "fleet      {} entries, revision {}, lag {}, {} queued, {} publish failures, {} rejected, {} refused{}",
+        fleet.entries,
+        fleet.last_revision,
+        fleet.lag_ms.map_or("-".into(), |ms| format!("{ms} ms")),
+        fleet.queued,
+        fleet.publish_failures,
+        fleet.rejected,
+        fleet.refused,
+        if fleet.per_key_ttl {
+            ", per-key TTLs"
+        } else {
+            ""
+        }
+    );
+    if let Some(error) = &fleet.error {
+        println!("fleet      last error: {error}");
+    }
 }
 
 pub fn reload(socket: &Path) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //! and column it comes from.
 
 mod cidr;
+pub mod fleet;
 pub mod list_file;
 pub mod protect;
 pub mod rate_limit;
@@ -22,6 +23,7 @@ use toml::Spanned;
 
 pub use self::{
     cidr::Cidr,
+    fleet::{Fleet, FleetConfig, Share},
     protect::{ProtectConfig, Protected},
     rate_limit::{BanScope, RateLimit, RateLimitConfig},
     rules::{PortRange, Protocol, Rule, RuleAction, RuleConfig, TcpFlags},
@@ -37,6 +39,10 @@ const DEFAULT_SAMPLE_EVERY: u32 = 1000;
 const DEFAULT_RUNTIME_ENTRIES: u32 = 65_536;
 /// The most `runtime_entries` may ask for.
 const MAX_RUNTIME_ENTRIES: i64 = 1 << 24;
+/// Longest comment kept with an entry added at run time.
+pub const MAX_COMMENT_BYTES: usize = 256;
+/// Longest TTL of an entry added at run time: ten years.
+pub const MAX_ENTRY_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
 /// Default control socket; the CLI uses it too unless `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/moat/moat.sock";
 /// Default directory for dynamic entries (CLI blocks and allows, bans) that outlive a restart.
@@ -179,6 +185,8 @@ pub struct Config {
     pub syn_proxy: Option<Spanned<SynProxyConfig>>,
     #[serde(default)]
     pub events: EventsConfig,
+    /// The NATS JetStream servers through which the fleet's nodes share their blocks.
+    pub fleet: Option<Spanned<FleetConfig>>,
     /// Room for entries added while running; see [`DEFAULT_RUNTIME_ENTRIES`].
     pub runtime_entries: Option<Spanned<i64>>,
     /// The control socket's path.
@@ -298,6 +306,8 @@ pub struct Resolved {
     pub runtime_entries: u32,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The fleet this node shares its blocks with, if any.
+    pub fleet: Option<Fleet>,
 }
 
 impl Config {
@@ -401,10 +411,21 @@ impl Config {
             syn_proxy,
             sample_every,
         };
+        let fleet = self
+            .fleet
+            .as_ref()
+            .map(|table| {
+                table
+                    .get_ref()
+                    .validate(table.span(), &self.origin.base_dir())
+            })
+            .transpose()
+            .map_err(|e| self.located(e))?;
         Ok(Resolved {
             interfaces,
             xdp_mode: overrides.xdp_mode.unwrap_or(self.xdp_mode),
             policy,
+            fleet,
             paths: self.resolve_paths(overrides)?,
             metrics_listen: self
                 .metrics_listen

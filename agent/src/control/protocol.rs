@@ -187,8 +187,11 @@ pub struct EntryView {
     /// RFC 3339, or null.
     pub expires_at: Option<String>,
     pub comment: Option<String>,
-    /// `config`, `cli` or `rate_limit`.
+    /// `config`, `cli`, `fleet` or `rate_limit`.
     pub source: String,
+    /// The node that published a fleet entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A counter as `moat stats --json` prints it.
@@ -296,6 +299,38 @@ pub struct StatusView {
     /// Why the state could not be saved, while it cannot; null when it is saved.
     #[serde(default)]
     pub persistence_error: Option<String>,
+    /// The fleet's connection; null without `[fleet]`.
+    #[serde(default)]
+    pub fleet: Option<FleetView>,
+}
+
+/// The fleet as `moat status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    pub node: String,
+    pub bucket: String,
+    /// What this node publishes: `cli`, `bans`.
+    pub share: Vec<String>,
+    pub connected: bool,
+    /// The server connected to, or last connected to.
+    pub server: Option<String>,
+    /// The latest connection or publish error; null once a session started cleanly.
+    pub error: Option<String>,
+    /// The bucket's revision of the last change read.
+    pub last_revision: u64,
+    /// From the last change's arrival in the bucket to its application here.
+    pub lag_ms: Option<u64>,
+    /// Changes made here and not yet published.
+    pub queued: u64,
+    /// Fleet entries in force here.
+    pub entries: u64,
+    pub publish_failures: u64,
+    /// Values in the bucket that are not moat's, skipped.
+    pub rejected: u64,
+    /// Fleet entries the lists had no room for.
+    pub refused: u64,
+    /// Whether the bucket drops entries at their expiry itself (per-key TTLs).
+    pub per_key_ttl: bool,
 }
 
 /// One row of `moat top`.

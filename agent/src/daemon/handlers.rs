@@ -18,15 +18,11 @@ use super::{
     state::{DynamicEntry, format_time},
 };
 use crate::{
-    config::{Cidr, ListKind},
+    config::{Cidr, ListKind, MAX_COMMENT_BYTES, MAX_ENTRY_TTL, Share},
     control::protocol::{ChangeView, Cidrs, EntryView, Reply, Request, Response},
+    fleet::{Change, FleetKey, FleetRecord},
     program::{limiter::ActiveBan, lists::ListChange, live::PolicyChange},
 };
-
-/// Longest comment kept with an entry.
-const MAX_COMMENT_BYTES: usize = 256;
-/// Longest TTL accepted: ten years.
-const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// The CIDRs of a request (parsed as it was decoded); at least one.
 fn given(cidrs: Cidrs) -> Result<Vec<Cidr>, String> {
@@ -80,10 +76,10 @@ impl Daemon {
             (_, None) => None,
             (ListKind::Allow, Some(_)) => return Err("allowlist entries take no ttl".into()),
             (ListKind::Block, Some(0)) => return Err("ttl must be at least one second".into()),
-            (ListKind::Block, Some(secs)) if Duration::from_secs(secs) > MAX_TTL => {
+            (ListKind::Block, Some(secs)) if Duration::from_secs(secs) > MAX_ENTRY_TTL => {
                 return Err(format!(
                     "ttl of {secs} s is longer than {}",
-                    humantime::format_duration(MAX_TTL)
+                    humantime::format_duration(MAX_ENTRY_TTL)
                 ));
             }
             (ListKind::Block, Some(secs)) => Some(Duration::from_secs(secs)),
@@ -115,10 +111,24 @@ impl Daemon {
 
         let expires_at = ttl.map(|ttl| SystemTime::now() + ttl);
         let shared_comment: Option<std::sync::Arc<str>> = comment.as_deref().map(Into::into);
+        // Shared whole or not at all: the entries are the fleet's once handed over.
+        let fleet = self
+            .fleet
+            .as_ref()
+            .filter(|fleet| fleet.settings.shares(Share::Cli));
+        let origin = match fleet {
+            Some(fleet) if fleet.has_room(cidrs.len()) => Some(fleet.origin()),
+            Some(fleet) => {
+                view.notes.push(fleet.no_room_note(cidrs.len()));
+                None
+            }
+            None => None,
+        };
         for cidr in &cidrs {
             let entry = DynamicEntry {
                 expires_at,
                 comment: shared_comment.clone(),
+                origin: origin.clone(),
             };
             match self.dynamic.insert(kind, *cidr, entry) {
                 None => view.added += 1,
@@ -141,8 +151,31 @@ impl Daemon {
             first = %cidrs[0],
             "list entries added"
         );
-        let record = Record::add(kind, &cidrs, expires_at, comment.as_deref());
+        let record = Record::add(
+            kind,
+            &cidrs,
+            expires_at,
+            comment.as_deref(),
+            origin.as_deref(),
+        );
         view.not_persisted = self.persist(&record);
+        if let (Some(origin), Some(fleet)) = (origin, self.fleet.as_mut()) {
+            let changes = cidrs.iter().map(|cidr| {
+                let record = FleetRecord {
+                    expires_at,
+                    comment: comment.clone(),
+                    origin: origin.to_string(),
+                };
+                Change::Put(
+                    FleetKey {
+                        list: kind,
+                        cidr: *cidr,
+                    },
+                    record,
+                )
+            });
+            view.notes.push(fleet.hand_over(changes));
+        }
         self.state_changed();
         Ok(Reply::Changed(view))
     }
@@ -179,10 +212,28 @@ impl Daemon {
             .apply(PolicyChange::of_list(kind, change))
             .map_err(|e| crate::error_chain(&e))?;
         let mut view = ChangeView::default();
+        // A fleet entry deleted here is deleted from the fleet.
+        let mut fleet_deletes = Vec::new();
         for cidr in &cidrs {
-            if self.dynamic.remove(kind, cidr).is_some() {
+            if let Some(removed) = self.dynamic.remove(kind, cidr) {
                 view.removed += 1;
+                if removed.origin.is_some() {
+                    fleet_deletes.push(Change::Delete(FleetKey {
+                        list: kind,
+                        cidr: *cidr,
+                    }));
+                }
             }
+        }
+        if let Some(fleet) = self.fleet.as_mut()
+            && !fleet_deletes.is_empty()
+        {
+            let note = if fleet.has_room(fleet_deletes.len()) {
+                fleet.hand_over(fleet_deletes)
+            } else {
+                fleet.no_room_note(fleet_deletes.len())
+            };
+            view.notes.push(note);
         }
         if !unban.is_empty() {
             for source in &unban {
@@ -251,6 +302,7 @@ impl Daemon {
             .iter()
             .map(|(cidr, &source)| {
                 let added = self.dynamic.get(kind, cidr);
+                let origin = added.and_then(|e| e.origin.as_deref().map(str::to_string));
                 EntryView {
                     cidr: cidr.to_string(),
                     expires_at: added
@@ -258,12 +310,13 @@ impl Daemon {
                         .and_then(|e| e.expires_at)
                         .map(format_time),
                     comment: added.and_then(|e| e.comment.as_deref().map(str::to_string)),
-                    source: if source == SOURCE_CLI {
-                        "cli"
-                    } else {
-                        "config"
+                    source: match (source, &origin) {
+                        (SOURCE_CLI, Some(_)) => "fleet",
+                        (SOURCE_CLI, None) => "cli",
+                        _ => "config",
                     }
                     .to_string(),
+                    origin,
                 }
             })
             .collect();
@@ -274,6 +327,7 @@ impl Daemon {
                     expires_at: Some(format_time(ban.expires_at)),
                     comment: None,
                     source: "rate_limit".into(),
+                    origin: None,
                 });
             }
         }

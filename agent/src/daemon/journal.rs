@@ -32,6 +32,9 @@ pub enum Record {
         /// RFC 3339, or null for no expiry.
         expires_at: Option<String>,
         comment: Option<String>,
+        /// The fleet node the entries are shared as; absent for local ones.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
     },
     /// Entries deleted at run time.
     Del { list: ListKind, cidrs: Vec<String> },
@@ -43,12 +46,14 @@ impl Record {
         cidrs: &[Cidr],
         expires_at: Option<SystemTime>,
         comment: Option<&str>,
+        origin: Option<&str>,
     ) -> Self {
         Self::Add {
             list,
             cidrs: cidrs.iter().map(ToString::to_string).collect(),
             expires_at: expires_at.map(format_time),
             comment: comment.map(str::to_string),
+            origin: origin.map(str::to_string),
         }
     }
 
@@ -67,16 +72,19 @@ impl Record {
                 cidrs,
                 expires_at,
                 comment,
+                origin,
             } => {
                 let expires_at = expires_at.as_deref().map(parse_time).transpose()?;
                 if expires_at.is_some_and(|at| at <= now) {
                     return Ok(());
                 }
                 let comment: Option<Arc<str>> = comment.map(Arc::from);
+                let origin: Option<Arc<str>> = origin.map(Arc::from);
                 for cidr in cidrs {
                     let entry = DynamicEntry {
                         expires_at,
                         comment: comment.clone(),
+                        origin: origin.clone(),
                     };
                     dynamic.insert(list, cidr.parse()?, entry);
                 }

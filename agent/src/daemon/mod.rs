@@ -1,10 +1,11 @@
 //! `moat run`: the start-up phases (check and open everything, load and fill the program, start
 //! reading its events, attach or take over the pinned links, announce), then the event loop
 //! that serves the control socket, reloads, expiries and saves until a signal. The socket
-//! server (accept, peer credentials, framing), the request handlers and the state that
-//! outlives the daemon live beside it.
+//! server (accept, peer credentials, framing), the request handlers, the state that outlives
+//! the daemon and the fleet's application live beside it.
 
 mod attacks;
+mod fleet_sync;
 mod handlers;
 mod interfaces;
 mod journal;
@@ -39,6 +40,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use self::{
+    fleet_sync::FleetSync,
     interfaces::{Attachment, Interface, Target, interface_name},
     program_events::EventSinks,
     server::ControlSocket,
@@ -46,8 +48,10 @@ use self::{
 };
 use crate::{
     config::{
-        Config, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode, syn_proxy::SynProxy,
+        Config, Fleet, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode,
+        syn_proxy::SynProxy,
     },
+    fleet::FleetEvent,
     observe::{
         attacks::{AttackWatch, SampleInbox},
         capture::CaptureHub,
@@ -169,6 +173,17 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         }
     };
     let protect = program.live.policy().protect.clone();
+    // The fleet comes after the program enforces: nothing local waits on it.
+    let (fleet, fleet_events) = match prepared.config.fleet.clone() {
+        Some(settings) => {
+            let handle = crate::fleet::client::start(settings.clone());
+            (
+                Some(FleetSync::new(settings, handle.changes, handle.status)),
+                Some(handle.events),
+            )
+        }
+        None => (None, None),
+    };
     let daemon = Daemon {
         ebpf: program.ebpf,
         live: program.live,
@@ -183,6 +198,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
             metrics_listen: prepared.config.metrics_listen,
             paths: prepared.config.paths,
             runtime_entries: prepared.config.runtime_entries,
+            fleet: prepared.config.fleet,
         },
         interfaces,
         pins: prepared.pins,
@@ -199,6 +215,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         attacks: AttackWatch::new(&protect),
         attack_samples: observers.attack_samples,
         fingerprints: program.fingerprints,
+        fleet,
     };
     daemon
         .serve(
@@ -206,6 +223,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
             observers.captures,
             observers.new_bans,
             observers.scrape_requests,
+            fleet_events,
         )
         .await?;
     observers.reader.abort();
@@ -513,6 +531,8 @@ pub struct Daemon {
     attacks: AttackWatch,
     attack_samples: Arc<Mutex<SampleInbox>>,
     fingerprints: FingerprintMaps,
+    /// The fleet, with `[fleet]`.
+    fleet: Option<FleetSync>,
 }
 
 /// What a reload does not change: refused (the first three), or applied at the next restart.
@@ -522,6 +542,7 @@ struct RunningSettings {
     metrics_listen: Option<std::net::SocketAddr>,
     paths: Paths,
     runtime_entries: u32,
+    fleet: Option<Fleet>,
 }
 
 impl RunningSettings {
@@ -539,6 +560,7 @@ impl RunningSettings {
                 "runtime_entries",
                 resolved.runtime_entries != self.runtime_entries,
             ),
+            ("fleet", resolved.fleet != self.fleet),
         ]
         .into_iter()
         .filter(|(_, changed)| *changed)
@@ -555,6 +577,7 @@ impl Daemon {
         captures: Arc<CaptureHub>,
         mut new_bans: mpsc::Receiver<(IpAddr, Duration)>,
         mut scrapes: mpsc::Receiver<metrics::Scrape>,
+        mut fleet_events: Option<mpsc::Receiver<FleetEvent>>,
     ) -> anyhow::Result<()> {
         for ban in self.saved_bans.clone() {
             self.ban_expiries
@@ -596,8 +619,10 @@ impl Daemon {
                 }
                 Some((source, ttl)) = new_bans.recv() => {
                     self.track_ban(SystemTime::now() + ttl, source);
+                    self.share_ban(source, ttl);
                     self.state_changed();
                 }
+                Some(event) = next_fleet_event(&mut fleet_events) => self.on_fleet(event),
                 Some(reply_to) = scrapes.recv() => {
                     let _ = reply_to.send(self.metrics());
                 }
@@ -955,6 +980,14 @@ fn log_policy(policy: &Policy) {
 }
 
 /// Sleeps until `at`; never returns when there is nothing to wait for.
+/// The fleet task's next event; never, without a fleet.
+async fn next_fleet_event(events: &mut Option<mpsc::Receiver<FleetEvent>>) -> Option<FleetEvent> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,

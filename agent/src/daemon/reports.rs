@@ -139,6 +139,10 @@ impl Daemon {
             state_dir: self.store.dir().display().to_string(),
             config: self.source.path.as_ref().map(|p| p.display().to_string()),
             persistence_error: self.persistence.error.clone(),
+            fleet: self
+                .fleet
+                .as_ref()
+                .map(|fleet| fleet.view(self.dynamic.fleet_entries())),
         }))
     }
 
@@ -265,6 +269,10 @@ impl Daemon {
             program_tag,
             state_saved: self.persistence.error.is_none(),
             state_save_failures: self.persistence.failures,
+            fleet: self
+                .fleet
+                .as_ref()
+                .map(|fleet| fleet.reading(self.dynamic.fleet_entries())),
         };
         metrics::render(&reading).unwrap_or_else(|e| {
             warn!(error = %e, "could not render the metrics");

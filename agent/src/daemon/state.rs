@@ -60,6 +60,9 @@ pub struct DynamicEntry {
     pub expires_at: Option<SystemTime>,
     /// Shared by the entries of one request: an import of a million entries keeps one copy.
     pub comment: Option<Arc<str>>,
+    /// The node that published the entry to the fleet, when it is a fleet entry (this node's
+    /// own name for what it shared): the bucket holds it, and its changes come from there.
+    pub origin: Option<Arc<str>>,
 }
 
 /// Which terms (expiry and comment) an entry has: an index into `Dynamic::terms`. The entries
@@ -221,6 +224,15 @@ impl Dynamic {
             .collect()
     }
 
+    /// How many entries of either list come from the fleet.
+    pub fn fleet_entries(&self) -> u64 {
+        self.terms
+            .iter()
+            .filter(|t| t.entry.origin.is_some())
+            .map(|t| u64::from(t.uses))
+            .sum()
+    }
+
     /// The earliest expiry of any entry.
     pub fn next_expiry(&self) -> Option<SystemTime> {
         self.expiries.first().map(|(at, _, _)| *at)
@@ -248,6 +260,9 @@ struct EntryGroup<C = String> {
     /// RFC 3339, or null for no expiry.
     expires_at: Option<String>,
     comment: Option<String>,
+    /// The fleet node that published them; absent for this node's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
     cidrs: Vec<C>,
 }
 
@@ -499,19 +514,24 @@ fn damaged(path: &Path, aside: &Path, problem: &str, consequence: &str) {
 
 fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText<'a>> {
     let groups = |kind: ListKind| {
-        let mut groups: BTreeMap<(Option<SystemTime>, Option<&str>), Vec<CidrText<'a>>> =
-            BTreeMap::new();
+        type Terms<'t> = (Option<SystemTime>, Option<&'t str>, Option<&'t str>);
+        let mut groups: BTreeMap<Terms<'a>, Vec<CidrText<'a>>> = BTreeMap::new();
         for (cidr, entry) in dynamic.entries(kind) {
             groups
-                .entry((entry.expires_at, entry.comment.as_deref()))
+                .entry((
+                    entry.expires_at,
+                    entry.comment.as_deref(),
+                    entry.origin.as_deref(),
+                ))
                 .or_default()
                 .push(CidrText(cidr));
         }
         groups
             .into_iter()
-            .map(|((expires_at, comment), cidrs)| EntryGroup {
+            .map(|((expires_at, comment, origin), cidrs)| EntryGroup {
                 expires_at: expires_at.map(format_time),
                 comment: comment.map(str::to_string),
+                origin: origin.map(str::to_string),
                 cidrs,
             })
             .collect()
@@ -549,10 +569,12 @@ fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), Stri
                 continue;
             }
             let comment: Option<Arc<str>> = group.comment.map(Arc::from);
+            let origin: Option<Arc<str>> = group.origin.map(Arc::from);
             for cidr in group.cidrs {
                 let entry = DynamicEntry {
                     expires_at,
                     comment: comment.clone(),
+                    origin: origin.clone(),
                 };
                 dynamic.insert(kind, cidr.parse()?, entry);
             }
@@ -597,6 +619,7 @@ mod tests {
             DynamicEntry {
                 expires_at: Some(now + Duration::from_secs(600)),
                 comment: Some("scanner".into()),
+                origin: Some("edge-b".into()),
             },
         );
         dynamic.insert(
@@ -605,6 +628,7 @@ mod tests {
             DynamicEntry {
                 expires_at: Some(now - Duration::from_secs(1)),
                 comment: None,
+                origin: None,
             },
         );
         dynamic.insert(
@@ -655,6 +679,7 @@ mod tests {
         let imported = DynamicEntry {
             expires_at: None,
             comment: Some("feed".into()),
+            origin: None,
         };
         for i in 0..100 {
             dynamic.insert(ListKind::Block, cidr(i), imported.clone());
@@ -663,6 +688,7 @@ mod tests {
         let later = DynamicEntry {
             expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 32)),
             comment: None,
+            origin: None,
         };
         let replaced = dynamic.insert(ListKind::Block, cidr(5), later.clone());
         assert_eq!(replaced, Some(imported.clone()));
@@ -710,6 +736,7 @@ mod tests {
         let entry = DynamicEntry {
             expires_at: Some(later),
             comment: None,
+            origin: None,
         };
         first.insert(
             ListKind::Block,
@@ -762,7 +789,13 @@ mod tests {
             .map(|c| c.parse().expect("cidr"))
             .collect();
         store
-            .record(&Record::add(ListKind::Block, &cidrs, None, Some("scan")))
+            .record(&Record::add(
+                ListKind::Block,
+                &cidrs,
+                None,
+                Some("scan"),
+                Some("edge-a"),
+            ))
             .expect("journal");
         store
             .record(&Record::del(ListKind::Block, &cidrs[..1]))
@@ -776,6 +809,13 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(blocked, ["192.0.2.2/32"]);
+        let shared = loaded.get(ListKind::Block, &cidrs[1]).expect("entry");
+        assert_eq!(
+            shared.origin.as_deref(),
+            Some("edge-a"),
+            "the fleet origin is kept"
+        );
+        assert_eq!(loaded.fleet_entries(), 1);
 
         // A crash mid-append leaves a torn last line: skipped, the rest applied.
         let journal = dir.join("state.journal");

@@ -37,6 +37,19 @@ pub struct Reading<'a> {
     pub state_save_failures: u64,
     /// The protected entries, each with whether it is under attack and its attacks so far.
     pub protected: Vec<ProtectedReading>,
+    /// The fleet, when `[fleet]` is configured.
+    pub fleet: Option<FleetReading>,
+}
+
+/// The fleet in a scrape.
+pub struct FleetReading {
+    pub connected: bool,
+    pub entries: u64,
+    pub publish_failures: u64,
+    /// Values skipped (not moat's) and entries the lists had no room for.
+    pub rejected: u64,
+    /// Kept by the daemon across scrapes.
+    pub apply_seconds: prometheus::Histogram,
 }
 
 /// One protected entry in a scrape.
@@ -197,10 +210,42 @@ pub fn render(reading: &Reading) -> Result<String, prometheus::Error> {
     registry.register(Box::new(attack_active))?;
     registry.register(Box::new(attacks_total))?;
     registry.register(Box::new(ProcessCollector::for_self()))?;
+    if let Some(fleet) = &reading.fleet {
+        register_fleet(&registry, fleet)?;
+    }
 
     let mut text = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut text)?;
     String::from_utf8(text).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+/// The fleet's metrics (present only with `[fleet]`).
+fn register_fleet(registry: &Registry, fleet: &FleetReading) -> Result<(), prometheus::Error> {
+    let connected = IntGauge::new(
+        "moat_fleet_connected",
+        "1 while the fleet's NATS connection is up and its bucket open.",
+    )?;
+    connected.set(i64::from(fleet.connected));
+    let entries = IntGauge::new(
+        "moat_fleet_entries",
+        "List entries from the fleet in force on this node.",
+    )?;
+    entries.set(fleet.entries as i64);
+    let failures = IntCounter::new(
+        "moat_fleet_publish_failures_total",
+        "Publishes of this node's changes that failed (each is retried until it succeeds).",
+    )?;
+    failures.inc_by(fleet.publish_failures);
+    let rejected = IntCounter::new(
+        "moat_fleet_rejected_total",
+        "Fleet values skipped as not moat's, and fleet entries the lists had no room for.",
+    )?;
+    rejected.inc_by(fleet.rejected);
+    registry.register(Box::new(connected))?;
+    registry.register(Box::new(entries))?;
+    registry.register(Box::new(failures))?;
+    registry.register(Box::new(rejected))?;
+    registry.register(Box::new(fleet.apply_seconds.clone()))
 }
 
 /// Binds the metrics address (before anything is loaded, so that a taken port stops the start).
@@ -256,6 +301,7 @@ mod tests {
             counters: &counters,
             interface_name: &name,
             list_entries: vec![("blocklist", "ipv4", 12), ("blocklist", "ipv6", 2)],
+            fleet: None,
             bans_active: 4,
             rate_limited_sources: 9,
             verified_sources: 4,

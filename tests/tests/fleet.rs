@@ -1,0 +1,394 @@
+//! The fleet, end to end: real nats-server processes in a hub namespace, three moat daemons in
+//! three labs, each on its own veth, sharing their blocks through a JetStream bucket. Every
+//! propagation is timed and then checked with packets on the node that received it.
+
+use std::time::{Duration, Instant};
+
+use moat_tests::{
+    Lab, MoatProcess,
+    fleet_lab::{FleetLab, HUB_ADDRESS},
+    lab::{ATTACKER_V4, PROTECTED_V4},
+    metrics::scrape,
+    nats::publish_raw,
+    traffic::{assert_answered, assert_unanswered, udp_flood},
+};
+use serde_json::Value;
+
+/// The issue's bound: a change made on one node is enforced on the others within this.
+const PROPAGATION: Duration = Duration::from_secs(1);
+/// For what waits on a reconnection or a server's restart.
+const CONVERGENCE: Duration = Duration::from_secs(20);
+const METRICS: &str = "127.0.0.1:9977";
+
+fn start_node(
+    fleet: &FleetLab,
+    i: usize,
+    servers: &[&str],
+    fleet_extra: &str,
+    extra: &str,
+) -> MoatProcess {
+    let config = fleet.node(i).write_config(&format!(
+        "{extra}\n{}",
+        fleet.fleet_config(i, servers, fleet_extra)
+    ));
+    MoatProcess::start(
+        fleet.node(i),
+        &["run", "--config", &config.to_string_lossy()],
+    )
+    .0
+}
+
+fn status(lab: &Lab) -> Value {
+    let text = MoatProcess::cli(lab, &["status", "--json"]).ok("status --json");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status --json: {e}: {text}"))
+}
+
+/// `(cidr, source, origin)` of each entry of `list`.
+fn entries(lab: &Lab, list: &str) -> Vec<(String, String, Option<String>)> {
+    let text = MoatProcess::cli(lab, &[list, "list", "--json"]).ok("list --json");
+    let entries: Vec<Value> =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{list} list --json: {e}: {text}"));
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e["cidr"].as_str().unwrap_or_default().to_string(),
+                e["source"].as_str().unwrap_or_default().to_string(),
+                e["origin"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+fn has_entry(lab: &Lab, list: &str, cidr: &str) -> bool {
+    entries(lab, list).iter().any(|(c, _, _)| c == cidr)
+}
+
+/// Polls `condition` until it holds; returns how long that took, or panics with `what`.
+fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if condition() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_connected(lab: &Lab) {
+    wait_until("the fleet connected", CONVERGENCE, || {
+        status(lab)["fleet"]["connected"] == true
+    });
+}
+
+#[test]
+fn a_block_on_one_node_is_enforced_on_every_node_within_a_second() {
+    let mut fleet = FleetLab::new(3);
+    let url = fleet.start_server(None);
+    let metrics = format!("metrics_listen = \"{METRICS}\"");
+    let nodes: Vec<MoatProcess> = (0..3)
+        .map(|i| start_node(&fleet, i, &[&url], "", &metrics))
+        .collect();
+    for i in 0..3 {
+        wait_connected(fleet.node(i));
+        assert_answered(fleet.node(i), ATTACKER_V4, PROTECTED_V4);
+    }
+
+    let added = MoatProcess::cli(
+        fleet.node(0),
+        &["block", "add", ATTACKER_V4, "--comment", "scanner"],
+    )
+    .ok("block add on A");
+    assert!(added.contains("fleet: published"), "{added}");
+    let cidr = format!("{ATTACKER_V4}/32");
+    for i in 1..3 {
+        let took = wait_until("B and C hold A's block", PROPAGATION, || {
+            has_entry(fleet.node(i), "block", &cidr)
+        });
+        eprintln!("node {i} enforced A's block {took:?} after A answered");
+    }
+    for i in 0..3 {
+        assert_unanswered(fleet.node(i), ATTACKER_V4, PROTECTED_V4);
+    }
+    let on_b = entries(fleet.node(1), "block");
+    assert!(
+        on_b.contains(&(cidr.clone(), "fleet".into(), Some("edge-a".into()))),
+        "{on_b:?}"
+    );
+    let text = MoatProcess::cli(fleet.node(1), &["block", "list"]).ok("block list");
+    assert!(text.contains("[edge-a] scanner"), "{text}");
+
+    // Deleted on C: gone everywhere.
+    let deleted =
+        MoatProcess::cli(fleet.node(2), &["block", "del", ATTACKER_V4]).ok("block del on C");
+    assert!(deleted.contains("fleet: published"), "{deleted}");
+    for i in [0, 1] {
+        wait_until("A and B drop C's delete", PROPAGATION, || {
+            !has_entry(fleet.node(i), "block", &cidr)
+        });
+    }
+    for i in 0..3 {
+        assert_answered(fleet.node(i), ATTACKER_V4, PROTECTED_V4);
+    }
+
+    let fleet_status = &status(fleet.node(1))["fleet"];
+    assert_eq!(fleet_status["node"], "edge-b", "{fleet_status}");
+    assert!(
+        fleet_status["last_revision"].as_u64() >= Some(2),
+        "{fleet_status}"
+    );
+    assert!(fleet_status["lag_ms"].as_u64().is_some(), "{fleet_status}");
+    let text = scrape(fleet.node(1), METRICS);
+    for line in [
+        "moat_fleet_connected 1",
+        "moat_fleet_entries 0",
+        "moat_fleet_publish_failures_total 0",
+        "moat_fleet_apply_seconds_count 2",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    drop(nodes);
+}
+
+#[test]
+fn a_node_that_was_away_matches_the_fleet_when_it_returns() {
+    let mut fleet = FleetLab::new(2);
+    let url = fleet.start_server(None);
+    let a = start_node(&fleet, 0, &[&url], "", "");
+    let b = start_node(&fleet, 1, &[&url], "", "");
+    let (node_a, node_b) = (fleet.node(0), fleet.node(1));
+    wait_connected(node_a);
+    wait_connected(node_b);
+    MoatProcess::cli(node_a, &["block", "add", ATTACKER_V4, "192.0.2.1"]).ok("block add");
+    wait_until("B holds A's blocks", PROPAGATION, || {
+        has_entry(node_b, "block", "192.0.2.1/32")
+    });
+    assert_unanswered(node_b, ATTACKER_V4, PROTECTED_V4);
+
+    let (exit, log) = b.stop(libc::SIGTERM);
+    assert!(exit.success(), "{log}");
+    // While B is away: a delete (its ghost must not survive), adds to both lists.
+    MoatProcess::cli(node_a, &["block", "del", ATTACKER_V4]).ok("block del");
+    MoatProcess::cli(node_a, &["block", "add", "192.0.2.3", "--ttl", "1h"]).ok("block add");
+    MoatProcess::cli(node_a, &["allow", "add", "203.0.113.77"]).ok("allow add");
+
+    let b = start_node(&fleet, 1, &[&url], "", "");
+    let want_block = entries(node_a, "block");
+    let want_allow = entries(node_a, "allow");
+    let matched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("B matches A exactly", CONVERGENCE, || {
+            entries(node_b, "block") == want_block && entries(node_b, "allow") == want_allow
+        })
+    }));
+    assert!(
+        matched.is_ok(),
+        "A: {want_block:?} {want_allow:?}\nB: {:?} {:?}\nB's log:\n{}",
+        entries(node_b, "block"),
+        entries(node_b, "allow"),
+        b.log_text()
+    );
+    assert_eq!(want_block.len(), 2, "{want_block:?}");
+    assert_answered(node_b, ATTACKER_V4, PROTECTED_V4);
+    let log = b.wait_for_log("fleet reconciled", 1);
+    assert!(log.contains("removed=1"), "{log}");
+    drop(a);
+}
+
+#[test]
+fn the_fleet_converges_after_its_server_is_killed_mid_burst() {
+    let mut fleet = FleetLab::new(2);
+    let url = fleet.start_server(None);
+    let _a = start_node(&fleet, 0, &[&url], "", "");
+    let _b = start_node(&fleet, 1, &[&url], "", "");
+    wait_connected(fleet.node(0));
+    wait_connected(fleet.node(1));
+    let adds: Vec<String> = (1..=40).map(|n| format!("192.0.2.{n}")).collect();
+    for (n, address) in adds.iter().enumerate() {
+        if n == 10 {
+            fleet.server(0).kill();
+        }
+        let started = Instant::now();
+        let reply =
+            MoatProcess::cli(fleet.node(0), &["block", "add", address]).ok("block add mid-burst");
+        // Local enforcement never waits on the fleet.
+        assert!(started.elapsed() < Duration::from_secs(2), "{reply}");
+        assert!(has_entry(fleet.node(0), "block", &format!("{address}/32")));
+    }
+    let reply = MoatProcess::cli(fleet.node(0), &["block", "add", ATTACKER_V4]).ok("block add");
+    assert!(reply.contains("queued, fleet unreachable"), "{reply}");
+    assert_unanswered(fleet.node(0), ATTACKER_V4, PROTECTED_V4);
+    let down = status(fleet.node(0));
+    assert_eq!(down["fleet"]["connected"], false, "{down}");
+    assert!(down["fleet"]["queued"].as_u64() > Some(0), "{down}");
+
+    fleet.server(0).restart();
+    for address in adds.iter().chain([&ATTACKER_V4.to_string()]) {
+        let cidr = format!("{address}/32");
+        wait_until("B holds every add of the burst", CONVERGENCE, || {
+            has_entry(fleet.node(1), "block", &cidr)
+        });
+    }
+    assert_unanswered(fleet.node(1), ATTACKER_V4, PROTECTED_V4);
+    let up = status(fleet.node(0));
+    assert_eq!(up["fleet"]["queued"], 0, "{up}");
+    assert_eq!(
+        entries(fleet.node(0), "block"),
+        entries(fleet.node(1), "block")
+    );
+}
+
+#[test]
+fn a_three_server_cluster_keeps_propagating_with_one_server_down() {
+    let mut fleet = FleetLab::new(2);
+    let urls = fleet.start_servers(3, None);
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    // A knows only the server that will die; the cluster tells it of the others.
+    let _a = start_node(&fleet, 0, &urls[..1], "replicas = 3", "");
+    let _b = start_node(&fleet, 1, &urls[1..], "replicas = 3", "");
+    wait_connected(fleet.node(0));
+    wait_connected(fleet.node(1));
+    MoatProcess::cli(fleet.node(0), &["block", "add", "192.0.2.1"]).ok("block add");
+    wait_until("B holds the first block", PROPAGATION, || {
+        has_entry(fleet.node(1), "block", "192.0.2.1/32")
+    });
+
+    fleet.server(0).kill();
+    MoatProcess::cli(fleet.node(0), &["block", "add", ATTACKER_V4]).ok("block add");
+    let took = wait_until(
+        "B holds the block made with a server down",
+        CONVERGENCE,
+        || has_entry(fleet.node(1), "block", &format!("{ATTACKER_V4}/32")),
+    );
+    eprintln!("propagated {took:?} after the add, with one of three servers down");
+    assert_unanswered(fleet.node(1), ATTACKER_V4, PROTECTED_V4);
+}
+
+#[test]
+fn fleet_entries_expire_everywhere_and_bans_are_shared() {
+    let mut fleet = FleetLab::new(2);
+    let url = fleet.start_server(None);
+    let banning =
+        "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"";
+    let a = start_node(&fleet, 0, &[&url], "share = [\"cli\", \"bans\"]", banning);
+    let _b = start_node(&fleet, 1, &[&url], "", "");
+    wait_connected(fleet.node(0));
+    wait_connected(fleet.node(1));
+
+    MoatProcess::cli(fleet.node(0), &["block", "add", "192.0.2.9", "--ttl", "3s"]).ok("block add");
+    wait_until("B holds the entry", PROPAGATION, || {
+        has_entry(fleet.node(1), "block", "192.0.2.9/32")
+    });
+    let took = wait_until(
+        "the entry expires on both nodes",
+        Duration::from_secs(8),
+        || {
+            !has_entry(fleet.node(0), "block", "192.0.2.9/32")
+                && !has_entry(fleet.node(1), "block", "192.0.2.9/32")
+        },
+    );
+    assert!(took > Duration::from_secs(1), "expired early: {took:?}");
+
+    // A bans the flooding source; B blocks it too.
+    udp_flood(
+        fleet.node(0),
+        Lab::addr(ATTACKER_V4),
+        Lab::addr(PROTECTED_V4),
+        5_000_000,
+        64,
+        Duration::from_millis(2500),
+    );
+    a.wait_for_log("banned source=", 1);
+    let cidr = format!("{ATTACKER_V4}/32");
+    wait_until("B holds A's ban", PROPAGATION, || {
+        has_entry(fleet.node(1), "block", &cidr)
+    });
+    assert_unanswered(fleet.node(1), ATTACKER_V4, PROTECTED_V4);
+    let text = MoatProcess::cli(fleet.node(1), &["block", "list"]).ok("block list");
+    assert!(text.contains("rate-limit ban on edge-a"), "{text}");
+}
+
+#[test]
+fn an_unreachable_or_refusing_fleet_leaves_local_enforcement_alone() {
+    let mut fleet = FleetLab::new(2);
+    let url = fleet.start_server(Some("right-token"));
+    let _a = start_node(&fleet, 0, &[&url], "token = \"wrong-token\"", "");
+    let nobody = format!("nats://{HUB_ADDRESS}:4299");
+    let _b = start_node(&fleet, 1, &[&nobody], "", "");
+    for (i, error) in [(0, "authorization"), (1, "")] {
+        let lab = fleet.node(i);
+        let reply = MoatProcess::cli(lab, &["block", "add", ATTACKER_V4]).ok("block add");
+        assert!(reply.contains("queued, fleet unreachable"), "{reply}");
+        assert_unanswered(lab, ATTACKER_V4, PROTECTED_V4);
+        let down = status(lab);
+        assert_eq!(down["fleet"]["connected"], false, "{down}");
+        if !error.is_empty() {
+            wait_until("the refusal is reported", CONVERGENCE, || {
+                status(lab)["fleet"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.to_lowercase().contains(error))
+            });
+        }
+        let text = MoatProcess::cli(lab, &["status"]).ok("status");
+        assert!(text.contains("fleet      node edge-"), "{text}");
+        assert!(text.contains("DOWN: enforcing locally"), "{text}");
+    }
+}
+
+#[test]
+fn values_that_are_not_moats_are_skipped_and_nothing_else_is_affected() {
+    let mut fleet = FleetLab::new(2);
+    let url = fleet.start_server(None);
+    let a = start_node(&fleet, 0, &[&url], "", "");
+    let _b = start_node(&fleet, 1, &[&url], "", "");
+    wait_connected(fleet.node(0));
+    wait_connected(fleet.node(1));
+    let valid = |cidr: &str| {
+        format!(
+            r#"{{"version":1,"list":"blocklist","cidr":"{cidr}","expires_at":null,"comment":null,"origin":"x"}}"#
+        )
+    };
+    let far = format!(
+        r#"{{"version":1,"list":"blocklist","cidr":"192.0.2.8/32","expires_at":{},"comment":null,"origin":"x"}}"#,
+        u64::MAX / 2
+    );
+    let bad: [(&str, String); 5] = [
+        ("blocklist.192.0.2.0/24", "not json".into()),
+        ("blocklist.192.0.2.7/32", valid("192.0.2.70/32")),
+        ("blocklist.192.0.2.8/32", far),
+        ("blocklist.192.0.2.9", valid("192.0.2.9/32")),
+        ("stray.key", "{}".into()),
+    ];
+    for (key, value) in &bad {
+        publish_raw(
+            fleet.hub(),
+            HUB_ADDRESS,
+            4222,
+            &format!("$KV.moat.{key}"),
+            value.as_bytes(),
+        );
+    }
+    MoatProcess::cli(fleet.node(1), &["block", "add", ATTACKER_V4]).ok("block add on B");
+    wait_until("A holds B's block", PROPAGATION * 5, || {
+        has_entry(fleet.node(0), "block", &format!("{ATTACKER_V4}/32"))
+    });
+    assert_unanswered(fleet.node(0), ATTACKER_V4, PROTECTED_V4);
+    let blocks = entries(fleet.node(0), "block");
+    assert_eq!(
+        blocks.len(),
+        1,
+        "nothing of the bad values applied: {blocks:?}"
+    );
+    let log = a.wait_for_log("skipped a fleet value that is not moat's", bad.len());
+    for (key, _) in &bad {
+        assert!(
+            log.contains(&format!("key={key}")),
+            "{key} named in:\n{log}"
+        );
+    }
+    assert_eq!(status(fleet.node(0))["fleet"]["rejected"], bad.len() as u64);
+    assert_eq!(status(fleet.node(0))["fleet"]["connected"], true);
+}
