@@ -4,7 +4,7 @@
 //! nothing the fleet does waits on the servers.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, PoisonError},
     time::{Duration, SystemTime},
@@ -22,7 +22,7 @@ use crate::{
     control::protocol::FleetView,
     fleet::{
         Change, FleetEvent, FleetKey, FleetRecord, FleetStatus,
-        client::{QUEUE_CAPACITY, SharedStatus},
+        client::{Outgoing, QUEUE_CAPACITY, SharedStatus},
     },
     program::{lists::ListChange, live::PolicyChange},
 };
@@ -35,11 +35,15 @@ const APPLY_BUCKETS: [f64; 12] = [
 /// The fleet as the daemon holds it.
 pub struct FleetSync {
     pub settings: Fleet,
-    changes: mpsc::Sender<Change>,
+    changes: mpsc::Sender<Outgoing>,
     status: SharedStatus,
-    /// Changes handed over and not yet in the bucket, per key: until they are, what the bucket
-    /// says of these keys is older than this node's word, and is not applied.
-    pending: HashMap<FleetKey, u32>,
+    /// Changes handed over and not yet settled, per key (how many, and the last): until they
+    /// are, what the bucket says of these keys is older than this node's word, and is not
+    /// applied. The last of each is the outbox saved with the state.
+    pending: HashMap<FleetKey, Pending>,
+    /// Message ids: this daemon's start (so that ids never repeat across restarts) and a count.
+    id_prefix: String,
+    next_id: u64,
     /// From a change's arrival in the bucket to its application here.
     apply_seconds: Histogram,
     last_lag: Option<Duration>,
@@ -48,7 +52,13 @@ pub struct FleetSync {
 }
 
 impl FleetSync {
-    pub fn new(settings: Fleet, changes: mpsc::Sender<Change>, status: SharedStatus) -> Self {
+    /// The daemon's half; `outbox` (saved by an earlier daemon) is handed over first.
+    pub fn new(
+        settings: Fleet,
+        changes: mpsc::Sender<Outgoing>,
+        status: SharedStatus,
+        outbox: Vec<Outgoing>,
+    ) -> Self {
         let apply_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "moat_fleet_apply_seconds",
@@ -57,7 +67,12 @@ impl FleetSync {
             .buckets(APPLY_BUCKETS.to_vec()),
         )
         .expect("valid histogram options");
-        Self {
+        let started = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let mut fleet = Self {
+            id_prefix: format!("{}-{:x}", settings.node, started.as_nanos()),
+            next_id: 0,
             settings,
             changes,
             status,
@@ -65,7 +80,34 @@ impl FleetSync {
             apply_seconds,
             last_lag: None,
             refused: 0,
+        };
+        if !outbox.is_empty() {
+            info!(
+                changes = outbox.len(),
+                "publishing the changes an earlier run could not"
+            );
         }
+        for outgoing in outbox {
+            fleet.send(outgoing);
+        }
+        fleet
+    }
+
+    fn send(&mut self, outgoing: Outgoing) {
+        let key = outgoing.change.key();
+        if self.changes.try_send(outgoing.clone()).is_ok() {
+            let pending = self.pending.entry(key).or_insert(Pending {
+                count: 0,
+                latest: outgoing.clone(),
+            });
+            pending.count += 1;
+            pending.latest = outgoing;
+        }
+    }
+
+    /// The changes not yet settled (the last of each key), to be saved.
+    pub fn outbox(&self) -> Vec<Outgoing> {
+        self.pending.values().map(|p| p.latest.clone()).collect()
     }
 
     fn status(&self) -> FleetStatus {
@@ -88,10 +130,9 @@ impl FleetSync {
     /// Hands changes over (there is room: see [`Self::has_room`]); the note for the CLI.
     pub fn hand_over(&mut self, changes: impl IntoIterator<Item = Change>) -> String {
         for change in changes {
-            let key = change.key();
-            if self.changes.try_send(change).is_ok() {
-                *self.pending.entry(key).or_default() += 1;
-            }
+            let id = format!("{}-{}", self.id_prefix, self.next_id);
+            self.next_id += 1;
+            self.send(Outgoing { change, id });
         }
         if self.status().connected {
             "fleet: published".into()
@@ -109,10 +150,10 @@ impl FleetSync {
         )
     }
 
-    fn published(&mut self, key: FleetKey) {
-        if let Some(count) = self.pending.get_mut(&key) {
-            *count -= 1;
-            if *count == 0 {
+    fn settled(&mut self, key: FleetKey) {
+        if let Some(pending) = self.pending.get_mut(&key) {
+            pending.count -= 1;
+            if pending.count == 0 {
                 self.pending.remove(&key);
             }
         }
@@ -168,6 +209,12 @@ impl FleetSync {
     }
 }
 
+/// Changes to one key handed over and not yet settled.
+struct Pending {
+    count: u32,
+    latest: Outgoing,
+}
+
 /// A fleet record as a runtime entry.
 fn entry_of(record: FleetRecord) -> DynamicEntry {
     DynamicEntry {
@@ -178,54 +225,91 @@ fn entry_of(record: FleetRecord) -> DynamicEntry {
 }
 
 impl Daemon {
-    /// Applies what the fleet task read.
-    pub(super) fn on_fleet(&mut self, event: FleetEvent) {
-        let Some(fleet) = self.fleet.as_mut() else {
-            return;
-        };
+    /// Applies what the fleet task read, in order: the changes between two snapshots go into
+    /// the maps together (one switch of the program's generation for all of them).
+    pub(super) fn on_fleet(&mut self, events: Vec<FleetEvent>) {
         let now = SystemTime::now();
-        match event {
-            FleetEvent::Published(key) => fleet.published(key),
-            FleetEvent::Put {
-                key,
-                record,
-                stored_at,
-            } => {
-                if fleet.is_pending(&key) {
-                    return;
+        let mut batch: BTreeMap<FleetKey, Option<DynamicEntry>> = BTreeMap::new();
+        let mut settled = false;
+        for event in events {
+            let Some(fleet) = self.fleet.as_mut() else {
+                return;
+            };
+            match event {
+                FleetEvent::Settled(key) => {
+                    fleet.settled(key);
+                    settled = true;
                 }
-                fleet.observe(stored_at);
-                if record.expires_at.is_some_and(|at| at <= now) {
-                    self.apply_fleet(key.list, Vec::new(), vec![key.cidr]);
-                } else {
-                    info!(list = key.list.name(), cidr = %key.cidr, origin = %record.origin, cause = "fleet", "list entry added");
-                    self.apply_fleet(key.list, vec![(key.cidr, entry_of(record))], Vec::new());
+                FleetEvent::Put {
+                    key,
+                    record,
+                    stored_at,
+                } if !fleet.is_pending(&key) => {
+                    fleet.observe(stored_at);
+                    let live = record.expires_at.is_none_or(|at| at > now);
+                    batch.insert(key, live.then(|| entry_of(record)));
+                }
+                FleetEvent::Delete { key, stored_at } if !fleet.is_pending(&key) => {
+                    fleet.observe(stored_at);
+                    batch.insert(key, None);
+                }
+                // This node's own word on the key is on its way.
+                FleetEvent::Put { .. } | FleetEvent::Delete { .. } => {}
+                FleetEvent::Snapshot {
+                    entries,
+                    unreadable,
+                } => {
+                    self.apply_changes(std::mem::take(&mut batch));
+                    self.reconcile(entries, &unreadable, now);
                 }
             }
-            FleetEvent::Delete { key, stored_at } => {
-                if fleet.is_pending(&key) {
-                    return;
-                }
-                fleet.observe(stored_at);
-                if self.apply_fleet(key.list, Vec::new(), vec![key.cidr]) > 0 {
-                    info!(list = key.list.name(), cidr = %key.cidr, cause = "fleet", "list entry deleted");
+        }
+        self.apply_changes(batch);
+        if settled {
+            // The outbox saved with the state is smaller.
+            self.state_changed_by_fleet();
+        }
+    }
+
+    /// Applies live changes (a put, or `None`: a delete), each logged.
+    fn apply_changes(&mut self, batch: BTreeMap<FleetKey, Option<DynamicEntry>>) {
+        for kind in ListKind::ALL {
+            let mut puts = Vec::new();
+            let mut deletes = Vec::new();
+            for (key, entry) in batch.iter().filter(|(key, _)| key.list == kind) {
+                match entry {
+                    Some(entry) => puts.push((key.cidr, entry.clone())),
+                    None => deletes.push(key.cidr),
                 }
             }
-            FleetEvent::Snapshot(entries) => self.reconcile(entries, now),
+            let (added, deleted) = self.apply_fleet(kind, puts, deletes);
+            for (cidr, entry) in &added {
+                let origin = entry.origin.as_deref().unwrap_or_default();
+                info!(list = kind.name(), cidr = %cidr, origin, cause = "fleet", "list entry added");
+            }
+            for cidr in &deleted {
+                info!(list = kind.name(), cidr = %cidr, cause = "fleet", "list entry deleted");
+            }
         }
     }
 
     /// Makes the fleet entries here what the bucket holds: those it no longer holds go (deleted
     /// while this node was away), the others are added or updated. Keys with changes of this
-    /// node's still on their way are left as they are.
-    fn reconcile(&mut self, snapshot: Vec<(FleetKey, FleetRecord)>, now: SystemTime) {
+    /// node's still on their way, and keys whose value is not moat's, are left as they are.
+    fn reconcile(
+        &mut self,
+        snapshot: Vec<(FleetKey, FleetRecord)>,
+        unreadable: &[FleetKey],
+        now: SystemTime,
+    ) {
         let Some(fleet) = self.fleet.as_ref() else {
             return;
         };
-        let pending = fleet.pending.clone();
+        let mut keep: HashSet<FleetKey> = fleet.pending.keys().copied().collect();
+        keep.extend(unreadable.iter().copied());
         let mut wanted: BTreeMap<FleetKey, DynamicEntry> = BTreeMap::new();
         for (key, record) in snapshot {
-            if !pending.contains_key(&key) && record.expires_at.is_none_or(|at| at > now) {
+            if !keep.contains(&key) && record.expires_at.is_none_or(|at| at > now) {
                 wanted.insert(key, entry_of(record));
             }
         }
@@ -239,9 +323,7 @@ impl Daemon {
                         list: kind,
                         cidr: **cidr,
                     };
-                    entry.origin.is_some()
-                        && !wanted.contains_key(&key)
-                        && !pending.contains_key(&key)
+                    entry.origin.is_some() && !wanted.contains_key(&key) && !keep.contains(&key)
                 })
                 .map(|(cidr, _)| *cidr)
                 .collect();
@@ -252,8 +334,9 @@ impl Daemon {
                 })
                 .map(|(key, entry)| (key.cidr, entry.clone()))
                 .collect();
-            added += new.len();
-            removed += self.apply_fleet(kind, new, gone);
+            let (put, deleted) = self.apply_fleet(kind, new, gone);
+            added += put.len();
+            removed += deleted.len();
         }
         info!(
             entries = wanted.len(),
@@ -261,16 +344,24 @@ impl Daemon {
         );
     }
 
-    /// Adds or updates `puts` and deletes the fleet entries among `deletes`, in the maps and in
-    /// the runtime entries, all at once; when the maps refuse the whole (full), each entry is
-    /// tried on its own, and those refused are counted and logged once. Returns how many
-    /// entries were deleted.
+    /// Adds or updates `puts` and deletes the fleet entries among `deletes`, in the maps and
+    /// the runtime entries, all at once. An entry added here and not shared (no origin) is this
+    /// node's own: the fleet neither replaces nor deletes it. When the maps refuse the whole
+    /// (full), the deletes go alone, then the longest run of puts that fits (found by halving);
+    /// the rest are refused: logged once and counted. Returns what was put and what deleted.
     fn apply_fleet(
         &mut self,
         kind: ListKind,
         puts: Vec<(Cidr, DynamicEntry)>,
         deletes: Vec<Cidr>,
-    ) -> usize {
+    ) -> (Vec<(Cidr, DynamicEntry)>, Vec<Cidr>) {
+        let fleet_owned = |dynamic: &super::state::Dynamic, cidr: &Cidr| {
+            dynamic.get(kind, cidr).is_none_or(|e| e.origin.is_some())
+        };
+        let puts: Vec<(Cidr, DynamicEntry)> = puts
+            .into_iter()
+            .filter(|(cidr, _)| fleet_owned(&self.dynamic, cidr))
+            .collect();
         let deletes: Vec<Cidr> = deletes
             .into_iter()
             .filter(|cidr| {
@@ -280,35 +371,33 @@ impl Daemon {
             })
             .collect();
         if puts.is_empty() && deletes.is_empty() {
-            return 0;
+            return (puts, deletes);
         }
-        let error = match self.try_apply_fleet(kind, &puts, &deletes) {
-            Ok(()) => return deletes.len(),
-            Err(e) => e,
+        let Err(error) = self.try_apply_fleet(kind, &puts, &deletes) else {
+            return (puts, deletes);
         };
-        let mut refused: Vec<Cidr> = Vec::new();
-        if puts.len() + deletes.len() > 1 {
-            for cidr in &deletes {
-                if self.try_apply_fleet(kind, &[], &[*cidr]).is_err() {
-                    refused.push(*cidr);
-                }
+        let (deleted, mut refused): (Vec<Cidr>, Vec<Cidr>) =
+            if self.try_apply_fleet(kind, &[], &deletes).is_ok() {
+                (deletes, Vec::new())
+            } else {
+                (Vec::new(), deletes)
+            };
+        let (mut applied, mut step) = (0, puts.len());
+        while applied < puts.len() && step > 0 {
+            let end = (applied + step).min(puts.len());
+            if self.try_apply_fleet(kind, &puts[applied..end], &[]).is_ok() {
+                applied = end;
+            } else {
+                step /= 2;
             }
-            for put in puts {
-                if self
-                    .try_apply_fleet(kind, std::slice::from_ref(&put), &[])
-                    .is_err()
-                {
-                    refused.push(put.0);
-                }
-            }
-        } else {
-            refused.extend(puts.first().map(|(c, _)| *c).or(deletes.first().copied()));
         }
-        if !refused.is_empty() {
+        let mut puts = puts;
+        refused.extend(puts.split_off(applied).into_iter().map(|(cidr, _)| cidr));
+        if let Some(first) = refused.first() {
             warn!(
                 list = kind.name(),
                 refused = refused.len(),
-                first = %refused[0],
+                first = %first,
                 error = %crate::error_chain(&error),
                 "fleet entries refused"
             );
@@ -316,7 +405,7 @@ impl Daemon {
                 fleet.refused += refused.len() as u64;
             }
         }
-        deletes.iter().filter(|c| !refused.contains(c)).count()
+        (puts, deleted)
     }
 
     fn try_apply_fleet(
@@ -325,6 +414,9 @@ impl Daemon {
         puts: &[(Cidr, DynamicEntry)],
         deletes: &[Cidr],
     ) -> Result<(), crate::program::live::ChangeError> {
+        if puts.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
         let entries = self.live.entries(kind);
         let change = ListChange {
             upserts: puts
@@ -345,7 +437,7 @@ impl Daemon {
         for cidr in deletes {
             self.dynamic.remove(kind, cidr);
         }
-        self.state_changed();
+        self.state_changed_by_fleet();
         Ok(())
     }
 

@@ -185,6 +185,10 @@ impl Daemon {
         let entries = self.live.entries(kind);
         let mut change = ListChange::default();
         let mut unban = Vec::new();
+        // Bans lifted along with a fleet entry that shared them (one entry, counted once).
+        let mut unban_with_entry = Vec::new();
+        // Bans lifted that were no entry here: shared with the fleet, they are its entries.
+        let mut lifted_bans = Vec::new();
         let mut kept_by_config = 0;
         for cidr in &cidrs {
             let source = entries.get(cidr).copied();
@@ -192,6 +196,14 @@ impl Daemon {
                 match source {
                     Some(SOURCE_CLI) => change.removals.push(*cidr),
                     _ => kept_by_config += 1,
+                }
+                // A ban shared with the fleet is also a fleet entry: both go.
+                if let Some(source) = (kind == ListKind::Block)
+                    .then(|| self.banned_source(cidr))
+                    .flatten()
+                {
+                    unban.push(source);
+                    unban_with_entry.push(source);
                 }
             } else if source.is_some() {
                 return Err(format!(
@@ -202,6 +214,7 @@ impl Daemon {
                 .flatten()
             {
                 unban.push(source);
+                lifted_bans.push(*cidr);
             } else {
                 return Err(format!("{cidr} is not in the {}", kind.name()));
             }
@@ -225,6 +238,16 @@ impl Daemon {
                 }
             }
         }
+        if let Some(fleet) = self.fleet.as_ref()
+            && fleet.settings.shares(Share::Bans)
+        {
+            fleet_deletes.extend(lifted_bans.iter().map(|cidr| {
+                Change::Delete(FleetKey {
+                    list: kind,
+                    cidr: *cidr,
+                })
+            }));
+        }
         if let Some(fleet) = self.fleet.as_mut()
             && !fleet_deletes.is_empty()
         {
@@ -242,7 +265,9 @@ impl Daemon {
                     continue;
                 }
                 self.lifted.push((std::time::Instant::now(), *source));
-                view.removed += 1;
+                if !unban_with_entry.contains(source) {
+                    view.removed += 1;
+                }
                 info!(source = %source, cause = "cli", "unbanned");
             }
             // Lifted, so their expiry is not news.

@@ -84,6 +84,11 @@ const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 const STATE_SAVE_DELAY: Duration = Duration::from_millis(50);
 /// How soon a failed save is tried again.
 const STATE_SAVE_RETRY: Duration = Duration::from_secs(5);
+/// How long after a change the fleet made the state is saved: the bucket holds it meanwhile,
+/// and a thousand changes a second are saved once a second, not twenty times.
+const FLEET_SAVE_DELAY: Duration = Duration::from_secs(1);
+/// Fleet events applied together, at most.
+const FLEET_BATCH: usize = 4096;
 /// How often the limiter's maps are walked (away from the loop), and how long a walk may take:
 /// a million spoofed sources take about a second to walk, which the loop never waits for.
 const LIMITER_SCAN_INTERVAL: Duration = Duration::from_secs(1);
@@ -178,7 +183,12 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         Some(settings) => {
             let handle = crate::fleet::client::start(settings.clone());
             (
-                Some(FleetSync::new(settings, handle.changes, handle.status)),
+                Some(FleetSync::new(
+                    settings,
+                    handle.changes,
+                    handle.status,
+                    std::mem::take(&mut prepared.dynamic.fleet_outbox),
+                )),
                 Some(handle.events),
             )
         }
@@ -622,7 +632,7 @@ impl Daemon {
                     self.share_ban(source, ttl);
                     self.state_changed();
                 }
-                Some(event) = next_fleet_event(&mut fleet_events) => self.on_fleet(event),
+                Some(events) = next_fleet_events(&mut fleet_events) => self.on_fleet(events),
                 Some(reply_to) = scrapes.recv() => {
                     let _ = reply_to.send(self.metrics());
                 }
@@ -672,11 +682,21 @@ impl Daemon {
             .get_or_insert_with(tokio::time::Instant::now);
     }
 
+    /// Schedules a save of the state after a change from the fleet (see [`FLEET_SAVE_DELAY`]).
+    fn state_changed_by_fleet(&mut self) {
+        self.unsaved_since.get_or_insert_with(|| {
+            tokio::time::Instant::now() + FLEET_SAVE_DELAY - STATE_SAVE_DELAY
+        });
+    }
+
     /// Saves the dynamic entries and the bans in force; a failure is logged, not fatal: the
     /// program keeps enforcing whatever happens to the disk.
     fn save_state(&mut self) {
         self.unsaved_since = None;
         let bans = self.bans_to_save();
+        if let Some(fleet) = &self.fleet {
+            self.dynamic.fleet_outbox = fleet.outbox();
+        }
         match self.store.save(&self.dynamic, &bans) {
             Ok(()) => {
                 self.saved_bans = bans;
@@ -980,12 +1000,22 @@ fn log_policy(policy: &Policy) {
 }
 
 /// Sleeps until `at`; never returns when there is nothing to wait for.
-/// The fleet task's next event; never, without a fleet.
-async fn next_fleet_event(events: &mut Option<mpsc::Receiver<FleetEvent>>) -> Option<FleetEvent> {
-    match events {
-        Some(events) => events.recv().await,
-        None => std::future::pending().await,
+/// The fleet task's next events, as many as have come (up to [`FLEET_BATCH`]); never,
+/// without a fleet.
+async fn next_fleet_events(
+    events: &mut Option<mpsc::Receiver<FleetEvent>>,
+) -> Option<Vec<FleetEvent>> {
+    let Some(events) = events else {
+        return std::future::pending().await;
+    };
+    let mut batch = vec![events.recv().await?];
+    while batch.len() < FLEET_BATCH {
+        match events.try_recv() {
+            Ok(event) => batch.push(event),
+            Err(_) => break,
+        }
     }
+    Some(batch)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

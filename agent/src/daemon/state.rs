@@ -21,6 +21,7 @@ use tracing::{error, info};
 use super::journal::{Journal, Record};
 use crate::{
     config::{Cidr, ListKind},
+    fleet::{Change, FleetKey, FleetRecord, client::Outgoing},
     program::limiter::ActiveBan,
 };
 
@@ -92,6 +93,9 @@ pub struct Dynamic {
     /// Every entry that expires, by expiry: the next one and the expired ones are found
     /// without a walk over a list of a million entries.
     expiries: BTreeSet<(SystemTime, ListKind, Cidr)>,
+    /// This node's changes not yet in the fleet's bucket, as of the last save: published first
+    /// after a restart (a block made while the servers were away is not lost with the process).
+    pub fleet_outbox: Vec<Outgoing>,
 }
 
 impl PartialEq for Dynamic {
@@ -250,6 +254,20 @@ struct StateFile<C = String> {
     blocklist: Vec<EntryGroup<C>>,
     #[serde(default)]
     bans: Vec<BanRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    fleet_outbox: Vec<OutboxRecord>,
+}
+
+/// A change not yet published to the fleet.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct OutboxRecord {
+    /// The bucket's key.
+    key: String,
+    /// The record's JSON for a put; null for a delete.
+    value: Option<String>,
+    /// JetStream's message id (a repeat within its window is dropped).
+    id: String,
 }
 
 /// Entries that share an expiry and a comment (an import is one group): the file stays about
@@ -547,7 +565,41 @@ fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText<'a
                 expires_at: format_time(ban.expires_at),
             })
             .collect(),
+        fleet_outbox: dynamic
+            .fleet_outbox
+            .iter()
+            .map(|outgoing| {
+                let key = outgoing.change.key();
+                OutboxRecord {
+                    key: key.encode(),
+                    value: match &outgoing.change {
+                        Change::Put(_, record) => {
+                            Some(String::from_utf8_lossy(&record.encode(&key)).into_owned())
+                        }
+                        Change::Delete(_) => None,
+                    },
+                    id: outgoing.id.clone(),
+                }
+            })
+            .collect(),
     }
+}
+
+/// A saved outbox record as the change it was.
+fn outbox_change(record: OutboxRecord, now: SystemTime) -> Result<Outgoing, String> {
+    let key = FleetKey::decode(&record.key).map_err(|e| format!("fleet outbox: {e}"))?;
+    let change = match record.value {
+        None => Change::Delete(key),
+        Some(value) => Change::Put(
+            key,
+            FleetRecord::decode(&key, value.as_bytes(), now)
+                .map_err(|e| format!("fleet outbox: {}: {e}", record.key))?,
+        ),
+    };
+    Ok(Outgoing {
+        change,
+        id: record.id,
+    })
 }
 
 fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), String> {
@@ -591,6 +643,11 @@ fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), Stri
             bans.push(ActiveBan { source, expires_at });
         }
     }
+    dynamic.fleet_outbox = file
+        .fleet_outbox
+        .into_iter()
+        .map(|record| outbox_change(record, now))
+        .collect::<Result<_, _>>()?;
     Ok((dynamic, bans))
 }
 

@@ -9,6 +9,7 @@
 //! after it, in the bucket's order (last writer wins by revision).
 
 use std::{
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -17,14 +18,18 @@ use anyhow::{Context as _, anyhow};
 use async_nats::{
     ConnectOptions, Event, HeaderMap, HeaderValue, ServerAddr,
     connection::State,
-    header::NATS_MESSAGE_TTL,
-    jetstream::{self, kv},
+    header::{NATS_MESSAGE_ID, NATS_MESSAGE_TTL},
+    jetstream::{
+        self,
+        context::{PublishAckFuture, PublishError, PublishErrorKind},
+        kv,
+    },
 };
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use super::record::{FleetKey, FleetRecord};
+use super::record::{FleetKey, FleetRecord, RecordError};
 use crate::config::{Fleet, fleet::FleetAuth};
 
 /// Local changes held while the fleet is unreachable; beyond this, a change is not shared.
@@ -41,6 +46,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the server keeps the marker it leaves where a key's TTL ran out: a node away for
 /// less hears of the expiry from the bucket (it also expires the entry by its own clock).
 const EXPIRY_MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The header JetStream's key-value store marks a delete with.
+const KV_OPERATION: &str = "KV-Operation";
 /// How often the connection's state is looked at while waiting for it.
 const STATE_POLL: Duration = Duration::from_millis(200);
 
@@ -59,11 +66,24 @@ impl Change {
     }
 }
 
+/// A change on its way to the bucket, with the message id JetStream drops repeats of (a
+/// publish retried after a lost acknowledgement, or one the client sent again on reconnect,
+/// must not land twice: the second copy could overwrite a newer write of another node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub change: Change,
+    pub id: String,
+}
+
 /// What the task tells the daemon.
 #[derive(Debug)]
 pub enum FleetEvent {
-    /// Every entry in the bucket, at the start of a session.
-    Snapshot(Vec<(FleetKey, FleetRecord)>),
+    /// Every entry in the bucket, at the start of a session; `unreadable`: keys whose value is
+    /// not moat's (left as they are here).
+    Snapshot {
+        entries: Vec<(FleetKey, FleetRecord)>,
+        unreadable: Vec<FleetKey>,
+    },
     /// One change after the snapshot; `stored_at` by the server's clock.
     Put {
         key: FleetKey,
@@ -74,8 +94,8 @@ pub enum FleetEvent {
         key: FleetKey,
         stored_at: SystemTime,
     },
-    /// A change the daemon handed over is in the bucket.
-    Published(FleetKey),
+    /// A change the daemon handed over is settled: in the bucket, or given up (logged).
+    Settled(FleetKey),
 }
 
 /// The connection as `moat status` and the metrics show it.
@@ -103,7 +123,7 @@ fn update(status: &SharedStatus, f: impl FnOnce(&mut FleetStatus)) {
 
 /// The daemon's ends of the task.
 pub struct FleetHandle {
-    pub changes: mpsc::Sender<Change>,
+    pub changes: mpsc::Sender<Outgoing>,
     pub events: mpsc::Receiver<FleetEvent>,
     pub status: SharedStatus,
 }
@@ -118,7 +138,8 @@ pub fn start(fleet: Fleet) -> FleetHandle {
         changes,
         events,
         status: status.clone(),
-        held: None,
+        held: VecDeque::new(),
+        read_up_to: 0,
     };
     tokio::spawn(task.run());
     FleetHandle {
@@ -136,13 +157,29 @@ enum Ended {
     Stopped,
 }
 
+/// A change whose publish failed, published first in the next session.
+struct Held {
+    outgoing: Outgoing,
+    /// Refusals by the server (not timeouts): after [`MAX_REFUSALS`] the change is given up,
+    /// so that one change the servers never take cannot stop the fleet.
+    refusals: u32,
+}
+
+/// Changes sent before their acknowledgements are awaited.
+const PUBLISH_WINDOW: usize = 256;
+/// Refusals of one change before it is given up.
+const MAX_REFUSALS: u32 = 3;
+
 struct Task {
     fleet: Fleet,
-    changes: mpsc::Receiver<Change>,
+    changes: mpsc::Receiver<Outgoing>,
     events: mpsc::Sender<FleetEvent>,
     status: SharedStatus,
-    /// A change whose publish failed: published first in the next session.
-    held: Option<Change>,
+    /// Changes whose publish failed, in order: published first in the next session.
+    held: VecDeque<Held>,
+    /// The highest revision read: a value read again (in the next session's snapshot) is not
+    /// logged or counted again.
+    read_up_to: u64,
 }
 
 impl Task {
@@ -163,23 +200,22 @@ impl Task {
             if self.wait_connected(&client, &mut connection).await.is_err() {
                 return;
             }
-            match self.session(&client, &mut connection).await {
+            let ended = self.session(&client, &mut connection).await;
+            update(&self.status, |s| s.connected = false);
+            match ended {
                 Ok(Ended::Disconnected) => {}
                 Ok(Ended::Stopped) => return,
                 Err(e) => {
                     let why = format!("{e:#}");
                     warn!(error = %why, "fleet session failed; retrying");
-                    update(&self.status, |s| {
-                        s.error = Some(why);
-                        s.connected = client.connection_state() == State::Connected;
-                    });
+                    update(&self.status, |s| s.error = Some(why));
                     tokio::time::sleep(RETRY_DELAY).await;
                 }
             }
         }
     }
 
-    /// Waits for the client to be connected, noting the errors it reports meanwhile.
+    /// Waits for the client to be connected.
     async fn wait_connected(
         &self,
         client: &async_nats::Client,
@@ -204,46 +240,49 @@ impl Task {
         client: &async_nats::Client,
         connection: &mut mpsc::UnboundedReceiver<Event>,
     ) -> anyhow::Result<Ended> {
+        // What the connection said before this session is about an earlier one.
+        while connection.try_recv().is_ok() {}
         let server = client.server_info();
         let js = jetstream::new(client.clone());
-        let store = open_bucket(&js, &self.fleet).await?;
-        let info = &store
+        let store = open_bucket(&js, &self.fleet, &server.version).await?;
+        let server_ttl = store
             .status()
             .await
-            .context("reading the bucket's state")?
-            .info;
-        let server_ttl = info.config.allow_message_ttl;
-        let stored = info.state.messages;
+            .context("reading the bucket's settings")?
+            .info
+            .config
+            .allow_message_ttl;
         update(&self.status, |s| {
-            s.connected = true;
             s.server = Some(format!(
                 "{} ({}:{})",
                 server.server_name, server.host, server.port
             ));
-            s.error = None;
             s.server_ttl = server_ttl;
         });
-        info!(
-            server = %server.server_name,
-            bucket = %self.fleet.bucket,
-            per_key_ttl = server_ttl,
-            "fleet connected"
-        );
 
         // What was held while away goes first, so that the snapshot already holds it.
-        if let Some(change) = self.held.take() {
-            self.publish(&js, &store, change, server_ttl).await?;
-        }
-        while let Ok(change) = self.changes.try_recv() {
-            self.publish(&js, &store, change, server_ttl).await?;
+        while !self.held.is_empty() || !self.changes.is_empty() {
+            let mut batch: Vec<Held> = self.held.drain(..).collect();
+            self.take_queued(&mut batch);
+            self.publish(&js, batch, server_ttl).await?;
         }
 
-        // The last value of every key (deleted ones as markers), then every change.
+        // The last value of every key (deleted ones as markers), then every change; counted
+        // after the publishes above, so an empty bucket is known to be empty.
+        let stored = js
+            .get_stream(format!("KV_{}", self.fleet.bucket))
+            .await
+            .context("reading the bucket's state")?
+            .info()
+            .await
+            .context("reading the bucket's state")?
+            .state
+            .messages;
         let mut watch = store
             .watch_with_history(">")
             .await
             .context("watching the bucket")?;
-        let mut snapshot = Vec::new();
+        let (mut entries, mut unreadable) = (Vec::new(), Vec::new());
         let mut current = stored == 0;
         while !current {
             let entry = tokio::time::timeout(SNAPSHOT_IDLE, watch.next())
@@ -252,19 +291,31 @@ impl Task {
                 .ok_or_else(|| anyhow!("the bucket's watch ended"))?
                 .context("reading the bucket's snapshot")?;
             current = entry.delta == 0;
-            if let Some((key, record)) = self.read(&entry).and_then(|(key, r)| Some((key, r?))) {
-                snapshot.push((key, record));
+            match self.read(&entry) {
+                Read::Entry(key, Some(record)) => entries.push((key, record)),
+                Read::Entry(_, None) => {}
+                Read::Unreadable(Some(key)) => unreadable.push(key),
+                Read::Unreadable(None) => {}
             }
         }
-        info!(entries = snapshot.len(), "fleet snapshot read");
-        if self
-            .events
-            .send(FleetEvent::Snapshot(snapshot))
-            .await
-            .is_err()
-        {
+        info!(
+            server = %server.server_name,
+            bucket = %self.fleet.bucket,
+            per_key_ttl = server_ttl,
+            entries = entries.len(),
+            "fleet connected; snapshot read"
+        );
+        let snapshot = FleetEvent::Snapshot {
+            entries,
+            unreadable,
+        };
+        if self.events.send(snapshot).await.is_err() {
             return Ok(Ended::Stopped);
         }
+        update(&self.status, |s| {
+            s.connected = true;
+            s.error = None;
+        });
 
         loop {
             tokio::select! {
@@ -272,7 +323,7 @@ impl Task {
                     let entry = entry
                         .ok_or_else(|| anyhow!("the bucket's watch ended"))?
                         .context("watching the bucket")?;
-                    let Some((key, record)) = self.read(&entry) else { continue };
+                    let Read::Entry(key, record) = self.read(&entry) else { continue };
                     let stored_at = system_time(entry.created.unix_timestamp_nanos());
                     let event = match record {
                         Some(record) => FleetEvent::Put { key, record, stored_at },
@@ -282,9 +333,11 @@ impl Task {
                         return Ok(Ended::Stopped);
                     }
                 }
-                change = self.changes.recv() => {
-                    let Some(change) = change else { return Ok(Ended::Stopped) };
-                    self.publish(&js, &store, change, server_ttl).await?;
+                outgoing = self.changes.recv() => {
+                    let Some(outgoing) = outgoing else { return Ok(Ended::Stopped) };
+                    let mut batch = vec![Held { outgoing, refusals: 0 }];
+                    self.take_queued(&mut batch);
+                    self.publish(&js, batch, server_ttl).await?;
                 }
                 Some(event) = connection.recv() => {
                     if matches!(event, Event::Disconnected | Event::Closed) {
@@ -296,90 +349,166 @@ impl Task {
         }
     }
 
-    /// The entry a watched message names and, for a put, its record; `None` for what is not
-    /// moat's (logged and counted).
-    fn read(&self, entry: &kv::Entry) -> Option<(FleetKey, Option<FleetRecord>)> {
-        update(&self.status, |s| s.last_revision = entry.revision);
-        let decoded = FleetKey::decode(&entry.key).and_then(|key| match entry.operation {
-            kv::Operation::Put => {
-                FleetRecord::decode(&key, &entry.value, SystemTime::now()).map(|r| (key, Some(r)))
-            }
-            kv::Operation::Delete | kv::Operation::Purge => Ok((key, None)),
-        });
-        match decoded {
-            Ok(read) => Some(read),
+    /// What a watched message says; what is not moat's is logged and counted once.
+    fn read(&mut self, entry: &kv::Entry) -> Read {
+        let first_read = entry.revision > self.read_up_to;
+        self.read_up_to = self.read_up_to.max(entry.revision);
+        update(&self.status, |s| s.last_revision = self.read_up_to);
+        let key = match FleetKey::decode(&entry.key) {
+            Ok(key) => key,
             Err(e) => {
-                warn!(key = %entry.key, revision = entry.revision, error = %e, "skipped a fleet value that is not moat's");
-                update(&self.status, |s| s.rejected += 1);
-                None
+                self.reject(entry, &e, first_read);
+                return Read::Unreadable(None);
+            }
+        };
+        match entry.operation {
+            kv::Operation::Delete | kv::Operation::Purge => Read::Entry(key, None),
+            kv::Operation::Put => {
+                match FleetRecord::decode(&key, &entry.value, SystemTime::now()) {
+                    Ok(record) => Read::Entry(key, Some(record)),
+                    Err(e) => {
+                        self.reject(entry, &e, first_read);
+                        Read::Unreadable(Some(key))
+                    }
+                }
             }
         }
     }
 
-    /// Publishes one change; on failure it is held for the next session, and the error ends
-    /// this one.
+    fn reject(&self, entry: &kv::Entry, error: &RecordError, first_read: bool) {
+        if first_read {
+            warn!(key = %entry.key, revision = entry.revision, error = %error, "skipped a fleet value that is not moat's");
+            update(&self.status, |s| s.rejected += 1);
+        }
+    }
+
+    /// Adds what is queued to `batch`, up to [`PUBLISH_WINDOW`] changes.
+    fn take_queued(&mut self, batch: &mut Vec<Held>) {
+        while batch.len() < PUBLISH_WINDOW {
+            match self.changes.try_recv() {
+                Ok(outgoing) => batch.push(Held {
+                    outgoing,
+                    refusals: 0,
+                }),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Publishes a batch: all sent, then their acknowledgements awaited (one round trip for the
+    /// batch, not one per change). Of several changes to one key only the last is sent (the
+    /// others are settled: the bucket keeps the last anyway). A failure holds the change for
+    /// the next session and ends this one; a change the servers refused [`MAX_REFUSALS`] times
+    /// is given up (logged, counted).
     async fn publish(
         &mut self,
         js: &jetstream::Context,
-        store: &kv::Store,
-        change: Change,
+        batch: Vec<Held>,
         server_ttl: bool,
     ) -> anyhow::Result<()> {
-        let key = change.key();
-        let result = match &change {
-            Change::Put(key, record) => {
-                let value = record.encode(key).into();
-                match record.expires_at.filter(|_| server_ttl) {
-                    None => store
-                        .put(key.encode(), value)
-                        .await
-                        .map(drop)
-                        .map_err(anyhow::Error::from),
-                    Some(at) => put_with_ttl(js, &self.fleet.bucket, key, value, at).await,
-                }
+        let last_of_key: HashMap<FleetKey, usize> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, held)| (held.outgoing.change.key(), i))
+            .collect();
+        let mut sent = Vec::with_capacity(batch.len());
+        for (i, held) in batch.into_iter().enumerate() {
+            let key = held.outgoing.change.key();
+            if last_of_key.get(&key) != Some(&i) {
+                let _ = self.events.send(FleetEvent::Settled(key)).await;
+                continue;
             }
-            Change::Delete(key) => store
-                .delete(key.encode())
-                .await
-                .map_err(anyhow::Error::from),
-        };
-        match result {
-            Ok(()) => {
-                let _ = self.events.send(FleetEvent::Published(key)).await;
-                Ok(())
-            }
-            Err(e) => {
-                update(&self.status, |s| s.publish_failures += 1);
-                self.held = Some(change);
-                Err(e.context(format!("publishing {}", key.encode())))
-            }
+            let ack = send(js, &self.fleet.bucket, &held.outgoing, server_ttl).await;
+            sent.push((held, ack));
         }
+        let mut first_error = None;
+        for (mut held, ack) in sent {
+            let key = held.outgoing.change.key();
+            let result = match ack {
+                Ok(ack) => ack.await.map(drop),
+                Err(e) => Err(e),
+            };
+            let error = match result {
+                Ok(()) => {
+                    let _ = self.events.send(FleetEvent::Settled(key)).await;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            update(&self.status, |s| s.publish_failures += 1);
+            let transient = matches!(
+                error.kind(),
+                PublishErrorKind::TimedOut
+                    | PublishErrorKind::BrokenPipe
+                    | PublishErrorKind::MaxAckPending
+            );
+            if !transient {
+                held.refusals += 1;
+            }
+            if held.refusals >= MAX_REFUSALS {
+                error!(key = %key.encode(), error = %error, "the fleet's servers refuse a change; it is not shared");
+                let _ = self.events.send(FleetEvent::Settled(key)).await;
+                continue;
+            }
+            self.held.push_back(held);
+            first_error.get_or_insert_with(|| {
+                anyhow::Error::from(error).context(format!("publishing {}", key.encode()))
+            });
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
-/// A put whose key the server drops at `expires_at` (leaving a marker watchers see).
-async fn put_with_ttl(
-    js: &jetstream::Context,
-    bucket: &str,
-    key: &FleetKey,
-    value: bytes::Bytes,
-    expires_at: SystemTime,
-) -> anyhow::Result<()> {
-    let ttl = expires_at
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
-        .max(1);
-    let mut headers = HeaderMap::new();
-    headers.insert(NATS_MESSAGE_TTL, HeaderValue::from(ttl));
-    js.publish_with_headers(format!("$KV.{bucket}.{}", key.encode()), headers, value)
-        .await?
-        .await?;
-    Ok(())
+/// What one watched message says.
+enum Read {
+    /// An entry's record, or `None` when it was deleted.
+    Entry(FleetKey, Option<FleetRecord>),
+    /// Not moat's; the key, when it names an entry.
+    Unreadable(Option<FleetKey>),
 }
 
-/// The bucket, created (with per-key TTLs, where the server has them) if absent.
-async fn open_bucket(js: &jetstream::Context, fleet: &Fleet) -> anyhow::Result<kv::Store> {
+/// Sends a change as JetStream's key-value store writes one (the `KV-Operation` header marks
+/// a delete), with its message id; a put that expires carries its TTL, and a delete's marker
+/// expires after [`EXPIRY_MARKER_TTL`] (a node away longer finds the key gone), where the
+/// bucket takes per-key TTLs. Returns the acknowledgement to await.
+async fn send(
+    js: &jetstream::Context,
+    bucket: &str,
+    outgoing: &Outgoing,
+    server_ttl: bool,
+) -> Result<PublishAckFuture, PublishError> {
+    let key = outgoing.change.key();
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_MESSAGE_ID, outgoing.id.as_str());
+    let (payload, ttl) = match &outgoing.change {
+        Change::Put(key, record) => {
+            let ttl = record.expires_at.map(|at| {
+                // Rounded up: the bucket never drops an entry before its time.
+                let left = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)
+            });
+            (bytes::Bytes::from(record.encode(key)), ttl)
+        }
+        Change::Delete(_) => {
+            headers.insert(KV_OPERATION, "DEL");
+            (bytes::Bytes::new(), Some(EXPIRY_MARKER_TTL.as_secs()))
+        }
+    };
+    if let Some(ttl) = ttl.filter(|_| server_ttl) {
+        headers.insert(NATS_MESSAGE_TTL, HeaderValue::from(ttl));
+    }
+    js.publish_with_headers(format!("$KV.{bucket}.{}", key.encode()), headers, payload)
+        .await
+}
+
+/// The bucket, created if absent: with per-key TTLs on a server that has them (2.11 and later).
+async fn open_bucket(
+    js: &jetstream::Context,
+    fleet: &Fleet,
+    server_version: &str,
+) -> anyhow::Result<kv::Store> {
     if let Ok(store) = js.get_key_value(&fleet.bucket).await {
         return Ok(store);
     }
@@ -389,33 +518,29 @@ async fn open_bucket(js: &jetstream::Context, fleet: &Fleet) -> anyhow::Result<k
         history: 1,
         num_replicas: fleet.replicas,
         storage: jetstream::stream::StorageType::File,
-        limit_markers: Some(EXPIRY_MARKER_TTL),
+        limit_markers: has_per_key_ttls(server_version).then_some(EXPIRY_MARKER_TTL),
         ..Default::default()
     };
-    match js.create_key_value(config.clone()).await {
-        Ok(store) => Ok(store),
-        // A server before 2.11 refuses the markers: a bucket without per-key TTLs (each node
-        // still expires entries by their own time).
-        Err(first) => js
-            .create_key_value(kv::Config {
-                limit_markers: None,
-                ..config
-            })
-            .await
-            .with_context(|| {
-                format!(
-                    "creating the bucket {:?} (with per-key TTLs: {first})",
-                    fleet.bucket
-                )
-            }),
-    }
+    js.create_key_value(config)
+        .await
+        .with_context(|| format!("creating the bucket {:?}", fleet.bucket))
+}
+
+/// Whether a server of `version` ("2.15.1") takes per-key TTLs.
+fn has_per_key_ttls(version: &str) -> bool {
+    let mut numbers = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (2, 11)
 }
 
 /// Records what the connection reports, as it reports it (a session busy publishing does not
 /// delay what `moat status` says).
 fn note(status: &SharedStatus, event: &Event) {
     match event {
-        Event::Connected => update(status, |s| s.connected = true),
+        // Connected is set once a session has read the bucket, not when the socket is up.
         Event::Disconnected | Event::Closed => update(status, |s| s.connected = false),
         Event::ServerError(e) => {
             let why = format!("server: {e}");
@@ -483,4 +608,29 @@ fn system_time(unix_nanos: i128) -> SystemTime {
     u64::try_from(unix_nanos)
         .map(|n| UNIX_EPOCH + Duration::from_nanos(n))
         .unwrap_or(UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_key_ttls_come_with_server_2_11() {
+        for (version, expected) in [
+            ("2.15.1", true),
+            ("2.11.0", true),
+            ("v2.12.0-beta.1", true),
+            ("2.10.22", false),
+            ("2.9.15", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(has_per_key_ttls(version), expected, "{version}");
+        }
+    }
+
+    #[test]
+    fn server_timestamps_before_the_epoch_are_the_epoch() {
+        assert_eq!(system_time(-5), UNIX_EPOCH);
+        assert_eq!(system_time(1_500), UNIX_EPOCH + Duration::from_nanos(1_500));
+    }
 }

@@ -1,11 +1,12 @@
 //! `cargo xtask bench`: moat measured beside its peers on this machine, written as Markdown to
 //! the file given as the first argument (the xtask puts it into BENCHMARKS.md).
 //!
-//! `moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|syn-flood|control-plane]`
+//! `moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|syn-flood|control-plane|fleet]`
 //!
 //! Every measure is repeated; tables give the median and the min–max, and ratios of medians.
 
 mod control_plane;
+mod fleet;
 mod flood;
 mod floor;
 mod list;
@@ -35,16 +36,17 @@ pub struct Options {
     only: Option<String>,
 }
 
-const SECTIONS: [&str; 5] = [
+const SECTIONS: [&str; 6] = [
     "per-packet",
     "flood",
     "protect",
     "syn-flood",
     "control-plane",
+    "fleet",
 ];
 
 fn options() -> Options {
-    let usage = "usage: moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|syn-flood|control-plane]";
+    let usage = "usage: moat-bench OUTPUT.md [--quick] [--only per-packet|flood|protect|syn-flood|control-plane|fleet]";
     let mut output = None;
     let mut quick = false;
     let mut only = None;
@@ -161,6 +163,9 @@ fn main() {
     if runs("control-plane") {
         let table = control_plane::run(&lab, &list, &options);
         let _ = write!(text, "### Control plane\n\n{}", table.markdown());
+    }
+    if runs("fleet") {
+        let _ = write!(text, "{}", fleet::run(&options));
     }
     std::fs::write(&options.output, text).expect("write the results");
     println!("wrote {}", options.output.display());
