@@ -2,6 +2,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -110,6 +111,19 @@ pub fn udp_paced(
     rate: u64,
     duration: Duration,
 ) -> (u64, Duration) {
+    udp_paced_until(lab, from, to, rate, &AtomicBool::new(false), duration)
+}
+
+/// [`udp_paced`] until `stop` is set (or `limit` has passed): for a flood that must outlast
+/// what a test does meanwhile, however slow the machine.
+pub fn udp_paced_until(
+    lab: &Lab,
+    from: IpAddr,
+    to: IpAddr,
+    rate: u64,
+    stop: &AtomicBool,
+    limit: Duration,
+) -> (u64, Duration) {
     lab.netns(Side::Outside).enter(|| {
         let socket = UdpSocket::bind(SocketAddr::new(from, 0))
             .unwrap_or_else(|e| panic!("cannot bind a UDP socket to {from}: {e}"));
@@ -117,7 +131,7 @@ pub fn udp_paced(
         let data = [0u8; 32];
         let start = Instant::now();
         let mut sent = 0u64;
-        while start.elapsed() < duration {
+        while start.elapsed() < limit && !stop.load(Ordering::Relaxed) {
             // Catch up to where the schedule says we should be.
             let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
             while sent < due {

@@ -6,6 +6,7 @@ use std::{
     io::Write as _,
     path::Path,
     process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -15,7 +16,7 @@ use moat_tests::{
     Lab, MoatProcess, Side,
     lab::{ATTACKER_NET_V4, ATTACKER_V4, LEGIT_V4, PROTECTED_V4},
     moat_process::moat_bin,
-    traffic::{ping, udp_flood, udp_paced},
+    traffic::{ping, udp_flood, udp_paced, udp_paced_until},
 };
 use serde_json::Value;
 
@@ -423,24 +424,29 @@ fn top_ranks_the_flooding_source_and_the_legitimate_one() {
         ),
         &[],
     );
-    let flood = Duration::from_secs(5);
+    // The floods last until both readings are taken, however slow the machine (an emulated
+    // guest on a loaded host takes seconds to start a client).
+    let stop = AtomicBool::new(false);
+    let limit = Duration::from_secs(120);
     let (view, screen, attacker_rate, legit_rate) = std::thread::scope(|scope| {
         let attacker = scope.spawn(|| {
-            udp_paced(
+            udp_paced_until(
                 &lab,
                 Lab::addr(ATTACKER_V4),
                 Lab::addr(PROTECTED_V4),
                 2000,
-                flood,
+                &stop,
+                limit,
             )
         });
         let legit = scope.spawn(|| {
-            udp_paced(
+            udp_paced_until(
                 &lab,
                 Lab::addr(LEGIT_V4),
                 Lab::addr(PROTECTED_V4),
                 200,
-                flood,
+                &stop,
+                limit,
             )
         });
         std::thread::sleep(Duration::from_millis(500));
@@ -458,6 +464,7 @@ fn top_ranks_the_flooding_source_and_the_legitimate_one() {
             .expect("moat top");
         std::thread::sleep(Duration::from_millis(2500));
         let screen = wait_output(top, Duration::ZERO);
+        stop.store(true, Ordering::Relaxed);
         // The rates the senders achieved (a slow machine or an emulated VM falls short of
         // the schedule); top's rates are checked against these.
         let rate = |(sent, took): (u64, Duration)| sent as f64 / took.as_secs_f64();
