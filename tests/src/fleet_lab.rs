@@ -100,6 +100,98 @@ impl FleetLab {
         self.start_servers(1, token).remove(0)
     }
 
+    /// Starts one server that speaks TLS only (a certificate for [`HUB_ADDRESS`], signed by
+    /// the CA this returns) and lets in only the users of `nkeys`; returns its URL (tls://)
+    /// and the CA's PEM file.
+    pub fn start_tls_server(&mut self, nkeys: &[String]) -> (String, PathBuf) {
+        let (ca, cert, key) = self.certificates();
+        let options = NatsOptions {
+            name: "tls0".into(),
+            address: HUB_ADDRESS.into(),
+            port: CLIENT_PORT,
+            store: self.dir.join("store-tls0"),
+            token: None,
+            nkey_users: nkeys.to_vec(),
+            tls: Some((cert, key)),
+            cluster: None,
+        };
+        let server = NatsServer::start(&self.hub, options, &self.dir);
+        self.servers.push(server);
+        (format!("tls://{HUB_ADDRESS}:{CLIENT_PORT}"), ca)
+    }
+
+    /// A throwaway CA and a server certificate for [`HUB_ADDRESS`] (openssl): (CA, cert, key).
+    fn certificates(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let path = |name: &str| self.dir.join(name);
+        let san = path("san.ext");
+        std::fs::write(&san, format!("subjectAltName=IP:{HUB_ADDRESS}\n")).expect("write san.ext");
+        let openssl = |args: &[&str]| {
+            let output = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
+                .expect("run openssl");
+            assert!(output.status.success(), "openssl {args:?}: {output:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=moat test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=nats",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        (path("ca.pem"), path("server.pem"), path("server.key"))
+    }
+
     /// Starts `count` servers, clustered when more than one; returns their URLs.
     pub fn start_servers(&mut self, count: u16, token: Option<&str>) -> Vec<String> {
         let routes: Vec<String> = (0..count)
@@ -115,6 +207,8 @@ impl FleetLab {
                     port: CLIENT_PORT + i,
                     store: self.dir.join(format!("store-n{i}")),
                     token: token.map(str::to_string),
+                    nkey_users: Vec::new(),
+                    tls: None,
                     cluster: (count > 1).then(|| (CLUSTER_PORT + i, routes.clone())),
                 };
                 NatsServer::start_pending(&self.hub, options, &self.dir)

@@ -40,6 +40,10 @@ pub struct NatsOptions {
     pub store: PathBuf,
     /// A token clients must give.
     pub token: Option<String>,
+    /// The nkeys (public) of the only users let in.
+    pub nkey_users: Vec<String>,
+    /// TLS with this certificate and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// (this server's cluster port, the routes to the others).
     pub cluster: Option<(u16, Vec<String>)>,
 }
@@ -94,6 +98,29 @@ impl NatsServer {
         ];
         if let Some(token) = &o.token {
             args.extend(["--auth".into(), token.clone()]);
+        }
+        if let Some((cert, key)) = &o.tls {
+            args.extend([
+                "--tls".into(),
+                "--tlscert".into(),
+                cert.display().to_string(),
+                "--tlskey".into(),
+                key.display().to_string(),
+            ]);
+        }
+        if !o.nkey_users.is_empty() {
+            let users: Vec<String> = o
+                .nkey_users
+                .iter()
+                .map(|nkey| format!("{{ nkey: \"{nkey}\" }}"))
+                .collect();
+            let config = self.log.with_extension("conf");
+            std::fs::write(
+                &config,
+                format!("authorization {{ users = [ {} ] }}\n", users.join(", ")),
+            )
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+            args.extend(["--config".into(), config.display().to_string()]);
         }
         if let Some((port, routes)) = &o.cluster {
             args.extend([

@@ -454,3 +454,48 @@ fn changes_made_while_the_fleet_is_down_survive_a_restart() {
         "{log}"
     );
 }
+
+#[test]
+fn tls_and_an_nkey_let_a_node_in_and_another_key_is_refused() {
+    let mut fleet = FleetLab::new(2);
+    let member = nkeys::KeyPair::new_user();
+    let stranger = nkeys::KeyPair::new_user();
+    let (url, ca) = fleet.start_tls_server(&[member.public_key()]);
+    for (i, key) in [(0, &member), (1, &stranger)] {
+        let seed = fleet.node(i).dir().join("fleet.nk");
+        std::fs::write(&seed, key.seed().expect("seed")).expect("write the seed");
+    }
+    let auth = |i: usize| {
+        format!(
+            "nkey = {:?}\nca = {:?}",
+            fleet.node(i).dir().join("fleet.nk"),
+            ca
+        )
+    };
+    let _a = start_node(&fleet, 0, &[&url], &auth(0), "");
+    let _b = start_node(&fleet, 1, &[&url], &auth(1), "");
+    wait_connected(fleet.node(0));
+    let reply = MoatProcess::cli(fleet.node(0), &["block", "add", ATTACKER_V4]).ok("block add");
+    assert!(reply.contains("fleet: published"), "{reply}");
+    let status_a = status(fleet.node(0));
+    assert!(
+        status_a["fleet"]["server"]
+            .as_str()
+            .is_some_and(|s| s.contains("tls0")),
+        "{status_a}"
+    );
+    // The stranger is refused, and still enforces its own.
+    wait_until("the stranger's refusal is reported", CONVERGENCE, || {
+        status(fleet.node(1))["fleet"]["error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("authorization"))
+    });
+    assert_eq!(status(fleet.node(1))["fleet"]["connected"], false);
+    assert!(!has_entry(
+        fleet.node(1),
+        "block",
+        &format!("{ATTACKER_V4}/32")
+    ));
+    MoatProcess::cli(fleet.node(1), &["block", "add", ATTACKER_V4]).ok("block add on B");
+    assert_unanswered(fleet.node(1), ATTACKER_V4, PROTECTED_V4);
+}
