@@ -26,7 +26,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// proxy's table, `tcpdump` reads `moat capture`'s files, `promtool` checks the metrics), the VM tests' (QEMU, busybox for virtme-ng's guest, and
 /// Debian's 6.1 kernel image) and the package's (`cargo xtask package` computes dependencies
 /// with dpkg-shlibdeps; its test runs lintian, boots systemd in a throwaway container and scrapes
-/// the metrics of the service there with curl).
+/// the metrics of the service there with curl), and the fleet's (`openssl` makes a throwaway CA
+/// for its TLS test).
 const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("iputils-ping", "/usr/bin/ping"),
@@ -42,6 +43,7 @@ const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ("lintian", "/usr/bin/lintian"),
     ("systemd-container", "/usr/bin/systemd-nspawn"),
     ("curl", "/usr/bin/curl"),
+    ("openssl", "/usr/bin/openssl"),
 ];
 /// What only `cargo xtask bench` uses: its peer (xdp-filter).
 const BENCH_PACKAGES: &[(&str, &str)] = &[("xdp-tools", "/usr/sbin/xdp-filter")];

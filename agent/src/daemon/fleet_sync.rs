@@ -240,6 +240,19 @@ impl Daemon {
                     fleet.settled(key);
                     settled = true;
                 }
+                FleetEvent::Refused(key) => {
+                    let node = fleet.origin();
+                    if let Some(entry) = self.dynamic.get(key.list, &key.cidr)
+                        && entry.origin.as_deref() == Some(&*node)
+                    {
+                        let local = DynamicEntry {
+                            origin: None,
+                            ..entry.clone()
+                        };
+                        self.dynamic.insert(key.list, key.cidr, local);
+                        self.state_changed_by_fleet();
+                    }
+                }
                 FleetEvent::Put {
                     key,
                     record,

@@ -96,6 +96,9 @@ pub enum FleetEvent {
     },
     /// A change the daemon handed over is settled: in the bucket, or given up (logged).
     Settled(FleetKey),
+    /// A put the servers refused for good: the entry stays this node's alone (the bucket never
+    /// held it, and a reconcile must not take it away).
+    Refused(FleetKey),
 }
 
 /// The connection as `moat status` and the metrics show it.
@@ -447,6 +450,9 @@ impl Task {
             }
             if held.refusals >= MAX_REFUSALS {
                 error!(key = %key.encode(), error = %error, "the fleet's servers refuse a change; it is not shared");
+                if matches!(held.outgoing.change, Change::Put(..)) {
+                    let _ = self.events.send(FleetEvent::Refused(key)).await;
+                }
                 let _ = self.events.send(FleetEvent::Settled(key)).await;
                 continue;
             }
