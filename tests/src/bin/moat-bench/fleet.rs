@@ -196,7 +196,7 @@ pub fn run(options: &Options) -> String {
         "≤ 2 s".into(),
     ]);
     table.row(vec![
-        format!("publishing an import of {JOIN_ENTRIES} entries (one node, one at a time)"),
+        format!("publishing an import of {JOIN_ENTRIES} entries (one node, in windows of 256)"),
         format!("{publish_rate:.0} entries/s"),
         "—".into(),
     ]);
