@@ -499,3 +499,47 @@ fn tls_and_an_nkey_let_a_node_in_and_another_key_is_refused() {
     MoatProcess::cli(fleet.node(1), &["block", "add", ATTACKER_V4]).ok("block add on B");
     assert_unanswered(fleet.node(1), ATTACKER_V4, PROTECTED_V4);
 }
+
+#[test]
+fn a_node_whose_lists_are_full_refuses_the_rest_and_logs_it() {
+    const SHARED: usize = 20_000;
+    let mut fleet = FleetLab::new(2);
+    let url = fleet.start_server(None);
+    let _a = start_node(&fleet, 0, &[&url], "", "");
+    // B has no room beyond the built-in minimum of the long-prefix hash (16,384).
+    let b = start_node(&fleet, 1, &[&url], "", "runtime_entries = 0");
+    wait_connected(fleet.node(0));
+    wait_connected(fleet.node(1));
+    let file = fleet.dir().join("many.txt");
+    let lines: Vec<String> = (0..SHARED)
+        .map(|i| format!("10.9.{}.{}", i >> 8, i & 0xff))
+        .collect();
+    std::fs::write(&file, lines.join("\n")).expect("write the list");
+    MoatProcess::cli(fleet.node(0), &["block", "import", &file.to_string_lossy()]).ok("import");
+    wait_until("B applied or refused every entry", CONVERGENCE, || {
+        let fleet_b = &status(fleet.node(1))["fleet"];
+        fleet_b["entries"].as_u64().unwrap_or(0) + fleet_b["refused"].as_u64().unwrap_or(0)
+            == SHARED as u64
+    });
+    let fleet_b = &status(fleet.node(1))["fleet"];
+    let held = fleet_b["entries"].as_u64().expect("entries");
+    assert!(held > 10_000 && held < SHARED as u64, "{fleet_b}");
+    assert_eq!(
+        entries(fleet.node(1), "block").len() as u64,
+        held,
+        "what B lists is what it holds"
+    );
+    assert_eq!(
+        entries(fleet.node(0), "block").len(),
+        SHARED,
+        "A holds them all"
+    );
+    let log = b.wait_for_log("fleet entries refused", 1);
+    assert!(log.contains("raise runtime_entries"), "{log}");
+    // B still enforces its own.
+    MoatProcess::cli(fleet.node(1), &["block", "del", "10.9.0.0"]).ok("block del on B");
+    let reply =
+        MoatProcess::cli(fleet.node(1), &["block", "add", ATTACKER_V4]).ok("block add on B");
+    assert!(reply.contains("fleet: published"), "{reply}");
+    assert_unanswered(fleet.node(1), ATTACKER_V4, PROTECTED_V4);
+}
