@@ -187,7 +187,7 @@ impl FleetSync {
             error: status.error,
             last_revision: status.last_revision,
             lag_ms: self.last_lag.map(|l| l.as_millis() as u64),
-            queued: (QUEUE_CAPACITY - self.changes.capacity()) as u64,
+            queued: self.pending.values().map(|p| u64::from(p.count)).sum(),
             entries,
             publish_failures: status.publish_failures,
             rejected: status.rejected,
@@ -279,8 +279,9 @@ impl Daemon {
         }
         self.apply_changes(batch);
         if settled {
-            // The outbox saved with the state is smaller.
-            self.state_changed_by_fleet();
+            // The outbox saved with the state is smaller: saved soon, so that a restart does
+            // not publish again what the bucket already holds.
+            self.state_changed();
         }
     }
 
@@ -295,7 +296,24 @@ impl Daemon {
                     None => deletes.push(key.cidr),
                 }
             }
+            // A deleted entry that shared this node's own ban lifts the ban too.
+            let node = self.fleet.as_ref().map(FleetSync::origin);
+            let own_bans: Vec<Cidr> = deletes
+                .iter()
+                .filter(|cidr| {
+                    kind == ListKind::Block
+                        && self
+                            .dynamic
+                            .get(kind, cidr)
+                            .and_then(|e| e.origin.as_deref())
+                            == node.as_deref()
+                })
+                .copied()
+                .collect();
             let (added, deleted) = self.apply_fleet(kind, puts, deletes);
+            for cidr in deleted.iter().filter(|c| own_bans.contains(c)) {
+                self.lift_ban_of(cidr);
+            }
             for (cidr, entry) in &added {
                 let origin = entry.origin.as_deref().unwrap_or_default();
                 info!(list = kind.name(), cidr = %cidr, origin, cause = "fleet", "list entry added");

@@ -295,6 +295,23 @@ impl Daemon {
         Some(why)
     }
 
+    /// Lifts the ban `cidr` names, if there is one (a fleet entry that shared it was deleted).
+    pub(super) fn lift_ban_of(&mut self, cidr: &Cidr) {
+        let Some(source) = self.banned_source(cidr) else {
+            return;
+        };
+        match self.limiter.lift(source) {
+            Ok(()) => {
+                self.lifted.push((std::time::Instant::now(), source));
+                self.ban_expiries.retain(|Reverse((_, s))| *s != source);
+                info!(source = %source, cause = "fleet", "unbanned");
+            }
+            Err(e) => {
+                warn!(source = %source, error = %crate::error_chain(&e), "could not lift the ban");
+            }
+        }
+    }
+
     /// The source whose ban `cidr` names (a source cut to the limiter's prefix), if it is banned
     /// now: one lookup, not a walk of the ban map.
     fn banned_source(&self, cidr: &Cidr) -> Option<IpAddr> {

@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::state::{Dynamic, DynamicEntry, StateError, format_time, io, parse_time};
-use crate::config::{Cidr, ListKind};
+use crate::{
+    config::{Cidr, ListKind},
+    fleet::{Change, FleetKey, FleetRecord, client::Outgoing},
+};
 
 /// The journal's name inside `state_dir`.
 pub const JOURNAL_FILE: &str = "state.journal";
@@ -64,7 +67,9 @@ impl Record {
         }
     }
 
-    /// Applies the record to `dynamic`, leaving out what expired by `now`.
+    /// Applies the record to `dynamic`, leaving out what expired by `now`. A change to the
+    /// fleet's entries goes into the fleet's outbox too: the journal holds only what came after
+    /// the last save, which may not have reached the bucket (published again, it lands the same).
     fn apply(self, dynamic: &mut Dynamic, now: SystemTime) -> Result<(), String> {
         match self {
             Self::Add {
@@ -78,25 +83,47 @@ impl Record {
                 if expires_at.is_some_and(|at| at <= now) {
                     return Ok(());
                 }
-                let comment: Option<Arc<str>> = comment.map(Arc::from);
-                let origin: Option<Arc<str>> = origin.map(Arc::from);
                 for cidr in cidrs {
+                    let cidr: Cidr = cidr.parse()?;
+                    if let Some(origin) = &origin {
+                        let record = FleetRecord {
+                            expires_at,
+                            comment: comment.clone(),
+                            origin: origin.clone(),
+                        };
+                        replayed(dynamic, Change::Put(FleetKey { list, cidr }, record), now);
+                    }
                     let entry = DynamicEntry {
                         expires_at,
-                        comment: comment.clone(),
-                        origin: origin.clone(),
+                        comment: comment.as_deref().map(Arc::from),
+                        origin: origin.as_deref().map(Arc::from),
                     };
-                    dynamic.insert(list, cidr.parse()?, entry);
+                    dynamic.insert(list, cidr, entry);
                 }
             }
             Self::Del { list, cidrs } => {
                 for cidr in cidrs {
-                    dynamic.remove(list, &cidr.parse()?);
+                    let cidr: Cidr = cidr.parse()?;
+                    if dynamic
+                        .remove(list, &cidr)
+                        .is_some_and(|e| e.origin.is_some())
+                    {
+                        replayed(dynamic, Change::Delete(FleetKey { list, cidr }), now);
+                    }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Adds a replayed fleet change to the outbox, with an id of its own.
+fn replayed(dynamic: &mut Dynamic, change: Change, now: SystemTime) {
+    let nanos = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = format!("replay-{nanos:x}-{}", dynamic.fleet_outbox.len());
+    dynamic.fleet_outbox.push(Outgoing { change, id });
 }
 
 /// The journal file, open for appending.

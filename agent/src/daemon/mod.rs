@@ -649,6 +649,15 @@ impl Daemon {
             }
         }
         service_manager::stopping();
+        // What the fleet settled meanwhile leaves the outbox the stop saves (a change already
+        // in the bucket must not be published again by the next start).
+        if let Some(events) = fleet_events.as_mut() {
+            let mut settled = Vec::new();
+            while let Ok(event) = events.try_recv() {
+                settled.push(event);
+            }
+            self.on_fleet(settled);
+        }
         self.stop();
         Ok(())
     }
@@ -676,10 +685,10 @@ impl Daemon {
             .min(EXPIRY_CHECK_INTERVAL)
     }
 
-    /// Schedules a save of the state.
+    /// Schedules a save of the state (sooner, if one is scheduled later).
     fn state_changed(&mut self) {
-        self.unsaved_since
-            .get_or_insert_with(tokio::time::Instant::now);
+        let now = tokio::time::Instant::now();
+        self.unsaved_since = Some(self.unsaved_since.map_or(now, |at| at.min(now)));
     }
 
     /// Schedules a save of the state after a change from the fleet (see [`FLEET_SAVE_DELAY`]).
@@ -694,9 +703,12 @@ impl Daemon {
     fn save_state(&mut self) {
         self.unsaved_since = None;
         let bans = self.bans_to_save();
-        if let Some(fleet) = &self.fleet {
-            self.dynamic.fleet_outbox = fleet.outbox();
-        }
+        // Without a fleet there is nothing to publish (a node that left it keeps no outbox).
+        self.dynamic.fleet_outbox = self
+            .fleet
+            .as_ref()
+            .map(FleetSync::outbox)
+            .unwrap_or_default();
         match self.store.save(&self.dynamic, &bans) {
             Ok(()) => {
                 self.saved_bans = bans;

@@ -16,7 +16,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::journal::{Journal, Record};
 use crate::{
@@ -643,11 +643,17 @@ fn decode(text: &str, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), Stri
             bans.push(ActiveBan { source, expires_at });
         }
     }
+    // A record that no longer reads (a clock stepped back past a far expiry) is not shared,
+    // and costs nothing else.
     dynamic.fleet_outbox = file
         .fleet_outbox
         .into_iter()
-        .map(|record| outbox_change(record, now))
-        .collect::<Result<_, _>>()?;
+        .filter_map(|record| {
+            outbox_change(record, now)
+                .inspect_err(|e| warn!(error = %e, "a saved fleet change is not published"))
+                .ok()
+        })
+        .collect();
     Ok((dynamic, bans))
 }
 
@@ -873,6 +879,12 @@ mod tests {
             "the fleet origin is kept"
         );
         assert_eq!(loaded.fleet_entries(), 1);
+        // What the journal held may not have reached the fleet: it goes out again.
+        let replayed: Vec<&Change> = loaded.fleet_outbox.iter().map(|o| &o.change).collect();
+        assert!(
+            matches!(replayed[..], [Change::Put(..), Change::Put(..), Change::Delete(key)] if key.cidr == cidrs[0]),
+            "{replayed:?}"
+        );
 
         // A crash mid-append leaves a torn last line: skipped, the rest applied.
         let journal = dir.join("state.journal");

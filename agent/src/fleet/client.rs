@@ -9,7 +9,7 @@
 //! after it, in the bucket's order (last writer wins by revision).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -163,15 +163,19 @@ enum Ended {
 /// A change whose publish failed, published first in the next session.
 struct Held {
     outgoing: Outgoing,
-    /// Refusals by the server (not timeouts): after [`MAX_REFUSALS`] the change is given up,
-    /// so that one change the servers never take cannot stop the fleet.
-    refusals: u32,
+    /// Failures other than timeouts (a permission, a limit, a stream the servers lost):
+    /// after [`MAX_REFUSALS`] the change is given up, so that one change the servers never
+    /// take is not retried for ever. Retries back off to [`MAX_RETRY_DELAY`].
+    failures: u32,
 }
 
 /// Changes sent before their acknowledgements are awaited.
 const PUBLISH_WINDOW: usize = 256;
-/// Refusals of one change before it is given up.
-const MAX_REFUSALS: u32 = 3;
+/// Failures (not timeouts) of one change before it is given up: with the retries' backoff,
+/// about five minutes of refusals.
+const MAX_REFUSALS: u32 = 10;
+/// The longest wait between retries of held changes.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 struct Task {
     fleet: Fleet,
@@ -263,15 +267,9 @@ impl Task {
             s.server_ttl = server_ttl;
         });
 
-        // What was held while away goes first, so that the snapshot already holds it.
-        while !self.held.is_empty() || !self.changes.is_empty() {
-            let mut batch: Vec<Held> = self.held.drain(..).collect();
-            self.take_queued(&mut batch);
-            self.publish(&js, batch, server_ttl).await?;
-        }
-
-        // The last value of every key (deleted ones as markers), then every change; counted
-        // after the publishes above, so an empty bucket is known to be empty.
+        // The last value of every key (deleted ones as markers), then every change. This
+        // node's changes not yet published wait: the daemon keeps their keys out of the
+        // reconcile, and they go out right after it.
         let stored = js
             .get_stream(format!("KV_{}", self.fleet.bucket))
             .await
@@ -320,7 +318,13 @@ impl Task {
             s.error = None;
         });
 
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut backoff = RETRY_DELAY;
         loop {
+            // Held changes are retried when due, new ones go as they come; a change never
+            // overtakes an older one to its key.
+            let held_due = !self.held.is_empty()
+                && retry_at.is_none_or(|at| at <= tokio::time::Instant::now());
             tokio::select! {
                 entry = watch.next() => {
                     let entry = entry
@@ -336,11 +340,33 @@ impl Task {
                         return Ok(Ended::Stopped);
                     }
                 }
+                () = std::future::ready(()), if held_due => {
+                    let mut batch: Vec<Held> = self.held.drain(..).collect();
+                    self.take_queued(&mut batch);
+                    if self.publish(&js, batch, server_ttl).await {
+                        (retry_at, backoff) = (None, RETRY_DELAY);
+                    } else {
+                        retry_at = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(MAX_RETRY_DELAY);
+                    }
+                }
+                () = sleep_until(retry_at), if !self.held.is_empty() && !held_due => {}
                 outgoing = self.changes.recv() => {
                     let Some(outgoing) = outgoing else { return Ok(Ended::Stopped) };
-                    let mut batch = vec![Held { outgoing, refusals: 0 }];
+                    let mut batch = vec![Held { outgoing, failures: 0 }];
                     self.take_queued(&mut batch);
-                    self.publish(&js, batch, server_ttl).await?;
+                    // A change to a key whose earlier change is held waits behind it; the
+                    // others go (the order that matters is each key's).
+                    let held: HashSet<FleetKey> =
+                        self.held.iter().map(|h| h.outgoing.change.key()).collect();
+                    let (wait, go): (Vec<Held>, Vec<Held>) = batch
+                        .into_iter()
+                        .partition(|h| held.contains(&h.outgoing.change.key()));
+                    self.held.extend(wait);
+                    if !go.is_empty() && !self.publish(&js, go, server_ttl).await && retry_at.is_none() {
+                        retry_at = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(MAX_RETRY_DELAY);
+                    }
                 }
                 Some(event) = connection.recv() => {
                     if matches!(event, Event::Disconnected | Event::Closed) {
@@ -391,64 +417,66 @@ impl Task {
             match self.changes.try_recv() {
                 Ok(outgoing) => batch.push(Held {
                     outgoing,
-                    refusals: 0,
+                    failures: 0,
                 }),
                 Err(_) => break,
             }
         }
     }
 
-    /// Publishes a batch: all sent, then their acknowledgements awaited (one round trip for the
-    /// batch, not one per change). Of several changes to one key only the last is sent (the
-    /// others are settled: the bucket keeps the last anyway). A failure holds the change for
-    /// the next session and ends this one; a change the servers refused [`MAX_REFUSALS`] times
-    /// is given up (logged, counted).
+    /// Publishes a batch: all sent, then their acknowledgements awaited together (one round
+    /// trip, one timeout for the batch). Of several changes to one key only the last is sent
+    /// (the others are settled: the bucket keeps the last anyway). A failed change is held, in
+    /// order, for a retry; one the servers refused [`MAX_REFUSALS`] times (not timeouts: the
+    /// servers may simply be away) is given up, logged and counted. Returns whether all went.
     async fn publish(
         &mut self,
         js: &jetstream::Context,
         batch: Vec<Held>,
         server_ttl: bool,
-    ) -> anyhow::Result<()> {
+    ) -> bool {
         let last_of_key: HashMap<FleetKey, usize> = batch
             .iter()
             .enumerate()
             .map(|(i, held)| (held.outgoing.change.key(), i))
             .collect();
         let mut sent = Vec::with_capacity(batch.len());
+        let mut acks = Vec::with_capacity(batch.len());
         for (i, held) in batch.into_iter().enumerate() {
             let key = held.outgoing.change.key();
             if last_of_key.get(&key) != Some(&i) {
                 let _ = self.events.send(FleetEvent::Settled(key)).await;
                 continue;
             }
-            let ack = send(js, &self.fleet.bucket, &held.outgoing, server_ttl).await;
-            sent.push((held, ack));
+            let bucket = self.fleet.bucket.clone();
+            let outgoing = held.outgoing.clone();
+            let js = js.clone();
+            acks.push(async move { send(&js, &bucket, &outgoing, server_ttl).await?.await });
+            sent.push(held);
         }
-        let mut first_error = None;
-        for (mut held, ack) in sent {
+        let results = futures_util::future::join_all(acks).await;
+        let mut all_went = true;
+        for (mut held, result) in sent.into_iter().zip(results) {
             let key = held.outgoing.change.key();
-            let result = match ack {
-                Ok(ack) => ack.await.map(drop),
-                Err(e) => Err(e),
-            };
             let error = match result {
-                Ok(()) => {
+                Ok(_) => {
                     let _ = self.events.send(FleetEvent::Settled(key)).await;
                     continue;
                 }
                 Err(e) => e,
             };
-            update(&self.status, |s| s.publish_failures += 1);
-            let transient = matches!(
+            all_went = false;
+            update(&self.status, |s| {
+                s.publish_failures += 1;
+                s.error = Some(format!("publishing {}: {error}", key.encode()));
+            });
+            if !matches!(
                 error.kind(),
-                PublishErrorKind::TimedOut
-                    | PublishErrorKind::BrokenPipe
-                    | PublishErrorKind::MaxAckPending
-            );
-            if !transient {
-                held.refusals += 1;
+                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+            ) {
+                held.failures += 1;
             }
-            if held.refusals >= MAX_REFUSALS {
+            if held.failures >= MAX_REFUSALS {
                 error!(key = %key.encode(), error = %error, "the fleet's servers refuse a change; it is not shared");
                 if matches!(held.outgoing.change, Change::Put(..)) {
                     let _ = self.events.send(FleetEvent::Refused(key)).await;
@@ -456,12 +484,10 @@ impl Task {
                 let _ = self.events.send(FleetEvent::Settled(key)).await;
                 continue;
             }
+            warn!(key = %key.encode(), error = %error, "a fleet publish failed; it is retried");
             self.held.push_back(held);
-            first_error.get_or_insert_with(|| {
-                anyhow::Error::from(error).context(format!("publishing {}", key.encode()))
-            });
         }
-        first_error.map_or(Ok(()), Err)
+        all_went
     }
 }
 
@@ -607,6 +633,13 @@ async fn connect(
         .connect(servers)
         .await
         .context("connecting to the fleet's servers")
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The server's timestamp (Unix nanoseconds) as a `SystemTime`.

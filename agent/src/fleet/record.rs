@@ -10,6 +10,8 @@ use crate::config::{Cidr, ListKind, MAX_COMMENT_BYTES, MAX_ENTRY_TTL, fleet::is_
 
 /// The value's schema; bumped when it changes incompatibly.
 const RECORD_VERSION: u32 = 1;
+/// How far past the longest TTL an expiry may lie.
+const EXPIRY_SLACK: Duration = Duration::from_secs(86_400);
 /// Longest value moat writes or reads (its JSON is a few hundred bytes).
 const MAX_VALUE_BYTES: usize = 4096;
 
@@ -134,7 +136,9 @@ impl FleetRecord {
         }
         let expires_at = match wire.expires_at {
             None => None,
-            Some(secs) if secs > (unix(now) + MAX_ENTRY_TTL).as_secs() => {
+            // A day's slack: an entry of the longest TTL, its expiry rounded up, read on a
+            // node whose clock is a little behind, is still moat's.
+            Some(secs) if secs > (unix(now) + MAX_ENTRY_TTL + EXPIRY_SLACK).as_secs() => {
                 return Err(RecordError::AbsurdExpiry);
             }
             Some(secs) => Some(UNIX_EPOCH + Duration::from_secs(secs)),
@@ -215,7 +219,7 @@ mod tests {
             FleetRecord::decode(&k, value.to_string().as_bytes(), now)
         };
         assert!(good(&|_| {}).is_ok());
-        let far = unix(now).as_secs() + MAX_ENTRY_TTL.as_secs() + 10;
+        let far = unix(now).as_secs() + (MAX_ENTRY_TTL + EXPIRY_SLACK).as_secs() + 10;
         for (edit, expected) in [
             (
                 Box::new(|v: &mut serde_json::Value| v["version"] = 2.into())
