@@ -1,17 +1,19 @@
 //! The wings' direction (ARCHITECTURE.md), checked on the source: `program` never reaches
 //! `daemon`, `cli` or `observe`; `control` never reaches `daemon`; `config` reaches no other
-//! wing; `netfilter` reaches only `config`; and `agent/src` holds only main.rs, lib.rs and logging.rs beside the wing folders.
+//! wing; `netfilter` and `fleet` reach only `config`; and `agent/src` holds only main.rs,
+//! lib.rs and logging.rs beside the wing folders.
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
 };
 
-const WINGS: [&str; 7] = [
+const WINGS: [&str; 8] = [
     "cli",
     "config",
     "control",
     "daemon",
+    "fleet",
     "netfilter",
     "observe",
     "program",
@@ -111,16 +113,33 @@ fn the_reader_of_crate_paths_sees_groups_and_plain_paths() {
 #[test]
 fn each_wing_reaches_only_the_wings_below_it() {
     for (wing, forbidden) in [
-        ("program", &["daemon", "cli", "observe", "control"][..]),
-        ("control", &["daemon", "cli", "observe", "program"][..]),
+        (
+            "program",
+            &["daemon", "cli", "observe", "control", "fleet"][..],
+        ),
+        (
+            "control",
+            &["daemon", "cli", "observe", "program", "fleet"][..],
+        ),
         (
             "config",
-            &["daemon", "cli", "observe", "control", "program"][..],
+            &["daemon", "cli", "observe", "control", "program", "fleet"][..],
         ),
         ("observe", &["daemon", "cli"][..]),
         (
             "netfilter",
-            &["daemon", "cli", "observe", "control", "program"][..],
+            &["daemon", "cli", "observe", "control", "program", "fleet"][..],
+        ),
+        (
+            "fleet",
+            &[
+                "daemon",
+                "cli",
+                "observe",
+                "control",
+                "program",
+                "netfilter",
+            ][..],
         ),
     ] {
         let reached = reached_wings(wing);

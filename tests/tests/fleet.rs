@@ -79,6 +79,22 @@ fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool
     }
 }
 
+/// Two nodes on one server, both connected: the lab, A and B (each with the `[fleet]` and
+/// top-level extras given), and the server's URL.
+fn two_nodes(
+    a_fleet: &str,
+    a_extra: &str,
+    b_extra: &str,
+) -> (FleetLab, MoatProcess, MoatProcess, String) {
+    let mut fleet = FleetLab::new(2);
+    let url = fleet.start_server(None);
+    let a = start_node(&fleet, 0, &[&url], a_fleet, a_extra);
+    let b = start_node(&fleet, 1, &[&url], "", b_extra);
+    wait_connected(fleet.node(0));
+    wait_connected(fleet.node(1));
+    (fleet, a, b, url)
+}
+
 fn wait_connected(lab: &Lab) {
     wait_until("the fleet connected", CONVERGENCE, || {
         status(lab)["fleet"]["connected"] == true
@@ -156,13 +172,8 @@ fn a_block_on_one_node_is_enforced_on_every_node_within_a_second() {
 
 #[test]
 fn a_node_that_was_away_matches_the_fleet_when_it_returns() {
-    let mut fleet = FleetLab::new(2);
-    let url = fleet.start_server(None);
-    let a = start_node(&fleet, 0, &[&url], "", "");
-    let b = start_node(&fleet, 1, &[&url], "", "");
+    let (fleet, a, b, url) = two_nodes("", "", "");
     let (node_a, node_b) = (fleet.node(0), fleet.node(1));
-    wait_connected(node_a);
-    wait_connected(node_b);
     MoatProcess::cli(node_a, &["block", "add", ATTACKER_V4, "192.0.2.1"]).ok("block add");
     wait_until("B holds A's blocks", PROPAGATION, || {
         has_entry(node_b, "block", "192.0.2.1/32")
@@ -200,12 +211,7 @@ fn a_node_that_was_away_matches_the_fleet_when_it_returns() {
 
 #[test]
 fn the_fleet_converges_after_its_server_is_killed_mid_burst() {
-    let mut fleet = FleetLab::new(2);
-    let url = fleet.start_server(None);
-    let _a = start_node(&fleet, 0, &[&url], "", "");
-    let _b = start_node(&fleet, 1, &[&url], "", "");
-    wait_connected(fleet.node(0));
-    wait_connected(fleet.node(1));
+    let (mut fleet, _a, _b, _) = two_nodes("", "", "");
     let adds: Vec<String> = (1..=40).map(|n| format!("192.0.2.{n}")).collect();
     for (n, address) in adds.iter().enumerate() {
         if n == 10 {
@@ -269,14 +275,9 @@ fn a_three_server_cluster_keeps_propagating_with_one_server_down() {
 
 #[test]
 fn fleet_entries_expire_everywhere_and_bans_are_shared() {
-    let mut fleet = FleetLab::new(2);
-    let url = fleet.start_server(None);
     let banning =
         "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"";
-    let a = start_node(&fleet, 0, &[&url], "share = [\"cli\", \"bans\"]", banning);
-    let _b = start_node(&fleet, 1, &[&url], "", "");
-    wait_connected(fleet.node(0));
-    wait_connected(fleet.node(1));
+    let (fleet, a, _b, _) = two_nodes("share = [\"cli\", \"bans\"]", banning, "");
 
     MoatProcess::cli(fleet.node(0), &["block", "add", "192.0.2.9", "--ttl", "3s"]).ok("block add");
     let added = Instant::now();
@@ -355,12 +356,7 @@ fn an_unreachable_or_refusing_fleet_leaves_local_enforcement_alone() {
 
 #[test]
 fn values_that_are_not_moats_are_skipped_and_nothing_else_is_affected() {
-    let mut fleet = FleetLab::new(2);
-    let url = fleet.start_server(None);
-    let a = start_node(&fleet, 0, &[&url], "", "");
-    let _b = start_node(&fleet, 1, &[&url], "", "");
-    wait_connected(fleet.node(0));
-    wait_connected(fleet.node(1));
+    let (fleet, a, _b, _) = two_nodes("", "", "");
     let valid = |cidr: &str| {
         format!(
             r#"{{"version":1,"list":"blocklist","cidr":"{cidr}","expires_at":null,"comment":null,"origin":"x"}}"#
@@ -410,12 +406,7 @@ fn values_that_are_not_moats_are_skipped_and_nothing_else_is_affected() {
 
 #[test]
 fn changes_made_while_the_fleet_is_down_survive_a_restart() {
-    let mut fleet = FleetLab::new(2);
-    let url = fleet.start_server(None);
-    let a = start_node(&fleet, 0, &[&url], "", "");
-    let _b = start_node(&fleet, 1, &[&url], "", "");
-    wait_connected(fleet.node(0));
-    wait_connected(fleet.node(1));
+    let (mut fleet, a, _b, url) = two_nodes("", "", "");
     MoatProcess::cli(fleet.node(0), &["block", "add", "192.0.2.1"]).ok("block add");
     wait_until("B holds the first block", PROPAGATION, || {
         has_entry(fleet.node(1), "block", "192.0.2.1/32")
@@ -506,13 +497,8 @@ fn tls_and_an_nkey_let_a_node_in_and_another_key_is_refused() {
 #[test]
 fn a_node_whose_lists_are_full_refuses_the_rest_and_logs_it() {
     const SHARED: usize = 20_000;
-    let mut fleet = FleetLab::new(2);
-    let url = fleet.start_server(None);
-    let _a = start_node(&fleet, 0, &[&url], "", "");
     // B has no room beyond the built-in minimum of the long-prefix hash (16,384).
-    let b = start_node(&fleet, 1, &[&url], "", "runtime_entries = 0");
-    wait_connected(fleet.node(0));
-    wait_connected(fleet.node(1));
+    let (fleet, _a, b, _) = two_nodes("", "", "runtime_entries = 0");
     let file = fleet.dir().join("many.txt");
     let lines: Vec<String> = (0..SHARED)
         .map(|i| format!("10.9.{}.{}", i >> 8, i & 0xff))

@@ -3,10 +3,11 @@
 //! program: what it reads goes to the daemon as [`FleetEvent`]s, applied there, so a fleet that
 //! is slow or gone never delays local enforcement.
 //!
-//! Each time the client (re)connects, a session starts: first the changes held meanwhile are
-//! published, then a watch of the whole bucket delivers its current state (the snapshot the
-//! daemon reconciles against: entries deleted while this node was away go) and every change
-//! after it, in the bucket's order (last writer wins by revision).
+//! Each time the client (re)connects, a session starts: a watch of the whole bucket delivers
+//! its current state (the snapshot the daemon reconciles against: entries deleted while this
+//! node was away go; keys with this node's changes still on their way stay) and then every
+//! change, in the bucket's order (last writer wins by revision). This node's changes are
+//! published after the snapshot, in windows, and retried with backoff when they fail.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -160,7 +161,7 @@ enum Ended {
     Stopped,
 }
 
-/// A change whose publish failed, published first in the next session.
+/// A change whose publish failed, to be retried.
 struct Held {
     outgoing: Outgoing,
     /// Failures other than timeouts (a permission, a limit, a stream the servers lost):
@@ -182,7 +183,8 @@ struct Task {
     changes: mpsc::Receiver<Outgoing>,
     events: mpsc::Sender<FleetEvent>,
     status: SharedStatus,
-    /// Changes whose publish failed, in order: published first in the next session.
+    /// Changes whose publish failed, in order: retried with backoff, before any later change
+    /// to the same key.
     held: VecDeque<Held>,
     /// The highest revision read: a value read again (in the next session's snapshot) is not
     /// logged or counted again.
