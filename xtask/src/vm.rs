@@ -372,11 +372,7 @@ impl Vng {
         let venv = out_root().join("venv");
         let bin_dir = venv.join("bin");
         if !bin_dir.join("vng").exists() {
-            run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
-                "creating a Python venv for virtme-ng (Debian: apt-get install python3-venv)",
-            )?;
-            run(Command::new(bin_dir.join("pip")).args(["install", "--quiet", VIRTME_NG]))
-                .with_context(|| format!("installing {VIRTME_NG} from PyPI"))?;
+            setup::pip_install(&venv, VIRTME_NG)?;
         }
         let mut vng = Self {
             bin_dir,
