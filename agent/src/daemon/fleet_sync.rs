@@ -127,18 +127,22 @@ impl FleetSync {
         self.changes.capacity() >= count
     }
 
-    /// Hands changes over (there is room: see [`Self::has_room`]); the note for the CLI.
-    pub fn hand_over(&mut self, changes: impl IntoIterator<Item = Change>) -> String {
+    /// Hands changes over, all of them or, when the queue has no room for them all, none; the
+    /// note for the CLI either way (`Err`: not shared).
+    pub fn hand_over(&mut self, changes: Vec<Change>) -> Result<String, String> {
+        if !self.has_room(changes.len()) {
+            return Err(self.no_room_note(changes.len()));
+        }
         for change in changes {
             let id = format!("{}-{}", self.id_prefix, self.next_id);
             self.next_id += 1;
             self.send(Outgoing { change, id });
         }
-        if self.status().connected {
+        Ok(if self.status().connected {
             "fleet: published".into()
         } else {
             "fleet: queued, fleet unreachable (published once it is back)".into()
-        }
+        })
     }
 
     /// The note for a request too large for the queue.
@@ -485,10 +489,6 @@ impl Daemon {
         let Ok(net) = IpNet::new(source, rate.prefix_of(source)) else {
             return;
         };
-        if !fleet.has_room(1) {
-            warn!(source = %source, "{}", fleet.no_room_note(1));
-            return;
-        }
         let key = FleetKey {
             list: ListKind::Block,
             cidr: Cidr::from(net),
@@ -498,6 +498,8 @@ impl Daemon {
             comment: Some(format!("rate-limit ban on {}", fleet.settings.node)),
             origin: fleet.settings.node.clone(),
         };
-        fleet.hand_over([Change::Put(key, record)]);
+        if let Err(why) = fleet.hand_over(vec![Change::Put(key, record)]) {
+            warn!(source = %source, "{why}");
+        }
     }
 }

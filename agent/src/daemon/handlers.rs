@@ -160,21 +160,26 @@ impl Daemon {
         );
         view.not_persisted = self.persist(&record);
         if let (Some(origin), Some(fleet)) = (origin, self.fleet.as_mut()) {
-            let changes = cidrs.iter().map(|cidr| {
-                let record = FleetRecord {
-                    expires_at,
-                    comment: comment.clone(),
-                    origin: origin.to_string(),
-                };
-                Change::Put(
-                    FleetKey {
-                        list: kind,
-                        cidr: *cidr,
-                    },
-                    record,
-                )
-            });
-            view.notes.push(fleet.hand_over(changes));
+            let changes: Vec<Change> = cidrs
+                .iter()
+                .map(|cidr| {
+                    let record = FleetRecord {
+                        expires_at,
+                        comment: comment.clone(),
+                        origin: origin.to_string(),
+                    };
+                    Change::Put(
+                        FleetKey {
+                            list: kind,
+                            cidr: *cidr,
+                        },
+                        record,
+                    )
+                })
+                .collect();
+            // The room was checked before the entries were tagged as the fleet's.
+            view.notes
+                .push(fleet.hand_over(changes).unwrap_or_else(|note| note));
         }
         self.state_changed();
         Ok(Reply::Changed(view))
@@ -251,12 +256,8 @@ impl Daemon {
         if let Some(fleet) = self.fleet.as_mut()
             && !fleet_deletes.is_empty()
         {
-            let note = if fleet.has_room(fleet_deletes.len()) {
-                fleet.hand_over(fleet_deletes)
-            } else {
-                fleet.no_room_note(fleet_deletes.len())
-            };
-            view.notes.push(note);
+            view.notes
+                .push(fleet.hand_over(fleet_deletes).unwrap_or_else(|note| note));
         }
         if !unban.is_empty() {
             for source in &unban {
