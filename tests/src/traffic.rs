@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::lab::{Lab, Side};
+use crate::{
+    MoatProcess,
+    lab::{ATTACKER_V4, Lab, PROTECTED_V4, Side},
+};
 
 /// ICMP payload size every ping here uses, so that frame sizes are known.
 pub const PING_PAYLOAD: usize = 56;
@@ -143,6 +146,25 @@ pub fn udp_paced_until(
         }
         (sent, start.elapsed())
     })
+}
+
+/// A rate limit that bans `ATTACKER_V4` after a second over 100 pkt/s, for ten minutes: what
+/// [`flood_until_banned`] needs in the daemon's config.
+pub const BANNING: &str =
+    "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"\n";
+
+/// Floods from `ATTACKER_V4` until the lab's daemon (configured with [`BANNING`]) has logged a
+/// ban: over its limit for longer than `ban_after`.
+pub fn flood_until_banned(lab: &Lab, moat: &MoatProcess) {
+    udp_flood(
+        lab,
+        Lab::addr(ATTACKER_V4),
+        Lab::addr(PROTECTED_V4),
+        5_000_000,
+        64,
+        Duration::from_millis(2500),
+    );
+    moat.wait_for_log("banned source=", 1);
 }
 
 /// Pings each assertion sends.

@@ -10,7 +10,7 @@ use moat_tests::{
     lab::{ATTACKER_V4, PROTECTED_V4},
     metrics::scrape,
     nats::publish_raw,
-    traffic::{assert_answered, assert_unanswered, udp_flood},
+    traffic::{BANNING, assert_answered, assert_unanswered, flood_until_banned},
 };
 use serde_json::Value;
 
@@ -275,9 +275,7 @@ fn a_three_server_cluster_keeps_propagating_with_one_server_down() {
 
 #[test]
 fn fleet_entries_expire_everywhere_and_bans_are_shared() {
-    let banning =
-        "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"";
-    let (fleet, a, _b, _) = two_nodes("share = [\"cli\", \"bans\"]", banning, "");
+    let (fleet, a, _b, _) = two_nodes("share = [\"cli\", \"bans\"]", BANNING, "");
 
     MoatProcess::cli(fleet.node(0), &["block", "add", "192.0.2.9", "--ttl", "3s"]).ok("block add");
     let added = Instant::now();
@@ -297,15 +295,7 @@ fn fleet_entries_expire_everywhere_and_bans_are_shared() {
     }
 
     // A bans the flooding source; B blocks it too.
-    udp_flood(
-        fleet.node(0),
-        Lab::addr(ATTACKER_V4),
-        Lab::addr(PROTECTED_V4),
-        5_000_000,
-        64,
-        Duration::from_millis(2500),
-    );
-    a.wait_for_log("banned source=", 1);
+    flood_until_banned(fleet.node(0), &a);
     let cidr = format!("{ATTACKER_V4}/32");
     wait_until("B holds A's ban", PROPAGATION, || {
         has_entry(fleet.node(1), "block", &cidr)

@@ -16,7 +16,7 @@ use moat_tests::{
     lab::{ATTACKER_NET_V4, ATTACKER_V4, PROTECTED_V4},
     moat_process::moat_bin,
     netns,
-    traffic::{assert_answered, assert_unanswered, udp_flood},
+    traffic::{BANNING, assert_answered, assert_unanswered, flood_until_banned},
 };
 use serde_json::Value;
 
@@ -196,23 +196,11 @@ fn a_reload_names_what_needs_a_restart_and_lifts_bans_it_no_longer_enforces() {
     assert!(log.contains("not applied: needs restart"), "{log}");
 }
 
-/// Bans `ATTACKER_V4` through the rate limiter of the lab's daemon (over its limit for longer
-/// than `ban_after`).
+/// Bans `ATTACKER_V4` through the rate limiter of the lab's daemon, and checks it is dropped.
 fn get_attacker_banned(lab: &Lab, moat: &MoatProcess) {
-    udp_flood(
-        lab,
-        Lab::addr(ATTACKER_V4),
-        Lab::addr(PROTECTED_V4),
-        5_000_000,
-        64,
-        Duration::from_millis(2500),
-    );
-    moat.wait_for_log("banned source=", 1);
+    flood_until_banned(lab, moat);
     assert_unanswered(lab, ATTACKER_V4, PROTECTED_V4);
 }
-
-const BANNING: &str =
-    "[rate_limit]\npps = 100\nburst_packets = 100\nban_after = \"1s\"\nban_ttl = \"10m\"\n";
 
 /// Finding 9: pinned maps of another layout (an upgrade) are never read as this moat's, and the
 /// bans come back from the state directory, which is never saved with less.
