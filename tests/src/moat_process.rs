@@ -118,6 +118,13 @@ impl MoatProcess {
         Self::cli_as(lab, args, None, &socket)
     }
 
+    /// `moat status --json`, decoded.
+    pub fn status(lab: &Lab) -> serde_json::Value {
+        let text = Self::cli(lab, &["status", "--json"]).ok("moat status --json");
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("moat status --json printed {text:?}: {e}"))
+    }
+
     /// `moat attacks --json`, decoded: the protected destinations and their attacks.
     pub fn attacks(lab: &Lab) -> moat::control::protocol::AttacksView {
         let text = Self::cli(lab, &["attacks", "--json"]).ok("moat attacks --json");

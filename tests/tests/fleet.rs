@@ -38,11 +38,6 @@ fn start_node(
     .0
 }
 
-fn status(lab: &Lab) -> Value {
-    let text = MoatProcess::cli(lab, &["status", "--json"]).ok("status --json");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status --json: {e}: {text}"))
-}
-
 /// `(cidr, source, origin)` of each entry of `list`.
 fn entries(lab: &Lab, list: &str) -> Vec<(String, String, Option<String>)> {
     let text = MoatProcess::cli(lab, &[list, "list", "--json"]).ok("list --json");
@@ -97,7 +92,7 @@ fn two_nodes(
 
 fn wait_connected(lab: &Lab) {
     wait_until("the fleet connected", CONVERGENCE, || {
-        status(lab)["fleet"]["connected"] == true
+        MoatProcess::status(lab)["fleet"]["connected"] == true
     });
 }
 
@@ -151,7 +146,7 @@ fn a_block_on_one_node_is_enforced_on_every_node_within_a_second() {
         assert_answered(fleet.node(i), ATTACKER_V4, PROTECTED_V4);
     }
 
-    let fleet_status = &status(fleet.node(1))["fleet"];
+    let fleet_status = &MoatProcess::status(fleet.node(1))["fleet"];
     assert_eq!(fleet_status["node"], "edge-b", "{fleet_status}");
     assert!(
         fleet_status["last_revision"].as_u64() >= Some(2),
@@ -227,7 +222,7 @@ fn the_fleet_converges_after_its_server_is_killed_mid_burst() {
     let reply = MoatProcess::cli(fleet.node(0), &["block", "add", ATTACKER_V4]).ok("block add");
     assert!(reply.contains("queued, fleet unreachable"), "{reply}");
     assert_unanswered(fleet.node(0), ATTACKER_V4, PROTECTED_V4);
-    let down = status(fleet.node(0));
+    let down = MoatProcess::status(fleet.node(0));
     assert_eq!(down["fleet"]["connected"], false, "{down}");
     assert!(down["fleet"]["queued"].as_u64() > Some(0), "{down}");
 
@@ -239,7 +234,7 @@ fn the_fleet_converges_after_its_server_is_killed_mid_burst() {
         });
     }
     assert_unanswered(fleet.node(1), ATTACKER_V4, PROTECTED_V4);
-    let up = status(fleet.node(0));
+    let up = MoatProcess::status(fleet.node(0));
     assert_eq!(up["fleet"]["queued"], 0, "{up}");
     assert_eq!(
         entries(fleet.node(0), "block"),
@@ -329,11 +324,11 @@ fn an_unreachable_or_refusing_fleet_leaves_local_enforcement_alone() {
         let reply = MoatProcess::cli(lab, &["block", "add", ATTACKER_V4]).ok("block add");
         assert!(reply.contains("queued, fleet unreachable"), "{reply}");
         assert_unanswered(lab, ATTACKER_V4, PROTECTED_V4);
-        let down = status(lab);
+        let down = MoatProcess::status(lab);
         assert_eq!(down["fleet"]["connected"], false, "{down}");
         if !error.is_empty() {
             wait_until("the refusal is reported", CONVERGENCE, || {
-                status(lab)["fleet"]["error"]
+                MoatProcess::status(lab)["fleet"]["error"]
                     .as_str()
                     .is_some_and(|e| e.to_lowercase().contains(error))
             });
@@ -390,8 +385,14 @@ fn values_that_are_not_moats_are_skipped_and_nothing_else_is_affected() {
             "{key} named in:\n{log}"
         );
     }
-    assert_eq!(status(fleet.node(0))["fleet"]["rejected"], bad.len() as u64);
-    assert_eq!(status(fleet.node(0))["fleet"]["connected"], true);
+    assert_eq!(
+        MoatProcess::status(fleet.node(0))["fleet"]["rejected"],
+        bad.len() as u64
+    );
+    assert_eq!(
+        MoatProcess::status(fleet.node(0))["fleet"]["connected"],
+        true
+    );
 }
 
 #[test]
@@ -405,7 +406,7 @@ fn changes_made_while_the_fleet_is_down_survive_a_restart() {
     // The servers go away; A blocks one source and lifts the first block, then restarts.
     fleet.server(0).kill();
     wait_until("A sees the fleet down", CONVERGENCE, || {
-        status(fleet.node(0))["fleet"]["connected"] == false
+        MoatProcess::status(fleet.node(0))["fleet"]["connected"] == false
     });
     let reply = MoatProcess::cli(fleet.node(0), &["block", "add", ATTACKER_V4]).ok("block add");
     assert!(reply.contains("queued, fleet unreachable"), "{reply}");
@@ -461,7 +462,7 @@ fn tls_and_an_nkey_let_a_node_in_and_another_key_is_refused() {
     wait_connected(fleet.node(0));
     let reply = MoatProcess::cli(fleet.node(0), &["block", "add", ATTACKER_V4]).ok("block add");
     assert!(reply.contains("fleet: published"), "{reply}");
-    let status_a = status(fleet.node(0));
+    let status_a = MoatProcess::status(fleet.node(0));
     assert!(
         status_a["fleet"]["server"]
             .as_str()
@@ -470,11 +471,14 @@ fn tls_and_an_nkey_let_a_node_in_and_another_key_is_refused() {
     );
     // The stranger is refused, and still enforces its own.
     wait_until("the stranger's refusal is reported", CONVERGENCE, || {
-        status(fleet.node(1))["fleet"]["error"]
+        MoatProcess::status(fleet.node(1))["fleet"]["error"]
             .as_str()
             .is_some_and(|e| e.to_lowercase().contains("authorization"))
     });
-    assert_eq!(status(fleet.node(1))["fleet"]["connected"], false);
+    assert_eq!(
+        MoatProcess::status(fleet.node(1))["fleet"]["connected"],
+        false
+    );
     assert!(!has_entry(
         fleet.node(1),
         "block",
@@ -496,11 +500,11 @@ fn a_node_whose_lists_are_full_refuses_the_rest_and_logs_it() {
     std::fs::write(&file, lines.join("\n")).expect("write the list");
     MoatProcess::cli(fleet.node(0), &["block", "import", &file.to_string_lossy()]).ok("import");
     wait_until("B applied or refused every entry", CONVERGENCE, || {
-        let fleet_b = &status(fleet.node(1))["fleet"];
+        let fleet_b = &MoatProcess::status(fleet.node(1))["fleet"];
         fleet_b["entries"].as_u64().unwrap_or(0) + fleet_b["refused"].as_u64().unwrap_or(0)
             >= SHARED as u64
     });
-    let fleet_b = &status(fleet.node(1))["fleet"];
+    let fleet_b = &MoatProcess::status(fleet.node(1))["fleet"];
     let held = fleet_b["entries"].as_u64().expect("entries");
     assert!(held > 10_000 && held < SHARED as u64, "{fleet_b}");
     assert_eq!(

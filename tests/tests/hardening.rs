@@ -23,11 +23,6 @@ use serde_json::Value;
 /// The uid and gid of `nobody`: an unprivileged local user.
 const NOBODY: u32 = 65534;
 
-fn status(lab: &Lab) -> Value {
-    let out = MoatProcess::cli(lab, &["status", "--json"]).ok("status --json");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
-}
-
 fn mode_of(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -64,7 +59,7 @@ fn a_deleted_link_pin_does_not_detach_moat_and_status_says_so() {
         .bpffs()
         .join("links/native")
         .join(lab.interface(Side::Protected));
-    let before = status(&lab);
+    let before = MoatProcess::status(&lab);
     assert_eq!(before["interfaces"][0]["attached"], true, "{before}");
     assert_eq!(before["interfaces"][0]["pinned"], true, "{before}");
     std::fs::remove_file(&pin).expect("delete the link pin");
@@ -75,7 +70,7 @@ fn a_deleted_link_pin_does_not_detach_moat_and_status_says_so() {
         "the daemon's fd keeps the link attached"
     );
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
-    let after = status(&lab);
+    let after = MoatProcess::status(&lab);
     assert_eq!(after["interfaces"][0]["attached"], true, "{after}");
     assert_eq!(
         after["interfaces"][0]["pinned"], false,
@@ -153,7 +148,7 @@ fn after_an_interface_rename_the_link_is_taken_over_by_its_index() {
     assert!(log.contains("renamed?"), "the rename is noticed: {log}");
     assert!(log.contains("took over the pinned link"), "{log}");
 
-    let status = status(&lab);
+    let status = MoatProcess::status(&lab);
     let interface = &status["interfaces"][0];
     assert_eq!(interface["name"], new_name.as_str(), "{status}");
     assert_eq!(interface["attached"], true, "{status}");
@@ -312,7 +307,7 @@ fn a_change_that_cannot_be_saved_is_reported_and_saved_once_it_can() {
         MoatProcess::cli(&lab, &["block", "add", ATTACKER_V4]).refused("block add on a full disk");
     assert!(reason.contains("in force but NOT saved"), "{reason}");
     assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
-    let failing = status(&lab);
+    let failing = MoatProcess::status(&lab);
     assert!(
         failing["persistence_error"]
             .as_str()
@@ -329,7 +324,7 @@ fn a_change_that_cannot_be_saved_is_reported_and_saved_once_it_can() {
 
     std::fs::remove_file(&filler).expect("make room");
     moat.wait_for_log("saved the state again", 1);
-    let saved = status(&lab);
+    let saved = MoatProcess::status(&lab);
     assert_eq!(saved["persistence_error"], Value::Null, "{saved}");
     let metrics = moat_tests::metrics::scrape(&lab, METRICS);
     assert!(

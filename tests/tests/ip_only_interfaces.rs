@@ -179,8 +179,7 @@ fn a_tun_device_is_protected_from_its_ip_header() {
         ip(&lab, Side::Protected, &["route", "add", net, "dev", name]);
     }
     let moat = start_on(&lab, name, "100.64.1.0/24");
-    let status = MoatProcess::cli(&lab, &["status", "--json"]).ok("status");
-    let status: Value = serde_json::from_str(&status).expect("JSON");
+    let status = MoatProcess::status(&lab);
     assert_eq!(status["interfaces"][0]["framing"], "ip", "{status}");
 
     let (blocked, allowed, host) = ([100, 64, 1, 7], [100, 64, 2, 7], [10, 77, 0, 1]);

@@ -42,9 +42,7 @@ fn start(fleet: &FleetLab, i: usize, url: &str) -> (MoatProcess, Instant) {
 }
 
 fn fleet_status(fleet: &FleetLab, i: usize) -> Value {
-    let text = MoatProcess::cli(fleet.node(i), &["status", "--json"]).ok("status");
-    let status: Value = serde_json::from_str(&text).expect("status JSON");
-    status["fleet"].clone()
+    MoatProcess::status(fleet.node(i))["fleet"].clone()
 }
 
 fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
