@@ -54,8 +54,10 @@ pub const PAYLOAD_PREFIX_MAX: usize = agent_common::rules::PAYLOAD_MAX;
 /// The packet's headers cannot be trusted: truncated, or lengths that contradict the frame.
 pub struct Malformed;
 
-/// An IPv4 or IPv6 address (a source, or a destination).
+/// An IPv4 or IPv6 address (a source, or a destination). A 32-bit tag puts the bytes on a
+/// 4-byte boundary, so that copying an address takes word stores, not sixteen byte stores.
 #[derive(Clone, Copy)]
+#[repr(u32)]
 pub enum Address {
     V4([u8; 4]),
     V6([u8; 16]),
