@@ -253,7 +253,7 @@ impl Daemon {
                             origin: None,
                             ..entry.clone()
                         };
-                        self.dynamic.insert(key.list, key.cidr, local);
+                        Arc::make_mut(&mut self.dynamic).insert(key.list, key.cidr, local);
                         self.state_changed_by_fleet();
                     }
                 }
@@ -467,10 +467,10 @@ impl Daemon {
         };
         self.live.apply(PolicyChange::of_list(kind, change))?;
         for (cidr, entry) in puts {
-            self.dynamic.insert(kind, *cidr, entry.clone());
+            Arc::make_mut(&mut self.dynamic).insert(kind, *cidr, entry.clone());
         }
         for cidr in deletes {
-            self.dynamic.remove(kind, cidr);
+            Arc::make_mut(&mut self.dynamic).remove(kind, cidr);
         }
         self.state_changed_by_fleet();
         Ok(())

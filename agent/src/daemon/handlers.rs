@@ -5,6 +5,7 @@
 use std::{
     cmp::Reverse,
     net::IpAddr,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -110,7 +111,7 @@ impl Daemon {
             .map_err(|e| crate::error_chain(&e))?;
 
         let expires_at = ttl.map(|ttl| SystemTime::now() + ttl);
-        let shared_comment: Option<std::sync::Arc<str>> = comment.as_deref().map(Into::into);
+        let shared_comment: Option<Arc<str>> = comment.as_deref().map(Into::into);
         // Shared whole or not at all: the entries are the fleet's once handed over.
         let fleet = self
             .fleet
@@ -130,7 +131,7 @@ impl Daemon {
                 comment: shared_comment.clone(),
                 origin: origin.clone(),
             };
-            match self.dynamic.insert(kind, *cidr, entry) {
+            match Arc::make_mut(&mut self.dynamic).insert(kind, *cidr, entry) {
                 None => view.added += 1,
                 Some(_) => view.updated += 1,
             }
@@ -233,7 +234,7 @@ impl Daemon {
         // A fleet entry deleted here is deleted from the fleet.
         let mut fleet_deletes = Vec::new();
         for cidr in &cidrs {
-            if let Some(removed) = self.dynamic.remove(kind, cidr) {
+            if let Some(removed) = Arc::make_mut(&mut self.dynamic).remove(kind, cidr) {
                 view.removed += 1;
                 if removed.origin.is_some() {
                     fleet_deletes.push(Change::Delete(FleetKey {
@@ -417,7 +418,7 @@ impl Daemon {
                 continue;
             }
             for cidr in &expired {
-                self.dynamic.remove(kind, cidr);
+                Arc::make_mut(&mut self.dynamic).remove(kind, cidr);
                 info!(list = kind.name(), cidr = %cidr, cause = "ttl", "list entry expired");
             }
             self.state_changed();

@@ -1,7 +1,9 @@
 //! The journal: every change made at run time, appended and synced before the CLI is answered,
 //! so that a change reported as saved survives a crash, and one that could not be saved is
-//! reported as such. The state file is rewritten later, batched; the journal is emptied once
-//! the state file holds what it held.
+//! reported as such. The state file is rewritten later, batched, away from the control thread:
+//! as a save starts, the journal's records so far are sealed (moved to [`SEALED_FILE`]) while
+//! new ones go to a fresh journal, and the sealed records are dropped once the state file holds
+//! them. A start replays the sealed records, then the journal.
 
 use std::{
     fs::{File, OpenOptions},
@@ -23,6 +25,8 @@ use crate::{
 
 /// The journal's name inside `state_dir`.
 pub const JOURNAL_FILE: &str = "state.journal";
+/// The records a save in progress (or one that failed) covers, inside `state_dir`.
+pub const SEALED_FILE: &str = "state.journal.sealed";
 
 /// One change, as a line of JSON.
 #[derive(Debug, Deserialize, Serialize)]
@@ -129,20 +133,18 @@ fn replayed(dynamic: &mut Dynamic, change: Change, now: SystemTime) {
 /// The journal file, open for appending.
 pub struct Journal {
     path: PathBuf,
+    sealed: PathBuf,
     file: File,
 }
 
 impl Journal {
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         let path = dir.join(JOURNAL_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
-        Ok(Self { path, file })
+        Ok(Self {
+            file: open_append(&path)?,
+            sealed: dir.join(SEALED_FILE),
+            path,
+        })
     }
 
     /// Appends `record` and syncs it to disk: once this returns, the change survives a crash.
@@ -154,65 +156,119 @@ impl Journal {
             .and_then(|()| self.file.sync_data())
             .map_err(|e| {
                 // A partial line is the torn tail `replay` skips; cut it now if possible.
-                let _ = self.truncate_to_whole_lines();
+                let _ = truncate_to_whole_lines(&self.file, &self.path);
                 io(&self.path)(e)
             })
     }
 
-    /// Empties the journal: the state file now holds everything it held.
+    /// Seals the records so far, for a save that is about to snapshot what they changed; later
+    /// records go to a fresh journal. Records sealed before (a save that failed) stay sealed,
+    /// with these after them: a crash between the copy and the truncation leaves the copied
+    /// records in both files, replayed twice in a row, which changes nothing.
+    pub fn seal(&mut self) -> Result<(), StateError> {
+        if !self.sealed.exists() {
+            std::fs::rename(&self.path, &self.sealed).map_err(io(&self.path))?;
+            self.file = open_append(&self.path)?;
+            return Ok(());
+        }
+        let records = std::fs::read(&self.path).map_err(io(&self.path))?;
+        let sealed = open_append(&self.sealed)?;
+        (&sealed)
+            .write_all(&records)
+            .and_then(|()| sealed.sync_data())
+            .map_err(io(&self.sealed))?;
+        self.truncate()
+    }
+
+    /// Drops the sealed records: the state file now holds everything they changed.
+    pub fn release_sealed(dir: &Path) -> Result<(), StateError> {
+        remove_if_present(&dir.join(SEALED_FILE))
+    }
+
+    /// Empties the journal, sealed records included: the state file now holds everything.
     pub fn clear(&self) -> Result<(), StateError> {
+        remove_if_present(&self.sealed)?;
+        self.truncate()
+    }
+
+    fn truncate(&self) -> Result<(), StateError> {
         self.file
             .set_len(0)
             .and_then(|()| self.file.sync_data())
             .map_err(io(&self.path))
     }
 
-    fn truncate_to_whole_lines(&self) -> std::io::Result<()> {
-        let text = std::fs::read(&self.path)?;
-        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        self.file.set_len(whole as u64)
-    }
-
-    /// Applies every record to `dynamic`; returns how many. A last line cut short (a crash
-    /// while appending: that change was never reported as saved) is skipped with a warning;
-    /// any other unreadable line makes the journal damaged.
+    /// Applies every record to `dynamic`, the sealed ones first; returns how many.
     pub fn replay(&self, dynamic: &mut Dynamic, now: SystemTime) -> Result<usize, StateError> {
-        let reader = BufReader::new(File::open(&self.path).map_err(io(&self.path))?);
-        let lines: Vec<String> = reader
-            .lines()
-            .collect::<Result<_, _>>()
-            .map_err(io(&self.path))?;
-        let mut applied = 0;
-        for (number, line) in lines.iter().enumerate() {
-            let last = number + 1 == lines.len();
-            let record = match serde_json::from_str::<Record>(line) {
-                Ok(record) => record,
-                Err(e) if last => {
-                    warn!(
-                        path = %self.path.display(),
-                        line = number + 1,
-                        error = %e,
-                        "skipping the journal's last line: cut short (it was never reported saved)"
-                    );
-                    // So that the next record starts a line of its own.
-                    self.truncate_to_whole_lines().map_err(io(&self.path))?;
-                    break;
-                }
-                Err(e) => {
-                    return Err(StateError::Corrupt {
-                        path: self.path.clone(),
-                        message: format!("line {}: {e}", number + 1),
-                    });
-                }
-            };
-            record
-                .apply(dynamic, now)
-                .map_err(|message| StateError::Corrupt {
-                    path: self.path.clone(),
-                    message: format!("line {}: {message}", number + 1),
-                })?;
-            applied += 1;
-        }
-        Ok(applied)
+        let sealed = if self.sealed.exists() {
+            replay_file(&self.sealed, dynamic, now)?
+        } else {
+            0
+        };
+        Ok(sealed + replay_file(&self.path, dynamic, now)?)
     }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StateError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, StateError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
+}
+
+fn truncate_to_whole_lines(file: &File, path: &Path) -> std::io::Result<()> {
+    let text = std::fs::read(path)?;
+    let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    file.set_len(whole as u64)
+}
+
+/// Applies the records of one file; returns how many. A last line cut short (a crash while
+/// appending: that change was never reported as saved) is skipped with a warning; any other
+/// unreadable line makes the journal damaged.
+fn replay_file(path: &Path, dynamic: &mut Dynamic, now: SystemTime) -> Result<usize, StateError> {
+    let file = open_append(path)?;
+    let reader = BufReader::new(&file);
+    let lines: Vec<String> = reader.lines().collect::<Result<_, _>>().map_err(io(path))?;
+    let mut applied = 0;
+    for (number, line) in lines.iter().enumerate() {
+        let last = number + 1 == lines.len();
+        let record = match serde_json::from_str::<Record>(line) {
+            Ok(record) => record,
+            Err(e) if last => {
+                warn!(
+                    path = %path.display(),
+                    line = number + 1,
+                    error = %e,
+                    "skipping the journal's last line: cut short (it was never reported saved)"
+                );
+                // So that the next record starts a line of its own.
+                truncate_to_whole_lines(&file, path).map_err(io(path))?;
+                break;
+            }
+            Err(e) => {
+                return Err(StateError::Corrupt {
+                    path: path.to_path_buf(),
+                    message: format!("line {}: {e}", number + 1),
+                });
+            }
+        };
+        record
+            .apply(dynamic, now)
+            .map_err(|message| StateError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("line {}: {message}", number + 1),
+            })?;
+        applied += 1;
+    }
+    Ok(applied)
 }

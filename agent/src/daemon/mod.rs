@@ -44,7 +44,7 @@ use self::{
     interfaces::{Attachment, Interface, Target, interface_name},
     program_events::EventSinks,
     server::ControlSocket,
-    state::{Dynamic, StateStore},
+    state::{Dynamic, StateError, StateStore},
 };
 use crate::{
     config::{
@@ -93,6 +93,12 @@ const FLEET_BATCH: usize = 4096;
 /// a million spoofed sources take about a second to walk, which the loop never waits for.
 const LIMITER_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 const LIMITER_SCAN_BUDGET: Duration = Duration::from_millis(500);
+
+/// How a save went, and the bans it saved.
+pub struct SaveResult {
+    result: Result<(), StateError>,
+    bans: Vec<ActiveBan>,
+}
 
 /// Whether what is in force is also saved.
 #[derive(Debug, Default)]
@@ -194,12 +200,14 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    // One save in flight at a time.
+    let (saves, saved) = mpsc::channel(1);
     let daemon = Daemon {
         ebpf: program.ebpf,
         live: program.live,
         limiter: program.limiter,
         counters: program.counters,
-        dynamic: prepared.dynamic,
+        dynamic: Arc::new(prepared.dynamic),
         store: prepared.store,
         source: prepared.source,
         settings: RunningSettings {
@@ -217,6 +225,8 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
         persistence: Persistence::default(),
         unrestored_bans: program.unrestored_bans,
         unsaved_since: None,
+        saving: false,
+        saves,
         drops: observers.drops,
         scans: observers.scans,
         lifted: Vec::new(),
@@ -234,6 +244,7 @@ pub async fn run(source: ConfigSource, pin: bool) -> anyhow::Result<()> {
             observers.new_bans,
             observers.scrape_requests,
             fleet_events,
+            saved,
         )
         .await?;
     observers.reader.abort();
@@ -515,8 +526,13 @@ pub struct Daemon {
     live: LivePolicy,
     limiter: LimiterMaps,
     counters: CounterMaps,
-    dynamic: Dynamic,
+    /// Shared with a save in progress, which writes it away from the control thread; a change
+    /// meanwhile copies it (`Arc::make_mut`).
+    dynamic: Arc<Dynamic>,
     store: StateStore,
+    /// A save is being written; its result arrives on `serve`'s channel.
+    saving: bool,
+    saves: mpsc::Sender<SaveResult>,
     source: ConfigSource,
     settings: RunningSettings,
     interfaces: Vec<Interface>,
@@ -588,6 +604,7 @@ impl Daemon {
         mut new_bans: mpsc::Receiver<(IpAddr, Duration)>,
         mut scrapes: mpsc::Receiver<metrics::Scrape>,
         mut fleet_events: Option<mpsc::Receiver<FleetEvent>>,
+        mut saved: mpsc::Receiver<SaveResult>,
     ) -> anyhow::Result<()> {
         for ban in self.saved_bans.clone() {
             self.ban_expiries
@@ -606,7 +623,10 @@ impl Daemon {
         let mut attack_watch = tokio::time::interval(attacks::TICK);
         loop {
             let next_expiry = self.next_expiry_in();
-            let save_at = self.unsaved_since.map(|t| t + STATE_SAVE_DELAY);
+            let save_at = self
+                .unsaved_since
+                .filter(|_| !self.saving)
+                .map(|t| t + STATE_SAVE_DELAY);
             // A change is answered once in force; the standby copy follows here.
             let catch_up_at = self.live.catch_up_due().map(tokio::time::Instant::from_std);
             tokio::select! {
@@ -640,13 +660,15 @@ impl Daemon {
                 _ = ban_save.tick() => self.save_bans_if_changed(),
                 _ = attack_watch.tick() => self.watch_attacks(),
                 () = sleep_until(catch_up_at), if catch_up_at.is_some() => self.live.catch_up(),
-                () = sleep_until(save_at), if save_at.is_some() => {
-                    self.save_state();
-                    // A big import leaves freed request buffers behind; give them back.
-                    // SAFETY: malloc_trim only walks the allocator's own free lists.
-                    unsafe { libc::malloc_trim(0) };
-                }
+                () = sleep_until(save_at), if save_at.is_some() => self.save_state(),
+                Some(result) = saved.recv() => self.saved(result),
             }
+        }
+        // The stop saves again, after the save in progress (never two writers at once).
+        if self.saving
+            && let Some(result) = saved.recv().await
+        {
+            self.saved(result);
         }
         service_manager::stopping();
         // What the fleet settled meanwhile leaves the outbox the stop saves (a change already
@@ -698,36 +720,80 @@ impl Daemon {
         });
     }
 
-    /// Saves the dynamic entries and the bans in force; a failure is logged, not fatal: the
-    /// program keeps enforcing whatever happens to the disk.
+    /// Starts a save of the dynamic entries and the bans in force, written away from the control
+    /// thread (a million entries take a few hundred milliseconds to write); the result comes
+    /// back to [`Self::saved`]. A failure is logged, not fatal: the program keeps enforcing
+    /// whatever happens to the disk.
     fn save_state(&mut self) {
+        if self.saving {
+            // Saved again once the save in progress is done.
+            self.state_changed();
+            return;
+        }
+        let bans = self.prepare_save();
+        let writer = match self.store.begin_save() {
+            Ok(writer) => writer,
+            Err(e) => return self.save_failed(&e),
+        };
+        self.saving = true;
+        let snapshot = Arc::clone(&self.dynamic);
+        let saves = self.saves.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = writer.write(&snapshot, &bans);
+            // A copy the daemon no longer shares is freed here, not on the control thread.
+            drop(snapshot);
+            // Room is always there: one save in flight at a time.
+            let _ = saves.try_send(SaveResult { result, bans });
+        });
+    }
+
+    /// Saves now, on this thread (the stop).
+    fn save_state_now(&mut self) {
+        let bans = self.prepare_save();
+        let result = self.store.save(&self.dynamic, &bans);
+        self.saved(SaveResult { result, bans });
+    }
+
+    /// What a save needs besides the entries: the bans to save, and the fleet's outbox in the
+    /// entries' record.
+    fn prepare_save(&mut self) -> Vec<ActiveBan> {
         self.unsaved_since = None;
-        let bans = self.bans_to_save();
         // Without a fleet there is nothing to publish (a node that left it keeps no outbox).
-        self.dynamic.fleet_outbox = self
+        Arc::make_mut(&mut self.dynamic).fleet_outbox = self
             .fleet
             .as_ref()
             .map(FleetSync::outbox)
             .unwrap_or_default();
-        match self.store.save(&self.dynamic, &bans) {
+        self.bans_to_save()
+    }
+
+    /// A save is done.
+    fn saved(&mut self, SaveResult { result, bans }: SaveResult) {
+        self.saving = false;
+        match result {
             Ok(()) => {
                 self.saved_bans = bans;
                 if self.persistence.error.take().is_some() {
                     info!("saved the state again: everything in force is saved");
                 }
+                // A big import leaves freed request buffers behind; give them back.
+                // SAFETY: malloc_trim only walks the allocator's own free lists.
+                unsafe { libc::malloc_trim(0) };
             }
-            Err(e) => {
-                let why = crate::error_chain(&e);
-                error!(
-                    error = %why,
-                    retry_in = %humantime::format_duration(STATE_SAVE_RETRY),
-                    "could not save the state; what is in force stays, and the save is retried"
-                );
-                self.persistence.failed(why);
-                self.unsaved_since =
-                    Some(tokio::time::Instant::now() + STATE_SAVE_RETRY - STATE_SAVE_DELAY);
-            }
+            Err(e) => self.save_failed(&e),
         }
+    }
+
+    fn save_failed(&mut self, e: &StateError) {
+        let why = crate::error_chain(e);
+        error!(
+            error = %why,
+            retry_in = %humantime::format_duration(STATE_SAVE_RETRY),
+            "could not save the state; what is in force stays, and the save is retried"
+        );
+        self.persistence.failed(why);
+        self.unsaved_since =
+            Some(tokio::time::Instant::now() + STATE_SAVE_RETRY - STATE_SAVE_DELAY);
     }
 
     /// The latest walk of the limiter's maps.
@@ -881,7 +947,7 @@ impl Daemon {
     /// Leaves the pinned program enforcing, or detaches what this process attached.
     fn stop(mut self) {
         self.live.catch_up();
-        self.save_state();
+        self.save_state_now();
         self.remove_all_fingerprints();
         log_counters(&self.counters, &self.interfaces);
         let pinned = self

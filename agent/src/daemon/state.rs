@@ -356,10 +356,8 @@ impl StateStore {
         self.dir.join(STATE_FILE)
     }
 
-    /// The state saved before the last save, kept so that a damaged state file costs only the
-    /// last change.
     fn previous_path(&self) -> PathBuf {
-        self.dir.join(format!("{STATE_FILE}.prev"))
+        previous_path(&self.dir)
     }
 
     /// The saved state with the journal's changes applied, without what expired by `now`;
@@ -482,9 +480,44 @@ impl StateStore {
             .unwrap_or_else(|| unreachable!("an unbounded range yields a free name"))
     }
 
-    /// Replaces the saved state: temporary file, fsync, rename, fsync of the directory.
+    /// Replaces the saved state now (see [`StateWriter::write`]), and empties the journal.
     pub fn save(&self, dynamic: &Dynamic, bans: &[ActiveBan]) -> Result<(), StateError> {
-        let path = self.path();
+        self.writer().write_file(dynamic, bans)?;
+        // Everything the journal held is in the state file now.
+        self.journal.clear()
+    }
+
+    /// Starts a save that runs away from the control thread: seals the journal's records,
+    /// which the state about to be snapshot holds, and returns the writer. Until the writer
+    /// is done, no other save may start.
+    pub fn begin_save(&mut self) -> Result<StateWriter, StateError> {
+        self.journal.seal()?;
+        Ok(self.writer())
+    }
+
+    fn writer(&self) -> StateWriter {
+        StateWriter {
+            dir: self.dir.clone(),
+        }
+    }
+}
+
+/// Writes the state file of one state directory (see [`StateStore::begin_save`]).
+pub struct StateWriter {
+    dir: PathBuf,
+}
+
+impl StateWriter {
+    /// Replaces the saved state, then drops the sealed journal records it now holds.
+    pub fn write(&self, dynamic: &Dynamic, bans: &[ActiveBan]) -> Result<(), StateError> {
+        self.write_file(dynamic, bans)?;
+        Journal::release_sealed(&self.dir)
+    }
+
+    /// Replaces the state file: temporary file, fsync, rename, fsync of the directory.
+    fn write_file(&self, dynamic: &Dynamic, bans: &[ActiveBan]) -> Result<(), StateError> {
+        let path = self.dir.join(STATE_FILE);
+        let previous = previous_path(&self.dir);
         let temporary = self.dir.join(format!("{STATE_FILE}.tmp"));
         let file = OpenOptions::new()
             .create(true)
@@ -505,7 +538,7 @@ impl StateStore {
         drop(file);
         // The state being replaced becomes the previous one (a crash between the two renames
         // leaves it there, and `load` finds it).
-        match fs::rename(&path, self.previous_path()) {
+        match fs::rename(&path, previous) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&path)(e)),
@@ -513,10 +546,14 @@ impl StateStore {
         fs::rename(&temporary, &path).map_err(io(&path))?;
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
-            .map_err(io(&self.dir))?;
-        // Everything the journal held is in the state file now.
-        self.journal.clear()
+            .map_err(io(&self.dir))
     }
+}
+
+/// The state saved before the last save, kept so that a damaged state file costs only the last
+/// change.
+fn previous_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{STATE_FILE}.prev"))
 }
 
 /// Logs a damaged file, where it was kept, and what follows from it.
@@ -903,6 +940,68 @@ mod tests {
         assert_eq!(fs::metadata(&journal).expect("journal").len(), 0);
         let (reloaded, _) = store.load(SystemTime::now()).expect("load");
         assert_eq!(reloaded, loaded);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_save_in_the_background_seals_the_journal_and_nothing_recorded_meanwhile_is_lost() {
+        let dir = temp_dir("sealed");
+        let mut store = StateStore::open(&dir).expect("open");
+        let cidr = |text: &str| -> Cidr { text.parse().expect("cidr") };
+        let blocked = |store: &StateStore| -> Vec<String> {
+            let (loaded, _) = store.load(SystemTime::now()).expect("load");
+            loaded
+                .cidrs(ListKind::Block)
+                .map(ToString::to_string)
+                .collect()
+        };
+        let add = |store: &StateStore, text: &str| {
+            store
+                .record(&Record::add(
+                    ListKind::Block,
+                    &[cidr(text)],
+                    None,
+                    None,
+                    None,
+                ))
+                .expect("journal");
+        };
+        add(&store, "192.0.2.1");
+        add(&store, "192.0.2.2");
+        let mut snapshot = Dynamic::default();
+        for text in ["192.0.2.1", "192.0.2.2"] {
+            snapshot.insert(ListKind::Block, cidr(text), DynamicEntry::default());
+        }
+
+        // The save starts; changes keep coming while it is written.
+        let writer = store.begin_save().expect("seal");
+        add(&store, "192.0.2.3");
+        store
+            .record(&Record::del(ListKind::Block, &[cidr("192.0.2.1")]))
+            .expect("journal");
+        // A crash before the state file is written: the sealed records, then the new ones.
+        assert_eq!(blocked(&store), ["192.0.2.2/32", "192.0.2.3/32"]);
+
+        // That save failed; the next one seals what came since after what it sealed.
+        let _failed = writer;
+        let writer = store.begin_save().expect("seal again");
+        add(&store, "192.0.2.4");
+        assert_eq!(
+            blocked(&store),
+            ["192.0.2.2/32", "192.0.2.3/32", "192.0.2.4/32"]
+        );
+        snapshot.insert(ListKind::Block, cidr("192.0.2.3"), DynamicEntry::default());
+        snapshot.remove(ListKind::Block, &cidr("192.0.2.1"));
+
+        // Written: the sealed records go, the journal keeps the change made meanwhile.
+        writer.write(&snapshot, &[]).expect("write");
+        assert!(!dir.join(super::super::journal::SEALED_FILE).exists());
+        assert_eq!(
+            blocked(&store),
+            ["192.0.2.2/32", "192.0.2.3/32", "192.0.2.4/32"]
+        );
+        let journal = fs::read_to_string(dir.join("state.journal")).expect("journal");
+        assert_eq!(journal.lines().count(), 1, "{journal}");
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
