@@ -12,6 +12,15 @@ impl Cidr {
     pub fn net(&self) -> IpNet {
         self.0
     }
+
+    /// A key in `Cidr`'s own order (IPv4 first, then by address, then by length) that compares
+    /// in a few instructions: a million CIDRs sort several times faster by it.
+    pub fn sort_key(&self) -> (bool, u128, u8) {
+        match self.0 {
+            IpNet::V4(net) => (false, u32::from(net.addr()).into(), net.prefix_len()),
+            IpNet::V6(net) => (true, net.addr().into(), net.prefix_len()),
+        }
+    }
 }
 
 impl FromStr for Cidr {
@@ -36,14 +45,98 @@ impl FromStr for Cidr {
 }
 
 impl fmt::Display for Cidr {
+    /// IPv4 is written by hand: journals, state files and listings write a million of them,
+    /// and the formatting machinery cost more than everything else about each one.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        let IpNet::V4(net) = self.0 else {
+            return self.0.fmt(f);
+        };
+        // "255.255.255.255/32"
+        let mut text = [0u8; 18];
+        let mut len = 0;
+        for (i, octet) in net.addr().octets().into_iter().enumerate() {
+            if i > 0 {
+                text[len] = b'.';
+                len += 1;
+            }
+            len += write_decimal(&mut text[len..], octet);
+        }
+        text[len] = b'/';
+        len += 1;
+        len += write_decimal(&mut text[len..], net.prefix_len());
+        f.pad(std::str::from_utf8(&text[..len]).map_err(|_| fmt::Error)?)
     }
+}
+
+/// Writes `n` in decimal at the start of `out` (room for three digits); returns the length.
+fn write_decimal(out: &mut [u8], n: u8) -> usize {
+    let digits = [n / 100, n / 10 % 10, n % 10];
+    let skip = if n >= 100 {
+        0
+    } else if n >= 10 {
+        1
+    } else {
+        2
+    };
+    let written = &digits[skip..];
+    for (slot, digit) in out.iter_mut().zip(written) {
+        *slot = b'0' + digit;
+    }
+    written.len()
 }
 
 impl From<IpNet> for Cidr {
     /// The network of `net` (host bits cleared).
     fn from(net: IpNet) -> Self {
         Self(net.trunc())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_is_written_as_ipnet_writes_it() {
+        for text in [
+            "0.0.0.0/0",
+            "1.2.3.4/32",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "192.0.2.128/25",
+            "255.255.255.255/32",
+            "9.99.199.0/24",
+        ] {
+            let cidr: Cidr = text.parse().expect("cidr");
+            assert_eq!(cidr.to_string(), cidr.net().to_string());
+            assert_eq!(cidr.to_string(), text);
+            assert_eq!(format!("{cidr:>20}|"), format!("{:>20}|", text));
+        }
+        let v6: Cidr = "2001:db8::/32".parse().expect("cidr");
+        assert_eq!(v6.to_string(), "2001:db8::/32");
+    }
+
+    #[test]
+    fn the_sort_key_orders_as_cidrs_do() {
+        let cidrs: Vec<Cidr> = [
+            "2001:db8::1/128",
+            "10.0.0.0/8",
+            "10.0.0.0/16",
+            "9.255.255.255/32",
+            "::/0",
+            "2001:db8::/32",
+            "255.0.0.0/8",
+            "0.0.0.0/0",
+            "2001:db8::/48",
+            "10.0.0.1/32",
+        ]
+        .iter()
+        .map(|t| t.parse().expect("cidr"))
+        .collect();
+        let mut by_key = cidrs.clone();
+        by_key.sort_unstable_by_key(Cidr::sort_key);
+        let mut by_ord = cidrs;
+        by_ord.sort_unstable();
+        assert_eq!(by_key, by_ord);
     }
 }

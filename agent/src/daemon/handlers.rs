@@ -72,7 +72,10 @@ impl Daemon {
         ttl_seconds: Option<u64>,
         comment: Option<String>,
     ) -> Result<Reply, String> {
-        let cidrs = given(cidrs)?;
+        let mut cidrs = given(cidrs)?;
+        // In order, each once: the entries are merged into the lists in one pass.
+        cidrs.sort_unstable_by_key(Cidr::sort_key);
+        cidrs.dedup();
         let ttl = match (kind, ttl_seconds) {
             (_, None) => None,
             (ListKind::Allow, Some(_)) => return Err("allowlist entries take no ttl".into()),
@@ -125,17 +128,14 @@ impl Daemon {
             }
             None => None,
         };
-        for cidr in &cidrs {
-            let entry = DynamicEntry {
-                expires_at,
-                comment: shared_comment.clone(),
-                origin: origin.clone(),
-            };
-            match Arc::make_mut(&mut self.dynamic).insert(kind, *cidr, entry) {
-                None => view.added += 1,
-                Some(_) => view.updated += 1,
-            }
-        }
+        let entry = DynamicEntry {
+            expires_at,
+            comment: shared_comment,
+            origin: origin.clone(),
+        };
+        let updated = Arc::make_mut(&mut self.dynamic).insert_all(kind, &cidrs, entry);
+        view.updated = updated as u64;
+        view.added = (cidrs.len() - updated) as u64;
         if in_config > 0 {
             view.notes.push(format!(
                 "{in_config} of these entries are also in the configuration, which keeps them \

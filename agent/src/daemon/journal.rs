@@ -20,6 +20,7 @@ use tracing::warn;
 use super::state::{Dynamic, DynamicEntry, StateError, format_time, io, parse_time};
 use crate::{
     config::{Cidr, ListKind},
+    control::protocol::Cidrs,
     fleet::{Change, FleetKey, FleetRecord, client::Outgoing},
 };
 
@@ -35,7 +36,7 @@ pub enum Record {
     /// Entries added (or updated) at run time.
     Add {
         list: ListKind,
-        cidrs: Vec<String>,
+        cidrs: Cidrs,
         /// RFC 3339, or null for no expiry.
         expires_at: Option<String>,
         comment: Option<String>,
@@ -44,7 +45,7 @@ pub enum Record {
         origin: Option<String>,
     },
     /// Entries deleted at run time.
-    Del { list: ListKind, cidrs: Vec<String> },
+    Del { list: ListKind, cidrs: Cidrs },
 }
 
 impl Record {
@@ -57,7 +58,7 @@ impl Record {
     ) -> Self {
         Self::Add {
             list,
-            cidrs: cidrs.iter().map(ToString::to_string).collect(),
+            cidrs: Cidrs(cidrs.to_vec()),
             expires_at: expires_at.map(format_time),
             comment: comment.map(str::to_string),
             origin: origin.map(str::to_string),
@@ -67,7 +68,7 @@ impl Record {
     pub fn del(list: ListKind, cidrs: &[Cidr]) -> Self {
         Self::Del {
             list,
-            cidrs: cidrs.iter().map(ToString::to_string).collect(),
+            cidrs: Cidrs(cidrs.to_vec()),
         }
     }
 
@@ -87,8 +88,7 @@ impl Record {
                 if expires_at.is_some_and(|at| at <= now) {
                     return Ok(());
                 }
-                for cidr in cidrs {
-                    let cidr: Cidr = cidr.parse()?;
+                for cidr in cidrs.0 {
                     if let Some(origin) = &origin {
                         let record = FleetRecord {
                             expires_at,
@@ -106,8 +106,7 @@ impl Record {
                 }
             }
             Self::Del { list, cidrs } => {
-                for cidr in cidrs {
-                    let cidr: Cidr = cidr.parse()?;
+                for cidr in cidrs.0 {
                     if dynamic
                         .remove(list, &cidr)
                         .is_some_and(|e| e.origin.is_some())

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::journal::{Journal, Record};
 use crate::{
-    config::{Cidr, ListKind},
+    config::{Cidr, ListKind, list_merge::upsert_sorted},
     fleet::{Change, FleetKey, FleetRecord, client::Outgoing},
     program::limiter::ActiveBan,
 };
@@ -159,6 +159,36 @@ impl Dynamic {
             .map(|old| self.release(old));
         self.forget_expiry(kind, cidr, old.as_ref());
         old
+    }
+
+    /// Adds or replaces the entries of `cidrs`, which must be strictly in order, all with the
+    /// same terms; returns how many it replaced.
+    pub fn insert_all(&mut self, kind: ListKind, cidrs: &[Cidr], entry: DynamicEntry) -> usize {
+        let Some(count) = u32::try_from(cidrs.len()).ok().filter(|n| *n > 0) else {
+            return 0;
+        };
+        if let Some(at) = entry.expires_at {
+            self.expiries
+                .extend(cidrs.iter().map(|cidr| (at, kind, *cidr)));
+        }
+        let expires_at = entry.expires_at;
+        let id = self.terms_for(entry);
+        self.terms[id.0 as usize].uses += count - 1;
+        let mut replaced = Vec::new();
+        let list = match kind {
+            ListKind::Allow => &mut self.allowlist,
+            ListKind::Block => &mut self.blocklist,
+        };
+        upsert_sorted(list, cidrs.iter().map(|cidr| (*cidr, id)), |cidr, old| {
+            replaced.push((*cidr, old));
+        });
+        for (cidr, old) in &replaced {
+            let old = self.release(*old);
+            if let Some(at) = old.expires_at.filter(|at| Some(*at) != expires_at) {
+                self.expiries.remove(&(at, kind, *cidr));
+            }
+        }
+        replaced.len()
     }
 
     pub fn remove(&mut self, kind: ListKind, cidr: &Cidr) -> Option<DynamicEntry> {

@@ -24,7 +24,7 @@ use super::{
     map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
 };
-use crate::config::{Cidr, ListEntries, ListKind};
+use crate::config::{Cidr, ListEntries, ListKind, list_merge::upsert_sorted};
 
 /// Bytes of the IPv4 /24 table: one per /24.
 const V4_TABLE_BYTES: usize = V4_TABLE_LEN as usize * 8;
@@ -486,6 +486,21 @@ impl ListChange {
         }
         // A CIDR upserted twice is recorded once, as it was before the first.
         let ordered = strictly_ordered(self.upserts.iter().map(|(cidr, _)| cidr));
+        if ordered {
+            let mut replaced = Vec::new();
+            upsert_sorted(entries, self.upserts.iter().copied(), |cidr, old| {
+                replaced.push((*cidr, old));
+            });
+            // Every upsert not replacing an entry added one.
+            let mut replaced = replaced.into_iter().peekable();
+            for (cidr, _) in &self.upserts {
+                match replaced.next_if(|(at, _)| at == cidr) {
+                    Some(old) => undo.upserts.push(old),
+                    None => undo.removals.push(*cidr),
+                }
+            }
+            return undo;
+        }
         let mut upserted = BTreeSet::new();
         for (cidr, source) in &self.upserts {
             let old = entries.insert(*cidr, *source);
