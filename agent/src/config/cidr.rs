@@ -2,7 +2,9 @@
 
 use std::{fmt, str::FromStr};
 
-use ipnet::IpNet;
+use std::net::Ipv4Addr;
+
+use ipnet::{IpNet, Ipv4Net};
 
 /// A network with no host bits set; a bare address is a /32 or /128.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -27,6 +29,9 @@ impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Some(net) = plain_ipv4(text.as_bytes()) {
+            return Ok(Self(IpNet::V4(net)));
+        }
         let net = match text.parse::<IpNet>() {
             Ok(net) => net,
             Err(_) => text
@@ -42,6 +47,38 @@ impl FromStr for Cidr {
         }
         Ok(Self(net))
     }
+}
+
+/// `text` as a canonical IPv4 network ("a.b.c.d" or "a.b.c.d/n": decimal octets without
+/// leading zeros, no host bits set), read without the general parser: lists hold hundreds of
+/// thousands of these. Anything else, valid or not, is left to the general parser (`None`),
+/// which also words the errors.
+fn plain_ipv4(text: &[u8]) -> Option<Ipv4Net> {
+    let (address, prefix_len) = match text.iter().position(|b| *b == b'/') {
+        Some(slash) => (&text[..slash], decimal(&text[slash + 1..], 32)?),
+        None => (text, 32),
+    };
+    let mut octets = [0u8; 4];
+    let mut parts = address.split(|b| *b == b'.');
+    for octet in &mut octets {
+        *octet = decimal(parts.next()?, 255)?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    let net = Ipv4Net::new(Ipv4Addr::from(octets), prefix_len).ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
+/// 1–3 decimal digits without a leading zero, at most `max`.
+fn decimal(digits: &[u8], max: u32) -> Option<u8> {
+    if digits.is_empty() || digits.len() > 3 || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let value = digits.iter().try_fold(0u32, |n, d| {
+        d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+    })?;
+    u8::try_from(value).ok().filter(|v| u32::from(*v) <= max)
 }
 
 impl fmt::Display for Cidr {
@@ -114,6 +151,52 @@ mod tests {
         }
         let v6: Cidr = "2001:db8::/32".parse().expect("cidr");
         assert_eq!(v6.to_string(), "2001:db8::/32");
+    }
+
+    #[test]
+    fn the_ipv4_fast_path_reads_what_the_general_parser_reads() {
+        for text in [
+            "1.2.3.4",
+            "1.2.3.4/32",
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "255.255.255.255",
+            "192.0.2.128/25",
+            "100.64.0.0/10",
+            "1.2.3.0/24",
+            // Left to the general parser: errors, leading zeros, odd forms, IPv6.
+            "1.2.3.4/33",
+            "1.2.3.4/24",
+            "256.1.1.1",
+            "01.2.3.4",
+            "1.2.3.4/08",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1.2.3.4/",
+            "/24",
+            "1..3.4",
+            "1.2.3.4/3a",
+            "a.b.c.d",
+            "",
+            "::1",
+            "2001:db8::/32",
+            " 1.2.3.4",
+            "1.2.3.4 ",
+            "1.2.3.4//8",
+            "1.2.3.-4",
+        ] {
+            let general = match text.parse::<IpNet>() {
+                Ok(net) => Ok(net),
+                Err(_) => text.parse::<std::net::IpAddr>().map(IpNet::from),
+            };
+            let fast = plain_ipv4(text.as_bytes());
+            if let Some(net) = fast {
+                assert_eq!(general, Ok(IpNet::V4(net)), "{text}");
+            } else if let Ok(IpNet::V4(net)) = general {
+                // Only host bits may keep a valid IPv4 network off the fast path.
+                assert_ne!(net.trunc(), net, "{text} should take the fast path");
+            }
+        }
     }
 
     #[test]

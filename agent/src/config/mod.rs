@@ -552,9 +552,9 @@ impl Config {
             );
         }
         // Sorted, then built in one pass: a million inserts into the tree, each a search,
-        // took several times longer. A CIDR named twice keeps its first source (the stable sort
-        // keeps the order of equal ones, and `dedup` the first of them).
-        entries.sort_by_key(|(cidr, _)| cidr.sort_key());
+        // took several times longer. A CIDR both in `cidrs` and in a file keeps the source
+        // `cidrs` (sorted first, and `dedup` keeps the first of equal ones).
+        entries.sort_unstable_by_key(|(cidr, source)| (cidr.sort_key(), *source != SOURCE_CONFIG));
         entries.dedup_by_key(|(cidr, _)| *cidr);
         Ok(entries.into_iter().collect())
     }
