@@ -17,7 +17,7 @@ pub mod state;
 
 /// The journal's file name in `state_dir` (empty once the state file holds every change: the
 /// benchmark waits for that).
-pub use journal::JOURNAL_FILE;
+pub use journal::{JOURNAL_FILE, SEALED_FILE};
 
 use std::{
     cmp::Reverse,
