@@ -101,7 +101,8 @@ impl fmt::Display for Cidr {
         text[len] = b'/';
         len += 1;
         len += write_decimal(&mut text[len..], net.prefix_len());
-        f.pad(std::str::from_utf8(&text[..len]).map_err(|_| fmt::Error)?)
+        // As ipnet writes it: no padding.
+        f.write_str(std::str::from_utf8(&text[..len]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -147,7 +148,7 @@ mod tests {
             let cidr: Cidr = text.parse().expect("cidr");
             assert_eq!(cidr.to_string(), cidr.net().to_string());
             assert_eq!(cidr.to_string(), text);
-            assert_eq!(format!("{cidr:>20}|"), format!("{:>20}|", text));
+            assert_eq!(format!("{cidr:>20}|"), format!("{:>20}|", cidr.net()));
         }
         let v6: Cidr = "2001:db8::/32".parse().expect("cidr");
         assert_eq!(v6.to_string(), "2001:db8::/32");

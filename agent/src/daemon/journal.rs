@@ -131,6 +131,7 @@ fn replayed(dynamic: &mut Dynamic, change: Change, now: SystemTime) {
 
 /// The journal file, open for appending.
 pub struct Journal {
+    dir: PathBuf,
     path: PathBuf,
     sealed: PathBuf,
     file: File,
@@ -142,6 +143,7 @@ impl Journal {
         Ok(Self {
             file: open_append(&path)?,
             sealed: dir.join(SEALED_FILE),
+            dir: dir.to_path_buf(),
             path,
         })
     }
@@ -161,22 +163,26 @@ impl Journal {
     }
 
     /// Seals the records so far, for a save that is about to snapshot what they changed; later
-    /// records go to a fresh journal. Records sealed before (a save that failed) stay sealed,
-    /// with these after them: a crash between the copy and the truncation leaves the copied
-    /// records in both files, replayed twice in a row, which changes nothing.
+    /// records go to a fresh journal. Records sealed before (by a save that failed) stay
+    /// sealed, these after them: both are written whole to a new file that replaces the sealed
+    /// one (never appended in place, where a failure would leave half a line in its middle).
+    /// A crash before the journal is emptied leaves its records in both files, replayed twice
+    /// in a row, which changes nothing.
     pub fn seal(&mut self) -> Result<(), StateError> {
-        if !self.sealed.exists() {
+        if self.sealed.exists() {
+            let mut records = whole_lines(read_or_empty(&self.sealed)?);
+            records.extend(whole_lines(read_or_empty(&self.path)?));
+            let temporary = self.dir.join(format!("{SEALED_FILE}.tmp"));
+            write_synced(&temporary, &records)?;
+            std::fs::rename(&temporary, &self.sealed).map_err(io(&self.sealed))?;
+        } else {
             std::fs::rename(&self.path, &self.sealed).map_err(io(&self.path))?;
-            self.file = open_append(&self.path)?;
-            return Ok(());
         }
-        let records = std::fs::read(&self.path).map_err(io(&self.path))?;
-        let sealed = open_append(&self.sealed)?;
-        (&sealed)
-            .write_all(&records)
-            .and_then(|()| sealed.sync_data())
-            .map_err(io(&self.sealed))?;
-        self.truncate()
+        sync_dir(&self.dir)?;
+        // Reopened by name whichever way it went: the records written so far are sealed.
+        self.file = open_append(&self.path)?;
+        self.truncate()?;
+        sync_dir(&self.dir)
     }
 
     /// Drops the sealed records: the state file now holds everything they changed.
@@ -190,6 +196,15 @@ impl Journal {
         self.truncate()
     }
 
+    /// Drops the records of `path`, one of [`Self::files`] (found damaged and kept aside).
+    pub fn discard(&self, path: &Path) -> Result<(), StateError> {
+        if path == self.sealed {
+            remove_if_present(&self.sealed)
+        } else {
+            self.truncate()
+        }
+    }
+
     fn truncate(&self) -> Result<(), StateError> {
         self.file
             .set_len(0)
@@ -197,15 +212,48 @@ impl Journal {
             .map_err(io(&self.path))
     }
 
-    /// Applies every record to `dynamic`, the sealed ones first; returns how many.
-    pub fn replay(&self, dynamic: &mut Dynamic, now: SystemTime) -> Result<usize, StateError> {
-        let sealed = if self.sealed.exists() {
-            replay_file(&self.sealed, dynamic, now)?
-        } else {
-            0
-        };
-        Ok(sealed + replay_file(&self.path, dynamic, now)?)
+    /// The files to replay, in order: the sealed records (when a save did not finish), then
+    /// the journal.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let sealed = self.sealed.exists().then(|| self.sealed.clone());
+        sealed.into_iter().chain([self.path.clone()]).collect()
     }
+}
+
+fn read_or_empty(path: &Path) -> Result<Vec<u8>, StateError> {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        read => read.map_err(io(path)),
+    }
+}
+
+/// `records` without a torn last line.
+fn whole_lines(mut records: Vec<u8>) -> Vec<u8> {
+    let whole = records
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    records.truncate(whole);
+    records
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    (&file)
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io(path))
+}
+
+/// Makes the directory's entries (a rename, a new file) survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 fn remove_if_present(path: &Path) -> Result<(), StateError> {
@@ -231,10 +279,14 @@ fn truncate_to_whole_lines(file: &File, path: &Path) -> std::io::Result<()> {
     file.set_len(whole as u64)
 }
 
-/// Applies the records of one file; returns how many. A last line cut short (a crash while
-/// appending: that change was never reported as saved) is skipped with a warning; any other
-/// unreadable line makes the journal damaged.
-fn replay_file(path: &Path, dynamic: &mut Dynamic, now: SystemTime) -> Result<usize, StateError> {
+/// Applies the records of one of the journal's files; returns how many. A last line cut short
+/// (a crash while appending: that change was never reported as saved) is skipped with a
+/// warning; any other unreadable line, a whole one included, makes the file damaged.
+pub fn replay_file(
+    path: &Path,
+    dynamic: &mut Dynamic,
+    now: SystemTime,
+) -> Result<usize, StateError> {
     let file = open_append(path)?;
     let reader = BufReader::new(&file);
     let lines: Vec<String> = reader.lines().collect::<Result<_, _>>().map_err(io(path))?;
@@ -243,7 +295,7 @@ fn replay_file(path: &Path, dynamic: &mut Dynamic, now: SystemTime) -> Result<us
         let last = number + 1 == lines.len();
         let record = match serde_json::from_str::<Record>(line) {
             Ok(record) => record,
-            Err(e) if last => {
+            Err(e) if last && serde_json::from_str::<serde::de::IgnoredAny>(line).is_err() => {
                 warn!(
                     path = %path.display(),
                     line = number + 1,

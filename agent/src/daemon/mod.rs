@@ -98,6 +98,8 @@ const LIMITER_SCAN_BUDGET: Duration = Duration::from_millis(500);
 pub struct SaveResult {
     result: Result<(), StateError>,
     bans: Vec<ActiveBan>,
+    /// `Persistence::failures` when the save started.
+    failures_before: u64,
 }
 
 /// Whether what is in force is also saved.
@@ -738,12 +740,21 @@ impl Daemon {
         self.saving = true;
         let snapshot = Arc::clone(&self.dynamic);
         let saves = self.saves.clone();
+        let failures_before = self.persistence.failures;
         tokio::task::spawn_blocking(move || {
-            let result = writer.write(&snapshot, &bans);
+            // A panic must still end the save, or no save would ever start again.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                writer.write(&snapshot, &bans)
+            }))
+            .unwrap_or_else(|_| Err(writer.failed("the state writer panicked")));
             // A copy the daemon no longer shares is freed here, not on the control thread.
             drop(snapshot);
             // Room is always there: one save in flight at a time.
-            let _ = saves.try_send(SaveResult { result, bans });
+            let _ = saves.try_send(SaveResult {
+                result,
+                bans,
+                failures_before,
+            });
         });
     }
 
@@ -751,7 +762,12 @@ impl Daemon {
     fn save_state_now(&mut self) {
         let bans = self.prepare_save();
         let result = self.store.save(&self.dynamic, &bans);
-        self.saved(SaveResult { result, bans });
+        let failures_before = self.persistence.failures;
+        self.saved(SaveResult {
+            result,
+            bans,
+            failures_before,
+        });
     }
 
     /// What a save needs besides the entries: the bans to save, and the fleet's outbox in the
@@ -768,12 +784,23 @@ impl Daemon {
     }
 
     /// A save is done.
-    fn saved(&mut self, SaveResult { result, bans }: SaveResult) {
+    fn saved(
+        &mut self,
+        SaveResult {
+            result,
+            bans,
+            failures_before,
+        }: SaveResult,
+    ) {
         self.saving = false;
         match result {
             Ok(()) => {
                 self.saved_bans = bans;
-                if self.persistence.error.take().is_some() {
+                if self.persistence.failures != failures_before {
+                    // A journal write failed while this save was written: that change is in
+                    // neither. The next save holds it.
+                    self.state_changed();
+                } else if self.persistence.error.take().is_some() {
                     info!("saved the state again: everything in force is saved");
                 }
                 // A big import leaves freed request buffers behind; give them back.

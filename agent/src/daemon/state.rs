@@ -18,7 +18,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use super::journal::{Journal, Record};
+use super::journal::{Journal, Record, replay_file};
 use crate::{
     config::{Cidr, ListKind, list_merge::upsert_sorted},
     fleet::{Change, FleetKey, FleetRecord, client::Outgoing},
@@ -167,6 +167,10 @@ impl Dynamic {
         let Some(count) = u32::try_from(cidrs.len()).ok().filter(|n| *n > 0) else {
             return 0;
         };
+        debug_assert!(
+            cidrs.is_sorted_by(|a, b| a < b),
+            "insert_all takes CIDRs in order"
+        );
         if let Some(at) = entry.expires_at {
             self.expiries
                 .extend(cidrs.iter().map(|cidr| (at, kind, *cidr)));
@@ -394,20 +398,23 @@ impl StateStore {
     /// empty when nothing was saved yet.
     pub fn load(&self, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), StateError> {
         let (mut dynamic, bans) = self.load_state_file(now)?;
-        match self.journal.replay(&mut dynamic, now) {
-            Ok(0) => {}
-            Ok(records) => info!(records, "applied the journal's changes to the saved state"),
-            Err(StateError::Corrupt { path, message }) => {
-                let aside = self.set_aside_copy(&path)?;
-                self.journal.clear()?;
-                damaged(
-                    &path,
-                    &aside,
-                    &message,
-                    "the changes after the last save are lost",
-                );
+        // The sealed records (a save that did not finish), then the journal; a damaged file
+        // is kept aside and the next one is still read.
+        for path in self.journal.files() {
+            match replay_file(&path, &mut dynamic, now) {
+                Ok(0) => {}
+                Ok(records) => info!(
+                    records,
+                    path = %path.display(),
+                    "applied the journal's changes to the saved state"
+                ),
+                Err(StateError::Corrupt { path, message }) => {
+                    let aside = self.set_aside_copy(&path)?;
+                    self.journal.discard(&path)?;
+                    damaged(&path, &aside, &message, "the changes it held are lost");
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         Ok((dynamic, bans))
     }
@@ -538,6 +545,11 @@ pub struct StateWriter {
 }
 
 impl StateWriter {
+    /// A failure of this writer that no system call reported.
+    pub fn failed(&self, why: &str) -> StateError {
+        io(&self.dir.join(STATE_FILE))(std::io::Error::other(why))
+    }
+
     /// Replaces the saved state, then drops the sealed journal records it now holds.
     pub fn write(&self, dynamic: &Dynamic, bans: &[ActiveBan]) -> Result<(), StateError> {
         self.write_file(dynamic, bans)?;
@@ -1032,6 +1044,64 @@ mod tests {
         );
         let journal = fs::read_to_string(dir.join("state.journal")).expect("journal");
         assert_eq!(journal.lines().count(), 1, "{journal}");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_damaged_sealed_file_is_kept_aside_and_the_records_after_it_still_count() {
+        let dir = temp_dir("sealed-damaged");
+        let mut store = StateStore::open(&dir).expect("open");
+        let add = |store: &StateStore, text: &str| {
+            let cidr: Cidr = text.parse().expect("cidr");
+            store
+                .record(&Record::add(ListKind::Block, &[cidr], None, None, None))
+                .expect("journal");
+        };
+        let blocked = |store: &StateStore| -> Vec<String> {
+            let (loaded, _) = store.load(SystemTime::now()).expect("load");
+            loaded
+                .cidrs(ListKind::Block)
+                .map(ToString::to_string)
+                .collect()
+        };
+        let sealed = dir.join(super::super::journal::SEALED_FILE);
+
+        // A torn last line in the sealed records (a crash while appending, before the seal):
+        // a second seal keeps the whole lines only, with the journal's after them.
+        add(&store, "192.0.2.1");
+        let _failed = store.begin_save().expect("seal");
+        let mut text = fs::read_to_string(&sealed).expect("sealed");
+        text.push_str("{\"add\": {\"li");
+        fs::write(&sealed, &text).expect("write");
+        add(&store, "192.0.2.2");
+        let _failed = store.begin_save().expect("seal again");
+        assert!(
+            fs::read_to_string(&sealed)
+                .expect("sealed")
+                .ends_with("}}\n")
+        );
+        add(&store, "192.0.2.3");
+        assert_eq!(
+            blocked(&store),
+            ["192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32"]
+        );
+
+        // A damaged line, even a whole one, is not a torn tail: the file is kept aside (what
+        // came before the damage was applied), and the journal after it still counts.
+        let mut text = fs::read_to_string(&sealed).expect("sealed");
+        text.insert_str(
+            0,
+            "{\"add\": {\"list\": \"blocklist\", \"cidrs\": [\"192.0.2.300\"]}}\n",
+        );
+        fs::write(&sealed, &text).expect("write");
+        assert_eq!(blocked(&store), ["192.0.2.3/32"]);
+        assert!(!sealed.exists());
+        let kept: Vec<_> = fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with("state.journal.sealed.damaged-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
