@@ -985,29 +985,28 @@ mod tests {
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 
+    /// Journals the blocking of `text`, as a `block add` does.
+    fn add(store: &StateStore, text: &str) {
+        let cidr: Cidr = text.parse().expect("cidr");
+        store
+            .record(&Record::add(ListKind::Block, &[cidr], None, None, None))
+            .expect("journal");
+    }
+
+    /// What a start would block, from the state and the journal.
+    fn blocked(store: &StateStore) -> Vec<String> {
+        let (loaded, _) = store.load(SystemTime::now()).expect("load");
+        loaded
+            .cidrs(ListKind::Block)
+            .map(ToString::to_string)
+            .collect()
+    }
+
     #[test]
     fn a_save_in_the_background_seals_the_journal_and_nothing_recorded_meanwhile_is_lost() {
         let dir = temp_dir("sealed");
         let mut store = StateStore::open(&dir).expect("open");
         let cidr = |text: &str| -> Cidr { text.parse().expect("cidr") };
-        let blocked = |store: &StateStore| -> Vec<String> {
-            let (loaded, _) = store.load(SystemTime::now()).expect("load");
-            loaded
-                .cidrs(ListKind::Block)
-                .map(ToString::to_string)
-                .collect()
-        };
-        let add = |store: &StateStore, text: &str| {
-            store
-                .record(&Record::add(
-                    ListKind::Block,
-                    &[cidr(text)],
-                    None,
-                    None,
-                    None,
-                ))
-                .expect("journal");
-        };
         add(&store, "192.0.2.1");
         add(&store, "192.0.2.2");
         let mut snapshot = Dynamic::default();
@@ -1051,19 +1050,6 @@ mod tests {
     fn a_damaged_sealed_file_is_kept_aside_and_the_records_after_it_still_count() {
         let dir = temp_dir("sealed-damaged");
         let mut store = StateStore::open(&dir).expect("open");
-        let add = |store: &StateStore, text: &str| {
-            let cidr: Cidr = text.parse().expect("cidr");
-            store
-                .record(&Record::add(ListKind::Block, &[cidr], None, None, None))
-                .expect("journal");
-        };
-        let blocked = |store: &StateStore| -> Vec<String> {
-            let (loaded, _) = store.load(SystemTime::now()).expect("load");
-            loaded
-                .cidrs(ListKind::Block)
-                .map(ToString::to_string)
-                .collect()
-        };
         let sealed = dir.join(super::super::journal::SEALED_FILE);
 
         // A torn last line in the sealed records (a crash while appending, before the seal):
