@@ -17,7 +17,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::state::{Dynamic, DynamicEntry, StateError, format_time, io, parse_time};
+use super::state::{Dynamic, DynamicEntry, StateError, format_time, io, parse_time, sync_dir};
 use crate::{
     config::{Cidr, ListKind},
     control::protocol::Cidrs,
@@ -88,6 +88,9 @@ impl Record {
                 if expires_at.is_some_and(|at| at <= now) {
                     return Ok(());
                 }
+                // One copy of the terms for the record's entries, however many they are.
+                let shared_comment: Option<Arc<str>> = comment.as_deref().map(Arc::from);
+                let shared_origin: Option<Arc<str>> = origin.as_deref().map(Arc::from);
                 for cidr in cidrs.0 {
                     if let Some(origin) = &origin {
                         let record = FleetRecord {
@@ -99,8 +102,8 @@ impl Record {
                     }
                     let entry = DynamicEntry {
                         expires_at,
-                        comment: comment.as_deref().map(Arc::from),
-                        origin: origin.as_deref().map(Arc::from),
+                        comment: shared_comment.clone(),
+                        origin: shared_origin.clone(),
                     };
                     dynamic.insert(list, cidr, entry);
                 }
@@ -249,11 +252,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(io(path))
-}
-
-/// Makes the directory's entries (a rename, a new file) survive a crash.
-fn sync_dir(dir: &Path) -> Result<(), StateError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 fn remove_if_present(path: &Path) -> Result<(), StateError> {

@@ -661,8 +661,8 @@ impl Daemon {
                 () = tokio::time::sleep(next_expiry) => self.expire(SystemTime::now()),
                 _ = ban_save.tick() => self.save_bans_if_changed(),
                 _ = attack_watch.tick() => self.watch_attacks(),
-                () = sleep_until(catch_up_at), if catch_up_at.is_some() => self.live.catch_up(),
-                () = sleep_until(save_at), if save_at.is_some() => self.save_state(),
+                () = crate::sleep_until(catch_up_at), if catch_up_at.is_some() => self.live.catch_up(),
+                () = crate::sleep_until(save_at), if save_at.is_some() => self.save_state(),
                 Some(result) = saved.recv() => self.saved(result),
             }
         }
@@ -1121,13 +1121,6 @@ async fn next_fleet_events(
         }
     }
     Some(batch)
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

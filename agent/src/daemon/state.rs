@@ -54,6 +54,11 @@ pub(super) fn io(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
     }
 }
 
+/// Makes the directory's entries (a rename, a new file) survive a crash.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
 /// An entry added at run time.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DynamicEntry {
@@ -179,10 +184,7 @@ impl Dynamic {
         let id = self.terms_for(entry);
         self.terms[id.0 as usize].uses += count - 1;
         let mut replaced = Vec::new();
-        let list = match kind {
-            ListKind::Allow => &mut self.allowlist,
-            ListKind::Block => &mut self.blocklist,
-        };
+        let list = self.list_mut(kind);
         upsert_sorted(list, cidrs.iter().map(|cidr| (*cidr, id)), |cidr, old| {
             replaced.push((*cidr, old));
         });
@@ -390,10 +392,6 @@ impl StateStore {
         self.dir.join(STATE_FILE)
     }
 
-    fn previous_path(&self) -> PathBuf {
-        previous_path(&self.dir)
-    }
-
     /// The saved state with the journal's changes applied, without what expired by `now`;
     /// empty when nothing was saved yet.
     pub fn load(&self, now: SystemTime) -> Result<(Dynamic, Vec<ActiveBan>), StateError> {
@@ -438,7 +436,7 @@ impl StateStore {
             }
             Err(e) => return Err(e),
         }
-        let previous = self.previous_path();
+        let previous = previous_path(&self.dir);
         match self.read(&previous, now) {
             Ok(Some(state)) => {
                 error!(
@@ -586,9 +584,7 @@ impl StateWriter {
             Err(e) => return Err(io(&path)(e)),
         }
         fs::rename(&temporary, &path).map_err(io(&path))?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io(&self.dir))
+        sync_dir(&self.dir)
     }
 }
 

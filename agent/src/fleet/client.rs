@@ -352,7 +352,7 @@ impl Task {
                         backoff = (backoff * 2).min(MAX_RETRY_DELAY);
                     }
                 }
-                () = sleep_until(retry_at), if !self.held.is_empty() && !held_due => {}
+                () = crate::sleep_until(retry_at), if !self.held.is_empty() && !held_due => {}
                 outgoing = self.changes.recv() => {
                     let Some(outgoing) = outgoing else { return Ok(Ended::Stopped) };
                     let mut batch = vec![Held { outgoing, failures: 0 }];
@@ -635,13 +635,6 @@ async fn connect(
         .connect(servers)
         .await
         .context("connecting to the fleet's servers")
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The server's timestamp (Unix nanoseconds) as a `SystemTime`.
