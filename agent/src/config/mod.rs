@@ -19,6 +19,7 @@ use std::{
 };
 
 use agent_common::lists::{SOURCE_CONFIG, SOURCE_FILE};
+use rayon::slice::ParallelSliceMut as _;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -551,10 +552,11 @@ impl Config {
                     .map(|cidr| (cidr, SOURCE_FILE)),
             );
         }
-        // Sorted, then built in one pass: a million inserts into the tree, each a search,
-        // took several times longer. A CIDR both in `cidrs` and in a file keeps the source
-        // `cidrs` (sorted first, and `dedup` keeps the first of equal ones).
-        entries.sort_unstable_by_key(|(cidr, source)| (cidr.sort_key(), *source != SOURCE_CONFIG));
+        // Sorted (on every CPU), then built in one pass: a million inserts into the tree, each
+        // a search, took several times longer. A CIDR both in `cidrs` and in a file keeps the
+        // source `cidrs` (sorted first, and `dedup` keeps the first of equal ones).
+        entries
+            .par_sort_unstable_by_key(|(cidr, source)| (cidr.sort_key(), *source != SOURCE_CONFIG));
         entries.dedup_by_key(|(cidr, _)| *cidr);
         Ok(entries.into_iter().collect())
     }

@@ -11,6 +11,7 @@ use std::{
 
 use agent_common::lists::SOURCE_CLI;
 use ipnet::IpNet;
+use rayon::slice::ParallelSliceMut as _;
 use tracing::{error, info, warn};
 
 use super::{
@@ -74,7 +75,7 @@ impl Daemon {
     ) -> Result<Reply, String> {
         let mut cidrs = given(cidrs)?;
         // In order, each once: the entries are merged into the lists in one pass.
-        cidrs.sort_unstable_by_key(Cidr::sort_key);
+        cidrs.par_sort_unstable_by_key(Cidr::sort_key);
         cidrs.dedup();
         let ttl = match (kind, ttl_seconds) {
             (_, None) => None,

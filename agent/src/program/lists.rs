@@ -133,7 +133,7 @@ type PrefixHash<K> = Named<HashMap<MapData, K, PrefixEntry>>;
 /// Entries of a prefix hash, as the map holds them.
 type HashEntries<K> = Vec<(K, PrefixEntry)>;
 
-impl<K: Pod + Ord> PrefixHash<K> {
+impl<K: Pod + Ord + Sync> PrefixHash<K> {
     fn insert_all(&mut self, entries: &[(K, PrefixEntry)]) -> Result<(), ListError> {
         map_batch::update(self.map.map(), entries).map_err(|io_error| {
             named(self.name)(MapError::SyscallError(SyscallError {

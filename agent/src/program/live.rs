@@ -395,14 +395,23 @@ impl LivePolicy {
         let current = (&self.policy.allowlist, &self.policy.blocklist);
         let mut holdings: Holdings<'_> = [other.unwrap_or(current); GENERATIONS];
         holdings[generation] = current;
-        self.maps
-            .prefixes
-            .write(allowlist.cidrs().chain(blocklist.cidrs()), holdings)?;
+        // The hashes' writes are mostly the kernel's work, the tables' ours: side by side.
+        let (prefixes, maps) = (
+            &mut self.maps.prefixes,
+            &mut self.maps.generations[generation],
+        );
+        let (hashes, tables) = rayon::join(
+            || prefixes.write(allowlist.cidrs().chain(blocklist.cidrs()), holdings),
+            || {
+                maps.allowlist
+                    .write_change(&self.policy.allowlist, allowlist)?;
+                maps.blocklist
+                    .write_change(&self.policy.blocklist, blocklist)
+            },
+        );
+        hashes?;
+        tables?;
         let maps = &mut self.maps.generations[generation];
-        maps.allowlist
-            .write_change(&self.policy.allowlist, allowlist)?;
-        maps.blocklist
-            .write_change(&self.policy.blocklist, blocklist)?;
         if let Some(rest) = rest {
             rest.install(maps)?;
         }
@@ -415,15 +424,22 @@ impl LivePolicy {
         for kind in ListKind::ALL {
             self.maps.v6_gate.open_for(policy.list(kind).keys())?;
         }
-        self.maps
-            .prefixes
-            .install([(&policy.allowlist, &policy.blocklist); GENERATIONS])?;
-        for kind in ListKind::ALL {
-            let compiled = CompiledList::compile(kind, policy.list(kind))?;
-            for generation in &mut self.maps.generations {
-                generation.list(kind).install(&compiled)?;
-            }
-        }
+        // The hashes' inserts are the kernel's work, the tables' compilation ours: side by side.
+        let (prefixes, generations) = (&mut self.maps.prefixes, &mut self.maps.generations);
+        let (hashes, tables) = rayon::join(
+            || prefixes.install([(&policy.allowlist, &policy.blocklist); GENERATIONS]),
+            || -> Result<(), ChangeError> {
+                for kind in ListKind::ALL {
+                    let compiled = CompiledList::compile(kind, policy.list(kind))?;
+                    for generation in generations.iter_mut() {
+                        generation.list(kind).install(&compiled)?;
+                    }
+                }
+                Ok(())
+            },
+        );
+        hashes?;
+        tables?;
         let rest = CompiledRest::compile(&self.policy);
         for generation in 0..GENERATIONS {
             rest.install(&mut self.maps.generations[generation])?;

@@ -1,6 +1,7 @@
 //! `BPF_MAP_UPDATE_BATCH` (Linux 5.6): a hash filled a few thousand entries per system call
 //! instead of one. aya 0.14 has no batch operations, and a million prefixes inserted one by one
-//! cost seconds of system calls at start-up and on import.
+//! cost seconds of system calls at start-up and on import. Large fills go out from every CPU:
+//! the kernel's hashes take concurrent inserts (a lock per bucket, per-CPU element caches).
 
 use std::{
     io,
@@ -9,17 +10,31 @@ use std::{
 
 use aya::{Pod, maps::MapData};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
+use rayon::{iter::ParallelIterator as _, prelude::ParallelSlice as _};
 
 /// Entries per system call: large enough that the call's own cost vanishes, small enough that
 /// the key and value copies stay in cache.
 const BATCH: usize = 4096;
+/// Entries per thread's share of a large fill; smaller fills (a `block add`) stay on the
+/// calling thread.
+const SHARE: usize = 4 * BATCH;
 
 /// Inserts or replaces every `(key, value)` in `map` (a hash or an array), whose key and value
 /// sizes must be those of `K` and `V` (the callers pass the types of their typed map, or check
-/// the sizes). On an error, the entries before the failing one are in the map (as with one
-/// insert after another).
-pub fn update<K: Pod, V: Pod>(map: &MapData, entries: &[(K, V)]) -> io::Result<()> {
+/// the sizes). The keys must be distinct: the entries go in no particular order, and on an
+/// error some of them are in the map.
+pub fn update<K: Pod + Sync, V: Pod + Sync>(map: &MapData, entries: &[(K, V)]) -> io::Result<()> {
     let fd = u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
+    if entries.len() <= SHARE {
+        return update_in_turn(fd, entries);
+    }
+    entries
+        .par_chunks(SHARE)
+        .try_for_each(|share| update_in_turn(fd, share))
+}
+
+/// [`update`] from the calling thread, a batch after another.
+fn update_in_turn<K: Pod, V: Pod>(fd: u32, entries: &[(K, V)]) -> io::Result<()> {
     let mut keys = Vec::with_capacity(BATCH.min(entries.len()));
     let mut values = Vec::with_capacity(BATCH.min(entries.len()));
     for chunk in entries.chunks(BATCH) {
