@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser as _;
 use moat::{
     cli::{Cli, Command},
@@ -54,11 +55,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 path: args.config.clone(),
                 overrides: args.overrides(cli.socket.clone()),
             };
-            // One malloc arena for every thread: the threads that parse, sort and insert a
-            // million prefixes would each keep an arena of freed memory the size of their share
-            // (RSS twice as large after a start-up or an import); they seldom allocate at once.
-            // SAFETY: a plain setting, before any other thread of the daemon exists.
-            unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+            start_workers()?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
@@ -66,4 +63,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         command => command.run_client(&socket, cli.socket.clone()),
     }
+}
+
+/// Most worker threads for the daemon's large list work (parsing, sorting, the kernel's batch
+/// inserts of a start-up or an import): more add little to a million prefixes.
+const MAX_WORKERS: usize = 8;
+
+/// The daemon's worker pool (rayon's), made before any other thread, with one malloc arena
+/// for every thread: with an arena each, the workers kept their share of a million prefixes as
+/// freed memory (RSS twice as large after a start-up or an import). Their parsing and sorting
+/// allocate little; the contention costs less than that memory.
+fn start_workers() -> anyhow::Result<()> {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: a plain setting, made before any other thread of the process exists (mallopt is
+    // not safe beside other threads).
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } == 0 {
+        tracing::warn!("could not limit malloc to one arena: memory may stay with idle threads");
+    }
+    let workers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(MAX_WORKERS);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("moat-worker-{i}"))
+        .build_global()
+        .context("starting the worker threads")
 }

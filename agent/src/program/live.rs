@@ -34,6 +34,30 @@ pub enum ChangeError {
     Access(#[from] MapAccessError),
 }
 
+/// Changes of at least this many entries write the prefix hashes and the /24 tables side by
+/// side; a smaller one is written before a worker thread would have woken.
+const SIDE_BY_SIDE_FROM: usize = 4096;
+
+/// Writes the prefix hashes (mostly the kernel's work: its inserts) and the /24 tables (mostly
+/// ours: compiling them), side by side when `large`. Both are written whatever the other does;
+/// the first error stands, and the tables' is logged when both fail.
+fn hashes_and_tables(
+    large: bool,
+    hashes: impl FnOnce() -> Result<(), ListError> + Send,
+    tables: impl FnOnce() -> Result<(), ChangeError> + Send,
+) -> Result<(), ChangeError> {
+    let (hashes, tables) = if large {
+        rayon::join(hashes, tables)
+    } else {
+        (hashes(), tables())
+    };
+    if let (Err(_), Err(also)) = (&hashes, &tables) {
+        tracing::warn!(error = %crate::error_chain(also), "writing the /24 tables failed too");
+    }
+    hashes?;
+    tables
+}
+
 /// Checks what only the program's layout limits (IPv6 prefix lengths per list), so that a
 /// policy it cannot enforce is refused before anything is loaded.
 pub fn check(policy: &Policy) -> Result<(), ListError> {
@@ -395,22 +419,22 @@ impl LivePolicy {
         let current = (&self.policy.allowlist, &self.policy.blocklist);
         let mut holdings: Holdings<'_> = [other.unwrap_or(current); GENERATIONS];
         holdings[generation] = current;
-        // The hashes' writes are mostly the kernel's work, the tables' ours: side by side.
         let (prefixes, maps) = (
             &mut self.maps.prefixes,
             &mut self.maps.generations[generation],
         );
-        let (hashes, tables) = rayon::join(
+        let size = allowlist.cidrs().count() + blocklist.cidrs().count();
+        hashes_and_tables(
+            size >= SIDE_BY_SIDE_FROM,
             || prefixes.write(allowlist.cidrs().chain(blocklist.cidrs()), holdings),
             || {
                 maps.allowlist
                     .write_change(&self.policy.allowlist, allowlist)?;
-                maps.blocklist
-                    .write_change(&self.policy.blocklist, blocklist)
+                Ok(maps
+                    .blocklist
+                    .write_change(&self.policy.blocklist, blocklist)?)
             },
-        );
-        hashes?;
-        tables?;
+        )?;
         let maps = &mut self.maps.generations[generation];
         if let Some(rest) = rest {
             rest.install(maps)?;
@@ -424,11 +448,11 @@ impl LivePolicy {
         for kind in ListKind::ALL {
             self.maps.v6_gate.open_for(policy.list(kind).keys())?;
         }
-        // The hashes' inserts are the kernel's work, the tables' compilation ours: side by side.
         let (prefixes, generations) = (&mut self.maps.prefixes, &mut self.maps.generations);
-        let (hashes, tables) = rayon::join(
+        hashes_and_tables(
+            true,
             || prefixes.install([(&policy.allowlist, &policy.blocklist); GENERATIONS]),
-            || -> Result<(), ChangeError> {
+            || {
                 for kind in ListKind::ALL {
                     let compiled = CompiledList::compile(kind, policy.list(kind))?;
                     for generation in generations.iter_mut() {
@@ -437,9 +461,7 @@ impl LivePolicy {
                 }
                 Ok(())
             },
-        );
-        hashes?;
-        tables?;
+        )?;
         let rest = CompiledRest::compile(&self.policy);
         for generation in 0..GENERATIONS {
             rest.install(&mut self.maps.generations[generation])?;

@@ -1,7 +1,7 @@
 //! `BPF_MAP_UPDATE_BATCH` (Linux 5.6): a hash filled a few thousand entries per system call
 //! instead of one. aya 0.14 has no batch operations, and a million prefixes inserted one by one
-//! cost seconds of system calls at start-up and on import. Large fills go out from every CPU:
-//! the kernel's hashes take concurrent inserts (a lock per bucket, per-CPU element caches).
+//! cost seconds of system calls at start-up and on import. Large fills go out from several
+//! threads: the kernel's hashes take concurrent inserts (a lock per bucket).
 
 use std::{
     io,
@@ -43,22 +43,42 @@ fn update_in_turn<K: Pod, V: Pod>(fd: u32, entries: &[(K, V)]) -> io::Result<()>
         keys.extend(chunk.iter().map(|(key, _)| *key));
         values.extend(chunk.iter().map(|(_, value)| *value));
         let mut done = 0;
+        let mut busy = 0;
         while done < chunk.len() {
-            done += update_some(fd, &keys[done..], &values[done..])?;
+            let (taken, result) = update_some(fd, &keys[done..], &values[done..]);
+            done += taken;
+            match result {
+                Ok(()) if taken > 0 => {}
+                Ok(()) => return Err(io::Error::other("BPF_MAP_UPDATE_BATCH took no entry")),
+                // Kernels that let an update be preempted while it holds a bucket's per-CPU
+                // lock count fail another thread's update on that CPU with EBUSY: what was
+                // taken stays taken, the rest is sent again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && busy < BUSY_RETRIES => {
+                    busy += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
 }
 
-/// One `BPF_MAP_UPDATE_BATCH`; returns how many entries the kernel took (all, unless it
-/// stopped early without an error).
-fn update_some<K: Pod, V: Pod>(map_fd: u32, keys: &[K], values: &[V]) -> io::Result<usize> {
+/// Times one batch is sent again after EBUSY before the error stands.
+const BUSY_RETRIES: u32 = 8;
+
+/// One `BPF_MAP_UPDATE_BATCH`: how many entries the kernel took (all of them, unless it
+/// stopped early), and the error that stopped it.
+fn update_some<K: Pod, V: Pod>(map_fd: u32, keys: &[K], values: &[V]) -> (usize, io::Result<()>) {
+    let count = match u32::try_from(keys.len()) {
+        Ok(count) => count,
+        Err(e) => return (0, Err(io::Error::other(e))),
+    };
     // SAFETY: plain C data for which all zeroes is a valid value.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.batch.map_fd = map_fd;
     attr.batch.keys = keys.as_ptr() as u64;
     attr.batch.values = values.as_ptr() as u64;
-    attr.batch.count = u32::try_from(keys.len()).map_err(io::Error::other)?;
+    attr.batch.count = count;
     // SAFETY: the attribute describes `keys.len()` keys and values in buffers this function
     // borrows for the call; `K` and `V` have the map's key and value sizes (see `update`), and
     // a Pod type has no padding.
@@ -70,13 +90,13 @@ fn update_some<K: Pod, V: Pod>(map_fd: u32, keys: &[K], values: &[V]) -> io::Res
             size_of::<bpf_attr>(),
         )
     };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel wrote back how many it processed into the field it read the count from.
-    let count = unsafe { attr.batch.count } as usize;
-    if count == 0 {
-        return Err(io::Error::other("BPF_MAP_UPDATE_BATCH took no entry"));
-    }
-    Ok(count)
+    let result = if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: the kernel wrote back how many it took into the field it read the count from,
+    // failed or not (never more than it was given).
+    let taken = unsafe { attr.batch.count }.min(count) as usize;
+    (taken, result)
 }
