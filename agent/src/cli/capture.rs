@@ -113,7 +113,7 @@ fn stream_frames<W: Write>(
             Ok((captured, 0))
         }
         (StreamEnd::Interrupted, None) => anyhow::bail!("interrupted before any frame came"),
-        (StreamEnd::Done, None) => anyhow::bail!("the daemon ended the capture without a summary"),
+        (StreamEnd::Done, None) => anyhow::bail!("capture ended without a summary from the daemon"),
     }
 }
 
