@@ -461,6 +461,11 @@ impl ListChange {
         self.upserts.is_empty() && self.removals.is_empty()
     }
 
+    /// How many CIDRs the change names (as `cidrs` counts them).
+    pub fn len(&self) -> usize {
+        self.upserts.len() + self.removals.len()
+    }
+
     /// Every CIDR the change names, upserted or removed.
     pub fn cidrs(&self) -> impl Iterator<Item = &Cidr> {
         (self.upserts.iter().map(|(cidr, _)| cidr)).chain(&self.removals)

@@ -423,9 +423,8 @@ impl LivePolicy {
             &mut self.maps.prefixes,
             &mut self.maps.generations[generation],
         );
-        let size = allowlist.cidrs().count() + blocklist.cidrs().count();
         hashes_and_tables(
-            size >= SIDE_BY_SIDE_FROM,
+            allowlist.len() + blocklist.len() >= SIDE_BY_SIDE_FROM,
             || prefixes.write(allowlist.cidrs().chain(blocklist.cidrs()), holdings),
             || {
                 maps.allowlist
