@@ -352,6 +352,36 @@ fn ttl_entries_expire_on_time() {
     );
     assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
     assert!(entry(&entries(&lab, "block"), ATTACKER_NET_V4).is_none());
+
+    // An import whose TTL ends is removed whole and logged as one line, not one per entry.
+    const IMPORTED: usize = 2000;
+    let file = lab.dir().join("expiring.txt");
+    std::fs::write(
+        &file,
+        format!("{}{ATTACKER_V4}\n", generated_list(IMPORTED - 1)),
+    )
+    .expect("write list");
+    let cli = ["block", "import", &file.to_string_lossy(), "--ttl", "4s"];
+    MoatProcess::cli(&lab, &cli).ok("block import --ttl");
+    assert_eq!(entries(&lab, "block").len(), IMPORTED);
+    assert_unanswered(&lab, ATTACKER_V4, PROTECTED_V4);
+    let log = moat.wait_for_log("list entries expired", 1);
+    let line = log
+        .lines()
+        .find(|l| l.contains("list entries expired"))
+        .expect("the line waited for");
+    assert!(
+        line.contains(&format!("removed={IMPORTED}"))
+            || line.contains(&format!("\"removed\":{IMPORTED}")),
+        "one line for all {IMPORTED} entries: {line}"
+    );
+    assert_eq!(
+        log.matches("list entry expired").count(),
+        1,
+        "only the single entry above gets a line of its own:\n{log}"
+    );
+    assert!(entries(&lab, "block").is_empty());
+    assert_answered(&lab, ATTACKER_V4, PROTECTED_V4);
 }
 
 /// `count` distinct prefixes: /32s in 10/8, /24s from 20.0.0.0 up, /64s in 2001:db8::/32.

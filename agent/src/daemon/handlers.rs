@@ -26,6 +26,10 @@ use crate::{
     program::{limiter::ActiveBan, lists::ListChange, live::PolicyChange},
 };
 
+/// Expiries of one list at one moment up to this many are logged one line each; more (an
+/// import with a TTL ending) are logged as one line, as the request that added them was.
+const EXPIRIES_LOGGED_EACH: usize = 8;
+
 /// The CIDRs of a request (parsed as it was decoded); at least one.
 fn given(cidrs: Cidrs) -> Result<Vec<Cidr>, String> {
     if cidrs.0.is_empty() {
@@ -420,7 +424,13 @@ impl Daemon {
             }
             for cidr in &expired {
                 Arc::make_mut(&mut self.dynamic).remove(kind, cidr);
-                info!(list = kind.name(), cidr = %cidr, cause = "ttl", "list entry expired");
+            }
+            if expired.len() <= EXPIRIES_LOGGED_EACH {
+                for cidr in &expired {
+                    info!(list = kind.name(), cidr = %cidr, cause = "ttl", "list entry expired");
+                }
+            } else {
+                info!(list = kind.name(), removed = expired.len(), cause = "ttl", first = %expired[0], "list entries expired");
             }
             self.state_changed();
         }

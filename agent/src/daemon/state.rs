@@ -73,14 +73,25 @@ pub struct DynamicEntry {
 
 /// Which terms (expiry and comment) an entry has: an index into `Dynamic::terms`. The entries
 /// of one request share their terms, so an imported entry costs its CIDR and these four bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct TermsId(u32);
+
+/// Terms that expire remember their entries while they have at most this many, so that a
+/// small request expires without a walk over the lists; a larger one (an import with a TTL)
+/// is found by one walk when it expires, and costs no index entry per CIDR until then.
+const MEMBERS_KEPT: u32 = 1024;
 
 /// Terms shared by `uses` entries (0: a free slot).
 #[derive(Clone, Debug, Default)]
 struct Terms {
     entry: DynamicEntry,
     uses: u32,
+    /// The entries that use terms which expire, while they are at most [`MEMBERS_KEPT`];
+    /// `None` once there were more.
+    members: Option<Vec<(ListKind, Cidr)>>,
+    /// The lists whose entries used the terms (bit `ListKind as u8`): an expiry walks only
+    /// those.
+    lists: u8,
 }
 
 type DynamicList = BTreeMap<Cidr, TermsId>;
@@ -95,9 +106,9 @@ pub struct Dynamic {
     free: Vec<u32>,
     /// The terms given out last: the next entry of the same request shares them.
     recent: Option<TermsId>,
-    /// Every entry that expires, by expiry: the next one and the expired ones are found
-    /// without a walk over a list of a million entries.
-    expiries: BTreeSet<(SystemTime, ListKind, Cidr)>,
+    /// The terms that expire, by expiry: the next expiry is the first. One key per request,
+    /// not per entry (a key per entry cost about 80 bytes of memory each).
+    expiries: BTreeSet<(SystemTime, TermsId)>,
     /// This node's changes not yet in the fleet's bucket, as of the last save: published first
     /// after a restart (a block made while the servers were away is not lost with the process).
     pub fleet_outbox: Vec<Outgoing>,
@@ -154,16 +165,10 @@ impl Dynamic {
         cidr: Cidr,
         entry: DynamicEntry,
     ) -> Option<DynamicEntry> {
-        if let Some(at) = entry.expires_at {
-            self.expiries.insert((at, kind, cidr));
-        }
         let id = self.terms_for(entry);
-        let old = self
-            .list_mut(kind)
-            .insert(cidr, id)
-            .map(|old| self.release(old));
-        self.forget_expiry(kind, cidr, old.as_ref());
-        old
+        self.join(id, kind, std::slice::from_ref(&cidr));
+        let old = self.list_mut(kind).insert(cidr, id)?;
+        Some(self.release(old, kind, &cidr))
     }
 
     /// Adds or replaces the entries of `cidrs`, which must be strictly in order, all with the
@@ -176,34 +181,23 @@ impl Dynamic {
             cidrs.is_sorted_by(|a, b| a < b),
             "insert_all takes CIDRs in order"
         );
-        if let Some(at) = entry.expires_at {
-            self.expiries
-                .extend(cidrs.iter().map(|cidr| (at, kind, *cidr)));
-        }
-        let expires_at = entry.expires_at;
         let id = self.terms_for(entry);
         self.terms[id.0 as usize].uses += count - 1;
+        self.join(id, kind, cidrs);
         let mut replaced = Vec::new();
         let list = self.list_mut(kind);
         upsert_sorted(list, cidrs.iter().map(|cidr| (*cidr, id)), |cidr, old| {
             replaced.push((*cidr, old));
         });
         for (cidr, old) in &replaced {
-            let old = self.release(*old);
-            if let Some(at) = old.expires_at.filter(|at| Some(*at) != expires_at) {
-                self.expiries.remove(&(at, kind, *cidr));
-            }
+            self.release(*old, kind, cidr);
         }
         replaced.len()
     }
 
     pub fn remove(&mut self, kind: ListKind, cidr: &Cidr) -> Option<DynamicEntry> {
-        let old = self
-            .list_mut(kind)
-            .remove(cidr)
-            .map(|old| self.release(old));
-        self.forget_expiry(kind, *cidr, old.as_ref());
-        old
+        let old = self.list_mut(kind).remove(cidr)?;
+        Some(self.release(old, kind, cidr))
     }
 
     /// The terms `entry` has, shared with the entries added just before when they are the
@@ -217,7 +211,13 @@ impl Dynamic {
             recent.uses += 1;
             return id;
         }
-        let terms = Terms { entry, uses: 1 };
+        let expires_at = entry.expires_at;
+        let terms = Terms {
+            members: expires_at.map(|_| Vec::new()),
+            entry,
+            uses: 1,
+            lists: 0,
+        };
         let id = match self.free.pop() {
             Some(slot) => {
                 self.terms[slot as usize] = terms;
@@ -228,40 +228,74 @@ impl Dynamic {
                 TermsId(self.terms.len() as u32 - 1)
             }
         };
+        if let Some(at) = expires_at {
+            self.expiries.insert((at, id));
+        }
         self.recent = Some(id);
         id
     }
 
-    /// One entry fewer uses `id`'s terms; returns them.
-    fn release(&mut self, id: TermsId) -> DynamicEntry {
+    /// `cidrs` of `kind` now use `id`'s terms (counted in `uses` already): its members, while
+    /// they are few.
+    fn join(&mut self, id: TermsId, kind: ListKind, cidrs: &[Cidr]) {
+        let terms = &mut self.terms[id.0 as usize];
+        terms.lists |= 1 << kind as u8;
+        if terms.uses > MEMBERS_KEPT {
+            terms.members = None;
+        } else if let Some(members) = &mut terms.members {
+            members.extend(cidrs.iter().map(|cidr| (kind, *cidr)));
+            debug_assert_eq!(members.len(), terms.uses as usize, "a member per use");
+        }
+    }
+
+    /// The entry `cidr` of `kind` no longer uses `id`'s terms; returns them.
+    fn release(&mut self, id: TermsId, kind: ListKind, cidr: &Cidr) -> DynamicEntry {
         let terms = &mut self.terms[id.0 as usize];
         terms.uses -= 1;
         if terms.uses > 0 {
+            if let Some(members) = &mut terms.members
+                && let Some(at) = members.iter().position(|m| *m == (kind, *cidr))
+            {
+                members.swap_remove(at);
+                debug_assert_eq!(members.len(), terms.uses as usize, "a member per use");
+            }
             return terms.entry.clone();
         }
+        if let Some(at) = terms.entry.expires_at {
+            self.expiries.remove(&(at, id));
+        }
+        terms.members = None;
         self.free.push(id.0);
         std::mem::take(&mut terms.entry)
     }
 
-    fn forget_expiry(&mut self, kind: ListKind, cidr: Cidr, old: Option<&DynamicEntry>) {
-        // Most entries never expire: no second lookup for them.
-        let Some(at) = old.and_then(|e| e.expires_at) else {
-            return;
-        };
-        let current = self.get(kind, &cidr).and_then(|e| e.expires_at);
-        if current != Some(at) {
-            self.expiries.remove(&(at, kind, cidr));
-        }
-    }
-
-    /// The entries of `kind` that have expired at `now`.
+    /// The entries of `kind` that have expired at `now`, in address order. The terms that
+    /// forgot their members are looked for in one walk over the list.
     pub fn expired(&self, kind: ListKind, now: SystemTime) -> Vec<Cidr> {
-        self.expiries
-            .iter()
-            .take_while(|(at, _, _)| *at <= now)
-            .filter(|(_, k, _)| *k == kind)
-            .map(|(_, _, cidr)| *cidr)
-            .collect()
+        let mut expired = Vec::new();
+        let mut walk_for = Vec::new();
+        for (_, id) in self.expiries.iter().take_while(|(at, _)| *at <= now) {
+            let terms = &self.terms[id.0 as usize];
+            match &terms.members {
+                Some(members) => expired.extend(
+                    (members.iter())
+                        .filter(|(k, _)| *k == kind)
+                        .map(|(_, cidr)| *cidr),
+                ),
+                None if terms.lists & (1 << kind as u8) != 0 => walk_for.push(*id),
+                None => {}
+            }
+        }
+        if !walk_for.is_empty() {
+            walk_for.sort_unstable();
+            expired.extend(
+                (self.list(kind).iter())
+                    .filter(|(_, id)| walk_for.binary_search(id).is_ok())
+                    .map(|(cidr, _)| *cidr),
+            );
+        }
+        expired.sort_unstable();
+        expired
     }
 
     /// How many entries of either list come from the fleet.
@@ -275,7 +309,7 @@ impl Dynamic {
 
     /// The earliest expiry of any entry.
     pub fn next_expiry(&self) -> Option<SystemTime> {
-        self.expiries.first().map(|(at, _, _)| *at)
+        self.expiries.first().map(|(at, _)| *at)
     }
 }
 
@@ -845,6 +879,112 @@ mod tests {
         assert_eq!(dynamic.free.len(), 1, "by all ten entries");
         assert!(dynamic.contains(ListKind::Allow, &cidr(1)));
         assert_eq!(dynamic, dynamic.clone());
+    }
+
+    #[test]
+    fn expiries_are_indexed_per_request_and_found_when_due() {
+        let mut dynamic = Dynamic::default();
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs);
+        let expiring = |secs: u64| DynamicEntry {
+            expires_at: Some(at(secs)),
+            comment: None,
+            origin: None,
+        };
+        let host = |i: u32| -> Cidr {
+            std::net::Ipv4Addr::from(0x0a00_0000 + i)
+                .to_string()
+                .parse()
+                .expect("CIDR")
+        };
+        // An import with a TTL: too many entries to remember, found by a walk.
+        let imported: Vec<Cidr> = (0..2000).map(host).collect();
+        assert_eq!(
+            dynamic.insert_all(ListKind::Block, &imported, expiring(600)),
+            0
+        );
+        // Small requests, one of them in both lists, and one inserted one by one.
+        let single: Cidr = "192.0.2.1/32".parse().expect("CIDR");
+        dynamic.insert(ListKind::Block, single, expiring(60));
+        dynamic.insert(ListKind::Allow, single, expiring(60));
+        for i in 5000..5010 {
+            dynamic.insert(ListKind::Block, host(i), expiring(120));
+        }
+        // An imported entry made permanent, one taken by a small request, one deleted.
+        dynamic.insert(ListKind::Block, host(5), DynamicEntry::default());
+        dynamic.insert(ListKind::Block, host(6), expiring(60));
+        dynamic.remove(ListKind::Block, &host(7));
+        assert_eq!(
+            dynamic.expiries.len(),
+            4,
+            "one key per request that expires"
+        );
+        let bulk = dynamic.list(ListKind::Block)[&host(0)];
+        assert!(dynamic.terms[bulk.0 as usize].members.is_none());
+
+        assert_eq!(dynamic.next_expiry(), Some(at(60)));
+        assert!(dynamic.expired(ListKind::Block, at(59)).is_empty());
+        assert_eq!(
+            dynamic.expired(ListKind::Block, at(60)),
+            vec![host(6), single]
+        );
+        assert_eq!(dynamic.expired(ListKind::Allow, at(60)), vec![single]);
+        let mut due: Vec<Cidr> = (0..2000)
+            .chain(5000..5010)
+            .filter(|i| ![5, 7].contains(i))
+            .map(host)
+            .collect();
+        due.push(single);
+        assert_eq!(dynamic.expired(ListKind::Block, at(600)), due);
+
+        for cidr in dynamic.expired(ListKind::Block, at(120)) {
+            dynamic.remove(ListKind::Block, &cidr);
+        }
+        let walked: Vec<Cidr> = (0..2000)
+            .filter(|i| ![5, 6, 7].contains(i))
+            .map(host)
+            .collect();
+        assert_eq!(
+            dynamic.expired(ListKind::Block, at(600)),
+            walked,
+            "nothing removed is found again"
+        );
+        assert_eq!(dynamic.expired(ListKind::Allow, at(600)), vec![single]);
+        assert_eq!(
+            dynamic.next_expiry(),
+            Some(at(60)),
+            "the allowlist's entry is left"
+        );
+        dynamic.remove(ListKind::Allow, &single);
+        assert_eq!(dynamic.next_expiry(), Some(at(600)));
+        for cidr in dynamic.expired(ListKind::Block, at(600)) {
+            dynamic.remove(ListKind::Block, &cidr);
+        }
+        assert_eq!(dynamic.next_expiry(), None);
+        assert!(dynamic.expiries.is_empty());
+        assert_eq!(
+            dynamic.cidrs(ListKind::Block).copied().collect::<Vec<_>>(),
+            vec![host(5)],
+            "only the permanent entry is left"
+        );
+
+        // The same entry twice in one request; then more entries of that request, one at a
+        // time (as a load from the state file adds them), than it remembers.
+        dynamic.insert(ListKind::Block, host(9000), expiring(300));
+        dynamic.insert(ListKind::Block, host(9000), expiring(300));
+        assert_eq!(dynamic.expired(ListKind::Block, at(300)), vec![host(9000)]);
+        let loaded = 10_000..10_000 + MEMBERS_KEPT + 10;
+        for i in loaded.clone() {
+            dynamic.insert(ListKind::Block, host(i), expiring(300));
+        }
+        let id = dynamic.list(ListKind::Block)[&host(9000)];
+        assert!(dynamic.terms[id.0 as usize].members.is_none());
+        let due: Vec<Cidr> = std::iter::once(9000).chain(loaded).map(host).collect();
+        assert_eq!(dynamic.expired(ListKind::Block, at(300)), due);
+        assert!(dynamic.expired(ListKind::Allow, at(300)).is_empty());
+        for cidr in &due {
+            dynamic.remove(ListKind::Block, cidr);
+        }
+        assert!(dynamic.expiries.is_empty());
     }
 
     #[test]
