@@ -430,7 +430,13 @@ impl Daemon {
                     info!(list = kind.name(), cidr = %cidr, cause = "ttl", "list entry expired");
                 }
             } else {
-                info!(list = kind.name(), removed = expired.len(), cause = "ttl", first = %expired[0], "list entries expired");
+                info!(
+                    list = kind.name(),
+                    removed = expired.len(),
+                    cause = "ttl",
+                    first = %expired[0],
+                    "list entries expired"
+                );
             }
             self.state_changed();
         }
