@@ -4,7 +4,8 @@
 //! - `moat block import` of the same million prefixes into a running daemon;
 //! - `moat block add` of one address under traffic from it: invocation to CLI return, and
 //!   invocation to the first packet the kernel counts as dropped;
-//! - the daemon's RSS idle and with the million prefixes, and the kernel memory of its maps;
+//! - the daemon's RSS idle and with the million prefixes (imported, and again with a TTL), and
+//!   the kernel memory of its maps;
 //! - `moat status`, one `/metrics` scrape and `moat block add` with the rate limiter's maps full
 //!   (a million sources tracked and banned, as a spoofed flood leaves them).
 
@@ -204,6 +205,7 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
     let mut import = Vec::new();
     let mut rss_idle = Vec::new();
     let mut rss_import = Vec::new();
+    let mut rss_import_ttl = Vec::new();
     let mut add_return = Vec::new();
     let mut add_effect = Vec::new();
     let mut add_during_save = Vec::new();
@@ -242,6 +244,12 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         for address in [SAVED_BESIDE, ATTACKER_V4] {
             MoatProcess::cli(lab, &["block", "del", address]).ok("block del");
         }
+        // The same list again with a TTL: every entry now expires (and is indexed for it).
+        let path = list.path.to_string_lossy();
+        MoatProcess::cli(lab, &["block", "import", &path, "--ttl", "1h"]).ok("import --ttl");
+        wait_until_saved(lab);
+        std::thread::sleep(Duration::from_secs(2));
+        rss_import_ttl.push(rss_mib(moat.pid()));
         println!("control plane: run {} of {} done", run + 1, options.runs);
         stop_and_clean(lab, moat);
     }
@@ -272,6 +280,11 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
         format!("daemon RSS with {n} imported prefixes"),
         "MiB",
         rss_import,
+    );
+    add_row(
+        format!("daemon RSS with the {n} prefixes imported again with `--ttl 1h`"),
+        "MiB",
+        rss_import_ttl,
     );
     add_row(
         format!("daemon RSS after start-up with {n} prefixes in the config"),
