@@ -3,16 +3,15 @@
 //! and column it comes from.
 
 mod cidr;
+mod cidr_map;
 pub mod fleet;
 pub mod list_file;
-pub mod list_merge;
 pub mod protect;
 pub mod rate_limit;
 pub mod rules;
 pub mod syn_proxy;
 
 use std::{
-    collections::BTreeMap,
     fmt,
     ops::Range,
     path::{Path, PathBuf},
@@ -25,6 +24,7 @@ use toml::Spanned;
 
 pub use self::{
     cidr::Cidr,
+    cidr_map::CidrMap,
     fleet::{Fleet, FleetConfig, Share},
     protect::{ProtectConfig, Protected},
     rate_limit::{BanScope, RateLimit, RateLimitConfig},
@@ -268,7 +268,7 @@ pub struct Paths {
 }
 
 /// A list after validation: each CIDR once, with the source of its first appearance.
-pub type ListEntries = BTreeMap<Cidr, u32>;
+pub type ListEntries = CidrMap<u32>;
 
 /// What the XDP program enforces: everything but where it is attached.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -364,7 +364,7 @@ impl Config {
                     value: text.clone(),
                     message,
                 })?;
-            blocklist.entry(cidr).or_insert(SOURCE_CONFIG);
+            blocklist.get_or_insert(cidr, SOURCE_CONFIG);
         }
         let sample_every = match &self.events.sample_every {
             None => DEFAULT_SAMPLE_EVERY,

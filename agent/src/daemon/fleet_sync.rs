@@ -356,11 +356,11 @@ impl Daemon {
                 .filter(|(cidr, entry)| {
                     let key = FleetKey {
                         list: kind,
-                        cidr: **cidr,
+                        cidr: *cidr,
                     };
                     entry.origin.is_some() && !wanted.contains_key(&key) && !keep.contains(&key)
                 })
-                .map(|(cidr, _)| *cidr)
+                .map(|(cidr, _)| cidr)
                 .collect();
             let new: Vec<(Cidr, DynamicEntry)> = wanted
                 .iter()

@@ -350,7 +350,7 @@ impl Daemon {
         let mut views: Vec<EntryView> = entries
             .iter()
             .map(|(cidr, &source)| {
-                let added = self.dynamic.get(kind, cidr);
+                let added = self.dynamic.get(kind, &cidr);
                 let origin = added.and_then(|e| e.origin.as_deref().map(str::to_string));
                 EntryView {
                     cidr: cidr.to_string(),

@@ -141,10 +141,10 @@ impl ConfigSource {
 /// configuration does not hold.
 pub fn effective_policy(mut policy: Policy, dynamic: &Dynamic) -> Policy {
     for cidr in dynamic.cidrs(ListKind::Allow) {
-        policy.allowlist.entry(*cidr).or_insert(SOURCE_CLI);
+        policy.allowlist.get_or_insert(cidr, SOURCE_CLI);
     }
     for cidr in dynamic.cidrs(ListKind::Block) {
-        policy.blocklist.entry(*cidr).or_insert(SOURCE_CLI);
+        policy.blocklist.get_or_insert(cidr, SOURCE_CLI);
     }
     policy
 }

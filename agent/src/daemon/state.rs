@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::journal::{Journal, Record, replay_file};
 use crate::{
-    config::{Cidr, ListKind, list_merge::upsert_sorted},
+    config::{Cidr, CidrMap, ListKind},
     fleet::{Change, FleetKey, FleetRecord, client::Outgoing},
     program::limiter::ActiveBan,
 };
@@ -94,7 +94,7 @@ struct Terms {
     lists: u8,
 }
 
-type DynamicList = BTreeMap<Cidr, TermsId>;
+type DynamicList = CidrMap<TermsId>;
 
 /// The entries added at run time, per list, with an index of their expiries.
 #[derive(Clone, Debug, Default)]
@@ -141,11 +141,11 @@ impl Dynamic {
     }
 
     /// The entries of `kind`, in address order.
-    pub fn entries(&self, kind: ListKind) -> impl Iterator<Item = (&Cidr, &DynamicEntry)> {
+    pub fn entries(&self, kind: ListKind) -> impl Iterator<Item = (Cidr, &DynamicEntry)> {
         (self.list(kind).iter()).map(|(cidr, id)| (cidr, &self.terms[id.0 as usize].entry))
     }
 
-    pub fn cidrs(&self, kind: ListKind) -> impl Iterator<Item = &Cidr> {
+    pub fn cidrs(&self, kind: ListKind) -> impl Iterator<Item = Cidr> + '_ {
         self.list(kind).keys()
     }
 
@@ -186,7 +186,7 @@ impl Dynamic {
         self.join(id, kind, cidrs);
         let mut replaced = Vec::new();
         let list = self.list_mut(kind);
-        upsert_sorted(list, cidrs.iter().map(|cidr| (*cidr, id)), |cidr, old| {
+        list.upsert_sorted(cidrs.iter().map(|cidr| (*cidr, id)), |cidr, old| {
             replaced.push((*cidr, old));
         });
         for (cidr, old) in &replaced {
@@ -291,7 +291,7 @@ impl Dynamic {
             expired.extend(
                 (self.list(kind).iter())
                     .filter(|(_, id)| walk_for.binary_search(id).is_ok())
-                    .map(|(cidr, _)| *cidr),
+                    .map(|(cidr, _)| cidr),
             );
         }
         expired.sort_unstable();
@@ -355,11 +355,11 @@ struct EntryGroup<C = String> {
 }
 
 /// A CIDR written straight into the file, without a string of its own.
-struct CidrText<'a>(&'a Cidr);
+struct CidrText(Cidr);
 
-impl Serialize for CidrText<'_> {
+impl Serialize for CidrText {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self.0)
+        serializer.collect_str(&self.0)
     }
 }
 
@@ -639,10 +639,10 @@ fn damaged(path: &Path, aside: &Path, problem: &str, consequence: &str) {
     );
 }
 
-fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText<'a>> {
+fn encode<'a>(dynamic: &'a Dynamic, bans: &[ActiveBan]) -> StateFile<CidrText> {
     let groups = |kind: ListKind| {
         type Terms<'t> = (Option<SystemTime>, Option<&'t str>, Option<&'t str>);
-        let mut groups: BTreeMap<Terms<'a>, Vec<CidrText<'a>>> = BTreeMap::new();
+        let mut groups: BTreeMap<Terms<'a>, Vec<CidrText>> = BTreeMap::new();
         for (cidr, entry) in dynamic.entries(kind) {
             groups
                 .entry((
@@ -918,7 +918,7 @@ mod tests {
             4,
             "one key per request that expires"
         );
-        let bulk = dynamic.list(ListKind::Block)[&host(0)];
+        let bulk = *dynamic.list(ListKind::Block).get(&host(0)).expect("held");
         assert!(dynamic.terms[bulk.0 as usize].members.is_none());
 
         assert_eq!(dynamic.next_expiry(), Some(at(60)));
@@ -962,7 +962,7 @@ mod tests {
         assert_eq!(dynamic.next_expiry(), None);
         assert!(dynamic.expiries.is_empty());
         assert_eq!(
-            dynamic.cidrs(ListKind::Block).copied().collect::<Vec<_>>(),
+            dynamic.cidrs(ListKind::Block).collect::<Vec<_>>(),
             vec![host(5)],
             "only the permanent entry is left"
         );
@@ -976,7 +976,10 @@ mod tests {
         for i in loaded.clone() {
             dynamic.insert(ListKind::Block, host(i), expiring(300));
         }
-        let id = dynamic.list(ListKind::Block)[&host(9000)];
+        let id = *dynamic
+            .list(ListKind::Block)
+            .get(&host(9000))
+            .expect("held");
         assert!(dynamic.terms[id.0 as usize].members.is_none());
         let due: Vec<Cidr> = std::iter::once(9000).chain(loaded).map(host).collect();
         assert_eq!(dynamic.expired(ListKind::Block, at(300)), due);
@@ -1084,7 +1087,7 @@ mod tests {
         let (loaded, _) = store.load(SystemTime::now()).expect("load");
         let blocked: Vec<String> = loaded
             .cidrs(ListKind::Block)
-            .map(ToString::to_string)
+            .map(|cidr| cidr.to_string())
             .collect();
         assert_eq!(blocked, ["192.0.2.2/32"]);
         let shared = loaded.get(ListKind::Block, &cidrs[1]).expect("entry");
@@ -1134,7 +1137,7 @@ mod tests {
         let (loaded, _) = store.load(SystemTime::now()).expect("load");
         loaded
             .cidrs(ListKind::Block)
-            .map(ToString::to_string)
+            .map(|cidr| cidr.to_string())
             .collect()
     }
 

@@ -24,7 +24,7 @@ use super::{
     map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
 };
-use crate::config::{Cidr, ListEntries, ListKind, list_merge::upsert_sorted};
+use crate::config::{Cidr, ListEntries, ListKind};
 
 /// Bytes of the IPv4 /24 table: one per /24.
 const V4_TABLE_BYTES: usize = V4_TABLE_LEN as usize * 8;
@@ -186,12 +186,12 @@ impl PrefixHashes {
     /// Writes the entries of `cidrs` as `holdings` say every generation holds them. Only the
     /// slots of a generation whose holdings differ from what the maps hold change, so packets
     /// deciding with another generation see nothing move.
-    pub fn write<'a>(
+    pub fn write(
         &mut self,
-        cidrs: impl IntoIterator<Item = &'a Cidr>,
+        cidrs: impl IntoIterator<Item = Cidr>,
         holdings: Holdings<'_>,
     ) -> Result<(), ListError> {
-        let mut cidrs: Vec<&Cidr> = in_hashes(cidrs.into_iter()).collect();
+        let mut cidrs: Vec<Cidr> = in_hashes(cidrs.into_iter()).collect();
         cidrs.sort_unstable();
         cidrs.dedup();
         let (v4, v6) = prefix_entries(&cidrs, holdings);
@@ -223,8 +223,8 @@ impl PrefixHashes {
         }
         for cidr in in_hashes(allow.keys().chain(block.keys())) {
             match cidr.net() {
-                IpNet::V4(net) => set(v4.entry(v4_key(&net)).or_default(), cidr),
-                IpNet::V6(net) => set(v6.entry(v6_key(&net)).or_default(), cidr),
+                IpNet::V4(net) => set(v4.entry(v4_key(&net)).or_default(), &cidr),
+                IpNet::V6(net) => set(v6.entry(v6_key(&net)).or_default(), &cidr),
             }
         }
         self.v4_long.write(v4.into_iter().collect())?;
@@ -239,7 +239,7 @@ fn slot_value(entries: &ListEntries, cidr: &Cidr) -> u8 {
 
 /// The CIDRs that live in the prefix hashes (IPv4 prefixes longer than /24 and IPv6 prefixes;
 /// shorter IPv4 prefixes live in the /24 tables).
-fn in_hashes<'a>(cidrs: impl Iterator<Item = &'a Cidr>) -> impl Iterator<Item = &'a Cidr> {
+fn in_hashes(cidrs: impl Iterator<Item = Cidr>) -> impl Iterator<Item = Cidr> {
     cidrs.filter(|cidr| match cidr.net() {
         IpNet::V4(net) => u32::from(net.prefix_len()) >= V4_LONG_MIN_PREFIX,
         IpNet::V6(_) => true,
@@ -247,10 +247,7 @@ fn in_hashes<'a>(cidrs: impl Iterator<Item = &'a Cidr>) -> impl Iterator<Item = 
 }
 
 /// Two sorted sequences of CIDRs merged into one, sorted, without repeats.
-fn merged<'a>(
-    a: impl Iterator<Item = &'a Cidr>,
-    b: impl Iterator<Item = &'a Cidr>,
-) -> Vec<&'a Cidr> {
+fn merged(a: impl Iterator<Item = Cidr>, b: impl Iterator<Item = Cidr>) -> Vec<Cidr> {
     let (mut a, mut b) = (a.peekable(), b.peekable());
     let mut out = Vec::new();
     loop {
@@ -274,7 +271,7 @@ fn merged<'a>(
 /// The slot values (source + 1, or 0) of `cidrs` (sorted, no repeats) in `entries`: one
 /// lookup each when they are few beside the list, else one walk of both (a million lookups
 /// in a B-tree cost several times a walk).
-fn slot_values(entries: &ListEntries, cidrs: &[&Cidr]) -> Vec<u8> {
+fn slot_values(entries: &ListEntries, cidrs: &[Cidr]) -> Vec<u8> {
     if cidrs.len().saturating_mul(16) < entries.len() {
         return cidrs.iter().map(|cidr| slot_value(entries, cidr)).collect();
     }
@@ -294,7 +291,7 @@ fn slot_values(entries: &ListEntries, cidrs: &[&Cidr]) -> Vec<u8> {
 /// The hash entries of `cidrs` (sorted, no repeats, all of them hash-bound: see [`in_hashes`])
 /// as `holdings` say each generation's lists hold them.
 fn prefix_entries(
-    cidrs: &[&Cidr],
+    cidrs: &[Cidr],
     holdings: Holdings<'_>,
 ) -> (HashEntries<V4PrefixKey>, HashEntries<V6PrefixKey>) {
     let mut entries = vec![PrefixEntry::default(); cidrs.len()];
@@ -350,7 +347,7 @@ fn compile_table(entries: &ListEntries) -> Vec<u8> {
     let mut table = vec![0u8; V4_TABLE_BYTES];
     // A /24 covered by several entries keeps the source of the shortest, as `table_byte` does:
     // in address order the shortest covering entry comes first, and marked bytes stay.
-    for (cidr, &source) in entries {
+    for (cidr, &source) in entries.iter() {
         let IpNet::V4(net) = cidr.net() else { continue };
         let prefix_len = u32::from(net.prefix_len());
         let slash24 = (u32::from(net.network()) >> 8) as usize;
@@ -447,13 +444,9 @@ impl ListChange {
             upserts: new
                 .iter()
                 .filter(|(c, s)| old.get(c) != Some(s))
-                .map(|(c, s)| (*c, *s))
+                .map(|(c, s)| (c, *s))
                 .collect(),
-            removals: old
-                .keys()
-                .filter(|c| !new.contains_key(c))
-                .copied()
-                .collect(),
+            removals: old.keys().filter(|c| !new.contains_key(c)).collect(),
         }
     }
 
@@ -493,7 +486,7 @@ impl ListChange {
         let ordered = strictly_ordered(self.upserts.iter().map(|(cidr, _)| cidr));
         if ordered {
             let mut replaced = Vec::new();
-            upsert_sorted(entries, self.upserts.iter().copied(), |cidr, old| {
+            entries.upsert_sorted(self.upserts.iter().copied(), |cidr, old| {
                 replaced.push((*cidr, old));
             });
             // Every upsert not replacing an entry added one.
@@ -548,7 +541,7 @@ impl ListCounts {
     pub fn of(entries: &ListEntries) -> Self {
         let mut counts = Self::default();
         for cidr in entries.keys() {
-            counts.add(cidr, 1);
+            counts.add(&cidr, 1);
         }
         counts
     }
@@ -766,11 +759,11 @@ mod tests {
             .iter()
             .map(|c| c.parse().expect("CIDR"))
             .collect();
-        let mut refs: Vec<&Cidr> = in_hashes(cidrs.iter()).collect();
-        refs.sort_unstable();
-        assert_eq!(refs.len(), 2, "a /8 lives in the /24 tables only");
+        let mut hashed: Vec<Cidr> = in_hashes(cidrs.into_iter()).collect();
+        hashed.sort_unstable();
+        assert_eq!(hashed.len(), 2, "a /8 lives in the /24 tables only");
         // Generation 0 holds the old blocklist, generation 1 the new one and an allowlist.
-        let (v4, v6) = prefix_entries(&refs, [(&none, &old_block), (&allow, &new_block)]);
+        let (v4, v6) = prefix_entries(&hashed, [(&none, &old_block), (&allow, &new_block)]);
         let slot = |source: u32| source as u8 + 1;
         assert_eq!(
             v4,
@@ -789,7 +782,7 @@ mod tests {
             v6[0].1.sources,
             [0, slot(SOURCE_FILE), 0, slot(SOURCE_FILE)]
         );
-        let (gone, _) = prefix_entries(&refs[..1], [(&none, &none), (&none, &none)]);
+        let (gone, _) = prefix_entries(&hashed[..1], [(&none, &none), (&none, &none)]);
         assert!(gone[0].1.is_unused(), "held by no list: the entry goes");
     }
 
@@ -830,7 +823,6 @@ mod tests {
                     .expect("CIDR")
             })
             .collect();
-        let wanted: Vec<&Cidr> = wanted.iter().collect();
         let walked = slot_values(&list, &wanted);
         let looked_up: Vec<u8> = wanted.iter().map(|c| slot_value(&list, c)).collect();
         assert_eq!(walked, looked_up);
@@ -844,10 +836,9 @@ mod tests {
             .iter()
             .map(|c| c.parse().expect("CIDR"))
             .collect();
-        let a = [&cidrs[0], &cidrs[2], &cidrs[3]];
-        let b = [&cidrs[1], &cidrs[2]];
-        let all: Vec<&Cidr> = cidrs.iter().collect();
-        assert_eq!(merged(a.into_iter(), b.into_iter()), all);
+        let a = [cidrs[0], cidrs[2], cidrs[3]];
+        let b = [cidrs[1], cidrs[2]];
+        assert_eq!(merged(a.into_iter(), b.into_iter()), cidrs);
         assert_eq!(merged(b.into_iter(), [].into_iter()), b.to_vec());
     }
 
@@ -910,7 +901,7 @@ mod tests {
             ("198.51.103.1", SOURCE_CONFIG),
         ]);
         let compiled = CompiledList::compile(ListKind::Block, &list).expect("compiles");
-        let cidrs: Vec<Cidr> = list.keys().copied().collect();
+        let cidrs: Vec<Cidr> = list.keys().collect();
         let ranges: Vec<_> = cidrs
             .iter()
             .filter(|c| c.net().prefix_len() >= 16)

@@ -247,8 +247,8 @@ impl LivePolicy {
             allowlist: ListChange::between(&self.policy.allowlist, &new.allowlist),
             blocklist: ListChange::between(&self.policy.blocklist, &new.blocklist),
             rest: {
-                new.allowlist.clear();
-                new.blocklist.clear();
+                new.allowlist = ListEntries::new();
+                new.blocklist = ListEntries::new();
                 Some(new)
             },
         };
@@ -415,7 +415,7 @@ impl LivePolicy {
         }
         // The gate opens before the generation holding the new prefixes can be switched on.
         let added = (allowlist.upserts.iter()).chain(&blocklist.upserts);
-        self.maps.v6_gate.open_for(added.map(|(cidr, _)| cidr))?;
+        self.maps.v6_gate.open_for(added.map(|(cidr, _)| *cidr))?;
         let current = (&self.policy.allowlist, &self.policy.blocklist);
         let mut holdings: Holdings<'_> = [other.unwrap_or(current); GENERATIONS];
         holdings[generation] = current;
@@ -425,7 +425,12 @@ impl LivePolicy {
         );
         hashes_and_tables(
             allowlist.len() + blocklist.len() >= SIDE_BY_SIDE_FROM,
-            || prefixes.write(allowlist.cidrs().chain(blocklist.cidrs()), holdings),
+            || {
+                prefixes.write(
+                    allowlist.cidrs().chain(blocklist.cidrs()).copied(),
+                    holdings,
+                )
+            },
             || {
                 maps.allowlist
                     .write_change(&self.policy.allowlist, allowlist)?;

@@ -28,9 +28,9 @@ impl V6Gate {
     }
 
     /// Opens the gate for the /32 of every IPv6 prefix longer than /32 among `cidrs`.
-    pub fn open_for<'a>(
+    pub fn open_for(
         &mut self,
-        cidrs: impl IntoIterator<Item = &'a Cidr>,
+        cidrs: impl IntoIterator<Item = Cidr>,
     ) -> Result<(), MapAccessError> {
         let positions = positions(cidrs);
         if positions.is_empty() {
@@ -53,7 +53,7 @@ impl V6Gate {
 }
 
 /// The gate bits of the IPv6 prefixes longer than /32 among `cidrs`.
-fn positions<'a>(cidrs: impl IntoIterator<Item = &'a Cidr>) -> Vec<(u32, u32)> {
+fn positions(cidrs: impl IntoIterator<Item = Cidr>) -> Vec<(u32, u32)> {
     cidrs
         .into_iter()
         .filter_map(|cidr| match cidr.net() {
@@ -85,6 +85,6 @@ mod tests {
             cidr("2001:db8:ffff::1/128"),
         ];
         let position = v6_gate_position(0x2001_0db8);
-        assert_eq!(positions(&cidrs), vec![position, position]);
+        assert_eq!(positions(cidrs), vec![position, position]);
     }
 }
