@@ -273,6 +273,9 @@ fn merge<K: Ord + Copy, V>(
         merged.push((key, value));
     }
     merged.extend(held);
+    // Upserts that replaced entries left room unused (a whole bucket's, when an import names
+    // again what an earlier one added).
+    merged.shrink_to_fit();
     merged
 }
 
@@ -289,14 +292,25 @@ impl<V> FromIterator<(Cidr, V)> for CidrMap<V> {
         }
         // Stable: of equal keys, the last given ends last, and is the one kept.
         v4.sort_by_key(|(place, _)| *place);
+        let mut buckets: Vec<(u16, Vec<(u32, V)>)> = Vec::new();
         let mut v4 = v4.into_iter().peekable();
         while let Some(((place, key), value)) = v4.next() {
             if v4.peek().is_some_and(|(next, _)| *next == (place, key)) {
                 continue;
             }
-            map.v4.entry(place).or_default().push((key, value));
+            match buckets.last_mut() {
+                Some((bucket, entries)) if *bucket == place => entries.push((key, value)),
+                _ => buckets.push((place, vec![(key, value)])),
+            }
             map.v4_len += 1;
         }
+        // In order: the tree is built bottom-up in one pass. Growth by pushes left room.
+        map.v4 = (buckets.into_iter())
+            .map(|(bucket, mut entries)| {
+                entries.shrink_to_fit();
+                (bucket, entries)
+            })
+            .collect();
         map.v6 = v6.into_iter().collect();
         map
     }
