@@ -323,7 +323,8 @@ struct Filled {
 fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
     let policy = std::mem::take(&mut prepared.config.policy);
     let capacities = Capacities::for_policy(&policy, prepared.config.runtime_entries);
-    let Loaded { ebpf, maps } = loader::load(capacities).context("loading the XDP program")?;
+    let Loaded { mut ebpf, maps } =
+        loader::create_maps(capacities).context("loading the XDP program")?;
     let ProgramMaps {
         policy: policy_maps,
         mut limiter,
@@ -333,8 +334,18 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         sampling,
         handles: map_handles,
     } = maps;
-    let live = LivePolicy::install(policy_maps, policy, capacities)
-        .context("writing the policy into the program's maps")?;
+    // The verifier runs beside the fill: it does not read the maps, and the program sees no
+    // packet before it is attached.
+    let (verified, live) = std::thread::scope(|scope| {
+        let verifier = scope.spawn(|| loader::verify(&mut ebpf));
+        let live = LivePolicy::install(policy_maps, policy, capacities);
+        let verified = verifier
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (verified, live)
+    });
+    verified.context("loading the XDP program")?;
+    let live = live.context("writing the policy into the program's maps")?;
     log_policy(live.policy());
     let unrestored_bans = if live.policy().rate_limit.bans() {
         restore_bans(&mut limiter, prepared.pins.as_ref(), &prepared.saved_bans)

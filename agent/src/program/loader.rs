@@ -68,6 +68,14 @@ pub struct Loaded {
 
 /// Loads the program into the kernel (verifier included) without attaching it.
 pub fn load(capacities: Capacities) -> Result<Loaded, LoadError> {
+    let mut loaded = create_maps(capacities)?;
+    verify(&mut loaded.ebpf)?;
+    Ok(loaded)
+}
+
+/// Creates the program's maps, and relocates the program to them without loading it yet: the
+/// maps can be filled while [`verify`] runs.
+pub fn create_maps(capacities: Capacities) -> Result<Loaded, LoadError> {
     if PROGRAM_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -79,9 +87,14 @@ pub fn load(capacities: Capacities) -> Result<Loaded, LoadError> {
         .map_max_entries(maps::V4_LONG, capacities.v4_long)
         .map_max_entries(maps::V6_PREFIXES, capacities.v6);
     let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Object)?;
-    program(&mut ebpf)?.load().map_err(LoadError::Verify)?;
     let maps = ProgramMaps::take(&mut ebpf)?;
     Ok(Loaded { ebpf, maps })
+}
+
+/// Loads the program made by [`create_maps`] into the kernel: the verifier's pass, about a
+/// quarter of a second for this program whatever the maps hold.
+pub fn verify(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    program(ebpf)?.load().map_err(LoadError::Verify)
 }
 
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
