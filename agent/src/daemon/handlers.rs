@@ -11,7 +11,9 @@ use std::{
 
 use agent_common::lists::SOURCE_CLI;
 use ipnet::IpNet;
-use rayon::slice::ParallelSliceMut as _;
+use rayon::{
+    iter::IntoParallelRefIterator as _, iter::ParallelIterator as _, slice::ParallelSliceMut as _,
+};
 use tracing::{error, info, warn};
 
 use super::{
@@ -105,18 +107,19 @@ impl Daemon {
         let mut change = ListChange::default();
         let mut view = ChangeView::default();
         let mut in_config = 0u64;
-        for cidr in &cidrs {
-            match entries.get(cidr) {
+        // A million lookups: on every CPU.
+        let held: Vec<Option<u32>> = (cidrs.par_iter())
+            .map(|cidr| entries.get(cidr).copied())
+            .collect();
+        for (cidr, source) in cidrs.iter().zip(held) {
+            match source {
                 None => change.upserts.push((*cidr, SOURCE_CLI)),
-                Some(&source) if source != SOURCE_CLI => in_config += 1,
+                Some(source) if source != SOURCE_CLI => in_config += 1,
                 Some(_) => {}
             }
         }
         change.upserts.sort();
         change.upserts.dedup();
-        self.live
-            .apply(PolicyChange::of_list(kind, change))
-            .map_err(|e| crate::error_chain(&e))?;
 
         let expires_at = ttl.map(|ttl| SystemTime::now() + ttl);
         let shared_comment: Option<Arc<str>> = comment.as_deref().map(Into::into);
@@ -133,6 +136,22 @@ impl Daemon {
             }
             None => None,
         };
+        let record = Record::add(
+            kind,
+            &cidrs,
+            expires_at,
+            comment.as_deref(),
+            origin.as_deref(),
+        );
+        // The journal's line is encoded while the maps are written (for an import, tens of
+        // milliseconds each); it is written only once the change is in force.
+        let live = &mut self.live;
+        let (applied, line) = rayon::join(
+            || live.apply(PolicyChange::of_list(kind, change)),
+            || record.line(),
+        );
+        applied.map_err(|e| crate::error_chain(&e))?;
+
         let entry = DynamicEntry {
             expires_at,
             comment: shared_comment,
@@ -157,14 +176,7 @@ impl Daemon {
             first = %cidrs[0],
             "list entries added"
         );
-        let record = Record::add(
-            kind,
-            &cidrs,
-            expires_at,
-            comment.as_deref(),
-            origin.as_deref(),
-        );
-        view.not_persisted = self.persist(&record);
+        view.not_persisted = self.persist(&line);
         if let (Some(origin), Some(fleet)) = (origin, self.fleet.as_mut()) {
             let changes: Vec<Change> = cidrs
                 .iter()
@@ -287,15 +299,16 @@ impl Daemon {
             ));
         }
         info!(list = kind.name(), removed = view.removed, cause = "cli", first = %cidrs[0], "list entries deleted");
-        view.not_persisted = self.persist(&Record::del(kind, &cidrs));
+        view.not_persisted = self.persist(&Record::del(kind, &cidrs).line());
         self.state_changed();
         Ok(Reply::Changed(view))
     }
 
     /// Appends a change to the journal; `Some(why)` when it could not be (the change is in
     /// force, but lost at a restart unless a later save succeeds).
-    fn persist(&mut self, record: &Record) -> Option<String> {
-        let error = self.store.record(record).err()?;
+    /// Writes a journal line ([`Record::line`]); says why not when it could not.
+    fn persist(&mut self, line: &Result<Vec<u8>, String>) -> Option<String> {
+        let error = self.store.record_line(line).err()?;
         let why = crate::error_chain(&error);
         error!(error = %why, "a change is in force but not saved");
         self.persistence.failed(why.clone());

@@ -456,6 +456,11 @@ impl StateStore {
         self.journal.append(record)
     }
 
+    /// Records a change whose journal line [`Record::line`] made, as [`Self::record`] does.
+    pub fn record_line(&self, line: &Result<Vec<u8>, String>) -> Result<(), StateError> {
+        self.journal.append_line(line)
+    }
+
     /// The state file's state. A state file that cannot be read as one (truncated, edited, from
     /// another version) is kept aside under a new name, never deleted, and the previous state is
     /// used instead, with an error in the log.
