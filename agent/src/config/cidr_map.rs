@@ -3,9 +3,10 @@
 //!
 //! IPv4 entries are kept in buckets by the top 16 bits of their address: a sorted vector
 //! each, of the rest of the address and the prefix length packed in a `u32` beside the value.
-//! An entry costs its 8 bytes and a share of its bucket's header, where a B-tree of `Cidr`s (18
-//! bytes each) costs about 25; a change moves at most one bucket's entries. IPv6 entries, fewer
-//! in any list, keep a B-tree of `Cidr`s.
+//! With a 4-byte value (a list's source, a run-time entry's terms) an entry costs 8 bytes and a
+//! share of its bucket's header, where a B-tree of `Cidr`s (18 bytes each) costs about 25; a
+//! change moves at most one bucket's entries. IPv6 entries, fewer in any list, keep a B-tree of
+//! `Cidr`s.
 
 use std::{
     collections::BTreeMap,
@@ -18,10 +19,14 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::Cidr;
 
-/// Below this many upserts per entry held, upserts are inserted one by one (a merge walks
-/// every entry held); above it, merged in one pass: an import of a million entries inserted
-/// one by one costs a search each.
+/// Below this many upserts per IPv6 entry held, they are inserted one by one (a merge walks
+/// every entry held); above it, merged in one pass and the tree built again: an import of a
+/// million entries inserted one by one costs a search from the root each.
 const MERGE_FROM: usize = 8;
+
+/// New entries a bucket takes by insertion, each moving the entries after it; more are merged
+/// in, which moves each entry once.
+const INSERTED_IN_PLACE: usize = 2;
 
 /// An IPv4 entry's place: its bucket (the address's top 16 bits) and its key in the bucket
 /// (the low 16 bits, then the prefix length: `Cidr`'s own order).
@@ -32,7 +37,7 @@ type V4Place = (u16, u32);
 #[derive(Clone, PartialEq, Eq)]
 pub struct CidrMap<V> {
     /// Never an empty bucket.
-    v4: BTreeMap<u16, Vec<(u32, V)>>,
+    v4: BTreeMap<u16, Bucket<V>>,
     v4_len: usize,
     v6: BTreeMap<Cidr, V>,
 }
@@ -77,6 +82,18 @@ fn v4_cidr((bucket, key): V4Place) -> Cidr {
     )))
 }
 
+/// A bucket's entries, sorted by key. A slice, not a vector: no spare room (a vector's would
+/// add megabytes over a million entries), and 8 bytes less per bucket; a change reallocates.
+type Bucket<V> = Box<[(u32, V)]>;
+
+/// Changes a bucket as a vector.
+fn reshape<V, R>(bucket: &mut Bucket<V>, change: impl FnOnce(&mut Vec<(u32, V)>) -> R) -> R {
+    let mut entries = std::mem::take(bucket).into_vec();
+    let result = change(&mut entries);
+    *bucket = entries.into_boxed_slice();
+    result
+}
+
 /// Where `key` is, or would be inserted, in a bucket.
 fn search<V>(bucket: &[(u32, V)], key: u32) -> Result<usize, usize> {
     bucket.binary_search_by_key(&key, |(at, _)| *at)
@@ -119,7 +136,7 @@ impl<V> CidrMap<V> {
                 match search(bucket, key) {
                     Ok(at) => Some(std::mem::replace(&mut bucket[at].1, value)),
                     Err(at) => {
-                        bucket.insert(at, (key, value));
+                        reshape(bucket, |entries| entries.insert(at, (key, value)));
                         self.v4_len += 1;
                         None
                     }
@@ -136,7 +153,7 @@ impl<V> CidrMap<V> {
                 let (bucket, key) = v4_place(&net);
                 let bucket = self.v4.entry(bucket).or_default();
                 let at = search(bucket, key).unwrap_or_else(|at| {
-                    bucket.insert(at, (key, value));
+                    reshape(bucket, |entries| entries.insert(at, (key, value)));
                     self.v4_len += 1;
                     at
                 });
@@ -151,7 +168,8 @@ impl<V> CidrMap<V> {
             IpNet::V4(net) => {
                 let (place, key) = v4_place(&net);
                 let bucket = self.v4.get_mut(&place)?;
-                let (_, value) = bucket.remove(search(bucket, key).ok()?);
+                let at = search(bucket, key).ok()?;
+                let (_, value) = reshape(bucket, |entries| entries.remove(at));
                 if bucket.is_empty() {
                     self.v4.remove(&place);
                 }
@@ -177,6 +195,7 @@ impl<V> CidrMap<V> {
     /// The entries from `range`'s start to its end, both included, in order.
     pub fn range(&self, range: RangeInclusive<Cidr>) -> impl Iterator<Item = (Cidr, &V)> {
         let (start, end) = range.into_inner();
+        debug_assert!(start <= end, "a range from {start} to {end}");
         let place = v4_place_of;
         // IPv4 from the start's place (none when it is IPv6) to the end's (all when IPv6).
         let v4 = place(&start).map(|from| (from, place(&end).unwrap_or((u16::MAX, u32::MAX))));
@@ -210,7 +229,7 @@ impl<V> CidrMap<V> {
     pub fn upsert_sorted(
         &mut self,
         upserts: impl ExactSizeIterator<Item = (Cidr, V)>,
-        mut replaced: impl FnMut(&Cidr, V),
+        mut replaced: impl FnMut(Cidr, V),
     ) {
         let mut upserts =
             (upserts.map(|(cidr, value)| (v4_place_of(&cidr), cidr, value))).peekable();
@@ -222,19 +241,34 @@ impl<V> CidrMap<V> {
             {
                 group.push((key, value));
             }
+            debug_assert!(group.is_sorted_by(|a, b| a.0 < b.0), "upserts in order");
             let bucket = self.v4.entry(place).or_default();
             let before = bucket.len();
-            let mut replaced_here = |key: u32, old: V| replaced(&v4_cidr((place, key)), old);
-            if group.len().saturating_mul(MERGE_FROM) < bucket.len() {
-                for (key, value) in group {
-                    match search(bucket, key) {
-                        Ok(at) => replaced_here(key, std::mem::replace(&mut bucket[at].1, value)),
-                        Err(at) => bucket.insert(at, (key, value)),
-                    }
+            // Replacements in place, in order; what is new goes in after.
+            let mut added = Vec::new();
+            for (key, value) in group {
+                match search(bucket, key) {
+                    Ok(at) => replaced(
+                        v4_cidr((place, key)),
+                        std::mem::replace(&mut bucket[at].1, value),
+                    ),
+                    Err(_) => added.push((key, value)),
                 }
-            } else {
-                let held = std::mem::take(bucket);
-                *bucket = merge(held.into_iter(), group.into_iter(), replaced_here);
+            }
+            match added.len() {
+                0 => {}
+                n if n <= INSERTED_IN_PLACE => reshape(bucket, |entries| {
+                    for (key, value) in added {
+                        let at = search(entries, key).unwrap_or_else(|at| at);
+                        entries.insert(at, (key, value));
+                    }
+                }),
+                _ => {
+                    let held = std::mem::take(bucket).into_vec();
+                    // Nothing added is held: the merge replaces nothing.
+                    let merged = merge(held.into_iter(), added.into_iter(), |_, _| {});
+                    *bucket = merged.into_boxed_slice();
+                }
             }
             self.v4_len += bucket.len() - before;
         }
@@ -242,12 +276,12 @@ impl<V> CidrMap<V> {
         if upserts.len().saturating_mul(MERGE_FROM) < self.v6.len() {
             for (cidr, value) in upserts {
                 if let Some(old) = self.v6.insert(cidr, value) {
-                    replaced(&cidr, old);
+                    replaced(cidr, old);
                 }
             }
         } else if upserts.len() > 0 {
             let held = std::mem::take(&mut self.v6);
-            let merged = merge(held.into_iter(), upserts, |cidr, old| replaced(&cidr, old));
+            let merged = merge(held.into_iter(), upserts, &mut replaced);
             // Already in order: the tree is built bottom-up in one pass.
             self.v6 = merged.into_iter().collect();
         }
@@ -273,9 +307,6 @@ fn merge<K: Ord + Copy, V>(
         merged.push((key, value));
     }
     merged.extend(held);
-    // Upserts that replaced entries left room unused (a whole bucket's, when an import names
-    // again what an earlier one added).
-    merged.shrink_to_fit();
     merged
 }
 
@@ -304,12 +335,9 @@ impl<V> FromIterator<(Cidr, V)> for CidrMap<V> {
             }
             map.v4_len += 1;
         }
-        // In order: the tree is built bottom-up in one pass. Growth by pushes left room.
+        // In order: the tree is built bottom-up in one pass.
         map.v4 = (buckets.into_iter())
-            .map(|(bucket, mut entries)| {
-                entries.shrink_to_fit();
-                (bucket, entries)
-            })
+            .map(|(bucket, entries)| (bucket, entries.into_boxed_slice()))
             .collect();
         map.v6 = v6.into_iter().collect();
         map
@@ -450,7 +478,7 @@ mod tests {
                     sorted.dedup();
                     let mut replaced = Vec::new();
                     map.upsert_sorted(sorted.iter().map(|c| (*c, round)), |c, old| {
-                        replaced.push((*c, old));
+                        replaced.push((c, old));
                     });
                     let expected: Vec<(Cidr, usize)> = sorted
                         .iter()
@@ -489,6 +517,10 @@ mod tests {
     fn merging_does_what_inserting_one_by_one_does() {
         let upserts: Vec<Cidr> = [
             "10.0.0.0/8",
+            "172.16.0.9/32",
+            "172.16.3.0/24",
+            "172.16.7.128/25",
+            "172.16.9.1/32",
             "192.0.2.5/32",
             "2001:db8::/32",
             "2001:db8::1/128",
@@ -503,22 +535,25 @@ mod tests {
         ]
         .map(|t| (cidr(t), 1))
         .into();
-        // Eight times the upserts and more: inserted one by one.
+        // A full bucket (172.16/16) that takes three new entries (merged in) beside a
+        // replaced one, another that takes one (192.0.2.5, inserted), and IPv6 entries enough
+        // that the two IPv6 upserts go in one by one.
         let mut large = small.clone();
         large.extend((0..64).map(|i| (cidr(&format!("172.16.{i}.0/24")), 1)));
-        let v4_only = upserts[..2].to_vec();
-        for (map, upserts, merged) in [
-            (CidrMap::new(), &upserts, true),
-            (small.clone(), &upserts, true),
-            (small, &v4_only, true),
-            (large, &upserts, false),
+        large.extend((0..64).map(|i| (cidr(&format!("2001:db8:{i:x}::/48")), 1)));
+        let (v4_only, v6_only) = (upserts[..6].to_vec(), upserts[6..].to_vec());
+        for (map, upserts) in [
+            (CidrMap::new(), &upserts),
+            (small.clone(), &upserts),
+            (small, &v4_only),
+            (large.clone(), &upserts),
+            (large, &v6_only),
         ] {
-            assert_eq!(upserts.len() * MERGE_FROM >= map.len(), merged);
             let (expected, expected_replaced) = one_by_one(&map, upserts);
             let mut map = map;
             let mut replaced = Vec::new();
             map.upsert_sorted(upserts.iter().map(|c| (*c, 2)), |c, old| {
-                replaced.push((*c, old));
+                replaced.push((c, old));
             });
             assert_eq!(map, expected);
             assert_eq!(replaced, expected_replaced);

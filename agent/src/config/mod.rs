@@ -294,6 +294,13 @@ impl Policy {
             ListKind::Block => &self.blocklist,
         }
     }
+
+    pub fn list_mut(&mut self, kind: ListKind) -> &mut ListEntries {
+        match kind {
+            ListKind::Allow => &mut self.allowlist,
+            ListKind::Block => &mut self.blocklist,
+        }
+    }
 }
 
 /// The configuration validated and resolved with the command line's overrides: what the

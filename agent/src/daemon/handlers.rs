@@ -25,7 +25,11 @@ use crate::{
     config::{Cidr, ListKind, MAX_COMMENT_BYTES, MAX_ENTRY_TTL, Share},
     control::protocol::{ChangeView, Cidrs, EntryView, Reply, Request, Response},
     fleet::{Change, FleetKey, FleetRecord},
-    program::{limiter::ActiveBan, lists::ListChange, live::PolicyChange},
+    program::{
+        limiter::ActiveBan,
+        lists::ListChange,
+        live::{PolicyChange, SIDE_BY_SIDE_FROM},
+    },
 };
 
 /// Expiries of one list at one moment up to this many are logged one line each; more (an
@@ -107,10 +111,18 @@ impl Daemon {
         let mut change = ListChange::default();
         let mut view = ChangeView::default();
         let mut in_config = 0u64;
-        // A million lookups: on every CPU.
-        let held: Vec<Option<u32>> = (cidrs.par_iter())
-            .map(|cidr| entries.get(cidr).copied())
-            .collect();
+        // An import's work is spread over the worker threads; a few entries' stays here.
+        let large = cidrs.len() >= SIDE_BY_SIDE_FROM;
+        let held: Vec<Option<u32>> = if large {
+            (cidrs.par_iter())
+                .map(|cidr| entries.get(cidr).copied())
+                .collect()
+        } else {
+            cidrs
+                .iter()
+                .map(|cidr| entries.get(cidr).copied())
+                .collect()
+        };
         for (cidr, source) in cidrs.iter().zip(held) {
             match source {
                 None => change.upserts.push((*cidr, SOURCE_CLI)),
@@ -146,10 +158,13 @@ impl Daemon {
         // The journal's line is encoded while the maps are written (for an import, tens of
         // milliseconds each); it is written only once the change is in force.
         let live = &mut self.live;
-        let (applied, line) = rayon::join(
-            || live.apply(PolicyChange::of_list(kind, change)),
-            || record.line(),
-        );
+        let change = PolicyChange::of_list(kind, change);
+        let (applied, line) = if large {
+            rayon::join(|| live.apply(change), || record.line())
+        } else {
+            (live.apply(change), record.line())
+        };
+        drop(record);
         applied.map_err(|e| crate::error_chain(&e))?;
 
         let entry = DynamicEntry {
@@ -176,7 +191,7 @@ impl Daemon {
             first = %cidrs[0],
             "list entries added"
         );
-        view.not_persisted = self.persist(&line);
+        view.not_persisted = self.persist(line);
         if let (Some(origin), Some(fleet)) = (origin, self.fleet.as_mut()) {
             let changes: Vec<Change> = cidrs
                 .iter()
@@ -299,15 +314,14 @@ impl Daemon {
             ));
         }
         info!(list = kind.name(), removed = view.removed, cause = "cli", first = %cidrs[0], "list entries deleted");
-        view.not_persisted = self.persist(&Record::del(kind, &cidrs).line());
+        view.not_persisted = self.persist(Record::del(kind, &cidrs).line());
         self.state_changed();
         Ok(Reply::Changed(view))
     }
 
-    /// Appends a change to the journal; `Some(why)` when it could not be (the change is in
-    /// force, but lost at a restart unless a later save succeeds).
-    /// Writes a journal line ([`Record::line`]); says why not when it could not.
-    fn persist(&mut self, line: &Result<Vec<u8>, String>) -> Option<String> {
+    /// Appends a change's journal line ([`Record::line`]); `Some(why)` when it could not be
+    /// (the change is in force, but lost at a restart unless a later save succeeds).
+    fn persist(&mut self, line: serde_json::Result<Vec<u8>>) -> Option<String> {
         let error = self.store.record_line(line).err()?;
         let why = crate::error_chain(&error);
         error!(error = %why, "a change is in force but not saved");

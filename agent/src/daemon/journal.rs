@@ -51,8 +51,8 @@ pub enum Record {
 impl Record {
     /// The record as a journal line: encoding a million entries takes tens of milliseconds,
     /// which a caller may spend while it applies the change.
-    pub fn line(&self) -> Result<Vec<u8>, String> {
-        let mut line = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+    pub fn line(&self) -> serde_json::Result<Vec<u8>> {
+        let mut line = serde_json::to_vec(self)?;
         line.push(b'\n');
         Ok(line)
     }
@@ -161,16 +161,14 @@ impl Journal {
 
     /// Appends `record` and syncs it to disk: once this returns, the change survives a crash.
     pub fn append(&self, record: &Record) -> Result<(), StateError> {
-        self.append_line(&record.line())
+        self.append_line(record.line())
     }
 
     /// Appends a line [`Record::line`] made, as [`Self::append`] does.
-    pub fn append_line(&self, line: &Result<Vec<u8>, String>) -> Result<(), StateError> {
-        let line = line
-            .as_ref()
-            .map_err(|e| io(&self.path)(std::io::Error::other(e.clone())))?;
+    pub fn append_line(&self, line: serde_json::Result<Vec<u8>>) -> Result<(), StateError> {
+        let line = line.map_err(|e| io(&self.path)(e.into()))?;
         (&self.file)
-            .write_all(line)
+            .write_all(&line)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| {
                 // A partial line is the torn tail `replay` skips; cut it now if possible.

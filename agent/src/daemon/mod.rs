@@ -48,7 +48,7 @@ use self::{
 };
 use crate::{
     config::{
-        Config, Fleet, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode,
+        Cidr, Config, Fleet, ListKind, Mode, Overrides, Paths, Policy, Resolved, XdpMode,
         syn_proxy::SynProxy,
     },
     fleet::FleetEvent,
@@ -140,11 +140,14 @@ impl ConfigSource {
 /// The policy in force: the configuration's, plus the entries added at run time that the
 /// configuration does not hold.
 pub fn effective_policy(mut policy: Policy, dynamic: &Dynamic) -> Policy {
-    for cidr in dynamic.cidrs(ListKind::Allow) {
-        policy.allowlist.get_or_insert(cidr, SOURCE_CLI);
-    }
-    for cidr in dynamic.cidrs(ListKind::Block) {
-        policy.blocklist.get_or_insert(cidr, SOURCE_CLI);
+    for kind in ListKind::ALL {
+        let list = policy.list_mut(kind);
+        // In order, so merged in one pass (a million entries after a restart).
+        let added: Vec<(Cidr, u32)> = (dynamic.cidrs(kind))
+            .filter(|cidr| !list.contains_key(cidr))
+            .map(|cidr| (cidr, SOURCE_CLI))
+            .collect();
+        list.upsert_sorted(added.into_iter(), |_, _| {});
     }
     policy
 }
@@ -337,15 +340,20 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
     // The verifier runs beside the fill: it does not read the maps, and the program sees no
     // packet before it is attached.
     let (verified, live) = std::thread::scope(|scope| {
-        let verifier = scope.spawn(|| loader::verify(&mut ebpf));
+        let verifier = std::thread::Builder::new()
+            .name("moat-verifier".into())
+            .spawn_scoped(scope, || loader::verify(&mut ebpf))
+            .context("starting the verifier's thread")?;
         let live = LivePolicy::install(policy_maps, policy, capacities);
         let verified = verifier
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (verified, live)
-    });
-    verified.context("loading the XDP program")?;
+        anyhow::Ok((verified, live))
+    })?;
+    // A failed fill closes the maps the verifier was reading the program against: its error
+    // then says nothing more.
     let live = live.context("writing the policy into the program's maps")?;
+    verified.context("loading the XDP program")?;
     log_policy(live.policy());
     let unrestored_bans = if live.policy().rate_limit.bans() {
         restore_bans(&mut limiter, prepared.pins.as_ref(), &prepared.saved_bans)

@@ -187,7 +187,7 @@ impl Dynamic {
         let mut replaced = Vec::new();
         let list = self.list_mut(kind);
         list.upsert_sorted(cidrs.iter().map(|cidr| (*cidr, id)), |cidr, old| {
-            replaced.push((*cidr, old));
+            replaced.push((cidr, old));
         });
         for (cidr, old) in &replaced {
             self.release(*old, kind, cidr);
@@ -457,7 +457,7 @@ impl StateStore {
     }
 
     /// Records a change whose journal line [`Record::line`] made, as [`Self::record`] does.
-    pub fn record_line(&self, line: &Result<Vec<u8>, String>) -> Result<(), StateError> {
+    pub fn record_line(&self, line: serde_json::Result<Vec<u8>>) -> Result<(), StateError> {
         self.journal.append_line(line)
     }
 

@@ -269,8 +269,8 @@ fn merged(a: impl Iterator<Item = Cidr>, b: impl Iterator<Item = Cidr>) -> Vec<C
 }
 
 /// The slot values (source + 1, or 0) of `cidrs` (sorted, no repeats) in `entries`: one
-/// lookup each when they are few beside the list, else one walk of both (a million lookups
-/// in a B-tree cost several times a walk).
+/// lookup each when they are few beside the list, else one walk of both (a lookup searches
+/// a tree and a bucket; a walk's step is a copy).
 fn slot_values(entries: &ListEntries, cidrs: &[Cidr]) -> Vec<u8> {
     if cidrs.len().saturating_mul(16) < entries.len() {
         return cidrs.iter().map(|cidr| slot_value(entries, cidr)).collect();
@@ -487,7 +487,7 @@ impl ListChange {
         if ordered {
             let mut replaced = Vec::new();
             entries.upsert_sorted(self.upserts.iter().copied(), |cidr, old| {
-                replaced.push((*cidr, old));
+                replaced.push((cidr, old));
             });
             // Every upsert not replacing an entry added one.
             let mut replaced = replaced.into_iter().peekable();

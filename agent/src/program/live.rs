@@ -35,8 +35,9 @@ pub enum ChangeError {
 }
 
 /// Changes of at least this many entries write the prefix hashes and the /24 tables side by
-/// side; a smaller one is written before a worker thread would have woken.
-const SIDE_BY_SIDE_FROM: usize = 4096;
+/// side (and the daemon spreads such a request's own work over its threads); a smaller one is
+/// written before a worker thread would have woken.
+pub const SIDE_BY_SIDE_FROM: usize = 4096;
 
 /// Writes the prefix hashes (mostly the kernel's work: its inserts) and the /24 tables (mostly
 /// ours: compiling them), side by side when `large`. Both are written whatever the other does;

@@ -59,8 +59,9 @@ pub fn object_map_names() -> Result<std::collections::BTreeSet<String>, LoadErro
         .collect())
 }
 
-/// The program in the kernel, not attached: the object that holds the XDP program (dropping it
-/// detaches what it attached and did not pin), and its maps, resolved.
+/// The program, not attached: the object that holds the XDP program (dropping it detaches what
+/// it attached and did not pin), and its maps, resolved. The program is in the kernel once
+/// [`verify`] has loaded it ([`load`] does both).
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub maps: ProgramMaps,
