@@ -1,7 +1,7 @@
 //! Lists keyed by CIDR, held packed: a list of a million entries is the daemon's largest
 //! allocation, and it holds two (the policy's list and the record of run-time entries).
 //!
-//! IPv4 entries are kept in buckets by the top 16 bits of their address: a sorted vector
+//! IPv4 entries are kept in buckets by the top 16 bits of their address: a sorted slice
 //! each, of the rest of the address and the prefix length packed in a `u32` beside the value.
 //! With a 4-byte value (a list's source, a run-time entry's terms) an entry costs 8 bytes and a
 //! share of its bucket's header, where a B-tree of `Cidr`s (18 bytes each) costs about 25; a
@@ -196,9 +196,9 @@ impl<V> CidrMap<V> {
     pub fn range(&self, range: RangeInclusive<Cidr>) -> impl Iterator<Item = (Cidr, &V)> {
         let (start, end) = range.into_inner();
         debug_assert!(start <= end, "a range from {start} to {end}");
-        let place = v4_place_of;
         // IPv4 from the start's place (none when it is IPv6) to the end's (all when IPv6).
-        let v4 = place(&start).map(|from| (from, place(&end).unwrap_or((u16::MAX, u32::MAX))));
+        let v4 = v4_place_of(&start)
+            .map(|from| (from, v4_place_of(&end).unwrap_or((u16::MAX, u32::MAX))));
         let v4 = v4.into_iter().flat_map(move |(from, to)| {
             (self.v4.range(from.0..=to.0)).flat_map(move |(bucket, entries)| {
                 let first = if *bucket == from.0 {
@@ -215,7 +215,7 @@ impl<V> CidrMap<V> {
                 (inside.iter()).map(|(key, value)| (v4_cidr((*bucket, *key)), value))
             })
         });
-        let v6 = match (place(&start), place(&end)) {
+        let v6 = match (v4_place_of(&start), v4_place_of(&end)) {
             (_, Some(_)) => None,
             (None, None) => Some((Bound::Included(start), Bound::Included(end))),
             (Some(_), None) => Some((Bound::Unbounded, Bound::Included(end))),
@@ -341,20 +341,6 @@ impl<V> FromIterator<(Cidr, V)> for CidrMap<V> {
             .collect();
         map.v6 = v6.into_iter().collect();
         map
-    }
-}
-
-impl<V> Extend<(Cidr, V)> for CidrMap<V> {
-    fn extend<I: IntoIterator<Item = (Cidr, V)>>(&mut self, entries: I) {
-        for (cidr, value) in entries {
-            self.insert(cidr, value);
-        }
-    }
-}
-
-impl<V, const N: usize> From<[(Cidr, V); N]> for CidrMap<V> {
-    fn from(entries: [(Cidr, V); N]) -> Self {
-        entries.into_iter().collect()
     }
 }
 
@@ -534,13 +520,15 @@ mod tests {
             "2001:db8::/32",
         ]
         .map(|t| (cidr(t), 1))
-        .into();
+        .into_iter()
+        .collect();
         // A full bucket (172.16/16) that takes three new entries (merged in) beside a
         // replaced one, another that takes one (192.0.2.5, inserted), and IPv6 entries enough
         // that the two IPv6 upserts go in one by one.
-        let mut large = small.clone();
-        large.extend((0..64).map(|i| (cidr(&format!("172.16.{i}.0/24")), 1)));
-        large.extend((0..64).map(|i| (cidr(&format!("2001:db8:{i:x}::/48")), 1)));
+        let large: CidrMap<u32> = (small.iter().map(|(c, v)| (c, *v)))
+            .chain((0..64).map(|i| (cidr(&format!("172.16.{i}.0/24")), 1)))
+            .chain((0..64).map(|i| (cidr(&format!("2001:db8:{i:x}::/48")), 1)))
+            .collect();
         let (v4_only, v6_only) = (upserts[..6].to_vec(), upserts[6..].to_vec());
         for (map, upserts) in [
             (CidrMap::new(), &upserts),

@@ -159,12 +159,8 @@ impl Journal {
         })
     }
 
-    /// Appends `record` and syncs it to disk: once this returns, the change survives a crash.
-    pub fn append(&self, record: &Record) -> Result<(), StateError> {
-        self.append_line(record.line())
-    }
-
-    /// Appends a line [`Record::line`] made, as [`Self::append`] does.
+    /// Appends a record's line ([`Record::line`]) and syncs it to disk: once this returns, the
+    /// change survives a crash.
     pub fn append_line(&self, line: serde_json::Result<Vec<u8>>) -> Result<(), StateError> {
         let line = line.map_err(|e| io(&self.path)(e.into()))?;
         (&self.file)

@@ -18,7 +18,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use super::journal::{Journal, Record, replay_file};
+use super::journal::{Journal, replay_file};
 use crate::{
     config::{Cidr, CidrMap, ListKind},
     fleet::{Change, FleetKey, FleetRecord, client::Outgoing},
@@ -451,12 +451,8 @@ impl StateStore {
         Ok((dynamic, bans))
     }
 
-    /// Records a change in the journal, synced: once this returns, the change survives a crash.
-    pub fn record(&self, record: &Record) -> Result<(), StateError> {
-        self.journal.append(record)
-    }
-
-    /// Records a change whose journal line [`Record::line`] made, as [`Self::record`] does.
+    /// Records a change in the journal, as the line `Record::line` made of it, synced: once
+    /// this returns, the change survives a crash.
     pub fn record_line(&self, line: serde_json::Result<Vec<u8>>) -> Result<(), StateError> {
         self.journal.append_line(line)
     }
@@ -1075,16 +1071,12 @@ mod tests {
             .map(|c| c.parse().expect("cidr"))
             .collect();
         store
-            .record(&Record::add(
-                ListKind::Block,
-                &cidrs,
-                None,
-                Some("scan"),
-                Some("edge-a"),
-            ))
+            .record_line(
+                Record::add(ListKind::Block, &cidrs, None, Some("scan"), Some("edge-a")).line(),
+            )
             .expect("journal");
         store
-            .record(&Record::del(ListKind::Block, &cidrs[..1]))
+            .record_line(Record::del(ListKind::Block, &cidrs[..1]).line())
             .expect("journal");
         drop(store);
         // A crash: no save; the journal alone brings the changes back.
@@ -1133,7 +1125,7 @@ mod tests {
     fn add(store: &StateStore, text: &str) {
         let cidr: Cidr = text.parse().expect("cidr");
         store
-            .record(&Record::add(ListKind::Block, &[cidr], None, None, None))
+            .record_line(Record::add(ListKind::Block, &[cidr], None, None, None).line())
             .expect("journal");
     }
 
@@ -1162,7 +1154,7 @@ mod tests {
         let writer = store.begin_save().expect("seal");
         add(&store, "192.0.2.3");
         store
-            .record(&Record::del(ListKind::Block, &[cidr("192.0.2.1")]))
+            .record_line(Record::del(ListKind::Block, &[cidr("192.0.2.1")]).line())
             .expect("journal");
         // A crash before the state file is written: the sealed records, then the new ones.
         assert_eq!(blocked(&store), ["192.0.2.2/32", "192.0.2.3/32"]);
