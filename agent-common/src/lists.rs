@@ -4,14 +4,18 @@
 //! - **IPv4 prefixes up to /24**: a table with one byte per /24 (DIR-24-8 style), packed eight
 //!   to a `u64` in an mmapable array. The byte holds the entry source + 1 (0: not covered) in
 //!   its low bits, and [`TABLE_HAS_LONGER`] when a longer prefix lies inside that /24.
-//! - **IPv4 /25–/32**: a hash keyed by [`V4PrefixKey`], probed only for the prefix lengths
-//!   present ([`ListShape::v4_long_lengths`]) and only under /24s flagged in the table.
+//! - **IPv4 /25–/32**: a table the agent builds itself in an mmapable array of buckets of
+//!   [`V4_LONG_BUCKET_SLOTS`] one-word slots ([`V4LongBucket`]); each prefix has two candidate
+//!   buckets ([`v4_long_buckets`]) and sits in one of them, or, when both are full, in a small
+//!   kernel hash beside it (the stash). Probed only for the prefix lengths present
+//!   ([`ListShape::v4_long_lengths`]) and only under /24s flagged in the table.
 //! - **IPv6**: a hash keyed by [`V6PrefixKey`], probed once per prefix length present
 //!   ([`ListShape::v6_lengths`]); lengths past /32 only when the source's /32 passes the gate
 //!   ([`v6_gate_position`]), so that an unlisted source costs one probe per length up to /32.
 //!
-//! The two hashes are shared by both lists and both policy generations: a prefix is stored once,
-//! and its [`PrefixEntry`] says which list of which generation holds it ([`prefix_slot`]). The
+//! The long-prefix stores are shared by both lists and both policy generations: a prefix is
+//! stored once, and its [`PrefixEntry`] (packed into the slot for IPv4) says which list of which
+//! generation holds it ([`prefix_slot`]). The
 //! /24 tables are per list and generation (an array cannot be shared that way at one byte per
 //! /24).
 //!
@@ -51,6 +55,52 @@ pub const fn v6_gate_position(first32: u32) -> (u32, u32) {
 pub const fn table_position(addr: [u8; 4]) -> (u32, u32) {
     let slash24 = (addr[0] as u32) << 16 | (addr[1] as u32) << 8 | addr[2] as u32;
     (slash24 / 8, slash24 % 8)
+}
+
+/// Slots per bucket of the IPv4 long-prefix table: one 64-byte cache line.
+pub const V4_LONG_BUCKET_SLOTS: usize = 8;
+
+/// A bucket of the IPv4 long-prefix table. A slot is 0 when free, else
+/// [`v4_long_slot_key`] of its prefix with the [`PrefixEntry`]'s sources in the low 16 bits, a
+/// nibble per [`prefix_slot`] ([`v4_long_source`]). One word per slot: the agent writes a slot
+/// with one atomic store, so the program never sees half of one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4LongBucket {
+    pub slots: [u64; V4_LONG_BUCKET_SLOTS],
+}
+
+/// The bits of a slot that name its prefix.
+pub const V4_LONG_KEY_MASK: u64 = !0xff_ffff;
+
+/// A slot's key bits for the prefix `addr`/`prefix_len` (host bits zero, length /25–/32): the
+/// address in the high word, the length above the sources (never 0, so a used slot never is).
+#[inline(always)]
+pub const fn v4_long_slot_key(addr: u32, prefix_len: u32) -> u64 {
+    (addr as u64) << 32 | (prefix_len as u64 & 0xff) << 24
+}
+
+/// The source + 1 that a slot holds for `prefix_slot` (0: that list of that generation does not
+/// hold the prefix).
+#[inline(always)]
+pub const fn v4_long_source(slot: u64, prefix_slot: usize) -> u8 {
+    ((slot >> (4 * prefix_slot)) & 0xf) as u8
+}
+
+/// The two candidate buckets of a prefix in a table of `buckets` buckets (they may coincide).
+/// One 64-bit mix of the key, its halves scaled into the table by a multiply, not a modulo.
+#[inline(always)]
+pub const fn v4_long_buckets(addr: u32, prefix_len: u32, buckets: u32) -> (u32, u32) {
+    // The splitmix64 finaliser: every key bit reaches both halves.
+    let mut z = (addr as u64) << 8 | prefix_len as u64;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let buckets = buckets as u64;
+    (
+        (((z & 0xffff_ffff) * buckets) >> 32) as u32,
+        (((z >> 32) * buckets) >> 32) as u32,
+    )
 }
 
 /// An IPv4 prefix of length /25–/32, host bits zero.
@@ -112,7 +162,38 @@ pub struct ListShape {
     pub v6_lengths: [u8; MAX_V6_LENGTHS],
 }
 
-pod!(V4PrefixKey, V6PrefixKey, PrefixEntry, ListShape);
+impl PrefixEntry {
+    /// The entry as the low 16 bits of a long-prefix table slot (sources are below 16).
+    #[inline(always)]
+    pub const fn packed(&self) -> u64 {
+        let mut packed = 0;
+        let mut slot = 0;
+        while slot < PREFIX_SLOTS {
+            packed |= ((self.sources[slot] & 0xf) as u64) << (4 * slot);
+            slot += 1;
+        }
+        packed
+    }
+
+    /// The entry a long-prefix table slot holds.
+    pub const fn unpacked(slot: u64) -> Self {
+        let mut sources = [0; PREFIX_SLOTS];
+        let mut at = 0;
+        while at < PREFIX_SLOTS {
+            sources[at] = v4_long_source(slot, at);
+            at += 1;
+        }
+        Self { sources }
+    }
+}
+
+pod!(
+    V4PrefixKey,
+    V6PrefixKey,
+    PrefixEntry,
+    ListShape,
+    V4LongBucket
+);
 
 /// Where a list entry came from.
 pub const SOURCE_CONFIG: u32 = 0;
@@ -151,6 +232,37 @@ mod tests {
         assert_eq!(table_position([0, 0, 7, 255]), (0, 7));
         assert_eq!(table_position([0, 0, 8, 0]), (1, 0));
         assert_eq!(table_position([255, 255, 255, 255]), (V4_TABLE_LEN - 1, 7));
+    }
+
+    #[test]
+    fn long_prefix_slots_keep_key_and_sources_apart() {
+        let entry = PrefixEntry {
+            sources: [1, 0, 3, 4],
+        };
+        let slot = v4_long_slot_key(0xcb00_7109, 32) | entry.packed();
+        assert_eq!(slot & V4_LONG_KEY_MASK, v4_long_slot_key(0xcb00_7109, 32));
+        assert_ne!(
+            v4_long_slot_key(0xcb00_7100, 25),
+            v4_long_slot_key(0xcb00_7100, 26)
+        );
+        assert_ne!(v4_long_slot_key(0, 25), 0, "a used slot is never free");
+        assert_eq!(PrefixEntry::unpacked(slot), entry);
+        assert_eq!(v4_long_source(slot, 2), 3);
+    }
+
+    #[test]
+    fn long_prefix_buckets_stay_in_the_table_and_spread() {
+        let buckets = 1000;
+        let mut load = [0u32; 1000];
+        for i in 0..8000u32 {
+            let (a, b) = v4_long_buckets(0x0a00_0000 + i, 32, buckets);
+            assert!(a < buckets && b < buckets);
+            load[a as usize] += 1;
+            load[b as usize] += 1;
+        }
+        // 16 per bucket on average: neighbouring addresses must not pile up.
+        assert!(load.iter().all(|n| *n < 40), "{:?}", load.iter().max());
+        assert_eq!(v4_long_buckets(u32::MAX, 32, 1), (0, 0));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 8;
+pub const PINNED_LAYOUT_VERSION: u32 = 9;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
@@ -23,9 +23,15 @@ pub const SETTINGS: &str = "SETTINGS";
 pub const ALLOW_V4_TABLE: [&str; GENERATIONS] = ["ALLOW_V4_TAB_0", "ALLOW_V4_TAB_1"];
 pub const BLOCK_V4_TABLE: [&str; GENERATIONS] = ["BLOCK_V4_TAB_0", "BLOCK_V4_TAB_1"];
 /// IPv4 prefixes longer than /24 and IPv6 prefixes, each stored once for both lists and both
-/// generations ([`crate::lists::PrefixEntry`]).
+/// generations ([`crate::lists::PrefixEntry`]): the IPv4 table of buckets
+/// ([`crate::lists::V4LongBucket`]), its stash (a hash of the prefixes whose two buckets were
+/// full), and the IPv6 hash.
 pub const V4_LONG: &str = "V4_LONG";
+pub const V4_LONG_STASH: &str = "V4_LONG_STASH";
 pub const V6_PREFIXES: &str = "V6_PREFIXES";
+/// The program's read-only global holding how many buckets `V4_LONG` has (set at load, like
+/// the map's size).
+pub const V4_LONG_BUCKETS: &str = "V4_LONG_BUCKETS";
 
 /// The IPv6 gate ([`crate::lists::V6_GATE_WORDS`]): shared by both lists and generations.
 pub const V6_GATE: &str = "V6_GATE";
@@ -104,11 +110,15 @@ pub const CAPTURE: &str = "CAPTURE";
 /// Per-CPU count of events the ring buffer had no room for.
 pub const EVENTS_LOST: &str = "EVENTS_LOST";
 
-/// Default capacity of each hash of longer prefixes; the agent resizes them before load to fit
-/// the configured lists plus room for entries added at runtime. The hashes are not
-/// preallocated (`BPF_F_NO_PREALLOC`): capacity costs only the bucket array (16 bytes per
-/// entry), entries cost memory when they exist.
+/// Default capacity (in prefixes) of each family's store of longer prefixes; the agent resizes
+/// them before load to fit the configured lists plus room for entries added at runtime. The
+/// IPv6 hash is not preallocated (`BPF_F_NO_PREALLOC`): capacity costs only its bucket array
+/// (16 bytes per entry), entries cost memory when they exist. The IPv4 table costs 8 bytes per
+/// prefix of capacity.
 pub const LONG_PREFIXES_DEFAULT_CAPACITY: u32 = 16_384;
+/// The stash's share of the IPv4 table's capacity: with two candidate buckets of eight slots,
+/// about 4% of the prefixes find both full when the table is full (0.7% at 90%, none at 70%).
+pub const V4_LONG_STASH_SHARE: u32 = 16;
 /// Default capacity of the ban map and of the rate limiter's LRU.
 pub const BANS_DEFAULT_CAPACITY: u32 = 65_536;
 pub const RATE_LIMITS_DEFAULT_CAPACITY: u32 = 65_536;

@@ -1,14 +1,16 @@
 //! CIDR list lookups (allowlist, blocklist); the layout is described in `agent_common::lists`.
 
 use agent_common::lists::{
-    ListShape, MAX_V6_LENGTHS, PrefixEntry, TABLE_HAS_LONGER, TABLE_SOURCE_MASK,
-    V4_LONG_MIN_PREFIX, V4PrefixKey, V6_GATE_PREFIX, V6PrefixKey, table_position, v6_gate_position,
+    ListShape, MAX_V6_LENGTHS, PREFIX_SLOTS, PrefixEntry, TABLE_HAS_LONGER, TABLE_SOURCE_MASK,
+    V4_LONG_KEY_MASK, V4_LONG_MIN_PREFIX, V4PrefixKey, V6_GATE_PREFIX, V6PrefixKey, table_position,
+    v4_long_buckets, v4_long_slot_key, v4_long_source, v6_gate_position,
 };
 use aya_ebpf::maps::Array;
 
 use crate::{
-    maps::{V4_LONG, V6_GATE, V6_PREFIXES},
+    maps::{V4_LONG, V4_LONG_BUCKETS, V4_LONG_STASH, V6_GATE, V6_PREFIXES},
     packet::Address,
+    subprograms,
 };
 
 /// One list in one generation: its /24 table, and its slot in the shared prefix hashes. Maps
@@ -52,21 +54,72 @@ fn lookup_v4<M: CidrMaps>(shape: &ListShape, addr: [u8; 4]) -> Option<u32> {
     if entry & TABLE_HAS_LONGER == 0 || shape.v4_long_lengths == 0 {
         return None;
     }
-    let host = u32::from_be_bytes(addr);
+    let found = subprograms::v4_long(u32::from_be_bytes(addr), shape.v4_long_lengths, M::SLOT);
+    found.checked_sub(1)
+}
+
+/// The source + 1 of the longest prefix that covers `host`, among the lengths /25–/32 of
+/// `lengths` (bit `n`: /25 + n), held by the list and generation of `prefix_slot`; 0 if none.
+/// Run as a global function (see `subprograms`): verified once, not per list and generation.
+#[inline(always)]
+pub fn v4_long_held(host: u32, lengths: u32, prefix_slot: u32) -> u32 {
+    let prefix_slot = prefix_slot as usize & (PREFIX_SLOTS - 1);
+    let buckets = V4_LONG_BUCKETS.load();
     for prefix_len in (V4_LONG_MIN_PREFIX..=32).rev() {
-        if shape.v4_long_lengths & (1 << (prefix_len - V4_LONG_MIN_PREFIX)) == 0 {
+        if lengths & (1 << (prefix_len - V4_LONG_MIN_PREFIX)) == 0 {
             continue;
         }
-        let key = V4PrefixKey {
-            prefix_len,
-            addr: (host & (u32::MAX << (32 - prefix_len))).to_be_bytes(),
+        let addr = host & (u32::MAX << (32 - prefix_len));
+        let held = match probe(addr, prefix_len, buckets) {
+            Probe::Found(slot) => v4_long_source(slot, prefix_slot),
+            Probe::Absent => 0,
+            Probe::BothFull => {
+                let key = V4PrefixKey {
+                    prefix_len,
+                    addr: addr.to_be_bytes(),
+                };
+                // SAFETY: entries are replaced whole by the agent; a byte read cannot tear.
+                unsafe { V4_LONG_STASH.get(key) }
+                    .and_then(|entry| entry.sources.get(prefix_slot).copied())
+                    .unwrap_or(0)
+            }
         };
-        // SAFETY: entries are replaced whole by the agent; a byte read cannot tear.
-        if let Some(source) = unsafe { V4_LONG.get(key) }.and_then(held::<M>) {
-            return Some(source);
+        if held != 0 {
+            return u32::from(held);
         }
     }
-    None
+    0
+}
+
+/// Where a prefix is in the IPv4 table.
+enum Probe {
+    /// In this slot.
+    Found(u64),
+    /// Nowhere: one of its buckets has a free slot, and the agent stashes a prefix only while
+    /// both are full.
+    Absent,
+    /// Not in the table, and both its buckets are full: it may be in the stash.
+    BothFull,
+}
+
+#[inline(always)]
+fn probe(addr: u32, prefix_len: u32, buckets: u32) -> Probe {
+    let wanted = v4_long_slot_key(addr, prefix_len);
+    let (first, second) = v4_long_buckets(addr, prefix_len, buckets);
+    let mut free = false;
+    for index in [first, second] {
+        // Always there (the index is below the table's size); a miss would mean no prefix.
+        let Some(bucket) = V4_LONG.get(index) else {
+            return Probe::Absent;
+        };
+        for &slot in &bucket.slots {
+            if slot & V4_LONG_KEY_MASK == wanted {
+                return Probe::Found(slot);
+            }
+            free |= slot == 0;
+        }
+    }
+    if free { Probe::Absent } else { Probe::BothFull }
 }
 
 #[inline(always)]

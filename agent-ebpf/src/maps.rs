@@ -5,10 +5,13 @@
 
 use agent_common::{
     events::CaptureSettings,
-    lists::{LIST_HITS_LEN, PrefixEntry, V4_TABLE_LEN, V4PrefixKey, V6_GATE_WORDS, V6PrefixKey},
+    lists::{
+        LIST_HITS_LEN, PrefixEntry, V4_LONG_BUCKET_SLOTS, V4_TABLE_LEN, V4LongBucket, V4PrefixKey,
+        V6_GATE_WORDS, V6PrefixKey,
+    },
     maps::{
         BANS_DEFAULT_CAPACITY, EVENTS_BYTES, GENERATIONS, LONG_PREFIXES_DEFAULT_CAPACITY,
-        MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY, VERIFIED_DEFAULT_CAPACITY,
+        MAX_IF_INDEX, RATE_LIMITS_DEFAULT_CAPACITY, V4_LONG_STASH_SHARE, VERIFIED_DEFAULT_CAPACITY,
     },
     protect::{
         Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, PROTECT_PORT_TABLE_LEN, ProtectBucket,
@@ -25,6 +28,7 @@ use agent_common::{
     syn_proxy::{SynProxySettings, SynScratch},
 };
 use aya_ebpf::{
+    Global,
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -38,10 +42,22 @@ pub static ACTIVE_GEN: Array<u32> = Array::with_max_entries(1, 0);
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS as u32, 0);
 
 /// Prefixes the /24 tables cannot hold, for both lists and both generations (see
-/// `agent_common::lists::PrefixEntry`).
+/// `agent_common::lists`): the IPv4 table the agent writes through a mapping, and its stash.
 #[map]
-pub static V4_LONG: HashMap<V4PrefixKey, PrefixEntry> =
-    HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
+pub static V4_LONG: Array<V4LongBucket> = Array::with_max_entries(
+    LONG_PREFIXES_DEFAULT_CAPACITY / V4_LONG_BUCKET_SLOTS as u32,
+    BPF_F_MMAPABLE,
+);
+#[map]
+pub static V4_LONG_STASH: HashMap<V4PrefixKey, PrefixEntry> = HashMap::with_max_entries(
+    LONG_PREFIXES_DEFAULT_CAPACITY / V4_LONG_STASH_SHARE,
+    BPF_F_NO_PREALLOC,
+);
+/// How many buckets `V4_LONG` has: set by the agent at load, with the map's size, and read-only
+/// for the program (the verifier knows its value).
+#[unsafe(no_mangle)]
+pub static V4_LONG_BUCKETS: Global<u32> =
+    Global::new(LONG_PREFIXES_DEFAULT_CAPACITY / V4_LONG_BUCKET_SLOTS as u32);
 #[map]
 pub static V6_PREFIXES: HashMap<V6PrefixKey, PrefixEntry> =
     HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);

@@ -1,5 +1,5 @@
-//! The stages after the lists and bans — rules, the SYN proxy and protected destinations — as
-//! global BPF functions. The verifier checks a global function once, on its own, and each call to it as
+//! The stages after the lists and bans — rules, the SYN proxy and protected destinations — and
+//! the lists' probe of long IPv4 prefixes, as global BPF functions. The verifier checks a global function once, on its own, and each call to it as
 //! one instruction; inlined, a stage is walked again for every path that reaches it (each
 //! generation, with and without bans), and the paths of the stages before it multiply its own.
 //! That walk, not the instruction count, is what bounds the program (a million instructions).
@@ -15,6 +15,7 @@ use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 
 use crate::{
     generation::{Protect0, Protect1, Rules0, Rules1},
+    lists,
     maps::{PACKET, SETTINGS, SYN_PROXY},
     packet::Packet,
     protect, rules,
@@ -72,6 +73,12 @@ pub fn syn_proxy(
         // Without Ethernet, the stack's synproxy answers.
         _ => Outcome::Continue,
     }
+}
+
+/// See [`lists::v4_long_held`].
+#[inline(always)]
+pub fn v4_long(host: u32, lengths: u32, prefix_slot: usize) -> u32 {
+    moat_v4_long(host, lengths, prefix_slot as u32)
 }
 
 #[inline(always)]
@@ -142,4 +149,10 @@ pub extern "C" fn moat_syn_answer(ctx: *mut xdp_md, generation: u32, enforce: u3
         return Outcome::Continue as u64;
     };
     syn_proxy::answer(&ctx, packet, settings, enforce != 0) as u64
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_v4_long(host: u32, lengths: u32, prefix_slot: u32) -> u32 {
+    lists::v4_long_held(host, lengths, prefix_slot)
 }

@@ -8,7 +8,7 @@ use agent_common::{
         LIST_ALLOW, LIST_BAN, LIST_BLOCK, PrefixEntry, SOURCE_CLI, SOURCE_CONFIG,
         SOURCE_RATE_LIMIT, V4PrefixKey, V6PrefixKey, hit_index, v6_gate_position,
     },
-    maps::{RATE_LIMITS, V4_LONG, V6_GATE, V6_PREFIXES},
+    maps::{RATE_LIMITS, V4_LONG_STASH, V6_GATE, V6_PREFIXES},
     rate_limit::{RateState, SourceKey},
     stats::{Action, Counter, Reason},
 };
@@ -409,21 +409,78 @@ fn a_change_whose_old_and_new_entries_overflow_the_shared_hash_is_refused_whole(
     assert_eq!(verdict(&mut program, &new[9_999]), XDP_DROP);
 }
 
-/// A write the kernel refuses (here: the shared hash filled behind moat's back) leaves the policy
+/// The IPv4 table filled to 98% of its slots: prefixes whose two buckets are both full go to
+/// the stash, and every prefix still drops; removing every other one moves stashed prefixes
+/// into the freed slots, and what stays listed still drops while what went passes.
+#[test]
+fn a_nearly_full_ipv4_table_spills_into_its_stash_and_drains_it() {
+    let mut program = LoadedProgram::new(&policy("interfaces = [\"lo\"]\n"));
+    // The table has 16,384 slots (the built-in default, as the policy has none).
+    let hosts: Vec<Cidr> = (0..16_000u32)
+        .map(|i| {
+            let addr =
+                std::net::Ipv4Addr::from(0x0a00_0000u32.wrapping_add(i.wrapping_mul(40_503)));
+            format!("{addr}/32").parse().expect("a CIDR")
+        })
+        .collect();
+    let change = |upserts: &[Cidr], removals: &[Cidr]| {
+        PolicyChange::of_list(
+            ListKind::Block,
+            ListChange {
+                upserts: upserts.iter().map(|c| (*c, SOURCE_CLI)).collect(),
+                removals: removals.to_vec(),
+            },
+        )
+    };
+    let source = |cidr: &Cidr| cidr.net().addr().to_string();
+    let stashed = |program: &mut LoadedProgram| {
+        let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
+        let stash: HashMap<MapData, V4PrefixKey, PrefixEntry> =
+            HashMap::try_from(ids.open(V4_LONG_STASH).expect("the stash")).expect("a hash");
+        stash.keys().filter_map(Result::ok).count()
+    };
+    program.live.apply(change(&hosts, &[])).expect("16,000 fit");
+    let full = stashed(&mut program);
+    assert!(
+        full > 50,
+        "both buckets full for some prefixes: {full} stashed"
+    );
+    for cidr in &hosts {
+        assert_eq!(verdict(&mut program, &source(cidr)), XDP_DROP, "{cidr}");
+    }
+    let gone: Vec<Cidr> = hosts.iter().step_by(2).copied().collect();
+    let kept: Vec<Cidr> = hosts.iter().skip(1).step_by(2).copied().collect();
+    program.live.apply(change(&[], &gone)).expect("removed");
+    // The generation switched off lets go of the removed prefixes when it catches up.
+    program.live.catch_up();
+    let drained = stashed(&mut program);
+    assert!(
+        drained < full / 4,
+        "freed slots took stashed prefixes: {full} -> {drained}"
+    );
+    for cidr in &kept {
+        assert_eq!(verdict(&mut program, &source(cidr)), XDP_DROP, "{cidr}");
+    }
+    for cidr in &gone {
+        assert_eq!(verdict(&mut program, &source(cidr)), XDP_PASS, "{cidr}");
+    }
+}
+
+/// A write the kernel refuses (here: the shared IPv6 hash filled behind moat's back) leaves the policy
 /// in force untouched; the next change rebuilds the generation it failed in, clearing what no
 /// list holds, and applies.
 #[test]
 fn a_failed_write_is_repaired_by_the_next_change() {
     let mut program = LoadedProgram::new(&policy(
-        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"192.0.2.1/32\"]\n",
+        "interfaces = [\"lo\"]\n[blocklist]\ncidrs = [\"2001:db8:1::1/128\"]\n",
     ));
     // Entries no list holds, until the hash (16,384: the default) is full.
     let hash = fill_with_unused(
         &mut program,
-        V4_LONG,
-        (1..16_384u32).map(|i| V4PrefixKey {
-            prefix_len: 32,
-            addr: (0x0a00_0000 + i).to_be_bytes(),
+        V6_PREFIXES,
+        (1..16_384u32).map(|i| V6PrefixKey {
+            prefix_len: 128,
+            addr: (0x2001_0db8_0000_0000_0000_0000_0000_0000u128 + u128::from(i)).to_be_bytes(),
         }),
     );
     let add = |cidr: &str| {
@@ -437,27 +494,27 @@ fn a_failed_write_is_repaired_by_the_next_change() {
     };
     program
         .live
-        .apply(add("192.0.2.2/32"))
+        .apply(add("2001:db8:1::2/128"))
         .expect_err("the kernel's hash is full");
     assert_eq!(
-        verdict(&mut program, "192.0.2.1"),
+        verdict(&mut program, "2001:db8:1::1"),
         XDP_DROP,
         "the policy in force holds"
     );
     assert_eq!(
-        verdict(&mut program, "192.0.2.2"),
+        verdict(&mut program, "2001:db8:1::2"),
         XDP_PASS,
         "the change is not in force"
     );
     program
         .live
-        .apply(add("192.0.2.3/32"))
+        .apply(add("2001:db8:1::3/128"))
         .expect("rebuilt, then applied");
-    for source in ["192.0.2.1", "192.0.2.3"] {
+    for source in ["2001:db8:1::1", "2001:db8:1::3"] {
         assert_eq!(verdict(&mut program, source), XDP_DROP, "{source}");
     }
     assert_eq!(
-        verdict(&mut program, "192.0.2.2"),
+        verdict(&mut program, "2001:db8:1::2"),
         XDP_PASS,
         "the failed change stays out"
     );

@@ -2,7 +2,10 @@
 //! policy's entries plus what may be added while running. A loaded program's maps cannot be
 //! resized, so every later change is checked against these.
 
-use agent_common::maps::LONG_PREFIXES_DEFAULT_CAPACITY;
+use agent_common::{
+    lists::V4_LONG_BUCKET_SLOTS,
+    maps::{LONG_PREFIXES_DEFAULT_CAPACITY, V4_LONG_STASH_SHARE},
+};
 
 use super::lists::ListCounts;
 use crate::config::{ListKind, Policy, RateLimit};
@@ -58,6 +61,16 @@ impl Capacities {
             v6: fit(lists.v6),
             rate_sources: policy.rate_limit.max_sources,
         }
+    }
+
+    /// Buckets of the IPv4 long-prefix table: a slot per prefix of capacity.
+    pub fn v4_long_buckets(&self) -> u32 {
+        self.v4_long.div_ceil(V4_LONG_BUCKET_SLOTS as u32)
+    }
+
+    /// Entries of the IPv4 table's stash (prefixes whose two buckets are both full).
+    pub fn v4_long_stash(&self) -> u32 {
+        (self.v4_long / V4_LONG_STASH_SHARE).max(1)
     }
 
     /// Whether the prefix hashes can hold `prefixes` and the limiter is sized for

@@ -1,6 +1,7 @@
 //! CIDR lists → the kernel's list maps, in the layout `agent_common::lists` describes: a byte per
-//! IPv4 /24 (per list and generation), and a hash of longer IPv4 prefixes and one of IPv6
-//! prefixes that both lists and both generations share.
+//! IPv4 /24 (per list and generation), and a table of longer IPv4 prefixes
+//! ([`super::v4_long_table`]) and a hash of IPv6 prefixes that both lists and both generations
+//! share.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +24,7 @@ use super::{
     map_batch,
     map_source::{MapAccessError, MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
+    v4_long_table::V4LongTable,
 };
 use crate::config::{Cidr, ListEntries, ListKind};
 
@@ -121,10 +123,10 @@ impl ListTable {
 /// per generation.
 pub type Holdings<'a> = [(&'a ListEntries, &'a ListEntries); GENERATIONS];
 
-/// The prefix hashes both lists and both generations share (see `agent_common::lists`). Only
+/// The prefix stores both lists and both generations share (see `agent_common::lists`). Only
 /// this module reads or writes them.
 pub struct PrefixHashes {
-    v4_long: PrefixHash<V4PrefixKey>,
+    v4_long: V4LongTable,
     v6: PrefixHash<V6PrefixKey>,
 }
 
@@ -169,7 +171,7 @@ impl<K: Pod + Ord + Sync> PrefixHash<K> {
 impl PrefixHashes {
     pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
         Ok(Self {
-            v4_long: PrefixHash::resolve(source, maps::V4_LONG)?,
+            v4_long: V4LongTable::resolve(source)?,
             v6: PrefixHash::resolve(source, maps::V6_PREFIXES)?,
         })
     }
@@ -179,7 +181,7 @@ impl PrefixHashes {
         let (allow, block) = holdings[0];
         let cidrs = merged(in_hashes(allow.keys()), in_hashes(block.keys()));
         let (v4, v6) = prefix_entries(&cidrs, holdings);
-        self.v4_long.insert_all(&v4)?;
+        self.v4_long.write(&v4)?;
         self.v6.insert_all(&v6)
     }
 
@@ -195,7 +197,7 @@ impl PrefixHashes {
         cidrs.sort_unstable();
         cidrs.dedup();
         let (v4, v6) = prefix_entries(&cidrs, holdings);
-        self.v4_long.write(v4)?;
+        self.v4_long.write(&v4)?;
         self.v6.write(v6)
     }
 
@@ -227,7 +229,7 @@ impl PrefixHashes {
                 IpNet::V6(net) => set(v6.entry(v6_key(&net)).or_default(), &cidr),
             }
         }
-        self.v4_long.write(v4.into_iter().collect())?;
+        self.v4_long.write(&v4.into_iter().collect::<Vec<_>>())?;
         self.v6.write(v6.into_iter().collect())
     }
 }

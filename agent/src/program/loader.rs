@@ -81,11 +81,14 @@ pub fn create_maps(capacities: Capacities) -> Result<Loaded, LoadError> {
         return Err(LoadError::NoObject);
     }
     raise_memlock_limit();
+    let v4_long_buckets = capacities.v4_long_buckets();
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(maps::RATE_LIMITS, capacities.rate_sources)
         .map_max_entries(maps::BANS, capacities.rate_sources)
-        .map_max_entries(maps::V4_LONG, capacities.v4_long)
+        .map_max_entries(maps::V4_LONG, capacities.v4_long_buckets())
+        .map_max_entries(maps::V4_LONG_STASH, capacities.v4_long_stash())
+        .override_global(maps::V4_LONG_BUCKETS, &v4_long_buckets, true)
         .map_max_entries(maps::V6_PREFIXES, capacities.v6);
     let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Object)?;
     let maps = ProgramMaps::take(&mut ebpf)?;

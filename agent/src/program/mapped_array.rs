@@ -5,6 +5,7 @@ use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
+    sync::atomic::AtomicU64,
 };
 
 use aya::{
@@ -59,6 +60,35 @@ impl MmapArray {
                 io_error,
             }),
         })
+    }
+
+    /// How many elements the array has.
+    pub fn elements(&self) -> Result<u32, MapError> {
+        Ok(self.data.info()?.max_entries())
+    }
+
+    /// Runs `f` on the first `bytes` bytes of the array's values (a multiple of 8), mapped for
+    /// writing, as words that the program may read while they change: each store is whole.
+    pub fn with_words<R>(
+        &mut self,
+        bytes: usize,
+        f: impl FnOnce(&[AtomicU64]) -> R,
+    ) -> Result<R, MapAccessError> {
+        let mut mapping =
+            Mapping::new(&self.data, bytes).map_err(|source| MapAccessError::Mmap {
+                map: self.name,
+                source,
+            })?;
+        let bytes = mapping.bytes_mut();
+        // SAFETY: the mapping is page-aligned, so 8-aligned; the words cover whole bytes of it
+        // and live as long as the mapping. Atomics make the program's concurrent reads sound.
+        let words = unsafe {
+            std::slice::from_raw_parts(
+                bytes.as_mut_ptr().cast::<AtomicU64>(),
+                bytes.len() / size_of::<u64>(),
+            )
+        };
+        Ok(f(words))
     }
 
     /// Runs `f` on the first `bytes` bytes of the array's values, mapped for writing.

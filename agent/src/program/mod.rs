@@ -22,5 +22,6 @@ pub mod protect_tables;
 pub mod rule_tables;
 pub mod sampling;
 pub mod settings;
+mod v4_long_table;
 pub mod v6_gate;
 pub mod xdp_link;
