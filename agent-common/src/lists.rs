@@ -2,8 +2,9 @@
 //! whatever the list's size:
 //!
 //! - **IPv4 prefixes up to /24**: a table with one byte per /24 (DIR-24-8 style), packed eight
-//!   to a `u64` in an mmapable array. The byte holds the entry source + 1 (0: not covered) in
-//!   its low bits, and [`TABLE_HAS_LONGER`] when a longer prefix lies inside that /24.
+//!   to a `u64` in an mmapable array, one table per generation for both lists: a nibble each
+//!   ([`table_shift`]). A list's nibble holds the entry source + 1 (0: not covered) in its low
+//!   bits, and [`TABLE_HAS_LONGER`] when a longer prefix of the list lies inside that /24.
 //! - **IPv4 /25–/32**: a table the agent builds itself in an mmapable array of buckets of
 //!   [`V4_LONG_BUCKET_SLOTS`] one-word slots ([`V4LongBucket`]); each prefix has two candidate
 //!   buckets ([`v4_long_buckets`]) and sits in one of them, or, when both are full, in a small
@@ -16,8 +17,7 @@
 //! The long-prefix stores are shared by both lists and both policy generations: a prefix is
 //! stored once, and its [`PrefixEntry`] (packed into the slot for IPv4) says which list of which
 //! generation holds it ([`prefix_slot`]). The
-//! /24 tables are per list and generation (an array cannot be shared that way at one byte per
-//! /24).
+//! /24 tables are per generation (an array cannot be shared that way at one byte per /24).
 //!
 //! A list is a set: a source matches when any entry covers it.
 
@@ -25,10 +25,17 @@ use crate::pod;
 
 /// Entries in the IPv4 table: 2^24 /24s, eight per `u64`.
 pub const V4_TABLE_LEN: u32 = (1 << 24) / 8;
-/// Low bits of a table byte: 0, or the covering entry's source + 1.
-pub const TABLE_SOURCE_MASK: u8 = 0x7f;
-/// A longer prefix (/25–/32) lies inside this /24.
-pub const TABLE_HAS_LONGER: u8 = 0x80;
+/// Low bits of a list's nibble of a table byte: 0, or the covering entry's source + 1.
+pub const TABLE_SOURCE_MASK: u8 = 0x07;
+/// In a list's nibble: a longer prefix (/25–/32) of that list lies inside this /24.
+pub const TABLE_HAS_LONGER: u8 = 0x08;
+const _: () = assert!(SOURCE_COUNT <= TABLE_SOURCE_MASK as u32);
+
+/// Where the nibble of `list` ([`LIST_ALLOW`] or [`LIST_BLOCK`]) sits in a table byte.
+#[inline(always)]
+pub const fn table_shift(list: u32) -> u32 {
+    list * 4
+}
 /// Shortest IPv4 prefix kept in the long-prefix hash.
 pub const V4_LONG_MIN_PREFIX: u32 = 25;
 /// Distinct IPv6 prefix lengths one list may hold (each costs one hash probe per packet).

@@ -18,10 +18,8 @@ pub const ACTIVE_GENERATION: &str = "ACTIVE_GEN";
 /// Runtime settings: [`crate::settings::Settings`], one slot per generation.
 pub const SETTINGS: &str = "SETTINGS";
 
-/// Per list (allow, block) and generation: the IPv4 /24 table. See [`crate::lists`] for the
-/// layout.
-pub const ALLOW_V4_TABLE: [&str; GENERATIONS] = ["ALLOW_V4_TAB_0", "ALLOW_V4_TAB_1"];
-pub const BLOCK_V4_TABLE: [&str; GENERATIONS] = ["BLOCK_V4_TAB_0", "BLOCK_V4_TAB_1"];
+/// Per generation: the IPv4 /24 table of both lists. See [`crate::lists`] for the layout.
+pub const V4_TABLE: [&str; GENERATIONS] = ["V4_TAB_0", "V4_TAB_1"];
 /// IPv4 prefixes longer than /24 and IPv6 prefixes, each stored once for both lists and both
 /// generations ([`crate::lists::PrefixEntry`]): the IPv4 table of buckets
 /// ([`crate::lists::V4LongBucket`]), its stash (a hash of the prefixes whose two buckets were

@@ -1,11 +1,11 @@
-//! The two generations of the policy's /24 tables, rule tables and protect tables (the prefix
+//! The two generations of the policy's /24 table, rule tables and protect tables (the prefix
 //! hashes are shared, each entry saying which generation holds it); `ACTIVE_GEN` says which one
 //! is in force (see `agent_common::maps::GENERATIONS`). The lists' stages are compiled once per
 //! generation, each copy loading its own maps directly; the rules and protect stages, global
 //! functions (see `subprograms`), pick their generation's maps by its index.
 
 use agent_common::{
-    lists::{LIST_ALLOW, LIST_BLOCK, prefix_slot},
+    lists::{LIST_ALLOW, LIST_BLOCK, prefix_slot, table_shift},
     protect::{ProtectLimit, ProtectMask},
     rules::{PayloadColumn, PayloadKey, RuleMask},
 };
@@ -22,10 +22,11 @@ pub trait Generation {
 }
 
 macro_rules! cidr_maps {
-    ($name:ident: $table:ident, $slot:expr) => {
+    ($name:ident: $table:ident, $generation:expr, $list:expr) => {
         pub struct $name;
         impl CidrMaps for $name {
-            const SLOT: usize = $slot;
+            const SLOT: usize = prefix_slot($generation, $list);
+            const TABLE_SHIFT: u32 = table_shift($list);
             #[inline(always)]
             fn v4_table() -> &'static Array<u64> {
                 &$table
@@ -107,13 +108,13 @@ macro_rules! protect_maps {
     };
 }
 
-cidr_maps!(Allow0: ALLOW_V4_TAB_0, prefix_slot(0, LIST_ALLOW));
-cidr_maps!(Block0: BLOCK_V4_TAB_0, prefix_slot(0, LIST_BLOCK));
+cidr_maps!(Allow0: V4_TAB_0, 0, LIST_ALLOW);
+cidr_maps!(Block0: V4_TAB_0, 0, LIST_BLOCK);
 rule_maps!(Rules0: RULES_PROTO_0, RULES_SPORT_0, RULES_DPORT_0, RULES_FLAGS_0, RULES_TTL_0,
     RULES_LEN_0, RULES_PCOL_0, RULES_PAYLOAD_0, RULE_ACTIONS_0);
 protect_maps!(Protect0: PROT_DST4_0, PROT_DST6_0, PROT_PROTO_0, PROT_DPORT_0, PROT_LIMITS_0);
-cidr_maps!(Allow1: ALLOW_V4_TAB_1, prefix_slot(1, LIST_ALLOW));
-cidr_maps!(Block1: BLOCK_V4_TAB_1, prefix_slot(1, LIST_BLOCK));
+cidr_maps!(Allow1: V4_TAB_1, 1, LIST_ALLOW);
+cidr_maps!(Block1: V4_TAB_1, 1, LIST_BLOCK);
 rule_maps!(Rules1: RULES_PROTO_1, RULES_SPORT_1, RULES_DPORT_1, RULES_FLAGS_1, RULES_TTL_1,
     RULES_LEN_1, RULES_PCOL_1, RULES_PAYLOAD_1, RULE_ACTIONS_1);
 protect_maps!(Protect1: PROT_DST4_1, PROT_DST6_1, PROT_PROTO_1, PROT_DPORT_1, PROT_LIMITS_1);

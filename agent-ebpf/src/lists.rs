@@ -13,13 +13,16 @@ use crate::{
     subprograms,
 };
 
-/// One list in one generation: its /24 table, and its slot in the shared prefix hashes. Maps
+/// One list in one generation: its generation's /24 table and its nibble there, and its slot in
+/// the shared prefix stores. Maps
 /// are reached through functions of a type, not through references stored in data: the
 /// verifier only accepts a map pointer that the code itself loads, and a table of references
 /// would be read from .rodata as a plain number.
 pub trait CidrMaps {
     /// This list's slot in a `PrefixEntry` (`agent_common::lists::prefix_slot`).
     const SLOT: usize;
+    /// This list's nibble in a /24 table byte (`agent_common::lists::table_shift`).
+    const TABLE_SHIFT: u32;
     fn v4_table() -> &'static Array<u64>;
 }
 
@@ -46,7 +49,7 @@ fn lookup_v4<M: CidrMaps>(shape: &ListShape, addr: [u8; 4]) -> Option<u32> {
     }
     let (index, byte) = table_position(addr);
     let word = *M::v4_table().get(index)?;
-    let entry = (word >> (byte * 8)) as u8;
+    let entry = (word >> (byte * 8 + M::TABLE_SHIFT)) as u8;
     let covering = entry & TABLE_SOURCE_MASK;
     if covering != 0 {
         return Some(u32::from(covering) - 1);

@@ -62,16 +62,14 @@ pub static V4_LONG_BUCKETS: Global<u32> =
 pub static V6_PREFIXES: HashMap<V6PrefixKey, PrefixEntry> =
     HashMap::with_max_entries(LONG_PREFIXES_DEFAULT_CAPACITY, BPF_F_NO_PREALLOC);
 
-/// Declares one generation's /24 tables, rule tables and protect tables under the given names.
+/// Declares one generation's /24 table, rule tables and protect tables under the given names.
 macro_rules! generation_maps {
-    ($allow_table:ident, $block_table:ident, $proto:ident, $sport:ident, $dport:ident,
+    ($v4_table:ident, $proto:ident, $sport:ident, $dport:ident,
      $flags:ident, $actions:ident, $ttl:ident, $length:ident, $pcol:ident, $payload:ident,
      $p_v4:ident, $p_v6:ident, $p_proto:ident, $p_dport:ident,
      $p_limits:ident) => {
         #[map]
-        pub static $allow_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
-        #[map]
-        pub static $block_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
+        pub static $v4_table: Array<u64> = Array::with_max_entries(V4_TABLE_LEN, BPF_F_MMAPABLE);
         #[map]
         pub static $proto: Array<RuleMask> = Array::with_max_entries(PROTOCOL_TABLE_LEN, 0);
         #[map]
@@ -111,8 +109,7 @@ macro_rules! generation_maps {
 }
 
 generation_maps!(
-    ALLOW_V4_TAB_0,
-    BLOCK_V4_TAB_0,
+    V4_TAB_0,
     RULES_PROTO_0,
     RULES_SPORT_0,
     RULES_DPORT_0,
@@ -129,8 +126,7 @@ generation_maps!(
     PROT_LIMITS_0
 );
 generation_maps!(
-    ALLOW_V4_TAB_1,
-    BLOCK_V4_TAB_1,
+    V4_TAB_1,
     RULES_PROTO_1,
     RULES_SPORT_1,
     RULES_DPORT_1,

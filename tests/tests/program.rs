@@ -127,10 +127,7 @@ fn the_agent_owns_exactly_the_maps_the_object_declares() {
         .into_iter()
         .map(String::from)
         .collect();
-    for name in [
-        agent_common::maps::STATS,
-        agent_common::maps::BLOCK_V4_TABLE[1],
-    ] {
+    for name in [agent_common::maps::STATS, agent_common::maps::V4_TABLE[1]] {
         assert!(declared.contains(name), "{name} in {declared:?}");
     }
     assert_eq!(

@@ -1,5 +1,5 @@
 //! CIDR lists → the kernel's list maps, in the layout `agent_common::lists` describes: a byte per
-//! IPv4 /24 (per list and generation), and a table of longer IPv4 prefixes
+//! IPv4 /24 (per generation, a nibble per list), and a table of longer IPv4 prefixes
 //! ([`super::v4_long_table`]) and a hash of IPv6 prefixes that both lists and both generations
 //! share.
 
@@ -9,7 +9,7 @@ use agent_common::{
     lists::{
         LIST_ALLOW, LIST_BLOCK, ListShape, MAX_V6_LENGTHS, PrefixEntry, TABLE_HAS_LONGER,
         TABLE_SOURCE_MASK, V4_LONG_MIN_PREFIX, V4_TABLE_LEN, V4PrefixKey, V6_GATE_PREFIX,
-        V6PrefixKey, prefix_slot,
+        V6PrefixKey, prefix_slot, table_shift,
     },
     maps::{self, GENERATIONS},
 };
@@ -45,47 +45,39 @@ pub enum ListError {
     Access(#[from] MapAccessError),
 }
 
-/// One list's /24 table in one generation. Only this module writes it.
-pub struct ListTable {
-    kind: ListKind,
-    v4_table: MmapArray,
+/// One generation's /24 table, both lists' (a nibble each). Only this module writes it.
+pub struct V4Table {
+    table: MmapArray,
 }
 
-impl ListTable {
-    pub fn resolve(
-        source: &mut MapSource,
-        kind: ListKind,
-        generation: usize,
-    ) -> Result<Self, ResolveError> {
-        let table = match kind {
-            ListKind::Allow => maps::ALLOW_V4_TABLE[generation],
-            ListKind::Block => maps::BLOCK_V4_TABLE[generation],
-        };
+/// A list's entries and the change just applied to them.
+pub type Changed<'a> = (&'a ListEntries, &'a ListChange);
+
+impl V4Table {
+    pub fn resolve(source: &mut MapSource, generation: usize) -> Result<Self, ResolveError> {
         Ok(Self {
-            kind,
-            v4_table: MmapArray::resolve(source, table)?,
+            table: MmapArray::resolve(source, maps::V4_TABLE[generation])?,
         })
     }
 
-    /// Writes a compiled list's table whole.
-    pub fn install(&mut self, list: &CompiledList) -> Result<(), ListError> {
-        debug_assert_eq!(list.kind, self.kind);
-        Ok(self
-            .v4_table
-            .write(V4_TABLE_BYTES, |table| table.copy_from_slice(&list.table))?)
+    /// Writes both lists' compiled tables whole.
+    pub fn install(&mut self, allow: &CompiledList, block: &CompiledList) -> Result<(), ListError> {
+        debug_assert!(allow.kind == ListKind::Allow && block.kind == ListKind::Block);
+        Ok(self.table.write(V4_TABLE_BYTES, |table| {
+            merge_tables(table, &allow.table, &block.table)
+        })?)
     }
 
-    /// Writes `change` into a table that held the list before it; `entries` is the list with
-    /// the change applied.
+    /// Writes the lists' changes into a table that held the lists before them; the entries
+    /// are each list with its change applied. Each byte is written whole, from both lists.
     pub fn write_change(
         &mut self,
-        entries: &ListEntries,
-        change: &ListChange,
+        allow: Changed<'_>,
+        block: Changed<'_>,
     ) -> Result<(), ListError> {
-        let mut slash24s: Vec<std::ops::Range<u32>> = change
-            .removals
-            .iter()
-            .chain(change.upserts.iter().map(|(c, _)| c))
+        let mut slash24s: Vec<std::ops::Range<u32>> = [allow.1, block.1]
+            .into_iter()
+            .flat_map(ListChange::cidrs)
             .map(slash24s_of)
             .filter(|r| !r.is_empty())
             .collect();
@@ -93,29 +85,39 @@ impl ListTable {
             return Ok(());
         }
         slash24s.sort_by_key(|r| r.start);
+        let both = (allow.0, block.0);
         let touched: usize = slash24s.iter().map(ExactSizeIterator::len).sum();
         if touched <= TABLE_WORDS_THRESHOLD {
             // A few words, set by index: mapping the 16 MiB table for them costs more than the
             // change.
-            self.v4_table.set(&table_words(entries, &slash24s))?;
+            self.table.set(&table_words(both, &slash24s))?;
             return Ok(());
         }
         if touched > TABLE_REBUILD_THRESHOLD {
-            let table = compile_table(entries);
-            self.v4_table
-                .write(V4_TABLE_BYTES, |mapped| mapped.copy_from_slice(&table))?;
+            let (allow, block) = (compile_table(both.0), compile_table(both.1));
+            self.table.write(V4_TABLE_BYTES, |mapped| {
+                merge_tables(mapped, &allow, &block)
+            })?;
             return Ok(());
         }
-        self.v4_table.write(V4_TABLE_BYTES, |table| {
+        self.table.write(V4_TABLE_BYTES, |table| {
             let mut done = 0u32;
             for range in slash24s {
                 for slash24 in range.start.max(done)..range.end {
-                    table[slash24 as usize] = table_byte(entries, slash24);
+                    table[slash24 as usize] = table_byte(both, slash24);
                 }
                 done = done.max(range.end);
             }
         })?;
         Ok(())
+    }
+}
+
+/// `table` made of the allowlist's and the blocklist's compiled tables, each in its nibble.
+fn merge_tables(table: &mut [u8], allow: &[u8], block: &[u8]) {
+    let (allow_shift, block_shift) = (table_shift(LIST_ALLOW), table_shift(LIST_BLOCK));
+    for ((byte, allow), block) in table.iter_mut().zip(allow).zip(block) {
+        *byte = allow << allow_shift | block << block_shift;
     }
 }
 
@@ -326,10 +328,10 @@ fn prefix_entries(
     (v4, v6)
 }
 
-/// A list compiled to what its /24 table holds, and the shape the program probes.
+/// A list compiled to what its nibbles of a /24 table hold, and the shape the program probes.
 pub struct CompiledList {
     kind: ListKind,
-    /// One byte per /24 (see `agent_common::lists`).
+    /// One nibble per /24, a byte each (see `agent_common::lists`).
     pub table: Vec<u8>,
     pub shape: ListShape,
 }
@@ -344,7 +346,7 @@ impl CompiledList {
     }
 }
 
-/// The IPv4 /24 table of `entries`: one byte per /24 (see `agent_common::lists`).
+/// The nibbles of `entries` in the IPv4 /24 table: a byte per /24 (see `agent_common::lists`).
 fn compile_table(entries: &ListEntries) -> Vec<u8> {
     let mut table = vec![0u8; V4_TABLE_BYTES];
     // A /24 covered by several entries keeps the source of the shortest, as `table_byte` does:
@@ -368,9 +370,15 @@ fn compile_table(entries: &ListEntries) -> Vec<u8> {
     table
 }
 
-/// The table byte of /24 number `slash24` for `entries`: the source of an entry of /24 or
+/// The table byte of /24 number `slash24` for (allowlist, blocklist): each list's nibble.
+fn table_byte((allow, block): (&ListEntries, &ListEntries), slash24: u32) -> u8 {
+    list_nibble(allow, slash24) << table_shift(LIST_ALLOW)
+        | list_nibble(block, slash24) << table_shift(LIST_BLOCK)
+}
+
+/// A list's nibble of the byte of /24 number `slash24`: the source of an entry of /24 or
 /// shorter that covers it, and whether a longer entry lies inside it.
-pub fn table_byte(entries: &ListEntries, slash24: u32) -> u8 {
+fn list_nibble(entries: &ListEntries, slash24: u32) -> u8 {
     let base = slash24 << 8;
     let mut byte = 0;
     for prefix_len in 0..=24u8 {
@@ -398,9 +406,12 @@ pub fn table_byte(entries: &ListEntries, slash24: u32) -> u8 {
 }
 
 /// The words of the /24 table (index, value) that hold the /24s of `slash24s`, each recomputed
-/// whole for `entries`: word `n` holds /24s `8n` to `8n + 7`, the first in its lowest byte (what
+/// whole for both lists: word `n` holds /24s `8n` to `8n + 7`, the first in its lowest byte (what
 /// the program reads with `table_position`).
-fn table_words(entries: &ListEntries, slash24s: &[std::ops::Range<u32>]) -> Vec<(u32, u64)> {
+fn table_words(
+    lists: (&ListEntries, &ListEntries),
+    slash24s: &[std::ops::Range<u32>],
+) -> Vec<(u32, u64)> {
     let mut words: Vec<u32> = slash24s
         .iter()
         .filter(|range| !range.is_empty())
@@ -413,7 +424,7 @@ fn table_words(entries: &ListEntries, slash24s: &[std::ops::Range<u32>]) -> Vec<
         .into_iter()
         .map(|word| {
             let value = (0..8).fold(0u64, |value, byte| {
-                value | u64::from(table_byte(entries, word * 8 + byte)) << (8 * byte)
+                value | u64::from(table_byte(lists, word * 8 + byte)) << (8 * byte)
             });
             (word, value)
         })
@@ -893,23 +904,31 @@ mod tests {
         );
     }
 
+    /// Both lists compiled and merged, as `V4Table::install` writes them.
+    fn installed(allow: &ListEntries, block: &ListEntries) -> Vec<u8> {
+        let allow = CompiledList::compile(ListKind::Allow, allow).expect("compiles");
+        let block = CompiledList::compile(ListKind::Block, block).expect("compiles");
+        let mut table = vec![0; V4_TABLE_BYTES];
+        merge_tables(&mut table, &allow.table, &block.table);
+        table
+    }
+
     #[test]
-    fn table_words_set_by_index_match_the_compiled_table() {
-        let list = entries(&[
+    fn table_words_set_by_index_match_the_compiled_tables() {
+        let allow = entries(&[("192.0.2.0/24", SOURCE_CLI), ("198.51.103.9", SOURCE_FILE)]);
+        let block = entries(&[
             ("10.0.0.0/8", SOURCE_CONFIG),
             ("192.0.2.77", SOURCE_FILE),
             ("192.0.2.128/25", SOURCE_CONFIG),
             ("198.51.100.0/24", SOURCE_FILE),
             ("198.51.103.1", SOURCE_CONFIG),
         ]);
-        let compiled = CompiledList::compile(ListKind::Block, &list).expect("compiles");
-        let cidrs: Vec<Cidr> = list.keys().collect();
-        let ranges: Vec<_> = cidrs
-            .iter()
+        let table = installed(&allow, &block);
+        let ranges: Vec<_> = (allow.keys().chain(block.keys()))
             .filter(|c| c.net().prefix_len() >= 16)
-            .map(slash24s_of)
+            .map(|c| slash24s_of(&c))
             .collect();
-        let words = table_words(&list, &ranges);
+        let words = table_words((&allow, &block), &ranges);
         assert!(!words.is_empty());
         assert!(
             words.windows(2).all(|w| w[0].0 < w[1].0),
@@ -917,9 +936,14 @@ mod tests {
         );
         for (word, value) in words {
             let at = word as usize * 8;
-            let bytes: [u8; 8] = compiled.table[at..at + 8].try_into().expect("8 bytes");
+            let bytes: [u8; 8] = table[at..at + 8].try_into().expect("8 bytes");
             assert_eq!(value, u64::from_le_bytes(bytes), "word {word}");
         }
+        // Both lists' nibbles are in one byte.
+        let (word, byte) = table_position([192, 0, 2, 77]);
+        let both = table[word as usize * 8 + byte as usize];
+        assert_eq!(both & 0x0f, SOURCE_CLI as u8 + 1, "the allowlist's /24");
+        assert_eq!(both >> 4, TABLE_HAS_LONGER, "the blocklist's host in it");
     }
 
     #[test]
@@ -952,8 +976,9 @@ mod tests {
     }
 
     #[test]
-    fn table_bytes_recomputed_one_by_one_match_the_compiled_table() {
-        let list = entries(&[
+    fn table_bytes_recomputed_one_by_one_match_the_compiled_tables() {
+        let allow = entries(&[("10.1.3.0/24", SOURCE_CLI), ("192.0.2.9", SOURCE_CONFIG)]);
+        let block = entries(&[
             ("10.0.0.0/8", SOURCE_FILE),
             ("10.1.2.0/24", SOURCE_CONFIG),
             ("10.1.2.128/25", SOURCE_CONFIG),
@@ -962,12 +987,13 @@ mod tests {
             ("198.51.100.64/26", SOURCE_FILE),
             ("0.0.0.0/7", SOURCE_CONFIG),
         ]);
-        let compiled = CompiledList::compile(ListKind::Block, &list).expect("compiles");
+        let table = installed(&allow, &block);
         for addr in [
             [10, 1, 2, 9],
             [10, 1, 3, 0],
             [10, 200, 0, 0],
             [11, 0, 0, 0],
+            [192, 0, 2, 0],
             [192, 0, 3, 0],
             [192, 0, 4, 0],
             [198, 51, 100, 0],
@@ -976,8 +1002,8 @@ mod tests {
         ] {
             let slash24 = u32::from_be_bytes(addr) >> 8;
             assert_eq!(
-                super::table_byte(&list, slash24),
-                table_byte(&compiled, addr),
+                super::table_byte((&allow, &block), slash24),
+                table[slash24 as usize],
                 "/24 of {addr:?}"
             );
         }

@@ -10,7 +10,7 @@ use agent_common::maps::GENERATIONS;
 
 use super::{
     capacities::{Capacities, PrefixCounts},
-    lists::{CompiledList, Holdings, ListChange, ListCounts, ListError, ListTable, PrefixHashes},
+    lists::{CompiledList, Holdings, ListChange, ListCounts, ListError, PrefixHashes, V4Table},
     map_source::{MapAccessError, MapSource, ResolveError},
     protect_tables::{ProtectBuckets, ProtectMaps, ProtectTables},
     rule_tables::{self, RuleMaps, RuleTables},
@@ -68,21 +68,11 @@ pub fn check(policy: &Policy) -> Result<(), ListError> {
     Ok(())
 }
 
-/// One generation's /24 tables, rule tables and protect tables.
+/// One generation's /24 table, rule tables and protect tables.
 struct GenerationMaps {
-    allowlist: ListTable,
-    blocklist: ListTable,
+    v4_table: V4Table,
     rules: RuleMaps,
     protect: ProtectMaps,
-}
-
-impl GenerationMaps {
-    fn list(&mut self, kind: ListKind) -> &mut ListTable {
-        match kind {
-            ListKind::Allow => &mut self.allowlist,
-            ListKind::Block => &mut self.blocklist,
-        }
-    }
 }
 
 /// The maps that hold the policy: both generations, the prefix hashes, the IPv6 gate and the
@@ -100,8 +90,7 @@ impl PolicyMaps {
         let generations: Vec<GenerationMaps> = (0..GENERATIONS)
             .map(|generation| {
                 Ok(GenerationMaps {
-                    allowlist: ListTable::resolve(source, ListKind::Allow, generation)?,
-                    blocklist: ListTable::resolve(source, ListKind::Block, generation)?,
+                    v4_table: V4Table::resolve(source, generation)?,
                     rules: RuleMaps::resolve(source, generation)?,
                     protect: ProtectMaps::resolve(source, generation)?,
                 })
@@ -433,11 +422,10 @@ impl LivePolicy {
                 )
             },
             || {
-                maps.allowlist
-                    .write_change(&self.policy.allowlist, allowlist)?;
-                Ok(maps
-                    .blocklist
-                    .write_change(&self.policy.blocklist, blocklist)?)
+                Ok(maps.v4_table.write_change(
+                    (&self.policy.allowlist, allowlist),
+                    (&self.policy.blocklist, blocklist),
+                )?)
             },
         )?;
         let maps = &mut self.maps.generations[generation];
@@ -458,11 +446,9 @@ impl LivePolicy {
             true,
             || prefixes.install([(&policy.allowlist, &policy.blocklist); GENERATIONS]),
             || {
-                for kind in ListKind::ALL {
-                    let compiled = CompiledList::compile(kind, policy.list(kind))?;
-                    for generation in generations.iter_mut() {
-                        generation.list(kind).install(&compiled)?;
-                    }
+                let (allow, block) = compile_lists(policy)?;
+                for generation in generations.iter_mut() {
+                    generation.v4_table.install(&allow, &block)?;
                 }
                 Ok(())
             },
@@ -482,11 +468,11 @@ impl LivePolicy {
         let policy = &self.policy;
         for kind in ListKind::ALL {
             self.maps.v6_gate.open_for(policy.list(kind).keys())?;
-            let compiled = CompiledList::compile(kind, policy.list(kind))?;
-            self.maps.generations[generation]
-                .list(kind)
-                .install(&compiled)?;
         }
+        let (allow, block) = compile_lists(policy)?;
+        self.maps.generations[generation]
+            .v4_table
+            .install(&allow, &block)?;
         self.maps
             .prefixes
             .rebuild(generation, &policy.allowlist, &policy.blocklist)?;
@@ -506,4 +492,12 @@ impl LivePolicy {
         let syn_proxy = settings::syn_proxy_settings(&self.policy);
         Ok(self.maps.settings.write(generation, settings, syn_proxy)?)
     }
+}
+
+/// The policy's allowlist and blocklist, compiled.
+fn compile_lists(policy: &Policy) -> Result<(CompiledList, CompiledList), ListError> {
+    Ok((
+        CompiledList::compile(ListKind::Allow, &policy.allowlist)?,
+        CompiledList::compile(ListKind::Block, &policy.blocklist)?,
+    ))
 }
