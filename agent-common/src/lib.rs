@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod bitset;
+pub mod clock;
 pub mod events;
 pub mod lists;
 pub mod maps;

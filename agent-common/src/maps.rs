@@ -7,6 +7,11 @@ pub const PINNED_LAYOUT_VERSION: u32 = 9;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
+/// The program that reads both clocks at once, run by the agent at load to set `CLOCK`.
+pub const CLOCK_PROGRAM: &str = "moat_clock";
+
+/// The program's clock ([`crate::clock::JiffiesClock`], one slot).
+pub const CLOCK: &str = "CLOCK";
 
 /// The policy (settings, lists, rules) exists twice: the agent rewrites the generation not in
 /// force, then switches `ACTIVE_GENERATION` with one write, so packets see a change whole or

@@ -7,6 +7,7 @@
 )]
 #![feature(core_intrinsics)]
 
+mod clock;
 mod events;
 mod fingerprint;
 mod generation;
@@ -27,9 +28,7 @@ use agent_common::{
     settings::{MODE_ENFORCE, MODE_MONITOR, Settings},
     stats::{Action, Reason},
 };
-use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 use crate::{
     generation::{Generation, Generation0, Generation1},
@@ -165,7 +164,7 @@ fn decide<G: Generation>(
     // Option holds them across the rules: kernels before 6.x reject the partial register spills
     // LLVM makes of such an Option.)
     if settings.check_bans != 0 {
-        let now = clock();
+        let now = clock::now();
         let key = rate_limit::source_key(&settings.rate, &packet.source);
         // One lookup serves the ban check and the charge.
         let state = rate_limit::state(&key);
@@ -200,7 +199,7 @@ fn decide<G: Generation>(
     if settings.protect_count == 0 && settings.syn_proxy == 0 && !settings.rate.is_on() {
         return Verdict::pass(Reason::NoMatch, 0);
     }
-    let now = clock();
+    let now = clock::now();
     if let Some(verdict) = syn_proxy::<G>(ctx, settings, interface, now) {
         return verdict;
     }
@@ -218,15 +217,6 @@ fn hand_over(settings: &Settings, packet: &Packet) {
     if settings.rule_count != 0 || settings.protect_count != 0 || settings.syn_proxy != 0 {
         subprograms::hand_over(packet);
     }
-}
-
-/// The clock of bans and rate limits: CLOCK_MONOTONIC at tick resolution (Linux 5.11). About a
-/// tenth of the precise clock's cost per packet; the agent raises a burst shorter than a tick
-/// (`config::CLOCK_TICK_MAX`), so no rate is misjudged for it.
-#[inline(always)]
-fn clock() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]

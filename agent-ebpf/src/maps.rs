@@ -4,6 +4,7 @@
 //! test checks the two sets are equal).
 
 use agent_common::{
+    clock::JiffiesClock,
     events::CaptureSettings,
     lists::{
         LIST_HITS_LEN, PrefixEntry, V4_LONG_BUCKET_SLOTS, V4_TABLE_LEN, V4LongBucket, V4PrefixKey,
@@ -38,6 +39,9 @@ use crate::packet::Packet;
 
 #[map]
 pub static ACTIVE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static CLOCK: Array<JiffiesClock> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS as u32, 0);
 

@@ -59,6 +59,7 @@ impl LoadedProgram {
             events: _,
             fingerprints,
             sampling,
+            clock: _,
             handles: map_handles,
         } = maps;
         let live = LivePolicy::install(policy_maps, policy.clone(), capacities)

@@ -4,11 +4,12 @@
 use std::path::Path;
 
 use agent_common::{
+    clock::JiffiesClock,
     lists::{
         LIST_ALLOW, LIST_BAN, LIST_BLOCK, PrefixEntry, SOURCE_CLI, SOURCE_CONFIG,
         SOURCE_RATE_LIMIT, V4PrefixKey, V6PrefixKey, hit_index, v6_gate_position,
     },
-    maps::{RATE_LIMITS, V4_LONG_STASH, V6_GATE, V6_PREFIXES},
+    maps::{CLOCK, RATE_LIMITS, V4_LONG_STASH, V6_GATE, V6_PREFIXES},
     rate_limit::{RateState, SourceKey},
     stats::{Action, Counter, Reason},
 };
@@ -263,6 +264,30 @@ fn a_source_over_its_rate_is_limited_then_banned() {
     assert_eq!(
         snapshot.list_hits[hit_index(LIST_BAN, SOURCE_RATE_LIMIT) as usize].packets,
         988
+    );
+    // The ban runs on the program's clock (jiffies, measured at load): it ends an hour from
+    // now on CLOCK_MONOTONIC, within a tick or two.
+    let ids = ProgramMapIds::of(program.program_id()).expect("the program's maps");
+    let clock: Array<MapData, JiffiesClock> =
+        Array::try_from(ids.open(CLOCK).expect("the clock")).expect("an array");
+    let tick = clock.get(&0, 0).expect("the clock's slot").tick_ns;
+    assert!(
+        (1_000_000..=10_000_000).contains(&tick),
+        "a jiffy of 1-10 ms, measured: {tick} ns"
+    );
+    let bans = program
+        .limiter
+        .reader()
+        .expect("a reader")
+        .scan(std::time::Instant::now() + std::time::Duration::from_secs(5))
+        .bans;
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    let hour = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let early = hour.duration_since(bans[0].expires_at).unwrap_or_default();
+    let late = bans[0].expires_at.duration_since(hour).unwrap_or_default();
+    assert!(
+        early.as_nanos() < 3 * u128::from(tick) + 200_000_000 && late.as_nanos() < u128::from(tick),
+        "the ban ends {early:?} early, {late:?} late"
     );
     // Another source is not affected.
     assert_eq!(

@@ -335,6 +335,7 @@ fn load_and_fill(prepared: &mut Prepared) -> anyhow::Result<Filled> {
         events,
         fingerprints,
         sampling,
+        clock: _,
         handles: map_handles,
     } = maps;
     // The verifier runs beside the fill: it does not read the maps, and the program sees no

@@ -1,7 +1,7 @@
 //! Loading the embedded XDP program (maps sized for the policy, verifier included), resolving
 //! its maps, and attaching it to interfaces.
 
-use agent_common::maps::{self, PROGRAM};
+use agent_common::maps::{self, CLOCK_PROGRAM, PROGRAM};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
@@ -32,6 +32,8 @@ pub enum LoadError {
     Object(#[source] aya::EbpfError),
     #[error(transparent)]
     Maps(#[from] ResolveError),
+    #[error("measuring the program's clock")]
+    Clock(#[from] super::clock::ClockError),
     #[error("the object has no XDP program named {0:?}")]
     NoProgram(&'static str),
     #[error("the kernel rejected XDP program {PROGRAM:?}")]
@@ -74,8 +76,8 @@ pub fn load(capacities: Capacities) -> Result<Loaded, LoadError> {
     Ok(loaded)
 }
 
-/// Creates the program's maps, and relocates the program to them without loading it yet: the
-/// maps can be filled while [`verify`] runs.
+/// Creates the program's maps, sets the program's clock, and relocates the program to them
+/// without loading it yet: the maps can be filled while [`verify`] runs.
 pub fn create_maps(capacities: Capacities) -> Result<Loaded, LoadError> {
     if PROGRAM_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
@@ -91,7 +93,12 @@ pub fn create_maps(capacities: Capacities) -> Result<Loaded, LoadError> {
         .override_global(maps::V4_LONG_BUCKETS, &v4_long_buckets, true)
         .map_max_entries(maps::V6_PREFIXES, capacities.v6);
     let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Object)?;
-    let maps = ProgramMaps::take(&mut ebpf)?;
+    let mut maps = ProgramMaps::take(&mut ebpf)?;
+    let clock_program = ebpf
+        .program_mut(CLOCK_PROGRAM)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoadError::NoProgram(CLOCK_PROGRAM))?;
+    maps.clock.set(clock_program)?;
     Ok(Loaded { ebpf, maps })
 }
 

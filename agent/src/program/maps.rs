@@ -7,6 +7,7 @@
 use aya::Ebpf;
 
 use super::{
+    clock::ProgramClock,
     counters::{CounterMaps, Snapshot},
     events::EventRing,
     fingerprints::FingerprintMaps,
@@ -30,6 +31,8 @@ pub struct ProgramMaps {
     pub fingerprints: FingerprintMaps,
     /// `moat capture`'s sampling override.
     pub sampling: SamplingOverride,
+    /// The clock of bans, rate limits and protected destinations.
+    pub clock: ProgramClock,
     /// A handle on every map, for pinning.
     pub handles: MapHandles,
 }
@@ -55,6 +58,7 @@ impl ProgramMaps {
         let events = EventRing::resolve(&mut source)?;
         let fingerprints = FingerprintMaps::resolve(&mut source)?;
         let sampling = SamplingOverride::resolve(&mut source)?;
+        let clock = ProgramClock::resolve(&mut source)?;
         let left = source.left();
         if !left.is_empty() {
             return Err(ResolveError::Unclaimed(left.join(", ")));
@@ -66,6 +70,7 @@ impl ProgramMaps {
             events,
             fingerprints,
             sampling,
+            clock,
             handles: source.into_handles(),
         })
     }

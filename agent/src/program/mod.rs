@@ -6,6 +6,7 @@
 //! call in.
 
 pub mod capacities;
+pub mod clock;
 pub mod counters;
 pub mod events;
 pub mod fingerprints;
