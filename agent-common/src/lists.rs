@@ -36,7 +36,7 @@ const _: () = assert!(SOURCE_COUNT <= TABLE_SOURCE_MASK as u32);
 pub const fn table_shift(list: u32) -> u32 {
     list * 4
 }
-/// Shortest IPv4 prefix kept in the long-prefix hash.
+/// Shortest IPv4 prefix kept in the long-prefix table.
 pub const V4_LONG_MIN_PREFIX: u32 = 25;
 /// Distinct IPv6 prefix lengths one list may hold (each costs one hash probe per packet).
 pub const MAX_V6_LENGTHS: usize = 16;
@@ -126,7 +126,7 @@ pub struct V6PrefixKey {
     pub addr: [u8; 16],
 }
 
-/// Lists × generations an entry of the shared prefix hashes can belong to.
+/// Lists × generations an entry of the shared long-prefix stores can belong to.
 pub const PREFIX_SLOTS: usize = 4;
 
 /// The slot of (generation, list: [`LIST_ALLOW`] or [`LIST_BLOCK`]) in a [`PrefixEntry`].
@@ -135,7 +135,8 @@ pub const fn prefix_slot(generation: usize, list: u32) -> usize {
     generation * 2 + list as usize
 }
 
-/// The value of an entry of the shared prefix hashes.
+/// The value of an entry of the shared long-prefix stores (packed into a slot in the IPv4
+/// table, see [`PrefixEntry::packed`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrefixEntry {

@@ -119,9 +119,10 @@ pub const EVENTS_LOST: &str = "EVENTS_LOST";
 /// (16 bytes per entry), entries cost memory when they exist. The IPv4 table costs 8 bytes per
 /// prefix of capacity.
 pub const LONG_PREFIXES_DEFAULT_CAPACITY: u32 = 16_384;
-/// The stash's share of the IPv4 table's capacity: with two candidate buckets of eight slots,
-/// about 4% of the prefixes find both full when the table is full (0.7% at 90%, none at 70%).
-pub const V4_LONG_STASH_SHARE: u32 = 16;
+/// The stash's share of the IPv4 table's capacity (1/8): with two candidate buckets of eight
+/// slots, about 4% of the prefixes find both full when the table is full (0.7% at 90%, none at
+/// 70%).
+pub const V4_LONG_STASH_SHARE: u32 = 8;
 /// Default capacity of the ban map and of the rate limiter's LRU.
 pub const BANS_DEFAULT_CAPACITY: u32 = 65_536;
 pub const RATE_LIMITS_DEFAULT_CAPACITY: u32 = 65_536;

@@ -42,8 +42,9 @@ pub struct RateState {
     pub banned_until: u64,
 }
 
-/// A ban: packets from the source are dropped until `expires_at` (monotonic ns, as
-/// `bpf_ktime_get_ns`); the program checks the expiry itself on every lookup.
+/// A ban: packets from the source are dropped until `expires_at` (monotonic ns, on the
+/// program's clock: see [`crate::clock`]); the program checks the expiry itself on every
+/// lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ban {

@@ -26,7 +26,7 @@ pub trait CidrMaps {
     fn v4_table() -> &'static Array<u64>;
 }
 
-/// The source of the list's entry in a shared hash entry, if the list holds it.
+/// The source of the list's entry in a shared IPv6 hash entry, if the list holds it.
 #[inline(always)]
 fn held<M: CidrMaps>(entry: &PrefixEntry) -> Option<u32> {
     let source = entry.sources[M::SLOT];
@@ -63,20 +63,19 @@ fn lookup_v4<M: CidrMaps>(shape: &ListShape, addr: [u8; 4]) -> Option<u32> {
 
 /// The source + 1 of the longest prefix that covers `host`, among the lengths /25–/32 of
 /// `lengths` (bit `n`: /25 + n), held by the list and generation of `prefix_slot`; 0 if none.
-/// Run as a global function (see `subprograms`): verified once, not per list and generation.
+/// Run as a global function (see `subprograms`): verified once, not per list and generation;
+/// each length's probe of the table is one more (verified once, not once per length).
 #[inline(always)]
 pub fn v4_long_held(host: u32, lengths: u32, prefix_slot: u32) -> u32 {
     let prefix_slot = prefix_slot as usize & (PREFIX_SLOTS - 1);
-    let buckets = V4_LONG_BUCKETS.load();
     for prefix_len in (V4_LONG_MIN_PREFIX..=32).rev() {
         if lengths & (1 << (prefix_len - V4_LONG_MIN_PREFIX)) == 0 {
             continue;
         }
         let addr = host & (u32::MAX << (32 - prefix_len));
-        let held = match probe(addr, prefix_len, buckets) {
-            Probe::Found(slot) => v4_long_source(slot, prefix_slot),
-            Probe::Absent => 0,
-            Probe::BothFull => {
+        let held = match subprograms::v4_long_probe(addr, prefix_len) {
+            PROBE_ABSENT => 0,
+            PROBE_BOTH_FULL => {
                 let key = V4PrefixKey {
                     prefix_len,
                     addr: addr.to_be_bytes(),
@@ -86,6 +85,7 @@ pub fn v4_long_held(host: u32, lengths: u32, prefix_slot: u32) -> u32 {
                     .and_then(|entry| entry.sources.get(prefix_slot).copied())
                     .unwrap_or(0)
             }
+            slot => v4_long_source(slot, prefix_slot),
         };
         if held != 0 {
             return u32::from(held);
@@ -94,35 +94,33 @@ pub fn v4_long_held(host: u32, lengths: u32, prefix_slot: u32) -> u32 {
     0
 }
 
-/// Where a prefix is in the IPv4 table.
-enum Probe {
-    /// In this slot.
-    Found(u64),
-    /// Nowhere: one of its buckets has a free slot, and the agent stashes a prefix only while
-    /// both are full.
-    Absent,
-    /// Not in the table, and both its buckets are full: it may be in the stash.
-    BothFull,
-}
+/// [`v4_long_probe`]: the prefix is nowhere (one of its buckets has a free slot, and the agent
+/// stashes a prefix only while both are full).
+pub const PROBE_ABSENT: u64 = 0;
+/// [`v4_long_probe`]: the prefix is not in the table and both its buckets are full: it may be
+/// in the stash. (No slot reads so: a slot's length byte is at most 32.)
+pub const PROBE_BOTH_FULL: u64 = u64::MAX;
 
+/// The slot of the prefix `addr`/`prefix_len` in the IPv4 table, or [`PROBE_ABSENT`], or
+/// [`PROBE_BOTH_FULL`]. Run as a global function (see `subprograms`).
 #[inline(always)]
-fn probe(addr: u32, prefix_len: u32, buckets: u32) -> Probe {
+pub fn v4_long_probe(addr: u32, prefix_len: u32) -> u64 {
     let wanted = v4_long_slot_key(addr, prefix_len);
-    let (first, second) = v4_long_buckets(addr, prefix_len, buckets);
+    let (first, second) = v4_long_buckets(addr, prefix_len, V4_LONG_BUCKETS.load());
     let mut free = false;
     for index in [first, second] {
         // Always there (the index is below the table's size); a miss would mean no prefix.
         let Some(bucket) = V4_LONG.get(index) else {
-            return Probe::Absent;
+            return PROBE_ABSENT;
         };
         for &slot in &bucket.slots {
             if slot & V4_LONG_KEY_MASK == wanted {
-                return Probe::Found(slot);
+                return slot;
             }
             free |= slot == 0;
         }
     }
-    if free { Probe::Absent } else { Probe::BothFull }
+    if free { PROBE_ABSENT } else { PROBE_BOTH_FULL }
 }
 
 #[inline(always)]

@@ -1,8 +1,9 @@
 //! The stages after the lists and bans — rules, the SYN proxy and protected destinations — and
-//! the lists' probe of long IPv4 prefixes, as global BPF functions. The verifier checks a global function once, on its own, and each call to it as
-//! one instruction; inlined, a stage is walked again for every path that reaches it (each
-//! generation, with and without bans), and the paths of the stages before it multiply its own.
-//! That walk, not the instruction count, is what bounds the program (a million instructions).
+//! the lists' probe of long IPv4 prefixes, as global BPF functions. The verifier checks a
+//! global function once, on its own, and each call to it as one instruction; inlined, a stage
+//! is walked again for every path that reaches it (each generation, with and without bans),
+//! and the paths of the stages before it multiply its own. That walk, not the instruction
+//! count, is what bounds the program (a million instructions).
 //!
 //! A global function takes only the context and scalars, so the parsed packet reaches it
 //! through a per-CPU slot ([`PACKET`]): the program run that writes it is the one that reads it
@@ -81,6 +82,12 @@ pub fn v4_long(host: u32, lengths: u32, prefix_slot: usize) -> u32 {
     moat_v4_long(host, lengths, prefix_slot as u32)
 }
 
+/// See [`lists::v4_long_probe`].
+#[inline(always)]
+pub fn v4_long_probe(addr: u32, prefix_len: u32) -> u64 {
+    moat_v4_long_probe(addr, prefix_len)
+}
+
 #[inline(always)]
 fn pack(value: Option<(u32, u32)>) -> u64 {
     value.map_or(NONE, |(low, high)| (u64::from(high) << 32) | u64::from(low))
@@ -155,4 +162,10 @@ pub extern "C" fn moat_syn_answer(ctx: *mut xdp_md, generation: u32, enforce: u3
 #[inline(never)]
 pub extern "C" fn moat_v4_long(host: u32, lengths: u32, prefix_slot: u32) -> u32 {
     lists::v4_long_held(host, lengths, prefix_slot)
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn moat_v4_long_probe(addr: u32, prefix_len: u32) -> u64 {
+    lists::v4_long_probe(addr, prefix_len)
 }

@@ -491,7 +491,7 @@ fn tls_and_an_nkey_let_a_node_in_and_another_key_is_refused() {
 #[test]
 fn a_node_whose_lists_are_full_refuses_the_rest_and_logs_it() {
     const SHARED: usize = 20_000;
-    // B has no room beyond the built-in minimum of the long-prefix hash (16,384).
+    // B has no room beyond the built-in minimum of the long-prefix table (16,384).
     let (fleet, _a, b, _) = two_nodes("", "", "runtime_entries = 0");
     let file = fleet.dir().join("many.txt");
     let lines: Vec<String> = (0..SHARED)

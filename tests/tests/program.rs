@@ -43,7 +43,7 @@ fn verdict(program: &mut LoadedProgram, source: &str) -> u32 {
     program.run(&Frame::udp(source, 40000, 443).bytes())
 }
 
-/// Fills the shared prefix hash `name` with entries no list holds (as a process behind moat's
+/// Fills the shared IPv6 hash `name` with entries no list holds (as a process behind moat's
 /// back could), so that moat's next insert fails; returns the hash.
 fn fill_with_unused<K: aya::Pod>(
     program: &mut LoadedProgram,
@@ -374,11 +374,11 @@ fn ipv6_prefixes_past_slash_32_are_reached_through_the_gate() {
     );
 }
 
-/// Both lists and both generations share the prefix hashes: a change is refused when its new
+/// Both lists and both generations share the long-prefix stores: a change is refused when its new
 /// entries and the ones they replace would not fit together (both are held until the switch),
 /// and nothing moves; the same change in halves fits.
 #[test]
-fn a_change_whose_old_and_new_entries_overflow_the_shared_hash_is_refused_whole() {
+fn a_change_whose_old_and_new_entries_overflow_the_shared_table_is_refused_whole() {
     let mut program = LoadedProgram::new(&policy("interfaces = [\"lo\"]\n"));
     let hosts = |first: u32, count: u32| -> Vec<Cidr> {
         (first..first + count)
@@ -399,7 +399,7 @@ fn a_change_whose_old_and_new_entries_overflow_the_shared_hash_is_refused_whole(
     };
     let verdict =
         |program: &mut LoadedProgram, cidr: &Cidr| verdict(program, &cidr.net().addr().to_string());
-    // The loaded hash holds 16,384 prefixes (the built-in default, as the policy has none).
+    // The loaded table has room for 16,384 prefixes (the built-in default: the policy has none).
     let old = hosts(0, 10_000);
     let new = hosts(10_000, 10_000);
     program.live.apply(change(&old, &[])).expect("10,000 fit");
@@ -488,9 +488,80 @@ fn a_nearly_full_ipv4_table_spills_into_its_stash_and_drains_it() {
     }
 }
 
-/// A write the kernel refuses (here: the shared IPv6 hash filled behind moat's back) leaves the policy
-/// in force untouched; the next change rebuilds the generation it failed in, clearing what no
-/// list holds, and applies.
+/// The IPv4 table's stash filled behind moat's back: a change whose prefixes need it fails with
+/// an error that says so, and the policy in force holds; the next change rebuilds the
+/// generation it failed in (clearing what no list holds, the stash's intruders included) and
+/// applies, and then the first change fits.
+#[test]
+fn a_full_ipv4_stash_fails_the_change_and_the_next_one_repairs_it() {
+    let mut program = LoadedProgram::new(&policy("interfaces = [\"lo\"]\n"));
+    // The stash's room: an eighth of the table's 16,384 slots (the built-in default).
+    let stash = fill_with_unused(
+        &mut program,
+        V4_LONG_STASH,
+        (0..2_048u32).map(|i| V4PrefixKey {
+            prefix_len: 32,
+            addr: (0xac10_0000 + i).to_be_bytes(),
+        }),
+    );
+    let hosts: Vec<Cidr> = (0..16_000u32)
+        .map(|i| {
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 + i * 3);
+            format!("{addr}/32").parse().expect("a CIDR")
+        })
+        .collect();
+    let block = |cidrs: &[Cidr]| {
+        PolicyChange::of_list(
+            ListKind::Block,
+            ListChange {
+                upserts: cidrs.iter().map(|c| (*c, SOURCE_CLI)).collect(),
+                removals: Vec::new(),
+            },
+        )
+    };
+    let source = |cidr: &Cidr| cidr.net().addr().to_string();
+    let error = program
+        .live
+        .apply(block(&hosts))
+        .expect_err("no room in the stash");
+    assert!(
+        moat::error_chain(&error).contains("stash of the IPv4 long-prefix table is full"),
+        "{}",
+        moat::error_chain(&error)
+    );
+    for cidr in [&hosts[0], &hosts[15_999]] {
+        assert_eq!(
+            verdict(&mut program, &source(cidr)),
+            XDP_PASS,
+            "not in force: {cidr}"
+        );
+    }
+    let one: Cidr = "192.0.2.1/32".parse().expect("a CIDR");
+    program
+        .live
+        .apply(block(&[one]))
+        .expect("rebuilt, then applied");
+    assert_eq!(verdict(&mut program, "192.0.2.1"), XDP_DROP);
+    assert_eq!(
+        verdict(&mut program, &source(&hosts[0])),
+        XDP_PASS,
+        "the failed change stays out"
+    );
+    program.live.catch_up();
+    let left = stash.keys().filter_map(Result::ok).count();
+    assert!(
+        left < 16,
+        "what no list holds was cleared: {left} entries left"
+    );
+    program.live.apply(block(&hosts)).expect("now it fits");
+    for cidr in &hosts {
+        assert_eq!(verdict(&mut program, &source(cidr)), XDP_DROP, "{cidr}");
+    }
+}
+
+/// A write the kernel refuses (here: the shared IPv6 hash filled behind moat's back) leaves the
+/// policy in force untouched; the next change rebuilds the generation it failed in, clearing
+/// what no list holds, and applies.
 #[test]
 fn a_failed_write_is_repaired_by_the_next_change() {
     let mut program = LoadedProgram::new(&policy(

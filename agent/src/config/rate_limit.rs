@@ -135,8 +135,8 @@ impl RateLimit {
 
 type Located = super::rules::Located;
 
-/// The longest tick of the program's clock (CLOCK_MONOTONIC_COARSE advances once a jiffy: 4 ms
-/// at Debian's HZ=250, 10 ms at HZ=100).
+/// The longest tick of the program's clock (it advances once a jiffy: 4 ms at Debian's HZ=250,
+/// 10 ms at HZ=100).
 pub const CLOCK_TICK_MAX: Duration = Duration::from_millis(10);
 
 /// The fewest packets whose burst (`burst - 1` intervals) spans [`CLOCK_TICK_MAX`] at `pps`:

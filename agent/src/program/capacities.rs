@@ -13,7 +13,7 @@ use crate::config::{ListKind, Policy, RateLimit};
 /// Sizes of the maps whose capacity depends on the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
-    /// IPv4 prefixes longer than /24, both lists (their shared hash).
+    /// IPv4 prefixes longer than /24, both lists (their shared table).
     pub v4_long: u32,
     /// IPv6 prefixes, both lists (their shared hash).
     pub v6: u32,
@@ -21,8 +21,8 @@ pub struct Capacities {
     pub rate_sources: u32,
 }
 
-/// Entries of the prefix hashes both lists share: the sum of the lists' counts (a prefix in both
-/// lists is one entry, so this is an upper bound).
+/// Entries of the long-prefix stores both lists share: the sum of the lists' counts (a prefix
+/// in both lists is one entry, so this is an upper bound).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrefixCounts {
     pub v4_long: usize,
@@ -41,10 +41,12 @@ impl PrefixCounts {
 impl Capacities {
     /// Room for twice the policy's entries plus `runtime_entries` added while running, never
     /// below the built-in default. Until the generation a change switched off catches up, the
-    /// shared hashes hold the entries of both generations: twice the configuration's lets a
+    /// shared stores hold the entries of both generations: twice the configuration's lets a
     /// reload replace every configured prefix at once (a refreshed feed), as it could when
-    /// each generation had maps of its own. The room is counted once for both lists. Unused
-    /// room costs only the hash's buckets (16 bytes per entry, rounded up to a power of two).
+    /// each generation had maps of its own. The room is counted once for both lists. Room costs
+    /// 8 bytes per IPv4 prefix (a slot of the table) and half a byte for the stash's share of
+    /// it; unused IPv6 room only the hash's buckets (16 bytes per entry, rounded up to a power
+    /// of two).
     pub fn for_policy(policy: &Policy, runtime_entries: u32) -> Self {
         let lists = PrefixCounts::of(&[
             &ListCounts::of(policy.list(ListKind::Allow)),
@@ -73,7 +75,7 @@ impl Capacities {
         (self.v4_long / V4_LONG_STASH_SHARE).max(1)
     }
 
-    /// Whether the prefix hashes can hold `prefixes` and the limiter is sized for
+    /// Whether the long-prefix stores can hold `prefixes` and the limiter is sized for
     /// `rate_limit` (a running program's maps cannot be resized).
     pub fn fit(&self, prefixes: &PrefixCounts, rate_limit: &RateLimit) -> Result<(), String> {
         let checks = [

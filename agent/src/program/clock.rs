@@ -16,7 +16,10 @@ use aya::{
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
 };
 
-use super::map_source::{MapAccessError, MapSource, Named, ResolveError, named};
+use super::{
+    limiter::monotonic_now_ns as monotonic_ns,
+    map_source::{MapAccessError, MapSource, Named, ResolveError, named},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClockError {
@@ -26,6 +29,11 @@ pub enum ClockError {
     Load(#[source] ProgramError),
     #[error("test-running the clock program {}", maps::CLOCK_PROGRAM)]
     Run(#[source] ProgramError),
+    #[error(
+        "the clock program read {read} ns for CLOCK_MONOTONIC, outside the {before}..={after} ns \
+         read around it"
+    )]
+    Implausible { read: u64, before: u64, after: u64 },
     #[error(transparent)]
     Map(#[from] MapAccessError),
 }
@@ -42,11 +50,17 @@ impl ProgramClock {
         })
     }
 
-    /// Measures the clock with `program` (`moat_clock`, loaded here) and writes it.
+    /// Measures the clock with `program` (`moat_clock`, loaded here, unloaded after) and writes
+    /// it. On an error the map is left as it was: the program keeps the coarse clock's helper.
     pub fn set(&mut self, program: &mut Xdp) -> Result<JiffiesClock, ClockError> {
         let tick_ns = coarse_tick_ns().map_err(ClockError::Tick)?;
         program.load().map_err(ClockError::Load)?;
-        let clock = measure(tick_ns, || sample(program)).map_err(ClockError::Run)?;
+        let measured = measure(tick_ns, || sample(program));
+        // Only the agent runs it, once: it need not stay in the kernel.
+        if let Err(e) = program.unload() {
+            tracing::debug!(error = %e, "unloading the clock program");
+        }
+        let clock = measured?;
         self.clock
             .map
             .set(0, clock, 0)
@@ -73,28 +87,43 @@ fn coarse_tick_ns() -> io::Result<u64> {
     Ok(ns)
 }
 
-/// One reading of both clocks, from a test run of `moat_clock`.
-fn sample(program: &Xdp) -> Result<ClockSample, ProgramError> {
+/// One reading of both clocks, from a test run of `moat_clock`; its CLOCK_MONOTONIC must lie
+/// between the agent's own readings before and after the run (a frame the program did not
+/// write would read as zeros).
+fn sample(program: &Xdp) -> Result<ClockSample, ClockError> {
     let frame = [0u8; 64];
     let mut out = [0u8; 64];
-    program.test_run(TestRunOptions {
-        data_in: Some(&frame),
-        data_out: Some(&mut out),
-        ..TestRunOptions::new()
-    })?;
+    let before = monotonic_ns();
+    program
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .map_err(ClockError::Run)?;
+    let after = monotonic_ns();
     let word = |at: usize| u64::from_ne_bytes(out[at..at + 8].try_into().unwrap_or_default());
-    Ok(ClockSample {
+    let sample = ClockSample {
         jiffies: word(0),
         monotonic_ns: word(8),
-    })
+    };
+    if !(before..=after).contains(&sample.monotonic_ns) {
+        return Err(ClockError::Implausible {
+            read: sample.monotonic_ns,
+            before,
+            after,
+        });
+    }
+    Ok(sample)
 }
 
 /// Longest wait for jiffies to move on, in ticks (a tick may be late on a loaded machine).
 const WAIT_TICKS: u64 = 3;
 
-/// The clock from readings taken until jiffies move on: the first reading after a tick is a
-/// little past it, so its offset makes the clock read the time of the tick, as the coarse clock
-/// does. When no tick comes in time, the smallest offset read stands (within a tick of it).
+/// The clock from readings taken until jiffies move on. Each reading is taken at or after its
+/// jiffy's tick, so each offset is the true one or more: the smallest stands, and the first
+/// reading after a tick, a little past it, makes it close to the time of the tick (as the
+/// coarse clock reads). When no tick comes in time, it is within a tick of it.
 fn measure<E>(
     tick_ns: u64,
     mut sample: impl FnMut() -> Result<ClockSample, E>,
@@ -105,15 +134,11 @@ fn measure<E>(
     let deadline = Instant::now() + Duration::from_nanos(tick_ns.saturating_mul(WAIT_TICKS));
     loop {
         let reading = sample()?;
-        if reading.jiffies != first.jiffies {
-            smallest = offset(&reading);
-            break;
-        }
         // Offsets are differences of two clocks: compared as signed numbers.
         if (offset(&reading) as i64) < smallest as i64 {
             smallest = offset(&reading);
         }
-        if Instant::now() > deadline {
+        if reading.jiffies != first.jiffies || Instant::now() > deadline {
             break;
         }
         std::thread::sleep(Duration::from_micros(100));

@@ -2,9 +2,9 @@
 //! for `moat top` and counts; it carries a copy of the source's ban, which the program checks
 //! first) and `BANS` (the list of record: read for listing and saving, written back on start so
 //! that a ban outlives a restart, and by `block del` to lift one). The program stamps a ban's
-//! expiry with `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick resolution, the same clock as
-//! CLOCK_MONOTONIC a tick behind at most); the agent converts to wall-clock time, which is what
-//! survives a reboot. `VERIFIED` (sources the SYN proxy verified, keyed like the limiter) is
+//! expiry with its clock (CLOCK_MONOTONIC at tick resolution, within a tick of it: see
+//! `agent_common::clock`); the agent converts to wall-clock time, which is what survives a
+//! reboot. `VERIFIED` (sources the SYN proxy verified, keyed like the limiter) is
 //! only counted.
 
 use std::{

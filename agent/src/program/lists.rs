@@ -41,6 +41,11 @@ pub enum ListError {
         count: usize,
         lengths: String,
     },
+    #[error(
+        "the stash of the IPv4 long-prefix table is full ({capacity} prefixes whose two buckets \
+         are both full); raise runtime_entries and restart moat to make the table larger"
+    )]
+    V4StashFull { capacity: u32 },
     #[error(transparent)]
     Access(#[from] MapAccessError),
 }
@@ -121,13 +126,13 @@ fn merge_tables(table: &mut [u8], allow: &[u8], block: &[u8]) {
     }
 }
 
-/// What each generation's lists hold, as the prefix hashes are written: (allowlist, blocklist)
+/// What each generation's lists hold, as the long-prefix stores are written: (allowlist, blocklist)
 /// per generation.
 pub type Holdings<'a> = [(&'a ListEntries, &'a ListEntries); GENERATIONS];
 
-/// The prefix stores both lists and both generations share (see `agent_common::lists`). Only
-/// this module reads or writes them.
-pub struct PrefixHashes {
+/// The long-prefix stores both lists and both generations share (see `agent_common::lists`):
+/// the IPv4 table and the IPv6 hash. Only this module reads or writes them.
+pub struct LongPrefixes {
     v4_long: V4LongTable,
     v6: PrefixHash<V6PrefixKey>,
 }
@@ -170,7 +175,7 @@ impl<K: Pod + Ord + Sync> PrefixHash<K> {
     }
 }
 
-impl PrefixHashes {
+impl LongPrefixes {
     pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
         Ok(Self {
             v4_long: V4LongTable::resolve(source)?,
@@ -178,7 +183,7 @@ impl PrefixHashes {
         })
     }
 
-    /// Fills hashes that are empty (a fresh load) with what every generation holds.
+    /// Fills stores that are empty (a fresh load) with what every generation holds.
     pub fn install(&mut self, holdings: Holdings<'_>) -> Result<(), ListError> {
         let (allow, block) = holdings[0];
         let cidrs = merged(in_hashes(allow.keys()), in_hashes(block.keys()));
@@ -205,7 +210,7 @@ impl PrefixHashes {
 
     /// Makes `generation`'s slots of every entry what `allow` and `block` hold, whatever they
     /// held (after a failed write left them unknown), leaving the other generation's slots as
-    /// they are: a walk of the whole hashes, for that rare case only.
+    /// they are: a walk of the whole stores, for that rare case only.
     pub fn rebuild(
         &mut self,
         generation: usize,
@@ -241,7 +246,7 @@ fn slot_value(entries: &ListEntries, cidr: &Cidr) -> u8 {
     entries.get(cidr).map_or(0, |source| *source as u8 + 1)
 }
 
-/// The CIDRs that live in the prefix hashes (IPv4 prefixes longer than /24 and IPv6 prefixes;
+/// The CIDRs that live in the long-prefix stores (IPv4 prefixes longer than /24 and IPv6 prefixes;
 /// shorter IPv4 prefixes live in the /24 tables).
 fn in_hashes(cidrs: impl Iterator<Item = Cidr>) -> impl Iterator<Item = Cidr> {
     cidrs.filter(|cidr| match cidr.net() {
@@ -560,7 +565,7 @@ impl ListCounts {
     }
 
     /// Counts after `change` is applied to `entries` (which it is not yet), and the counts of
-    /// the entries it brings that `entries` does not hold (what the shared hashes hold beside
+    /// the entries it brings that `entries` does not hold (what the shared stores hold beside
     /// the old entries until both generations have the change).
     pub fn after(&self, entries: &ListEntries, change: &ListChange) -> (Self, Self) {
         let mut counts = self.clone();
@@ -607,7 +612,7 @@ impl ListCounts {
         }
     }
 
-    /// Entries of IPv4 prefixes longer than /24 (in the shared hash).
+    /// Entries of IPv4 prefixes longer than /24 (in the shared table).
     pub fn v4_long(&self) -> usize {
         self.v4_long.iter().map(|n| *n as usize).sum()
     }

@@ -10,7 +10,7 @@ use agent_common::maps::GENERATIONS;
 
 use super::{
     capacities::{Capacities, PrefixCounts},
-    lists::{CompiledList, Holdings, ListChange, ListCounts, ListError, PrefixHashes, V4Table},
+    lists::{CompiledList, Holdings, ListChange, ListCounts, ListError, LongPrefixes, V4Table},
     map_source::{MapAccessError, MapSource, ResolveError},
     protect_tables::{ProtectBuckets, ProtectMaps, ProtectTables},
     rule_tables::{self, RuleMaps, RuleTables},
@@ -20,8 +20,9 @@ use super::{
 use crate::config::{ListEntries, ListKind, Policy};
 
 /// An XDP program run takes well under a microsecond; after this long, no packet can still be
-/// deciding with the generation that was just switched off.
-const GRACE_PERIOD: Duration = Duration::from_millis(2);
+/// deciding with the generation that was just switched off (or with what it read of a map
+/// before a change).
+pub const GRACE_PERIOD: Duration = Duration::from_millis(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -34,13 +35,13 @@ pub enum ChangeError {
     Access(#[from] MapAccessError),
 }
 
-/// Changes of at least this many entries write the prefix hashes and the /24 tables side by
+/// Changes of at least this many entries write the long-prefix stores and the /24 tables side by
 /// side (and the daemon spreads such a request's own work over its threads); a smaller one is
 /// written before a worker thread would have woken.
 pub const SIDE_BY_SIDE_FROM: usize = 4096;
 
-/// Writes the prefix hashes (mostly the kernel's work: its inserts) and the /24 tables (mostly
-/// ours: compiling them), side by side when `large`. Both are written whatever the other does;
+/// Writes the long-prefix stores (the IPv6 hash's inserts, the IPv4 table's stores) and the
+/// /24 tables (mostly ours: compiling them), side by side when `large`. Both are written whatever the other does;
 /// the first error stands, and the tables' is logged when both fail.
 fn hashes_and_tables(
     large: bool,
@@ -75,11 +76,11 @@ struct GenerationMaps {
     protect: ProtectMaps,
 }
 
-/// The maps that hold the policy: both generations, the prefix hashes, the IPv6 gate and the
+/// The maps that hold the policy: both generations, the long-prefix stores, the IPv6 gate and the
 /// protected entries' buckets they share, their settings, and the switch.
 pub struct PolicyMaps {
     generations: [GenerationMaps; GENERATIONS],
-    prefixes: PrefixHashes,
+    prefixes: LongPrefixes,
     protect_buckets: ProtectBuckets,
     settings: SettingsMaps,
     v6_gate: V6Gate,
@@ -100,7 +101,7 @@ impl PolicyMaps {
             generations: generations
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("one set of maps per generation")),
-            prefixes: PrefixHashes::resolve(source)?,
+            prefixes: LongPrefixes::resolve(source)?,
             protect_buckets: ProtectBuckets::resolve(source)?,
             settings: SettingsMaps::resolve(source)?,
             v6_gate: V6Gate::resolve(source)?,
@@ -293,7 +294,7 @@ impl LivePolicy {
             .rest
             .as_ref()
             .map_or(&self.policy.rate_limit, |rest| &rest.rate_limit);
-        // Until the switched-off generation catches up, the shared hashes hold the entries of
+        // Until the switched-off generation catches up, the shared stores hold the entries of
         // both: the old ones and the change's new ones.
         let peak = PrefixCounts::of(&[
             &self.allow_counts,
@@ -308,7 +309,7 @@ impl LivePolicy {
         block_counts.shape(ListKind::Block)?;
 
         // What the generation in force holds, in both lists, of every CIDR the change names
-        // (in either list): the shared hashes keep its slots as they are while the standby's
+        // (in either list): the shared stores keep its slots as they are while the standby's
         // are written.
         let touched = || change.allowlist.cidrs().chain(change.blocklist.cidrs());
         let in_force = (

@@ -8,7 +8,8 @@
 //!   prefix, or from a prefix no list holds to free or to another prefix;
 //! - a prefix is in the stash only while both its buckets are full. A slot of a bucket that a
 //!   stashed prefix has as a candidate is never freed: when its prefix goes, a stashed prefix
-//!   takes the slot in the same store, and leaves the stash after.
+//!   takes the slot in the same store, and leaves the stash a grace period later (a packet that
+//!   read the bucket before the store, and the stash after, still finds it).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,10 +23,11 @@ use agent_common::{
     },
     maps,
 };
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData, MapError};
 
 use super::{
     lists::ListError,
+    live::GRACE_PERIOD,
     map_source::{MapSource, Named, ResolveError, named},
     mapped_array::MmapArray,
 };
@@ -65,12 +67,14 @@ impl V4LongTable {
             stashed,
         } = self;
         let mut kernel = KernelStash(stash);
-        table.with_words(bytes, |words| {
+        let mut moved = Vec::new();
+        let written = table.with_words(bytes, |words| {
             let mut placing = Placing {
                 words,
                 buckets: *buckets,
                 stashed,
                 kernel: &mut kernel,
+                moved: &mut moved,
             };
             let (unused, used): (Vec<_>, Vec<_>) =
                 entries.iter().partition(|(_, entry)| entry.is_unused());
@@ -81,7 +85,16 @@ impl V4LongTable {
                 placing.upsert(&key, &entry)?;
             }
             Ok(())
-        })?
+        });
+        // Prefixes moved into the table leave the stash once no packet can be between the two
+        // (also after a failed write: the table's copy is the one the program reads).
+        if !moved.is_empty() {
+            std::thread::sleep(GRACE_PERIOD);
+            for key in &moved {
+                kernel.remove(key)?;
+            }
+        }
+        written?
     }
 
     /// Every prefix of the table and the stash, as they are now. A prefix found in both (a
@@ -104,16 +117,17 @@ impl V4LongTable {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(named(self.stash.name))?;
-        self.stashed = Stashed::default();
+        let mut stashed = Stashed::default();
         for (key, entry) in in_stash {
             if all.contains_key(&key) {
                 self.stash.remove_if_present(&key)?;
                 continue;
             }
             let (first, second) = buckets_of(&key, self.buckets);
-            self.stashed.add(key, entry, first, second);
+            stashed.add(key, entry, first, second);
             all.insert(key, entry);
         }
+        self.stashed = stashed;
         Ok(all)
     }
 }
@@ -129,7 +143,14 @@ struct KernelStash<'a>(&'a mut Named<BpfHashMap<MapData, V4PrefixKey, PrefixEntr
 impl StashMap for KernelStash<'_> {
     fn insert(&mut self, key: &V4PrefixKey, entry: &PrefixEntry) -> Result<(), ListError> {
         let name = self.0.name;
-        Ok(self.0.map.insert(key, entry, 0).map_err(named(name))?)
+        match self.0.map.insert(key, entry, 0) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(ListError::V4StashFull {
+                    capacity: self.0.map.map().info().map_or(0, |info| info.max_entries()),
+                })
+            }
+            inserted => Ok(inserted.map_err(named(name))?),
+        }
     }
 
     fn remove(&mut self, key: &V4PrefixKey) -> Result<(), ListError> {
@@ -179,6 +200,8 @@ struct Placing<'a, S> {
     buckets: u32,
     stashed: &'a mut Stashed,
     kernel: &'a mut S,
+    /// Stashed prefixes moved into the table, to leave the kernel's stash after a grace period.
+    moved: &'a mut Vec<V4PrefixKey>,
 }
 
 impl<S: StashMap> Placing<'_, S> {
@@ -225,7 +248,7 @@ impl<S: StashMap> Placing<'_, S> {
                 Some((moved, entry)) => {
                     self.words[at].store(key_bits(&moved) | entry.packed(), Ordering::Release);
                     self.stashed.forget(&moved, self.buckets);
-                    self.kernel.remove(&moved)?;
+                    self.moved.push(moved);
                 }
                 None => self.words[at].store(0, Ordering::Release),
             }
@@ -286,7 +309,7 @@ fn slot_prefix(slot: u64) -> V4PrefixKey {
 mod tests {
     use std::collections::BTreeSet;
 
-    use agent_common::lists::v4_long_source;
+    use agent_common::{lists::v4_long_source, maps::V4_LONG_STASH_SHARE};
 
     use super::*;
 
@@ -368,11 +391,13 @@ mod tests {
         let mut stashed_after_emptying = usize::MAX;
         for round in 0..3000 {
             let key = host((next() % 160) as u32);
+            let mut moved = Vec::new();
             let mut placing = Placing {
                 words: &words,
                 buckets: BUCKETS,
                 stashed: &mut stashed,
                 kernel: &mut kernel,
+                moved: &mut moved,
             };
             // Fill for a while, then mostly empty, then fill again.
             let removing = (1000..2000).contains(&round) && next() % 4 != 0;
@@ -384,18 +409,26 @@ mod tests {
                 placing.upsert(&key, &held(source)).expect("written");
                 model.insert(key, source);
             }
+            // Before and after the moved prefixes' grace period, every prefix reads right.
+            for grace_over in [false, true] {
+                if grace_over {
+                    for key in &moved {
+                        kernel.remove(key).expect("removed");
+                    }
+                }
+                for i in 0..160 {
+                    let key = host(i);
+                    let expected = model.get(&key).copied().unwrap_or(0);
+                    assert_eq!(
+                        program_reads(&words, BUCKETS, &kernel, &key),
+                        expected,
+                        "round {round}, prefix {i}, grace over: {grace_over}"
+                    );
+                }
+            }
             stashed_at_most = stashed_at_most.max(kernel.0.len());
             if round == 1999 {
                 stashed_after_emptying = kernel.0.len();
-            }
-            for i in 0..160 {
-                let key = host(i);
-                let expected = model.get(&key).copied().unwrap_or(0);
-                assert_eq!(
-                    program_reads(&words, BUCKETS, &kernel, &key),
-                    expected,
-                    "round {round}, prefix {i}"
-                );
             }
             assert_eq!(
                 kernel.0.keys().collect::<BTreeSet<_>>(),
@@ -409,6 +442,37 @@ mod tests {
         assert!(
             stashed_after_emptying < stashed_at_most / 2,
             "and emptied as slots freed: {stashed_after_emptying} of {stashed_at_most}"
+        );
+    }
+
+    /// A table filled to every slot of its room: the stash holds what did not fit, well within
+    /// its share (`V4_LONG_STASH_SHARE`) of the room.
+    #[test]
+    fn a_full_table_stashes_less_than_the_stash_holds() {
+        const BUCKETS: u32 = 8192;
+        let room = BUCKETS as usize * V4_LONG_BUCKET_SLOTS;
+        let words: Vec<AtomicU64> = (0..room).map(|_| AtomicU64::new(0)).collect();
+        let (mut stashed, mut kernel, mut moved) =
+            (Stashed::default(), FakeStash::default(), Vec::new());
+        let mut placing = Placing {
+            words: &words,
+            buckets: BUCKETS,
+            stashed: &mut stashed,
+            kernel: &mut kernel,
+            moved: &mut moved,
+        };
+        for i in 0..room as u32 {
+            let key = V4PrefixKey {
+                prefix_len: 32,
+                addr: (0xc000_0000 + i).to_be_bytes(),
+            };
+            placing.upsert(&key, &held(1)).expect("written");
+        }
+        let share = room / V4_LONG_STASH_SHARE as usize;
+        assert!(
+            kernel.0.len() < share / 2,
+            "{} stashed of {room}, the stash holds {share}",
+            kernel.0.len()
         );
     }
 

@@ -137,7 +137,7 @@ impl PrefixList {
     }
 
     /// The last IPv4 host of the list that no listed network covers (so that finding it takes
-    /// the long-prefix hash, not the /24 table).
+    /// the long-prefix table, not the /24 table).
     pub fn deep_v4_host(&self) -> Ipv4Addr {
         let covered = self.covered_slash24s();
         let hosts: Vec<Ipv4Addr> = self.v4_hosts().collect();
