@@ -18,9 +18,10 @@ use crate::maps::CLOCK;
 #[inline(always)]
 pub fn now() -> u64 {
     match CLOCK.get(0) {
-        // SAFETY: helpers without arguments.
+        // SAFETY: a helper without arguments.
         Some(clock) if clock.tick_ns != 0 => clock.now(unsafe { bpf_jiffies64() }),
         // Not measured yet (the agent sets it before it attaches): the helper's clock.
+        // SAFETY: a helper without arguments.
         _ => unsafe { bpf_ktime_get_coarse_ns() },
     }
 }
