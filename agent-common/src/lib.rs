@@ -7,6 +7,7 @@
 pub mod bitset;
 pub mod clock;
 pub mod events;
+pub mod hash;
 pub mod lists;
 pub mod maps;
 pub mod protect;

@@ -98,11 +98,7 @@ pub const fn v4_long_source(slot: u64, prefix_slot: usize) -> u8 {
 /// One 64-bit mix of the key, its halves scaled into the table by a multiply, not a modulo.
 #[inline(always)]
 pub const fn v4_long_buckets(addr: u32, prefix_len: u32, buckets: u32) -> (u32, u32) {
-    // The splitmix64 finaliser: every key bit reaches both halves.
-    let mut z = (addr as u64) << 8 | prefix_len as u64;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
+    let z = crate::hash::splitmix64((addr as u64) << 8 | prefix_len as u64);
     let buckets = buckets as u64;
     (
         (((z & 0xffff_ffff) * buckets) >> 32) as u32,

@@ -3,7 +3,7 @@
 /// The layout of the maps moat pins: bump it whenever a map's key, value or meaning changes, so
 /// that a new daemon never reads an older daemon's pinned map as its own (it restores from its
 /// state directory instead). Version 1 pinned maps straight under `maps/`.
-pub const PINNED_LAYOUT_VERSION: u32 = 9;
+pub const PINNED_LAYOUT_VERSION: u32 = 10;
 
 /// The XDP program's function name in the object file.
 pub const PROGRAM: &str = "moat";
@@ -41,8 +41,11 @@ pub const V6_GATE: &str = "V6_GATE";
 
 /// Dynamic bans with their expiry, keyed like the rate limiter ([`crate::rate_limit`]).
 pub const BANS: &str = "BANS";
-/// Per-source rate limiter state (LRU, so a spoofed flood evicts old sources).
+/// Per-source rate limiter state: an mmapable array of [`crate::rate_limit::RateSlot`]s, two
+/// candidate slots per source, so a flood of new sources displaces the least active.
 pub const RATE_LIMITS: &str = "RATE_LIMITS";
+/// The per-source table's seed and size ([`crate::rate_limit::RateTable`]).
+pub const RATE_TABLE: &str = "RATE_TABLE";
 
 /// Rule tables ([`crate::rules`]), per generation.
 pub const RULES_BY_PROTOCOL: [&str; GENERATIONS] = ["RULES_PROTO_0", "RULES_PROTO_1"];
@@ -123,7 +126,7 @@ pub const LONG_PREFIXES_DEFAULT_CAPACITY: u32 = 16_384;
 /// slots, about 4% of the prefixes find both full when the table is full (0.7% at 90%, none at
 /// 70%).
 pub const V4_LONG_STASH_SHARE: u32 = 8;
-/// Default capacity of the ban map and of the rate limiter's LRU.
+/// Default capacity of the ban map and of the rate limiter's table (a power of two).
 pub const BANS_DEFAULT_CAPACITY: u32 = 65_536;
 pub const RATE_LIMITS_DEFAULT_CAPACITY: u32 = 65_536;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).

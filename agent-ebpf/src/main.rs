@@ -86,7 +86,11 @@ impl Verdict {
     }
 }
 
+/// Forced inline into the entry point the macro wraps it in: left to itself, LLVM stops
+/// inlining the body once it passes a size, and every packet then pays a call and the spills
+/// around it (10 ns here).
 #[xdp]
+#[inline(always)]
 pub fn moat(ctx: XdpContext) -> u32 {
     let generation = generation::active();
     let Some(settings) = SETTINGS.get(generation) else {
@@ -167,8 +171,8 @@ fn decide<G: Generation>(
         let now = clock::now();
         let key = rate_limit::source_key(&settings.rate, &packet.source);
         // One lookup serves the ban check and the charge.
-        let state = rate_limit::state(&key);
-        if rate_limit::banned_by_state(state, now) {
+        let rate_limit::Tracked { state, banned } = rate_limit::lookup(&key, now);
+        if banned {
             return Verdict::drop(Reason::Ban, SOURCE_RATE_LIMIT);
         }
         hand_over(settings, packet);
@@ -207,7 +211,13 @@ fn decide<G: Generation>(
         return verdict;
     }
     let key = rate_limit::source_key(&settings.rate, &packet.source);
-    limit(ctx, settings, &key, rate_limit::state(&key), now)
+    limit(
+        ctx,
+        settings,
+        &key,
+        rate_limit::lookup(&key, now).state,
+        now,
+    )
 }
 
 /// Hands the packet to the stages that run as global functions, when some will run: not before

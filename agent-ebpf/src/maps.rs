@@ -18,7 +18,7 @@ use agent_common::{
         Fingerprint, MAX_PROTECTED, PROTECT_HITS_LEN, PROTECT_PORT_TABLE_LEN, ProtectBucket,
         ProtectLimit, ProtectMask, SamplePacing,
     },
-    rate_limit::{Ban, RateState, SourceKey},
+    rate_limit::{Ban, RateSlot, RateTable, SourceKey},
     rules::{
         LENGTH_TABLE_LEN, MAX_RULES, PAYLOAD_COLUMNS, PAYLOAD_TABLE_LEN, PORT_TABLE_LEN,
         PROTOCOL_TABLE_LEN, PayloadColumn, PayloadKey, RuleMask, TCP_FLAGS_TABLE_LEN,
@@ -154,8 +154,10 @@ pub static V6_GATE: Array<u64> = Array::with_max_entries(V6_GATE_WORDS, BPF_F_MM
 pub static BANS: LruHashMap<SourceKey, Ban> =
     LruHashMap::with_max_entries(BANS_DEFAULT_CAPACITY, 0);
 #[map]
-pub static RATE_LIMITS: LruHashMap<SourceKey, RateState> =
-    LruHashMap::with_max_entries(RATE_LIMITS_DEFAULT_CAPACITY, 0);
+pub static RATE_LIMITS: Array<RateSlot> =
+    Array::with_max_entries(RATE_LIMITS_DEFAULT_CAPACITY, BPF_F_MMAPABLE);
+#[map]
+pub static RATE_TABLE: Array<RateTable> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static SYN_PROXY: Array<SynProxySettings> = Array::with_max_entries(GENERATIONS as u32, 0);

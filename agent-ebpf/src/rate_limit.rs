@@ -4,14 +4,13 @@ use core::{intrinsics::AtomicOrdering, sync::atomic::AtomicU64};
 
 use agent_common::{
     lists::SOURCE_RATE_LIMIT,
-    rate_limit::{Ban, FAMILY_V4, FAMILY_V6, RateState, SourceKey},
+    rate_limit::{Ban, FAMILY_V4, FAMILY_V6, RateSlot, RateState, SourceKey},
     settings::RateSettings,
 };
-use aya_ebpf::bindings::BPF_NOEXIST;
 
 use crate::{
     lists::mask_v6,
-    maps::{BANS, RATE_LIMITS, VERIFIED},
+    maps::{BANS, RATE_LIMITS, RATE_TABLE, VERIFIED},
     packet::Address,
 };
 
@@ -49,24 +48,139 @@ pub fn source_key(settings: &RateSettings, source: &Address) -> SourceKey {
     }
 }
 
-/// The source's limiter state (null when it has none yet): looked up once per packet, for the
-/// ban check and then for the charge.
-#[inline(always)]
-pub fn state(key: &SourceKey) -> *mut RateState {
-    RATE_LIMITS.get_ptr_mut(key).unwrap_or_default()
+/// A source's limiter state, as [`lookup`] found it.
+pub struct Tracked {
+    /// Null when the table does not hold the source.
+    pub state: *mut RateState,
+    /// Its state's copy of a ban is in force.
+    pub banned: bool,
 }
 
-/// Whether the source whose limiter state is `state` (null: none) is banned, by the copy of its
-/// ban the state holds.
+/// The source's limiter state: looked up once per packet, for the ban check and then for the
+/// charge. Two array slots at most, both inlined by the verifier (an LRU hash's lookup cost
+/// about 35 ns per packet here). Inlined here too: out of line, as a function of its own or a
+/// global one, Linux 6.1's verifier walked the lists before it past its limit.
 #[inline(always)]
-pub fn banned_by_state(state: *mut RateState, now: u64) -> bool {
-    if state.is_null() {
-        return false;
+pub fn lookup(key: &SourceKey, now: u64) -> Tracked {
+    let found = find(key, now);
+    Tracked {
+        state: slot_state(found),
+        banned: found != SLOT_NONE && found & SLOT_BANNED != 0,
     }
-    // SAFETY: a non-null value pointer from the lookup, valid for the program run; the field is
-    // written whole (a torn read could only misjudge one packet's expiry).
-    let until = unsafe { core::ptr::read_volatile(&raw const (*state).banned_until) };
-    now < until
+}
+
+/// The state in the slot a slot function returned (null for none).
+#[inline(always)]
+fn slot_state(found: u64) -> *mut RateState {
+    if found == SLOT_NONE {
+        return core::ptr::null_mut();
+    }
+    match RATE_LIMITS.get_ptr_mut(found as u32) {
+        // SAFETY: a valid map value for the program run.
+        Some(slot) => unsafe { &raw mut (*slot).state },
+        None => core::ptr::null_mut(),
+    }
+}
+
+/// What the slot functions return for no slot.
+pub const SLOT_NONE: u64 = u64::MAX;
+/// Beside the slot [`find`] returns: the state's copy of a ban holds for the source now.
+pub const SLOT_BANNED: u64 = 1 << 32;
+
+/// The slot that holds `key`, with [`SLOT_BANNED`] when its ban's copy holds at `now` (the copy
+/// carries the hash of the source it was written for); [`SLOT_NONE`] when none holds it.
+#[inline(always)]
+pub fn find(key: &SourceKey, now: u64) -> u64 {
+    let Some(table) = RATE_TABLE.get(0) else {
+        return SLOT_NONE;
+    };
+    let hash = table.hash(key);
+    for index in table.slots_of(hash) {
+        if let Some(slot) = RATE_LIMITS.get_ptr_mut(index)
+            && holds(slot, key)
+        {
+            // SAFETY: a valid map value for the program run; each field is written whole (a
+            // torn read misjudges one packet).
+            let (until, banned_key) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*slot).state.banned_until),
+                    core::ptr::read_volatile(&raw const (*slot).state.banned_key),
+                )
+            };
+            let banned = now < until && banned_key == hash;
+            return u64::from(index) | if banned { SLOT_BANNED } else { 0 };
+        }
+    }
+    SLOT_NONE
+}
+
+/// Whether `slot` holds `key`, word by word. Another CPU may be replacing the slot: a torn
+/// key matches no source, and a state read across a replacement misjudges one packet.
+#[inline(always)]
+fn holds(slot: *const RateSlot, key: &SourceKey) -> bool {
+    // SAFETY: a valid, 4-aligned map value for the program run.
+    let held = unsafe { (*slot).key.words() };
+    let wanted = key.words();
+    (held[0] ^ wanted[0])
+        | (held[1] ^ wanted[1])
+        | (held[2] ^ wanted[2])
+        | (held[3] ^ wanted[3])
+        | (held[4] ^ wanted[4])
+        == 0
+}
+
+/// Makes a state for a new source in the less active of its two slots (an empty one first),
+/// displacing its occupant (the ban map still holds a displaced source's ban); returns the
+/// slot, or [`SLOT_NONE`].
+#[inline(always)]
+pub fn claim(key: &SourceKey) -> u64 {
+    let Some(table) = RATE_TABLE.get(0) else {
+        return SLOT_NONE;
+    };
+    let [first, second] = table.slots(key);
+    let (Some(a), Some(b)) = (
+        RATE_LIMITS.get_ptr_mut(first),
+        RATE_LIMITS.get_ptr_mut(second),
+    ) else {
+        return SLOT_NONE;
+    };
+    // SAFETY: valid map values for the program run; plain reads and stores whose races with
+    // other CPUs are benign (see `holds`).
+    unsafe {
+        let (slot, index) = if (*b).activity() < (*a).activity() {
+            (b, second)
+        } else {
+            (a, first)
+        };
+        // The state first: a reader still matching the old key sees a fresh state, not the
+        // newcomer's key on the old source's state.
+        (*slot).state = RateState::default();
+        (*slot).key = *key;
+        u64::from(index)
+    }
+}
+
+/// Writes a ban's copy, expiring at `expires_at`, into the slot that holds `key` now (under a
+/// flood of new sources the slot its packet charged may have gone to another source since),
+/// tagged with the key's hash: should the slot change hands meanwhile, the copy bans no one.
+#[inline(always)]
+pub fn copy_ban(key: &SourceKey, expires_at: u64) {
+    let Some(table) = RATE_TABLE.get(0) else {
+        return;
+    };
+    let hash = table.hash(key);
+    for index in table.slots_of(hash) {
+        if let Some(slot) = RATE_LIMITS.get_ptr_mut(index)
+            && holds(slot, key)
+        {
+            // SAFETY: a valid map value for the program run; each field is written whole.
+            unsafe {
+                (*slot).state.banned_key = hash;
+                (*slot).state.banned_until = expires_at;
+            }
+            return;
+        }
+    }
 }
 
 /// The source of an unexpired ban on `key` in the ban map: read only for a source the limiter
@@ -96,12 +210,11 @@ pub fn charge(
     now: u64,
 ) -> Limit {
     let state = if state.is_null() {
-        // A new source; another CPU may insert it first, which is as good.
-        let _ = RATE_LIMITS.insert(key, RateState::default(), u64::from(BPF_NOEXIST));
-        match RATE_LIMITS.get_ptr_mut(key) {
-            Some(state) => state,
-            // Evicted at once under a flood of new sources: let this one packet through.
-            None => return Limit::Conforming,
+        // A new source. Another CPU may claim a slot for it too: each charges its own copy
+        // until one is displaced, which only ever lets a packet more through.
+        match slot_state(claim(key)) {
+            state if state.is_null() => return Limit::Conforming,
+            state => state,
         }
     } else {
         state
@@ -146,13 +259,8 @@ pub fn charge(
                 _pad: 0,
             };
             if BANS.insert(key, ban, 0).is_ok() {
-                (*state).banned_until = expires_at;
                 (*state).over_since = 0;
-                // Under a flood of new sources this state may have been evicted and the
-                // source's state made anew by another CPU: the live entry gets the copy too.
-                if let Some(live) = RATE_LIMITS.get_ptr_mut(key) {
-                    (*live).banned_until = expires_at;
-                }
+                copy_ban(key, expires_at);
                 return Limit::Banned(expires_at);
             }
         }

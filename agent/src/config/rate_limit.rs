@@ -91,7 +91,7 @@ pub struct RateLimit {
     pub ban_ttl: Option<Duration>,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
-    /// Sources the limiter tracks at once (LRU).
+    /// Sources the limiter tracks at once (its table has the next power of two of slots).
     pub max_sources: u32,
     pub ban_scope: BanScope,
 }

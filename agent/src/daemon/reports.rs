@@ -89,11 +89,14 @@ impl Daemon {
         // From the latest walk: the loop never walks a map that a flood can fill.
         let scan = self.limiter_scan();
         let (bans, sources) = (scan.ban_entries, scan.sources);
-        for (map, entries) in [("bans", bans), ("rate-limited sources", sources)] {
+        for (map, entries, capacity) in [
+            ("bans", bans, capacities.rate_sources),
+            ("rate-limited sources", sources, capacities.rate_slots()),
+        ] {
             fills.push(MapFill {
                 map: map.into(),
                 entries,
-                capacity: u64::from(capacities.rate_sources),
+                capacity: u64::from(capacity),
             });
         }
         if self.live.policy().syn_proxy.is_some() {

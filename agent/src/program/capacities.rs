@@ -65,6 +65,12 @@ impl Capacities {
         }
     }
 
+    /// Slots of the rate limiter's table: a power of two, at least one per source.
+    pub fn rate_slots(&self) -> u32 {
+        // The config caps max_sources at 2^26.
+        self.rate_sources.max(2).next_power_of_two()
+    }
+
     /// Buckets of the IPv4 long-prefix table: a slot per prefix of capacity.
     pub fn v4_long_buckets(&self) -> u32 {
         self.v4_long.div_ceil(V4_LONG_BUCKET_SLOTS as u32)

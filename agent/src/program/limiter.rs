@@ -1,6 +1,6 @@
-//! The rate limiter's maps, as the agent sees them: `RATE_LIMITS` (per-source state, read
-//! for `moat top` and counts; it carries a copy of the source's ban, which the program checks
-//! first) and `BANS` (the list of record: read for listing and saving, written back on start so
+//! The rate limiter's maps, as the agent sees them: the per-source table (`RATE_LIMITS`,
+//! see `source_table`: read for `moat top` and counts; a source's state carries a copy of its
+//! ban, which the program checks first) and `BANS` (the list of record: read for listing and saving, written back on start so
 //! that a ban outlives a restart, and by `block del` to lift one). The program stamps a ban's
 //! expiry with its clock (CLOCK_MONOTONIC at tick resolution, within a tick of it: see
 //! `agent_common::clock`); the agent converts to wall-clock time, which is what survives a
@@ -20,7 +20,10 @@ use agent_common::{
 };
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 
-use super::map_source::{self, MapAccessError, MapSource, Named, ResolveError, named};
+use super::{
+    map_source::{self, MapAccessError, MapSource, Named, ResolveError, named},
+    source_table::SourceTable,
+};
 
 /// A ban in force: the source address (cut to the rate limiter's prefix) and its expiry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,7 +35,7 @@ pub struct ActiveBan {
 /// The limiter's maps; only this module reads or writes them.
 pub struct LimiterMaps {
     bans: Named<HashMap<MapData, SourceKey, Ban>>,
-    sources: Named<HashMap<MapData, SourceKey, RateState>>,
+    sources: SourceTable,
     verified: Named<HashMap<MapData, SourceKey, u64>>,
 }
 
@@ -107,7 +110,7 @@ pub struct LimiterScan {
 /// A second, read-only handle on the limiter's maps, for walks on another thread.
 pub struct LimiterReader {
     bans: Named<HashMap<MapData, SourceKey, Ban>>,
-    sources: Named<HashMap<MapData, SourceKey, RateState>>,
+    sources: SourceTable,
     verified: Named<HashMap<MapData, SourceKey, u64>>,
 }
 
@@ -132,12 +135,11 @@ impl LimiterReader {
             scan.bans.extend(in_force(&key, &ban, now_ns, now));
         }
         scan.bans.sort_by_key(|b| b.expires_at);
-        for item in self.sources.map.iter() {
+        let walked = self.sources.walk(|key, state| {
             if std::time::Instant::now() > deadline {
                 scan.complete = false;
-                break;
+                return false;
             }
-            let Ok((key, state)) = item else { continue };
             scan.sources += 1;
             if state.passed_packets != 0
                 && let Some(source) = address_of(key.family, key.addr)
@@ -148,6 +150,11 @@ impl LimiterReader {
                 };
                 scan.passed.push((source, counter));
             }
+            true
+        });
+        if let Err(e) = walked {
+            tracing::warn!(error = %e, "walking the rate limiter's table failed");
+            scan.complete = false;
         }
         for item in self.verified.map.iter() {
             if std::time::Instant::now() > deadline {
@@ -171,17 +178,13 @@ impl LimiterMaps {
                 .map_err(named(name))
         };
         let bans = reopen(self.bans.name, self.bans.map.map())?;
-        let sources = reopen(self.sources.name, self.sources.map.map())?;
         let verified = reopen(self.verified.name, self.verified.map.map())?;
         Ok(LimiterReader {
             bans: Named {
                 name: self.bans.name,
                 map: HashMap::try_from(bans).map_err(named(self.bans.name))?,
             },
-            sources: Named {
-                name: self.sources.name,
-                map: HashMap::try_from(sources).map_err(named(self.sources.name))?,
-            },
+            sources: self.sources.reopen()?,
             verified: Named {
                 name: self.verified.name,
                 map: HashMap::try_from(verified).map_err(named(self.verified.name))?,
@@ -189,10 +192,31 @@ impl LimiterMaps {
         })
     }
 
+    /// Gives a freshly loaded program's per-source table its seed and size.
+    pub fn init_table(&mut self) -> Result<(), MapAccessError> {
+        self.sources.init()
+    }
+
+    /// The limiter's state of `source` (cut to the limiter's prefix), when it tracks it.
+    pub fn state(&self, source: IpAddr) -> Option<RateState> {
+        self.sources.get(&key_of(source))
+    }
+
+    /// Sets the limiter's state of `source` as the program would have made it (for tests and
+    /// benchmarks that need a source over its limit, or many sources tracked).
+    pub fn set_state(&mut self, source: IpAddr, state: RateState) -> Result<(), MapAccessError> {
+        self.sources.set(&key_of(source), state)
+    }
+
+    /// Empties the limiter's state of `source`, as a flood of new sources would displace it.
+    pub fn forget(&mut self, source: IpAddr) -> Result<(), MapAccessError> {
+        self.sources.remove(&key_of(source))
+    }
+
     pub fn resolve(source: &mut MapSource) -> Result<Self, ResolveError> {
         Ok(Self {
             bans: Named::resolve(source, maps::BANS)?,
-            sources: Named::resolve(source, maps::RATE_LIMITS)?,
+            sources: SourceTable::resolve(source)?,
             verified: Named::resolve(source, maps::VERIFIED)?,
         })
     }
@@ -206,9 +230,8 @@ impl LimiterMaps {
             .is_ok_and(|ban| ban.expires_at > now_ns)
             || self
                 .sources
-                .map
-                .get(&key, 0)
-                .is_ok_and(|state| state.banned_until > now_ns)
+                .get(&key)
+                .is_some_and(|state| self.sources.ban_copy_holds(&key, &state, now_ns))
     }
 
     /// Lifts the ban of `source`; one gone already (expired or evicted) is not an error. The
@@ -216,7 +239,7 @@ impl LimiterMaps {
     pub fn lift(&mut self, source: IpAddr) -> Result<(), MapAccessError> {
         let key = key_of(source);
         self.bans.remove_if_present(&key)?;
-        self.sources.remove_if_present(&key)
+        self.sources.remove(&key)
     }
 
     /// Lifts every ban; returns the sources that were banned then.
@@ -227,10 +250,25 @@ impl LimiterMaps {
         for (key, ban) in entries {
             lifted.extend(in_force(&key, &ban, now_ns, now).map(|ban| ban.source));
             self.bans.remove_if_present(&key)?;
-            // Its state's copy too. (The state map is not walked: a spoofed flood fills it. A
-            // copy whose ban-map entry was evicted stays until it expires; the program reads no
-            // copy while the policy does not ban.)
-            self.sources.remove_if_present(&key)?;
+            self.sources.remove(&key)?;
+        }
+        // Copies whose ban-map entry was evicted (the others went above): the table is walked
+        // through a mapping.
+        let mut copies = Vec::new();
+        self.sources
+            .walk(|key, state| {
+                if self.sources.ban_copy_holds(key, state, now_ns) {
+                    copies.push(*key);
+                }
+                true
+            })
+            .map_err(|source| MapAccessError::Mmap {
+                map: maps::RATE_LIMITS,
+                source,
+            })?;
+        for key in copies {
+            lifted.extend(address_of(key.family, key.addr));
+            self.sources.remove(&key)?;
         }
         Ok(lifted)
     }
@@ -282,10 +320,7 @@ impl LimiterMaps {
             banned_until: ban.expires_at,
             ..RateState::default()
         };
-        self.sources
-            .map
-            .insert(key, state, 0)
-            .map_err(named(self.sources.name))
+        self.sources.set(key, state)
     }
 }
 

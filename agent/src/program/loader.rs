@@ -32,6 +32,8 @@ pub enum LoadError {
     Object(#[source] aya::EbpfError),
     #[error(transparent)]
     Maps(#[from] ResolveError),
+    #[error("setting up the rate limiter's table failed")]
+    LimiterTable(#[source] super::map_source::MapAccessError),
     #[error("the object has no XDP program named {0:?}")]
     NoProgram(&'static str),
     #[error("the kernel rejected XDP program {PROGRAM:?}")]
@@ -84,7 +86,7 @@ pub fn create_maps(capacities: Capacities) -> Result<Loaded, LoadError> {
     let v4_long_buckets = capacities.v4_long_buckets();
     let mut loader = EbpfLoader::new();
     loader
-        .map_max_entries(maps::RATE_LIMITS, capacities.rate_sources)
+        .map_max_entries(maps::RATE_LIMITS, capacities.rate_slots())
         .map_max_entries(maps::BANS, capacities.rate_sources)
         .map_max_entries(maps::V4_LONG, capacities.v4_long_buckets())
         .map_max_entries(maps::V4_LONG_STASH, capacities.v4_long_stash())
@@ -92,6 +94,7 @@ pub fn create_maps(capacities: Capacities) -> Result<Loaded, LoadError> {
         .map_max_entries(maps::V6_PREFIXES, capacities.v6);
     let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Object)?;
     let mut maps = ProgramMaps::take(&mut ebpf)?;
+    maps.limiter.init_table().map_err(LoadError::LimiterTable)?;
     let clock_program = ebpf
         .program_mut(CLOCK_PROGRAM)
         .and_then(|p| p.try_into().ok())

@@ -57,6 +57,14 @@ pub enum MapAccessError {
         #[source]
         source: std::io::Error,
     },
+    #[error("map {map} has {slots} slots, not a power of two")]
+    NotPowerOfTwo { map: &'static str, slots: u32 },
+    #[error("drawing the seed of {map} from the kernel's random pool failed")]
+    Seed {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Wraps a map error with the map's name.

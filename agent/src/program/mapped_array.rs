@@ -103,15 +103,37 @@ impl MmapArray {
     }
 }
 
-/// A read-write mapping of an array map's values.
+/// Runs `f` on the first `bytes` bytes of `map`'s values (an mmapable array; a multiple of 8),
+/// mapped read-only, as words the program may write while they are read.
+pub fn read_words<R>(
+    map: &MapData,
+    bytes: usize,
+    f: impl FnOnce(&[AtomicU64]) -> R,
+) -> io::Result<R> {
+    let mapping = Mapping::with_protection(map, bytes, libc::PROT_READ)?;
+    // SAFETY: as in `MmapArray::with_words`; the words are only loaded.
+    let words = unsafe {
+        std::slice::from_raw_parts(
+            mapping.ptr.as_ptr().cast::<AtomicU64>(),
+            mapping.len / size_of::<u64>(),
+        )
+    };
+    Ok(f(words))
+}
+
+/// A mapping of an array map's values.
 struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
 
 impl Mapping {
-    /// Maps the first `bytes` bytes of the array's values (rounded up to pages).
+    /// Maps the first `bytes` bytes of the array's values (rounded up to pages) for writing.
     fn new(map: &MapData, bytes: usize) -> io::Result<Self> {
+        Self::with_protection(map, bytes, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    fn with_protection(map: &MapData, bytes: usize, protection: libc::c_int) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let len = bytes.next_multiple_of(page);
@@ -120,7 +142,7 @@ impl Mapping {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                protection,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
                 0,

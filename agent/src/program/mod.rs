@@ -23,6 +23,7 @@ pub mod protect_tables;
 pub mod rule_tables;
 pub mod sampling;
 pub mod settings;
+mod source_table;
 mod v4_long_table;
 pub mod v6_gate;
 pub mod xdp_link;

@@ -7,7 +7,8 @@
 //! - the daemon's RSS idle and with the million prefixes (imported, and again with a TTL), and
 //!   the kernel memory of its maps;
 //! - `moat status`, one `/metrics` scrape and `moat block add` with the rate limiter's maps full
-//!   (a million sources tracked and banned, as a spoofed flood leaves them).
+//!   (a million sources banned and the limiter's table of a million slots full, as a spoofed
+//!   flood leaves them).
 
 use std::{
     path::{Path, PathBuf},
@@ -300,17 +301,19 @@ pub fn run(lab: &Lab, list: &PrefixList, options: &Options) -> Table {
     let full = limiter_full(lab, options);
     let sources = LIMITER_SOURCES;
     add_row(
-        format!("`moat status` with {sources} sources tracked and banned"),
+        format!("`moat status` with {sources} sources banned, the limiter full"),
         "ms",
         full.status,
     );
     add_row(
-        format!("one `/metrics` scrape with {sources} sources tracked and banned"),
+        format!("one `/metrics` scrape with {sources} sources banned, the limiter full"),
         "ms",
         full.scrape,
     );
     add_row(
-        format!("`moat block add` with {sources} sources tracked and banned (CLI wall clock)"),
+        format!(
+            "`moat block add` with {sources} sources banned, the limiter full (CLI wall clock)"
+        ),
         "ms",
         full.block_add,
     );

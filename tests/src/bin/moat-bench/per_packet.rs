@@ -19,11 +19,9 @@ use std::{
 };
 
 use agent_common::{
-    maps::RATE_LIMITS,
-    rate_limit::{RateState, SourceKey},
+    rate_limit::RateState,
     stats::{Action, Reason},
 };
-use aya::maps::{HashMap, MapData};
 use moat::{
     config::{Config, Overrides, Policy},
     program::{
@@ -253,20 +251,14 @@ fn load_moat(policy: &Policy) -> LoadedProgram {
         expires_at: std::time::SystemTime::now() + hour,
     };
     program.limiter.restore(&[ban]).expect("insert the ban");
-    // The agent writes a state only with a ban; the bench pins one over its limit, through the
-    // map's id.
-    let program_id = program.program_id();
-    let map = ProgramMapIds::of(program_id)
-        .and_then(|maps| maps.open(RATE_LIMITS))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut states: HashMap<MapData, SourceKey, RateState> =
-        HashMap::try_from(map).expect("RATE_LIMITS is a hash");
+    // The agent writes a state only with a ban; the bench pins one over its limit.
     let over = RateState {
         packets_tat: limiter::monotonic_now_ns() + hour.as_nanos() as u64,
         ..RateState::default()
     };
-    states
-        .insert(limiter::key_of(Lab::addr(OVER_LIMIT)), over, 0)
+    program
+        .limiter
+        .set_state(Lab::addr(OVER_LIMIT), over)
         .expect("insert the over-limit source");
     program
 }
